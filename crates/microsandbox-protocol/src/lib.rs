@@ -1,0 +1,33 @@
+//! Wire protocol between the host (supervisor, Ruby extension) and the guest agent.
+//!
+//! One byte stream (the `msb.agent` virtio-serial port, or a supervisor control socket)
+//! carries many concurrent sessions. Every frame names its session by `id`:
+//!
+//! ```text
+//! | len: u32 BE | id: u32 BE | kind: u8 | payload: len bytes |
+//! ```
+//!
+//! Invariants every reader enforces (the guest is hostile, so the host relies on them):
+//! - `len <= MAX_PAYLOAD`; a larger header is a protocol error, never an allocation.
+//! - `kind` is one of [`Kind`]; an unknown kind is a protocol error.
+//! - control payloads are JSON of a known shape; data payloads (`Stdout`, `Stderr`,
+//!   `Stdin`) are raw bytes.
+//!
+//! Framing is written by hand because it is nine bytes of header; the payloads use serde.
+
+mod frame;
+mod messages;
+
+pub use frame::{read_frame, write_frame, Frame, FrameError, Kind, HEADER_LEN, MAX_PAYLOAD};
+#[cfg(feature = "tokio")]
+pub use frame::{read_frame_async, write_frame_async};
+pub use messages::*;
+
+/// Version of this protocol; the agent reports it in [`Ready`] and the host refuses others.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Largest data chunk a writer puts in one `Stdout`/`Stderr`/`Stdin` frame.
+pub const MAX_CHUNK: usize = 64 * 1024;
+
+/// Name of the virtio-serial port the agent listens on.
+pub const AGENT_PORT_NAME: &str = "msb.agent";
