@@ -1,1 +1,19 @@
+//! The microsandbox engine: everything between the Ruby extension and a running VM.
+//!
+//! - [`paths`]: where files live (`~/.microsandbox`).
+//! - [`runtime`]: provisioning of the guest kernel, initramfs and supervisor.
+//! - [`rootfs`]: root disks for sandboxes.
+//! - [`vmm`]: VMM drivers (QEMU) and accelerator choice.
+//! - [`sandbox`]: create / exec / stop / kill, talking to the per-sandbox supervisor.
+//!
+//! Async (tokio) throughout; no Ruby here.
 
+pub mod error;
+pub mod paths;
+pub mod rootfs;
+pub mod runtime;
+pub mod sandbox;
+pub mod vmm;
+
+pub use error::{Error, Result};
+pub use sandbox::{ExecCall, ExecResult, Sandbox, SandboxConfig};

@@ -1,0 +1,93 @@
+//! Engine errors. Each variant has a stable kebab-case code that the Ruby layer maps
+//! one-to-one onto a `Microsandbox::Error` subclass.
+
+use std::io;
+
+/// Result alias used across the engine.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Every way an engine call can fail. Messages say what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A create/exec option is invalid; nothing was started.
+    #[error("{0}")]
+    InvalidConfig(String),
+    /// No sandbox of that name exists (or it is stopped).
+    #[error("{0}")]
+    SandboxNotFound(String),
+    /// A running sandbox already has this name.
+    #[error("{0}")]
+    SandboxAlreadyExists(String),
+    /// The sandbox is not running any more, so the call cannot be served.
+    #[error("{0}")]
+    SandboxNotRunning(String),
+    /// The image (a root directory for now) does not exist.
+    #[error("{0}")]
+    ImageNotFound(String),
+    /// The command could not be started in the guest (e.g. not found).
+    #[error("{0}")]
+    ExecFailed(String),
+    /// The command ran longer than its timeout and was killed.
+    #[error("{0}")]
+    ExecTimeout(String),
+    /// The runtime (kernel, agent, supervisor) is missing or could not be installed.
+    #[error("{0}")]
+    Runtime(String),
+    /// The VM failed to boot or died.
+    #[error("{0}")]
+    Boot(String),
+    /// The guest sent something that violates the protocol.
+    #[error("{0}")]
+    Protocol(String),
+    /// The root filesystem could not be prepared.
+    #[error("{0}")]
+    Filesystem(String),
+    /// The call was interrupted by the caller (Ruby thread kill, Ctrl-C, Timeout).
+    #[error("operation cancelled")]
+    Cancelled,
+    /// Any other host I/O failure.
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl Error {
+    /// The stable code shown to users as `Microsandbox::Error#code`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::InvalidConfig(_) => "invalid-config",
+            Error::SandboxNotFound(_) => "sandbox-not-found",
+            Error::SandboxAlreadyExists(_) => "sandbox-already-exists",
+            Error::SandboxNotRunning(_) => "sandbox-not-running",
+            Error::ImageNotFound(_) => "image-not-found",
+            Error::ExecFailed(_) => "exec-failed",
+            Error::ExecTimeout(_) => "exec-timeout",
+            Error::Runtime(_) => "runtime-error",
+            Error::Boot(_) => "boot-failed",
+            Error::Protocol(_) => "protocol-error",
+            Error::Filesystem(_) => "filesystem-error",
+            Error::Cancelled => "cancelled",
+            Error::Io { .. } => "io-error",
+        }
+    }
+}
+
+/// Adds "what we were doing" to an `io::Error`.
+pub trait IoContext<T> {
+    fn context(self, what: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T> IoContext<T> for io::Result<T> {
+    fn context(self, what: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|source| Error::Io { context: what(), source })
+    }
+}
+
+impl From<microsandbox_protocol::FrameError> for Error {
+    fn from(e: microsandbox_protocol::FrameError) -> Self {
+        Error::Protocol(format!("agent channel: {e}"))
+    }
+}

@@ -1,0 +1,175 @@
+//! Sandbox creation options as received from the Ruby layer, and their validation.
+//!
+//! Ruby validates types first; this is the authoritative check of values, so the
+//! engine never starts anything for a config it would later reject.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// Largest single environment value (bytes); the whole exec request must fit a frame.
+pub const MAX_ENV_VALUE: usize = 128 * 1024;
+/// Largest total environment (bytes, keys + values).
+pub const MAX_ENV_TOTAL: usize = 512 * 1024;
+pub const MIN_MEMORY_MIB: u32 = 128;
+pub const MAX_MEMORY_MIB: u32 = 1 << 20;
+pub const MAX_CPUS: u32 = 255;
+
+/// Options of `Sandbox.create`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxConfig {
+    pub name: String,
+    /// A local root filesystem directory (registry images come later).
+    pub image: String,
+    #[serde(default = "default_cpus")]
+    pub cpus: u32,
+    #[serde(default = "default_memory")]
+    pub memory_mib: u32,
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
+    #[serde(default)]
+    pub workdir: Option<String>,
+    /// `auto` (default), `kvm`, `hvf` or `tcg`.
+    #[serde(default)]
+    pub accel: Option<String>,
+    #[serde(default)]
+    pub boot_timeout_ms: Option<u64>,
+    /// Engine home; defaults to `$MICROSANDBOX_HOME` or `~/.microsandbox`.
+    #[serde(default)]
+    pub home: Option<PathBuf>,
+    /// Supervisor binary override (`Microsandbox.runtime_path=` / `MSB_PATH`).
+    #[serde(default)]
+    pub supervisor: Option<PathBuf>,
+}
+
+fn default_cpus() -> u32 {
+    1
+}
+fn default_memory() -> u32 {
+    512
+}
+
+/// Checks a sandbox name: 1–63 characters of `[A-Za-z0-9_.-]`, starting alphanumeric.
+pub fn validate_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidConfig(format!(
+            "invalid sandbox name {name:?}: use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )))
+    }
+}
+
+/// Checks environment pairs for characters the kernel cannot pass and for size.
+pub fn validate_env(env: &[(String, String)]) -> Result<()> {
+    let mut total = 0;
+    for (k, v) in env {
+        if k.is_empty() || k.contains('=') || k.contains('\0') {
+            return Err(Error::InvalidConfig(format!(
+                "invalid environment variable name {k:?}: it must be non-empty and contain no '=' or NUL"
+            )));
+        }
+        if v.contains('\0') {
+            return Err(Error::InvalidConfig(format!("environment variable {k} contains a NUL byte")));
+        }
+        if v.len() > MAX_ENV_VALUE {
+            return Err(Error::InvalidConfig(format!(
+                "environment variable {k} is {} bytes; the limit is {MAX_ENV_VALUE}",
+                v.len()
+            )));
+        }
+        total += k.len() + v.len();
+    }
+    if total > MAX_ENV_TOTAL {
+        return Err(Error::InvalidConfig(format!(
+            "the environment totals {total} bytes; the limit is {MAX_ENV_TOTAL}"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a guest path: absolute and without NUL bytes.
+pub fn validate_guest_path(what: &str, p: &str) -> Result<()> {
+    if !p.starts_with('/') || p.contains('\0') {
+        return Err(Error::InvalidConfig(format!("{what} {p:?} must be an absolute guest path without NUL bytes")));
+    }
+    Ok(())
+}
+
+impl SandboxConfig {
+    pub fn validate(&self) -> Result<()> {
+        validate_name(&self.name)?;
+        if !(1..=MAX_CPUS).contains(&self.cpus) {
+            return Err(Error::InvalidConfig(format!("cpus must be between 1 and {MAX_CPUS}, got {}", self.cpus)));
+        }
+        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&self.memory_mib) {
+            return Err(Error::InvalidConfig(format!(
+                "memory must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB} MiB, got {}",
+                self.memory_mib
+            )));
+        }
+        validate_env(&self.env)?;
+        if let Some(w) = &self.workdir {
+            validate_guest_path("workdir", w)?;
+        }
+        if self.image.is_empty() || self.image.contains('\0') {
+            return Err(Error::InvalidConfig("image must be a non-empty path".into()));
+        }
+        Ok(())
+    }
+
+    pub fn boot_timeout(&self) -> Duration {
+        Duration::from_millis(self.boot_timeout_ms.unwrap_or(180_000))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> SandboxConfig {
+        serde_json::from_str(r#"{"name":"a","image":"/x"}"#).unwrap()
+    }
+
+    #[test]
+    fn names() {
+        for ok in ["a", "A-1", "x.y_z", &"n".repeat(63)] {
+            assert!(validate_name(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "-a", ".a", "a/b", "a b", "é", &"n".repeat(64), "a\0"] {
+            assert!(validate_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn ranges() {
+        let mut c = cfg();
+        assert!(c.validate().is_ok());
+        c.cpus = 0;
+        assert!(c.validate().is_err());
+        c.cpus = 1;
+        c.memory_mib = 64;
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn env_rules() {
+        assert!(validate_env(&[("A".into(), "b".into())]).is_ok());
+        assert!(validate_env(&[("A=B".into(), "b".into())]).is_err());
+        assert!(validate_env(&[("A".into(), "b\0".into())]).is_err());
+        assert!(validate_env(&[("A".into(), "x".repeat(MAX_ENV_VALUE + 1))]).is_err());
+    }
+
+    #[test]
+    fn unknown_fields_rejected() {
+        assert!(serde_json::from_str::<SandboxConfig>(r#"{"name":"a","image":"/x","bogus":1}"#).is_err());
+    }
+}

@@ -1,0 +1,178 @@
+//! Host side of one exec session over a supervisor control connection.
+
+use std::time::Duration;
+
+use microsandbox_protocol::{
+    read_frame_async, write_frame_async, ErrorMsg, ExecRequest, Exited, Frame, Kind, MAX_CHUNK,
+};
+use tokio::net::UnixStream;
+
+use super::config::{validate_env, validate_guest_path};
+use crate::error::{Error, Result};
+
+/// Session id on a connection that carries a single session.
+const SESSION: u32 = 1;
+/// Collected output larger than this (stdout + stderr) aborts the exec: memory stays bounded
+/// however much a guest writes.
+pub const MAX_COLLECTED_OUTPUT: usize = 256 << 20;
+/// How long past the guest-side timeout the host waits before giving up on the agent.
+const TIMEOUT_GRACE: Duration = Duration::from_secs(10);
+
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// One command to run.
+#[derive(Debug, Clone, Default)]
+pub struct ExecCall {
+    pub program: String,
+    pub args: Vec<String>,
+    /// Added to (and overriding) the sandbox's environment.
+    pub env: Vec<(String, String)>,
+    pub cwd: Option<String>,
+    pub timeout: Option<Duration>,
+    pub stdin: Option<Vec<u8>>,
+}
+
+/// A finished command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecResult {
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+impl ExecCall {
+    /// Validates the call and merges environments: PATH default < sandbox env < call env.
+    pub fn into_request(&self, sandbox_env: &[(String, String)], workdir: Option<&str>) -> Result<ExecRequest> {
+        if self.program.is_empty() || self.program.contains('\0') {
+            return Err(Error::InvalidConfig("command must be a non-empty string without NUL bytes".into()));
+        }
+        if let Some(i) = self.args.iter().position(|a| a.contains('\0')) {
+            return Err(Error::InvalidConfig(format!("argument {i} contains a NUL byte")));
+        }
+        validate_env(&self.env)?;
+        if let Some(c) = &self.cwd {
+            validate_guest_path("cwd", c)?;
+        }
+        let mut env: Vec<(String, String)> = vec![("PATH".into(), DEFAULT_PATH.into())];
+        for (k, v) in sandbox_env.iter().chain(self.env.iter()) {
+            env.retain(|(ek, _)| ek != k);
+            env.push((k.clone(), v.clone()));
+        }
+        validate_env(&env)?;
+        Ok(ExecRequest {
+            program: self.program.clone(),
+            args: self.args.clone(),
+            env,
+            cwd: self.cwd.clone().or_else(|| workdir.map(str::to_string)),
+            timeout_ms: self.timeout.map(|t| t.as_millis().max(1) as u64),
+            stdin: self.stdin.is_some(),
+        })
+    }
+}
+
+fn vm_gone() -> Error {
+    Error::SandboxNotRunning("the sandbox VM exited during the command".into())
+}
+
+/// Sends `req` (and `stdin`) and collects output until the session ends.
+pub async fn run(conn: UnixStream, req: ExecRequest, stdin: Option<Vec<u8>>, timeout: Option<Duration>) -> Result<ExecResult> {
+    let program = req.program.clone();
+    let (mut rd, mut wr) = conn.into_split();
+    write_frame_async(&mut wr, &Frame::json(SESSION, Kind::Exec, &req)).await.map_err(|_| vm_gone())?;
+
+    let writer = async move {
+        if let Some(data) = stdin {
+            for chunk in data.chunks(MAX_CHUNK) {
+                if write_frame_async(&mut wr, &Frame::data(SESSION, Kind::Stdin, chunk.to_vec())).await.is_err() {
+                    return wr;
+                }
+            }
+            let _ = write_frame_async(&mut wr, &Frame::data(SESSION, Kind::StdinEof, Vec::new())).await;
+        }
+        wr
+    };
+
+    let name = program.clone();
+    let reader = async move {
+        let program = name;
+        let mut out = ExecResult { code: None, signal: None, stdout: Vec::new(), stderr: Vec::new() };
+        loop {
+            let frame = read_frame_async(&mut rd).await?.ok_or_else(vm_gone)?;
+            if frame.id != SESSION {
+                return Err(Error::Protocol(format!("frame for unknown session {}", frame.id)));
+            }
+            match frame.kind {
+                Kind::Stdout => out.stdout.extend_from_slice(&frame.payload),
+                Kind::Stderr => out.stderr.extend_from_slice(&frame.payload),
+                Kind::Exited => {
+                    let ex: Exited = frame.parse()?;
+                    if ex.timed_out {
+                        return Err(Error::ExecTimeout(format!(
+                            "{program} did not finish within its timeout and was killed"
+                        )));
+                    }
+                    out.code = ex.code;
+                    out.signal = ex.signal;
+                    return Ok(out);
+                }
+                Kind::Error => {
+                    let e: ErrorMsg = frame.parse()?;
+                    return Err(match e.code.as_str() {
+                        "exec-failed" => Error::ExecFailed(e.message),
+                        "invalid-request" => Error::InvalidConfig(e.message),
+                        _ => Error::Protocol(format!("agent error {}: {}", e.code, e.message)),
+                    });
+                }
+                other => return Err(Error::Protocol(format!("unexpected {other:?} frame in an exec session"))),
+            }
+            if out.stdout.len() + out.stderr.len() > MAX_COLLECTED_OUTPUT {
+                return Err(Error::ExecFailed(format!(
+                    "{program} wrote more than {MAX_COLLECTED_OUTPUT} bytes of output; it was killed (stream large output instead)"
+                )));
+            }
+        }
+    };
+
+    let both = async {
+        let (_wr, res) = tokio::join!(writer, reader);
+        res
+    };
+    match timeout {
+        // The agent enforces the timeout; this is the backstop for an agent that doesn't.
+        Some(t) => tokio::time::timeout(t + TIMEOUT_GRACE, both)
+            .await
+            .unwrap_or_else(|_| Err(Error::ExecTimeout(format!("{program} did not finish within its timeout")))),
+        None => both.await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_merge_order() {
+        let call = ExecCall {
+            program: "x".into(),
+            env: vec![("A".into(), "call".into())],
+            ..Default::default()
+        };
+        let req = call
+            .into_request(&[("A".into(), "box".into()), ("B".into(), "box".into())], Some("/w"))
+            .unwrap();
+        let get = |k: &str| req.env.iter().find(|(ek, _)| ek == k).map(|(_, v)| v.as_str());
+        assert_eq!(get("A"), Some("call"));
+        assert_eq!(get("B"), Some("box"));
+        assert_eq!(get("PATH"), Some(DEFAULT_PATH));
+        assert_eq!(req.cwd.as_deref(), Some("/w"));
+    }
+
+    #[test]
+    fn rejects_nul() {
+        let call = ExecCall { program: "a\0".into(), ..Default::default() };
+        assert!(call.into_request(&[], None).is_err());
+        let call = ExecCall { program: "a".into(), args: vec!["\0".into()], ..Default::default() };
+        assert!(call.into_request(&[], None).is_err());
+    }
+}

@@ -1,0 +1,37 @@
+//! What the engine tells a supervisor to run: written as JSON into the sandbox
+//! directory, read by the `msb` supervisor binary at start.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Name of the file in the sandbox directory.
+pub const SPEC_FILE: &str = "supervisor.json";
+
+/// Environment variable naming the fd whose EOF means "the owner process died".
+pub const LIVENESS_FD_ENV: &str = "MSB_LIVENESS_FD";
+
+/// The supervisor's instructions for one sandbox.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SupervisorSpec {
+    pub name: String,
+    pub sandbox_dir: PathBuf,
+    pub qemu: PathBuf,
+    pub qemu_args: Vec<String>,
+    pub accel: String,
+    pub agent_socket: PathBuf,
+    pub control_socket: PathBuf,
+    pub console_log: PathBuf,
+    pub boot_timeout_ms: u64,
+    pub kernel_release: String,
+    /// Delete `sandbox_dir` when the supervisor exits (sandboxes are ephemeral for now).
+    pub remove_dir_on_exit: bool,
+}
+
+/// First line the supervisor prints on stdout: it booted, or why it did not.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StartupReport {
+    Ready(microsandbox_protocol::Info),
+    Failed { code: String, message: String },
+}

@@ -1,0 +1,23 @@
+//! VMM drivers. QEMU is the one that runs everywhere (KVM, HVF or TCG); the driver
+//! turns a [`VmSpec`] into a command line and knows nothing about sandboxes.
+
+pub mod accel;
+pub mod qemu;
+
+use std::path::PathBuf;
+
+pub use accel::Accel;
+
+/// Everything a VMM needs to boot one sandbox VM.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    pub accel: Accel,
+    pub cpus: u32,
+    pub memory_mib: u32,
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    pub cmdline: String,
+    pub root_disk: PathBuf,
+    pub agent_socket: PathBuf,
+    pub console_log: PathBuf,
+}
