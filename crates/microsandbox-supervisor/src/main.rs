@@ -1,1 +1,46 @@
-fn main() {}
+//! `msb`: the per-sandbox supervisor.
+//!
+//! Started by the engine with the path of a `supervisor.json` ([`SupervisorSpec`]). It
+//! boots QEMU, waits for the guest agent, prints one [`StartupReport`] line on stdout,
+//! then relays client sessions (control socket) to the agent until the sandbox stops,
+//! its VM exits, or its owner process dies (EOF on the liveness fd).
+
+mod agent_link;
+mod control;
+mod liveness;
+mod router;
+mod vm;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use microsandbox::sandbox::spec::{StartupReport, SupervisorSpec};
+
+fn report(r: &StartupReport) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{}", serde_json::to_string(r).unwrap());
+    let _ = out.flush();
+}
+
+fn main() -> ExitCode {
+    let Some(spec_path) = std::env::args_os().nth(1).map(PathBuf::from) else {
+        eprintln!("usage: msb <supervisor.json>  (started by the microsandbox engine, not by hand)");
+        return ExitCode::from(2);
+    };
+    let spec: SupervisorSpec = match std::fs::read(&spec_path)
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+    {
+        Ok(s) => s,
+        Err(e) => {
+            report(&StartupReport::Failed { code: "runtime-error".into(), message: format!("cannot read {}: {e}", spec_path.display()) });
+            return ExitCode::from(1);
+        }
+    };
+    // Single-threaded runtime: QEMU is spawned from this (main) thread, which is what
+    // PR_SET_PDEATHSIG tracks, so QEMU dies exactly when this process does.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+    let code = rt.block_on(vm::supervise(spec, report));
+    ExitCode::from(code)
+}

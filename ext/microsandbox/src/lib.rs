@@ -1,1 +1,37 @@
+//! `microsandbox_rb`: the thin magnus layer between Ruby and the engine.
+//!
+//! Defines `Microsandbox::Native` (module functions) and `Microsandbox::Native::Sandbox`.
+//! Conversions happen here with the GVL held; every engine call then runs in
+//! [`gvl::run`], without the GVL and cancellable by Ruby interrupts. The idiomatic API
+//! lives in `lib/microsandbox/*.rb`.
 
+mod errors;
+mod gvl;
+mod install;
+mod runtime;
+mod sandbox;
+
+use magnus::{function, method, prelude::*, Error, Ruby};
+
+#[magnus::init]
+fn init(ruby: &Ruby) -> Result<(), Error> {
+    let top = ruby.define_module("Microsandbox")?;
+    let native = top.define_module("Native")?;
+    native.define_singleton_method("version", function!(native_version, 0))?;
+    native.define_singleton_method("install", function!(install::install, 4))?;
+    native.define_singleton_method("installed?", function!(install::installed, 3))?;
+
+    let class = native.define_class("Sandbox", ruby.class_object())?;
+    class.define_singleton_method("create", function!(sandbox::RbSandbox::create, 1))?;
+    class.define_method("name", method!(sandbox::RbSandbox::name, 0))?;
+    class.define_method("info_json", method!(sandbox::RbSandbox::info_json, 0))?;
+    class.define_method("running?", method!(sandbox::RbSandbox::is_running, 0))?;
+    class.define_method("exec", method!(sandbox::RbSandbox::exec, 6))?;
+    class.define_method("stop", method!(sandbox::RbSandbox::stop, 1))?;
+    class.define_method("kill", method!(sandbox::RbSandbox::kill, 0))?;
+    Ok(())
+}
+
+fn native_version() -> &'static str {
+    env!("CARGO_PKG_VERSION")
+}

@@ -1,0 +1,99 @@
+//! The control socket: clients (the Ruby extension, in this or another process) open
+//! sessions, send stdin and signals, ask for info, or stop the sandbox.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use microsandbox_protocol::{read_frame_async, write_frame_async, ErrorMsg, Frame, Info, Kind, SignalMsg, StopRequest, Stopped};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::router::{Route, Router};
+
+/// Frames queued toward one client before the agent pump waits for it.
+const TO_CLIENT_QUEUE: usize = 64;
+
+/// A stop request and where to answer it.
+pub type StopTicket = (StopRequest, oneshot::Sender<Stopped>);
+
+/// Shared by every client connection.
+#[derive(Clone)]
+pub struct Ctx {
+    pub router: Arc<Router>,
+    pub to_agent: mpsc::Sender<Frame>,
+    pub info: Info,
+    pub stop: mpsc::Sender<StopTicket>,
+}
+
+/// Accepts clients forever.
+pub async fn serve(listener: UnixListener, ctx: Ctx) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        tokio::spawn(client(stream, ctx.clone()));
+    }
+}
+
+fn protocol_error(id: u32, message: &str) -> Frame {
+    Frame::json(id, Kind::Error, &ErrorMsg { code: "protocol".into(), message: message.into(), errno: None })
+}
+
+async fn client(stream: UnixStream, ctx: Ctx) {
+    let (mut rd, mut wr) = stream.into_split();
+    let (tx, mut rx) = mpsc::channel::<Frame>(TO_CLIENT_QUEUE);
+    let writer = tokio::spawn(async move {
+        while let Some(f) = rx.recv().await {
+            if write_frame_async(&mut wr, &f).await.is_err() {
+                break;
+            }
+        }
+    });
+    // local id → global id, for this connection's sessions.
+    let mut sessions: HashMap<u32, u32> = HashMap::new();
+    while let Ok(Some(frame)) = read_frame_async(&mut rd).await {
+        match frame.kind {
+            Kind::Exec => {
+                if sessions.get(&frame.id).is_some_and(|g| ctx.router.get(*g).is_some()) {
+                    let _ = tx.send(protocol_error(frame.id, "session id already in use")).await;
+                    continue;
+                }
+                let global = ctx.router.open(Route { client: tx.clone(), local_id: frame.id });
+                sessions.insert(frame.id, global);
+                let _ = ctx.to_agent.send(Frame { id: global, ..frame }).await;
+            }
+            Kind::Stdin | Kind::StdinEof | Kind::Signal => {
+                if let Some(&g) = sessions.get(&frame.id) {
+                    let _ = ctx.to_agent.send(Frame { id: g, ..frame }).await;
+                }
+            }
+            Kind::Info => {
+                let _ = tx.send(Frame::json(frame.id, Kind::Info, &ctx.info)).await;
+            }
+            Kind::Stop => match frame.parse::<StopRequest>() {
+                Ok(req) => {
+                    let (done_tx, done_rx) = oneshot::channel();
+                    if ctx.stop.send((req, done_tx)).await.is_ok() {
+                        if let Ok(stopped) = done_rx.await {
+                            let _ = tx.send(Frame::json(frame.id, Kind::Stopped, &stopped)).await;
+                        }
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(protocol_error(frame.id, &e.to_string())).await;
+                }
+            },
+            _ => {
+                let _ = tx.send(protocol_error(frame.id, "unexpected frame kind from a client")).await;
+            }
+        }
+    }
+    // The client went away: kill whatever it still had running.
+    for (_, global) in sessions {
+        if ctx.router.get(global).is_some() {
+            ctx.router.close(global);
+            let kill = Frame::json(global, Kind::Signal, &SignalMsg { signal: libc::SIGKILL });
+            let _ = ctx.to_agent.send(kill).await;
+        }
+    }
+    drop(tx);
+    let _ = writer.await;
+}

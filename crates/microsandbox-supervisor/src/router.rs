@@ -1,0 +1,71 @@
+//! Session routing between client connections and the single agent channel.
+//!
+//! Clients number their sessions freely; the router gives each a global id unique on
+//! the agent channel and maps agent frames back. Only frames for live sessions are
+//! forwarded, and a session ends at its `Exited`/`Error` frame.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use microsandbox_protocol::Frame;
+use tokio::sync::mpsc;
+
+/// Where a session's frames go.
+#[derive(Clone)]
+pub struct Route {
+    pub client: mpsc::Sender<Frame>,
+    pub local_id: u32,
+}
+
+#[derive(Default)]
+pub struct Router {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    next: u32,
+    routes: HashMap<u32, Route>,
+}
+
+impl Router {
+    /// Registers a session and returns its global id (never 0, which is the control id).
+    pub fn open(&self, route: Route) -> u32 {
+        let mut g = self.inner.lock().unwrap();
+        loop {
+            g.next = g.next.wrapping_add(1);
+            if g.next != 0 && !g.routes.contains_key(&g.next) {
+                break;
+            }
+        }
+        let id = g.next;
+        g.routes.insert(id, route);
+        id
+    }
+
+    pub fn get(&self, id: u32) -> Option<Route> {
+        self.inner.lock().unwrap().routes.get(&id).cloned()
+    }
+
+    pub fn close(&self, id: u32) {
+        self.inner.lock().unwrap().routes.remove(&id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_unique_and_nonzero() {
+        let r = Router::default();
+        let (tx, _rx) = mpsc::channel(1);
+        let a = r.open(Route { client: tx.clone(), local_id: 1 });
+        let b = r.open(Route { client: tx, local_id: 1 });
+        assert_ne!(a, b);
+        assert!(a != 0 && b != 0);
+        r.close(a);
+        assert!(r.get(a).is_none());
+        assert_eq!(r.get(b).unwrap().local_id, 1);
+    }
+}

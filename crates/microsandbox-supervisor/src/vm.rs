@@ -1,0 +1,181 @@
+//! Boot, serve and tear down one sandbox VM.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use microsandbox::sandbox::spec::{StartupReport, SupervisorSpec};
+use microsandbox_protocol::{Frame, Info, Kind, Stopped};
+use tokio::net::UnixListener;
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+
+use crate::control::{self, Ctx, StopTicket};
+use crate::{agent_link, liveness, router::Router};
+
+const SUPERVISOR_PID_FILE: &str = "supervisor.pid";
+
+fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    let _ = std::fs::remove_file(path);
+    UnixListener::bind(path)
+}
+
+fn spawn_qemu(spec: &SupervisorSpec) -> std::io::Result<Child> {
+    let log = std::fs::File::create(spec.sandbox_dir.join("qemu.log"))?;
+    let mut cmd = Command::new(&spec.qemu);
+    cmd.args(&spec.qemu_args)
+        .current_dir(&spec.sandbox_dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .kill_on_drop(true);
+    let parent = std::process::id() as i32;
+    // SAFETY: prctl and getppid are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() != parent {
+                libc::_exit(1); // the supervisor already died
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()
+}
+
+/// Last lines of the guest console, to explain a failed boot.
+fn console_tail(spec: &SupervisorSpec) -> String {
+    let mut text = String::new();
+    for f in [spec.console_log.clone(), spec.sandbox_dir.join("qemu.log")] {
+        if let Ok(s) = std::fs::read_to_string(&f) {
+            let lines: Vec<&str> = s.lines().filter(|l| !l.trim().is_empty()).collect();
+            let tail = lines[lines.len().saturating_sub(15)..].join("\n");
+            if !tail.is_empty() {
+                text.push_str(&format!("\n--- {} ---\n{tail}", f.file_name().unwrap().to_string_lossy()));
+            }
+        }
+    }
+    text
+}
+
+fn cleanup(spec: &SupervisorSpec) {
+    let _ = std::fs::remove_file(&spec.control_socket);
+    let _ = std::fs::remove_file(&spec.agent_socket);
+    if spec.remove_dir_on_exit {
+        let _ = std::fs::remove_dir_all(&spec.sandbox_dir);
+    } else {
+        let _ = std::fs::remove_file(spec.sandbox_dir.join(SUPERVISOR_PID_FILE));
+    }
+}
+
+/// Boots the VM and serves it. Returns the process exit code.
+pub async fn supervise(spec: SupervisorSpec, report: fn(&StartupReport)) -> u8 {
+    let fail = |message: String| {
+        report(&StartupReport::Failed { code: "boot-failed".into(), message });
+        1
+    };
+    let _ = std::fs::write(spec.sandbox_dir.join(SUPERVISOR_PID_FILE), std::process::id().to_string());
+    let owner = liveness::watch_owner();
+    let agent_listener = match bind(&spec.agent_socket) {
+        Ok(l) => l,
+        Err(e) => {
+            cleanup(&spec);
+            return fail(format!("cannot listen on {}: {e}", spec.agent_socket.display()));
+        }
+    };
+    let started = Instant::now();
+    let mut qemu = match spawn_qemu(&spec) {
+        Ok(c) => c,
+        Err(e) => {
+            cleanup(&spec);
+            return fail(format!("cannot start {}: {e}", spec.qemu.display()));
+        }
+    };
+    let boot_timeout = Duration::from_millis(spec.boot_timeout_ms);
+
+    // Boot: the agent must connect (through QEMU) and say Ready before the deadline.
+    let booted = tokio::select! {
+        r = async {
+            let (mut stream, _) = agent_listener.accept().await.map_err(|e| e.to_string())?;
+            let ready = agent_link::wait_ready(&mut stream).await?;
+            Ok::<_, String>((stream, ready))
+        } => r,
+        status = qemu.wait() => Err(format!("QEMU exited during boot ({})", status.map(|s| s.to_string()).unwrap_or_default())),
+        _ = tokio::time::sleep(boot_timeout) => Err(format!("the guest agent did not become ready within {}s", boot_timeout.as_secs())),
+        _ = liveness::owner_gone(owner.clone()) => Err("the owner process exited during boot".into()),
+    };
+    let (stream, ready) = match booted {
+        Ok(v) => v,
+        Err(why) => {
+            let _ = qemu.start_kill();
+            let _ = qemu.wait().await;
+            let msg = format!("sandbox {:?} failed to boot: {why}{}", spec.name, console_tail(&spec));
+            cleanup(&spec);
+            return fail(msg);
+        }
+    };
+    drop(agent_listener);
+    let _ = std::fs::remove_file(&spec.agent_socket);
+
+    let info = Info {
+        name: spec.name.clone(),
+        vmm: "qemu".into(),
+        accel: spec.accel.clone(),
+        vmm_pid: qemu.id().unwrap_or(0),
+        supervisor_pid: std::process::id(),
+        kernel: ready.kernel.clone(),
+        boot_ms: started.elapsed().as_millis() as u64,
+    };
+    let control_listener = match bind(&spec.control_socket) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = qemu.start_kill();
+            let _ = qemu.wait().await;
+            cleanup(&spec);
+            return fail(format!("cannot listen on {}: {e}", spec.control_socket.display()));
+        }
+    };
+
+    let router = Arc::new(Router::default());
+    let (rd, wr) = stream.into_split();
+    let to_agent = agent_link::spawn_writer(wr);
+    let (stop_tx, mut stop_rx) = mpsc::channel::<StopTicket>(4);
+    let ctx = Ctx { router: router.clone(), to_agent: to_agent.clone(), info: info.clone(), stop: stop_tx };
+    tokio::spawn(control::serve(control_listener, ctx));
+    let pump = tokio::spawn(agent_link::pump_from_agent(rd, router));
+
+    report(&StartupReport::Ready(info));
+    // Nothing more goes to the engine's pipe; keep fd 1 valid but detached from it.
+    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+        use std::os::fd::AsRawFd;
+        unsafe { libc::dup2(null.as_raw_fd(), 1) };
+    }
+
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    let stop_ticket = tokio::select! {
+        t = stop_rx.recv() => t,
+        _ = qemu.wait() => None,
+        _ = liveness::owner_gone(owner.clone()) => None,
+        _ = sigterm.recv() => None,
+        why = pump => { eprintln!("msb: {}", why.unwrap_or_default()); None }
+    };
+
+    let graceful = match &stop_ticket {
+        Some((req, _)) => {
+            let _ = to_agent.send(Frame::data(0, Kind::Shutdown, Vec::new())).await;
+            tokio::time::timeout(Duration::from_millis(req.timeout_ms), qemu.wait()).await.is_ok()
+        }
+        None => false,
+    };
+    let _ = qemu.start_kill();
+    let _ = qemu.wait().await;
+    cleanup(&spec);
+    if let Some((_, done)) = stop_ticket {
+        let _ = done.send(Stopped { graceful });
+        // Let the control task flush the answer before the process ends.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    0
+}

@@ -1,0 +1,24 @@
+//! Engine errors → Ruby exceptions. The Ruby side owns the class hierarchy
+//! (`Microsandbox::Error.build(code, message)`); this file only passes the stable code.
+
+use magnus::{exception::ExceptionClass, prelude::*, Error, Exception, RModule, Ruby};
+
+/// Converts an engine error into a Ruby exception. For a cancelled call, the pending
+/// Ruby interrupt (Thread#kill, Timeout, Ctrl-C) is raised instead.
+pub fn to_ruby(ruby: &Ruby, err: microsandbox::Error) -> Error {
+    if matches!(err, microsandbox::Error::Cancelled) {
+        if let Err(interrupt) = ruby.thread_check_ints() {
+            return interrupt;
+        }
+    }
+    let code = err.code();
+    let message = err.to_string();
+    let built = ruby
+        .define_module("Microsandbox")
+        .and_then(|m: RModule| m.const_get::<_, ExceptionClass>("Error"))
+        .and_then(|class| class.funcall::<_, _, Exception>("build", (code, message.clone())));
+    match built {
+        Ok(exc) => Error::from(exc),
+        Err(_) => Error::new(ruby.exception_runtime_error(), format!("{code}: {message}")),
+    }
+}

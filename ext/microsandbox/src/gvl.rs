@@ -1,0 +1,69 @@
+//! Running engine work without the GVL, interruptibly.
+//!
+//! [`run`] releases the GVL with `rb_thread_call_without_gvl` and passes an unblock
+//! function that cancels the future, so `Thread#kill`, `Timeout.timeout` and Ctrl-C stop
+//! a blocked call: the future is dropped (its sockets close, children are killed) and
+//! the pending Ruby interrupt is raised once the GVL is back. A panic inside is caught
+//! and returned as an error; it never unwinds through Ruby's C frames.
+
+use std::ffi::c_void;
+use std::future::Future;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use microsandbox::Error;
+use tokio_util::sync::CancellationToken;
+
+struct Call<F: Future> {
+    fut: Option<F>,
+    token: CancellationToken,
+    out: Option<Result<F::Output, String>>,
+}
+
+unsafe extern "C" fn body<T, F: Future<Output = Result<T, Error>>>(data: *mut c_void) -> *mut c_void {
+    let call = &mut *(data as *mut Call<F>);
+    let fut = call.fut.take().expect("future present");
+    let token = call.token.clone();
+    let res = catch_unwind(AssertUnwindSafe(|| {
+        crate::runtime::get().block_on(async move {
+            tokio::select! {
+                r = fut => r,
+                _ = token.cancelled() => Err(Error::Cancelled),
+            }
+        })
+    }));
+    call.out = Some(res.map_err(|p| {
+        p.downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into())
+    }));
+    std::ptr::null_mut()
+}
+
+unsafe extern "C" fn unblock(data: *mut c_void) {
+    let token = &*(data as *const CancellationToken);
+    token.cancel();
+}
+
+/// Runs `fut` to completion with the GVL released. Must be called with the GVL held.
+pub fn run<T, F>(fut: F) -> Result<T, Error>
+where
+    F: Future<Output = Result<T, Error>>,
+{
+    let token = CancellationToken::new();
+    let mut call = Call { fut: Some(fut), token: token.clone(), out: None };
+    unsafe {
+        rb_sys::rb_thread_call_without_gvl(
+            Some(body::<T, F>),
+            &mut call as *mut Call<F> as *mut c_void,
+            Some(unblock),
+            &token as *const CancellationToken as *mut c_void,
+        );
+    }
+    match call.out {
+        Some(Ok(r)) => r,
+        Some(Err(panic)) => Err(Error::Runtime(format!("internal error (a bug in microsandbox, please report it): {panic}"))),
+        // Ruby skipped the body because an interrupt was already pending.
+        None => Err(Error::Cancelled),
+    }
+}
