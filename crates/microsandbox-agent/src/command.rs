@@ -1,0 +1,225 @@
+//! Turning an `ExecRequest` into exactly what `execve` needs: environment, PATH
+//! resolution, working directory and validation. Pure except for `stat` calls; it runs
+//! before any lock is taken, so slow filesystems never stall the reaper.
+
+use std::ffi::CString;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use microsandbox_protocol::ExecRequest;
+
+/// PATH searched when the request's environment has none.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Why a request could not be started: the protocol `Error` to send.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Failure {
+    pub code: &'static str,
+    pub message: String,
+    pub errno: Option<i32>,
+}
+
+impl Failure {
+    fn invalid(message: String) -> Failure {
+        Failure {
+            code: "invalid-request",
+            message,
+            errno: None,
+        }
+    }
+
+    /// `exec-failed` as "<what>: <os error text>".
+    pub fn os(what: &str, errno: i32) -> Failure {
+        let text = nix::errno::Errno::from_raw(errno).desc();
+        Failure {
+            code: "exec-failed",
+            message: format!("{what}: {text}"),
+            errno: Some(errno),
+        }
+    }
+}
+
+/// A request checked and converted to what `posix_spawn` needs, built before any lock is
+/// taken.
+#[derive(Debug)]
+pub struct Prepared {
+    /// Absolute (or cwd-relative) path of the resolved program.
+    pub path: CString,
+    /// argv[0] is the program as requested, like execvp.
+    pub argv: Vec<CString>,
+    /// `KEY=VALUE`, keys unique.
+    pub envp: Vec<CString>,
+    pub cwd: CString,
+    pub stdin: bool,
+}
+
+/// The environment exactly as given, later duplicates overriding earlier ones (the
+/// semantics of `env_clear` followed by `envs`), in first-seen order.
+pub fn effective_env(env: &[(String, String)]) -> Vec<(&str, &str)> {
+    let mut out: Vec<(&str, &str)> = Vec::with_capacity(env.len());
+    for (k, v) in env {
+        match out.iter_mut().find(|(key, _)| key == k) {
+            Some(slot) => slot.1 = v,
+            None => out.push((k, v)),
+        }
+    }
+    out
+}
+
+/// Resolves `program` like `execvp` with the given PATH: names containing `/` are taken as
+/// is (relative ones against `cwd`); otherwise the first executable regular file wins.
+/// Errno mirrors execvp: EACCES if only non-executable candidates exist, else ENOENT.
+pub fn resolve(program: &str, path: &str, cwd: &Path) -> Result<PathBuf, i32> {
+    if program.is_empty() {
+        return Err(libc::ENOENT);
+    }
+    if program.contains('/') {
+        return Ok(cwd.join(program));
+    }
+    let mut err = libc::ENOENT;
+    for dir in path.split(':') {
+        // An empty PATH entry means the current directory.
+        let candidate = cwd
+            .join(if dir.is_empty() { "." } else { dir })
+            .join(program);
+        match std::fs::metadata(&candidate) {
+            Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => return Ok(candidate),
+            Ok(m) if m.is_file() => err = libc::EACCES,
+            _ => {}
+        }
+    }
+    Err(err)
+}
+
+fn cstring(what: &str, s: impl Into<Vec<u8>>) -> Result<CString, Failure> {
+    CString::new(s).map_err(|_| Failure::invalid(format!("{what} contains a NUL byte")))
+}
+
+/// Validates `req` and resolves its program.
+pub fn prepare(req: &ExecRequest) -> Result<Prepared, Failure> {
+    let cwd = req.cwd.as_deref().unwrap_or("/");
+    match std::fs::metadata(cwd) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => return Err(Failure::os(&format!("cwd {cwd}"), libc::ENOTDIR)),
+        Err(e) => {
+            return Err(Failure::os(
+                &format!("cwd {cwd}"),
+                e.raw_os_error().unwrap_or(libc::EIO),
+            ))
+        }
+    }
+    let env = effective_env(&req.env);
+    let mut envp = Vec::with_capacity(env.len());
+    for (k, v) in &env {
+        if k.is_empty() || k.contains('=') {
+            return Err(Failure::invalid(format!(
+                "invalid environment variable name {k:?}"
+            )));
+        }
+        envp.push(cstring("environment", format!("{k}={v}"))?);
+    }
+    let mut argv = vec![cstring("program", req.program.as_str())?];
+    for a in &req.args {
+        argv.push(cstring("argument", a.as_str())?);
+    }
+    let search = env
+        .iter()
+        .find(|(k, _)| *k == "PATH")
+        .map_or(DEFAULT_PATH, |(_, v)| v);
+    let path = resolve(&req.program, search, Path::new(cwd))
+        .map_err(|errno| Failure::os(&req.program, errno))?;
+    Ok(Prepared {
+        path: cstring("program", path.into_os_string().into_encoded_bytes())?,
+        argv,
+        envp,
+        cwd: cstring("cwd", cwd)?,
+        stdin: req.stdin,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn later_env_entries_override() {
+        let e = env(&[("A", "1"), ("PATH", "/x"), ("A", "2")]);
+        assert_eq!(effective_env(&e), [("A", "2"), ("PATH", "/x")]);
+    }
+
+    #[test]
+    fn resolves_with_given_path() {
+        let dir = std::env::temp_dir().join(format!("msb-exec-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("a")).unwrap();
+        std::fs::create_dir_all(dir.join("b")).unwrap();
+        let noexec = dir.join("a/tool");
+        std::fs::write(&noexec, "").unwrap();
+        std::fs::set_permissions(&noexec, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let exe = dir.join("b/tool");
+        std::fs::write(&exe, "").unwrap();
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::create_dir_all(dir.join("a/dironly")).unwrap();
+
+        let path = format!("{}:{}", dir.join("a").display(), dir.join("b").display());
+        let root = Path::new("/");
+        assert_eq!(resolve("tool", &path, root), Ok(exe.clone()));
+        assert_eq!(
+            resolve("tool", &dir.join("a").display().to_string(), root),
+            Err(libc::EACCES)
+        );
+        assert_eq!(resolve("dironly", &path, root), Err(libc::ENOENT));
+        assert_eq!(resolve("nope", &path, root), Err(libc::ENOENT));
+        assert_eq!(resolve("", &path, root), Err(libc::ENOENT));
+        // Relative PATH entries and slash names resolve against cwd.
+        assert_eq!(resolve("tool", "b", &dir), Ok(dir.join("b").join("tool")));
+        assert_eq!(resolve("b/tool", "", &dir), Ok(dir.join("b/tool")));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn prepare_uses_default_path_and_validates() {
+        let req = ExecRequest {
+            program: "sh".into(),
+            ..Default::default()
+        };
+        let p = prepare(&req).unwrap();
+        assert!(p.path.to_str().unwrap().ends_with("/sh"));
+        assert!(p.envp.is_empty());
+
+        let req = ExecRequest {
+            program: "sh".into(),
+            env: env(&[("PATH", "/nonexistent")]),
+            ..Default::default()
+        };
+        let f = prepare(&req).unwrap_err();
+        assert_eq!((f.code, f.errno), ("exec-failed", Some(libc::ENOENT)));
+        assert_eq!(f.message, "sh: No such file or directory");
+
+        let req = ExecRequest {
+            program: "sh".into(),
+            env: env(&[("A=B", "x")]),
+            ..Default::default()
+        };
+        assert_eq!(prepare(&req).unwrap_err().code, "invalid-request");
+        let req = ExecRequest {
+            program: "sh".into(),
+            args: vec!["a\0b".into()],
+            ..Default::default()
+        };
+        assert_eq!(prepare(&req).unwrap_err().code, "invalid-request");
+        let req = ExecRequest {
+            program: "sh".into(),
+            cwd: Some("/nonexistent".into()),
+            ..Default::default()
+        };
+        assert_eq!(prepare(&req).unwrap_err().errno, Some(libc::ENOENT));
+    }
+}

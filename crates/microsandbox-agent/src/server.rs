@@ -1,0 +1,58 @@
+//! The port reader: one thread decoding host frames and dispatching them. It never blocks
+//! on a session (stdin goes through per-session queues), so `Signal` and `Shutdown` are
+//! always served.
+
+use std::fs::File;
+use std::io::BufReader;
+use std::sync::Arc;
+use std::thread::sleep;
+use std::time::Duration;
+
+use microsandbox_protocol::{ExecRequest, Frame, Kind, SignalMsg, HEADER_LEN, MAX_CHUNK};
+
+use crate::session::Sessions;
+use crate::shutdown;
+use crate::util::log;
+use crate::wire::{self, Incoming, Sink};
+
+/// virtio-serial reads return EOF while no host is connected; poll at this pace.
+const RECONNECT_POLL: Duration = Duration::from_millis(100);
+
+/// Serves frames from `port` forever.
+pub fn serve(port: File, sink: Sink, sessions: Arc<Sessions>) -> ! {
+    let mut r = BufReader::with_capacity(HEADER_LEN + MAX_CHUNK, port);
+    loop {
+        match wire::read(&mut r) {
+            Ok(Incoming::Frame(f)) => dispatch(f, &sink, &sessions),
+            Ok(Incoming::Invalid { id, why }) => sink.error(id, "protocol", why, None),
+            Ok(Incoming::Eof) => sleep(RECONNECT_POLL),
+            // The host went away mid-frame; the next connection starts a fresh stream.
+            Err(_) => sleep(RECONNECT_POLL),
+        }
+    }
+}
+
+fn dispatch(f: Frame, sink: &Sink, sessions: &Arc<Sessions>) {
+    match f.kind {
+        Kind::Exec => match f.parse::<ExecRequest>() {
+            Ok(req) => sessions.exec(f.id, req),
+            Err(e) => sink.error(f.id, "protocol", e.to_string(), None),
+        },
+        Kind::Stdin => sessions.stdin(f.id, f.payload),
+        Kind::StdinEof => sessions.stdin_eof(f.id),
+        Kind::Signal => match f.parse::<SignalMsg>() {
+            Ok(s) => sessions.signal(f.id, s.signal),
+            Err(e) => sink.error(f.id, "protocol", e.to_string(), None),
+        },
+        Kind::Shutdown => shutdown::shutdown(sessions),
+        // The host giving up on a session has no guest-side meaning; answering an
+        // error with an error could loop.
+        Kind::Error => log!("host reported an error on session {}", f.id),
+        other => sink.error(
+            f.id,
+            "protocol",
+            format!("unexpected {other:?} frame from the host"),
+            None,
+        ),
+    }
+}

@@ -1,0 +1,300 @@
+//! Sessions: one spawned process each, with its output pumps, stdin feeder and a monitor
+//! that sends the final frame.
+//!
+//! Per session there are up to four threads: stdout and stderr pumps, a stdin feeder (only
+//! with `stdin: true`) and the monitor. Invariants:
+//! - the final frame (`Exited`, or `Error` when the agent gave up on the session) is sent
+//!   exactly once, after every output frame; [`Output`] enforces it by closing a gate
+//!   that pumps check under the same lock they send with;
+//! - a session leaves the table before its final frame, so the host may reuse the id
+//!   as soon as it sees that frame;
+//! - only the single dispatcher thread inserts sessions, so the duplicate-id check and
+//!   the insert need not be atomic.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use microsandbox_protocol::{ExecRequest, Exited, Frame, Kind, MAX_CHUNK};
+
+use crate::command::{self, Failure};
+use crate::reaper::{ExitStatus, Reaper};
+use crate::spawn;
+use crate::util::{self, lock, log};
+use crate::wire::Sink;
+
+/// After the process exits, how long to wait for its output pipes to reach EOF. A
+/// background grandchild may hold them open forever; the session ends regardless.
+const EOF_GRACE: Duration = Duration::from_secs(1);
+
+/// Stdin bytes queued for a child that is not reading. Past this the session fails with
+/// `stdin-overflow` rather than stalling the port (and every other session) or silently
+/// dropping data.
+const STDIN_LIMIT: usize = 16 << 20;
+
+/// The output side of a session, shared by its pumps and monitor.
+struct Output {
+    id: u32,
+    sink: Sink,
+    state: Mutex<OutState>,
+}
+
+struct OutState {
+    /// False once the final frame is sent; nothing may follow it.
+    open: bool,
+    /// Set when the agent kills the session itself; the final frame is then this error.
+    failure: Option<(&'static str, String)>,
+}
+
+impl Output {
+    /// Sends a data frame unless the session is already finished.
+    fn data(&self, kind: Kind, bytes: &[u8]) {
+        let state = lock(&self.state);
+        if state.open {
+            self.sink.send(&Frame::data(self.id, kind, bytes.to_vec()));
+        }
+    }
+
+    /// Closes the gate and sends the final frame.
+    fn finish(&self, status: Option<ExitStatus>, timed_out: bool) {
+        let mut state = lock(&self.state);
+        state.open = false;
+        match state.failure.take() {
+            Some((code, message)) => self.sink.error(self.id, code, message, None),
+            None => {
+                let s = status.unwrap_or(ExitStatus {
+                    code: None,
+                    signal: None,
+                });
+                let msg = Exited {
+                    code: s.code,
+                    signal: s.signal,
+                    timed_out,
+                };
+                self.sink.send(&Frame::json(self.id, Kind::Exited, &msg));
+            }
+        }
+    }
+}
+
+/// The dispatcher's side of a session's stdin: an unbounded channel bounded by bytes.
+struct StdinTx {
+    tx: Sender<Vec<u8>>,
+    queued: Arc<AtomicUsize>,
+}
+
+struct Handle {
+    pgid: i32,
+    stdin: Option<StdinTx>,
+    out: Arc<Output>,
+}
+
+/// All live sessions.
+pub struct Sessions {
+    table: Mutex<HashMap<u32, Handle>>,
+    sink: Sink,
+    reaper: Arc<Reaper>,
+}
+
+/// Signals a process group (negative pid). Errors (ESRCH: already gone) are irrelevant.
+pub fn kill_group(pgid: i32, signal: i32) {
+    // SAFETY: kill has no memory effects.
+    unsafe { libc::kill(-pgid, signal) };
+}
+
+impl Sessions {
+    pub fn new(sink: Sink, reaper: Arc<Reaper>) -> Arc<Sessions> {
+        Arc::new(Sessions {
+            table: Mutex::new(HashMap::new()),
+            sink,
+            reaper,
+        })
+    }
+
+    /// Process groups of all live sessions.
+    pub fn pgids(&self) -> Vec<i32> {
+        lock(&self.table).values().map(|h| h.pgid).collect()
+    }
+
+    /// Starts session `id`. Failures are answered with an `Error` frame and nothing else.
+    pub fn exec(self: &Arc<Self>, id: u32, req: ExecRequest) {
+        if let Err(f) = self.try_exec(id, &req) {
+            self.sink.error(id, f.code, f.message, f.errno);
+        }
+    }
+
+    fn try_exec(self: &Arc<Self>, id: u32, req: &ExecRequest) -> Result<(), Failure> {
+        let invalid = |message: String| Failure {
+            code: "invalid-request",
+            message,
+            errno: None,
+        };
+        if id == 0 {
+            return Err(invalid("session id 0 is reserved".into()));
+        }
+        if lock(&self.table).contains_key(&id) {
+            return Err(invalid(format!("session {id} is already running")));
+        }
+        let prepared = command::prepare(req)?;
+        let (pid, pipes, status_rx) = self
+            .reaper
+            .spawn(|| spawn::spawn(&prepared))
+            .map_err(|e| Failure::os(&req.program, e.raw_os_error().unwrap_or(libc::EIO)))?;
+
+        let out = Arc::new(Output {
+            id,
+            sink: self.sink.clone(),
+            state: Mutex::new(OutState {
+                open: true,
+                failure: None,
+            }),
+        });
+        let stdin = pipes.stdin.and_then(|pipe| {
+            let (tx, rx) = channel();
+            let queued = Arc::new(AtomicUsize::new(0));
+            let q = queued.clone();
+            util::spawn(&format!("stdin-{id}"), move || feed(pipe, rx, q)).ok()?;
+            Some(StdinTx { tx, queued })
+        });
+        lock(&self.table).insert(
+            id,
+            Handle {
+                pgid: pid,
+                stdin,
+                out: out.clone(),
+            },
+        );
+
+        // Pumps hold clones of `eof_tx`; the monitor sees the channel disconnect once both
+        // have hit EOF (or failed to start, which drops their closure and the pipe).
+        let (eof_tx, eof_rx) = channel::<()>();
+        for (name, pipe, kind) in [
+            ("stdout", pipes.stdout, Kind::Stdout),
+            ("stderr", pipes.stderr, Kind::Stderr),
+        ] {
+            let (out, eof) = (out.clone(), eof_tx.clone());
+            if let Err(e) =
+                util::spawn(&format!("{name}-{id}"), move || pump(pipe, kind, &out, eof))
+            {
+                log!("session {id}: cannot start {name} pump: {e}");
+            }
+        }
+        drop(eof_tx);
+        let timeout = req.timeout_ms.map(Duration::from_millis);
+        let this = self.clone();
+        let monitor_out = out.clone();
+        let started = util::spawn(&format!("session-{id}"), move || {
+            this.monitor(id, pid, status_rx, eof_rx, timeout, &monitor_out)
+        });
+        if let Err(e) = started {
+            // Without a monitor nobody would ever end the session: end it here.
+            kill_group(pid, libc::SIGKILL);
+            lock(&self.table).remove(&id);
+            lock(&out.state).failure =
+                Some(("exec-failed", format!("cannot start session thread: {e}")));
+            out.finish(None, false);
+        }
+        Ok(())
+    }
+
+    /// Waits for the exit status (killing on timeout), then for output EOF (bounded by
+    /// [`EOF_GRACE`]), then ends the session.
+    fn monitor(
+        &self,
+        id: u32,
+        pid: i32,
+        status_rx: Receiver<ExitStatus>,
+        eof_rx: Receiver<()>,
+        timeout: Option<Duration>,
+        out: &Output,
+    ) {
+        let mut timed_out = false;
+        let status = match timeout {
+            None => status_rx.recv().ok(),
+            Some(t) => match status_rx.recv_timeout(t) {
+                Ok(s) => Some(s),
+                Err(RecvTimeoutError::Disconnected) => None,
+                Err(RecvTimeoutError::Timeout) => {
+                    timed_out = true;
+                    kill_group(pid, libc::SIGKILL);
+                    status_rx.recv().ok()
+                }
+            },
+        };
+        let deadline = Instant::now() + EOF_GRACE;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            if let Err(_disconnected_or_timeout) = eof_rx.recv_timeout(left) {
+                break;
+            }
+        }
+        lock(&self.table).remove(&id);
+        out.finish(status, timed_out);
+    }
+
+    /// Queues stdin bytes for session `id`; unknown sessions and closed stdin drop them.
+    pub fn stdin(&self, id: u32, data: Vec<u8>) {
+        let mut table = lock(&self.table);
+        let Some(h) = table.get_mut(&id) else { return };
+        let Some(s) = &h.stdin else { return };
+        let len = data.len();
+        if s.queued.fetch_add(len, Ordering::AcqRel) + len > STDIN_LIMIT {
+            log!("session {id}: child not reading stdin, {STDIN_LIMIT} bytes queued; killing it");
+            lock(&h.out.state).failure = Some((
+                "stdin-overflow",
+                format!("more than {STDIN_LIMIT} bytes of stdin queued"),
+            ));
+            h.stdin = None;
+            kill_group(h.pgid, libc::SIGKILL);
+            return;
+        }
+        if s.tx.send(data).is_err() {
+            h.stdin = None; // the feeder is gone
+        }
+    }
+
+    /// Closes session `id`'s stdin once queued bytes are written.
+    pub fn stdin_eof(&self, id: u32) {
+        if let Some(h) = lock(&self.table).get_mut(&id) {
+            h.stdin = None;
+        }
+    }
+
+    /// Signals session `id`'s process group; unknown sessions are ignored.
+    pub fn signal(&self, id: u32, signal: i32) {
+        if let Some(h) = lock(&self.table).get(&id) {
+            kill_group(h.pgid, signal);
+        }
+    }
+}
+
+/// Streams one output pipe to the host, a chunk per read so output arrives as produced.
+/// The `_eof` sender drops on return, telling the monitor this stream is done.
+fn pump(mut pipe: File, kind: Kind, out: &Output, _eof: Sender<()>) {
+    let mut buf = vec![0u8; MAX_CHUNK];
+    loop {
+        match pipe.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => out.data(kind, &buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// Writes queued stdin to the child until the queue closes. Once the child has closed
+/// its end (EPIPE), further data is dropped.
+fn feed(pipe: File, rx: Receiver<Vec<u8>>, queued: Arc<AtomicUsize>) {
+    let mut pipe = Some(pipe);
+    for chunk in rx {
+        if let Some(p) = &mut pipe {
+            if p.write_all(&chunk).is_err() {
+                pipe = None;
+            }
+        }
+        queued.fetch_sub(chunk.len(), Ordering::AcqRel);
+    }
+}
