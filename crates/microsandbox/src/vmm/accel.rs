@@ -53,13 +53,37 @@ impl Accel {
     }
 }
 
+/// `/dev/kvm` must open read-write *and*, on x86, the CPU must advertise VMX/SVM.
+/// Some sandboxed hosts (this project's CI among them) expose a `/dev/kvm` that opens and
+/// creates VMs but cannot run a Linux guest (it dies early with a CPU dump); such hosts
+/// show no `vmx`/`svm` flag, while real and nested KVM hosts do.
 fn kvm_usable() -> bool {
-    std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok()
+    if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
+        return false;
+    }
+    if !cfg!(target_arch = "x86_64") {
+        return true;
+    }
+    std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|c| cpu_has_virtualization(&c))
+}
+
+fn cpu_has_virtualization(cpuinfo: &str) -> bool {
+    cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn virtualization_flag() {
+        assert!(cpu_has_virtualization("flags\t\t: fpu vme vmx sse\n"));
+        assert!(!cpu_has_virtualization("flags\t\t: fpu vme sse\n"));
+        assert!(!cpu_has_virtualization("model name : vmx\n"));
+    }
 
     #[test]
     fn parses_names() {

@@ -1,0 +1,71 @@
+# frozen_string_literal: true
+
+module Microsandbox
+  # Base class of every error this gem raises. {#code} is a stable kebab-case string
+  # that is safe to match on; messages are for humans and may change.
+  class Error < StandardError
+    CODE = "error"
+
+    # @return [String] stable machine-readable code, e.g. "exec-timeout"
+    attr_reader :code
+
+    # @param message [String, nil]
+    # @param code [String, nil] defaults to the class's code
+    def initialize(message = nil, code: nil)
+      super(message)
+      @code = code || self.class::CODE
+    end
+
+    class << self
+      # Builds the exception for a code reported by the native engine.
+      # @api private
+      # @param code [String]
+      # @param message [String]
+      # @return [Microsandbox::Error]
+      def build(code, message)
+        (Microsandbox::ERRORS_BY_CODE[code] || Error).new(message, code: code)
+      end
+    end
+  end
+
+  # An option passed to create/exec is invalid (bad name, out-of-range size, NUL bytes…).
+  class InvalidConfigError < Error; CODE = "invalid-config"; end
+  # No sandbox with that name exists.
+  class SandboxNotFoundError < Error; CODE = "sandbox-not-found"; end
+  # A running sandbox already has that name.
+  class SandboxAlreadyExistsError < Error; CODE = "sandbox-already-exists"; end
+  # The operation needs a stopped sandbox but it is running.
+  class SandboxStillRunningError < Error; CODE = "sandbox-still-running"; end
+  # The sandbox was stopped or killed, or its VM exited; it cannot serve calls.
+  class SandboxNotRunningError < Error; CODE = "sandbox-not-running"; end
+  # The command ran past its `timeout:` and was killed.
+  class ExecTimeoutError < Error; CODE = "exec-timeout"; end
+  # The command could not be started in the guest (e.g. not found, not executable).
+  class ExecFailedError < Error; CODE = "exec-failed"; end
+  # A guest or root-filesystem operation failed.
+  class FilesystemError < Error; CODE = "filesystem-error"; end
+  # The image (a root directory for now) does not exist.
+  class ImageNotFoundError < Error; CODE = "image-not-found"; end
+  # Metrics collection is disabled for the sandbox.
+  class MetricsDisabledError < Error; CODE = "metrics-disabled"; end
+  # Metrics are not (yet) available for the sandbox.
+  class MetricsUnavailableError < Error; CODE = "metrics-unavailable"; end
+  # The runtime (QEMU, guest kernel, agent, supervisor) is missing or cannot be installed.
+  class RuntimeUnavailableError < Error; CODE = "runtime-error"; end
+  # The VM did not boot, or died while booting.
+  class BootFailedError < Error; CODE = "boot-failed"; end
+  # The guest sent data that violates the host/guest protocol.
+  class ProtocolError < Error; CODE = "protocol-error"; end
+  # A host I/O operation failed (disk full, permissions…).
+  class HostIOError < Error; CODE = "io-error"; end
+  # The call was cancelled by an interrupt that Ruby had already handled.
+  class CancelledError < Error; CODE = "cancelled"; end
+
+  # Every error class by its code.
+  ERRORS_BY_CODE = [
+    Error, InvalidConfigError, SandboxNotFoundError, SandboxAlreadyExistsError,
+    SandboxStillRunningError, SandboxNotRunningError, ExecTimeoutError, ExecFailedError,
+    FilesystemError, ImageNotFoundError, MetricsDisabledError, MetricsUnavailableError,
+    RuntimeUnavailableError, BootFailedError, ProtocolError, HostIOError, CancelledError
+  ].to_h { |c| [c::CODE, c] }.freeze
+end

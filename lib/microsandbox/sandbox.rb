@@ -1,0 +1,189 @@
+# frozen_string_literal: true
+
+require "json"
+
+module Microsandbox
+  # A microVM sandbox running on this host.
+  #
+  # Each sandbox is a real VM (QEMU: KVM when available, software emulation otherwise)
+  # with its own Linux kernel, owned by the process that created it: it is stopped when
+  # the {Sandbox.create} block returns, and killed if this process dies.
+  #
+  # @example
+  #   Microsandbox::Sandbox.create("hello", image: "/srv/rootfs") do |sb|
+  #     sb.exec("echo", ["hi"]).stdout # => "hi\n"
+  #   end
+  class Sandbox
+    # Default seconds {#stop} waits for a clean shutdown before killing the VM.
+    DEFAULT_STOP_TIMEOUT = 10
+
+    class << self
+      # Creates and boots a sandbox.
+      #
+      # With a block, yields the running sandbox, stops it when the block exits (also on
+      # exception) and returns the block's value. Without a block, returns the sandbox
+      # and the caller must {#stop} or {#kill} it.
+      #
+      # @param name [String] 1-63 characters of letters, digits, '.', '_', '-'
+      # @param image [String] path of a local root filesystem directory; the guest sees a
+      #   private copy, so writes never reach the host directory
+      # @param cpus [Integer] virtual CPUs (1-255)
+      # @param memory [Integer] guest memory in MiB (128 and up)
+      # @param env [Hash{String=>String}] environment for every command
+      # @param workdir [String, nil] default working directory of commands (absolute)
+      # @param shell [String] shell used by {#shell}
+      # @param accel [String, Symbol, nil] "auto" (default; also MICROSANDBOX_ACCEL), "kvm", "hvf" or "tcg"
+      # @param boot_timeout [Numeric, nil] seconds to wait for the guest agent (default 180)
+      # @yieldparam sandbox [Sandbox]
+      # @return [Sandbox, Object] the sandbox, or the block's value
+      # @raise [InvalidConfigError, ImageNotFoundError, SandboxAlreadyExistsError,
+      #   RuntimeUnavailableError, BootFailedError]
+      def create(name, image:, cpus: 1, memory: 512, env: {}, workdir: nil, shell: "/bin/sh",
+                 accel: nil, boot_timeout: nil)
+        config = build_config(name, image, cpus, memory, env, workdir, accel, boot_timeout)
+        Validate.string!("shell", shell)
+        Microsandbox.ensure_runtime!
+        config["supervisor"] = Microsandbox.runtime_path
+        native = Instrumentation.instrument("create.microsandbox", name: name) do
+          Native::Sandbox.create(JSON.generate(config))
+        end
+        sandbox = new(native, env: config["env"], shell: shell)
+        return sandbox unless block_given?
+
+        begin
+          yield sandbox
+        ensure
+          sandbox.__send__(:release)
+        end
+      end
+
+      private
+
+      def build_config(name, image, cpus, memory, env, workdir, accel, boot_timeout)
+        config = {
+          "name" => Validate.string!("name", name),
+          "image" => File.expand_path(Validate.string!("image", image)),
+          "cpus" => Validate.integer!("cpus", cpus),
+          "memory_mib" => Validate.integer!("memory", memory),
+          "env" => Validate.env!("env", env),
+          "workdir" => Validate.optional_string!("workdir", workdir)
+        }
+        config["accel"] = accel.to_s if accel
+        timeout = Validate.timeout!("boot_timeout", boot_timeout)
+        config["boot_timeout_ms"] = (timeout * 1000).ceil if timeout
+        home = Microsandbox.home
+        config["home"] = home if home
+        config
+      end
+    end
+
+    # @api private
+    def initialize(native, env:, shell:)
+      @native = native
+      @shell = shell
+      @owner_pid = Process.pid
+      @info = JSON.parse(native.info_json, symbolize_names: true).freeze
+    end
+
+    # @return [String] the sandbox name
+    def name
+      @native.name
+    end
+
+    # What runs this sandbox: `:vmm` ("qemu"), `:accel` ("kvm", "hvf" or "tcg"),
+    # `:vmm_pid`, `:supervisor_pid`, `:kernel` (guest kernel release) and `:boot_ms`.
+    # @return [Hash{Symbol => Object}]
+    attr_reader :info
+
+    # @return [Boolean] false once stopped, killed, or its VM was found gone
+    def running?
+      @native.running?
+    end
+
+    # @return [Boolean]
+    def stopped?
+      !running?
+    end
+
+    # Runs a program (no shell) and waits for it. A non-zero exit is not an error.
+    #
+    # The calling thread blocks without holding the GVL; `Thread#kill`, `Timeout.timeout`
+    # and Ctrl-C interrupt the call and kill the command.
+    #
+    # @param cmd [String] program name (looked up in the guest PATH) or path
+    # @param args [Array<String>]
+    # @param cwd [String, nil] working directory (default: the sandbox workdir, else "/")
+    # @param env [Hash{String=>String}, nil] added to the sandbox environment
+    # @param stdin [String, nil] bytes fed to the command's stdin (closed afterwards)
+    # @param timeout [Numeric, nil] seconds before the command is killed
+    # @return [ExecOutput]
+    # @raise [ExecFailedError] the command could not be started (e.g. not found)
+    # @raise [ExecTimeoutError] the command ran past `timeout`
+    # @raise [SandboxNotRunningError] the sandbox is stopped or its VM died
+    def exec(cmd, args = [], cwd: nil, env: nil, stdin: nil, timeout: nil)
+      program = Validate.utf8!("cmd", Validate.string!("cmd", cmd))
+      argv = Validate.string_array!("args", args).map { |a| Validate.utf8!("args", a) }
+      pairs = Validate.env!("env", env)
+      cwd = Validate.optional_string!("cwd", cwd)
+      stdin = stdin.nil? ? nil : Validate.string!("stdin", stdin).b
+      seconds = Validate.timeout!("timeout", timeout)
+      Instrumentation.instrument("exec.microsandbox", sandbox: name, cmd: program) do
+        code, signal, out, err = @native.exec(program, argv, pairs, cwd, seconds, stdin)
+        ExecOutput.new(exit_code: code, signal: signal, stdout: out, stderr: err)
+      end
+    end
+
+    # Runs a shell script with the sandbox shell (`sh -c script`).
+    # Takes the same keyword options as {#exec}.
+    # @param script [String]
+    # @return [ExecOutput]
+    def shell(script, **options)
+      exec(@shell, ["-c", Validate.string!("script", script)], **options)
+    end
+
+    # Shuts the guest down cleanly, killing it after `timeout` seconds.
+    # Does nothing if the sandbox is already stopped, or in a forked child process
+    # (the VM belongs to the process that created it).
+    # @param timeout [Numeric] seconds to wait for a clean shutdown
+    # @return [nil]
+    def stop(timeout: DEFAULT_STOP_TIMEOUT)
+      seconds = Validate.timeout!("timeout", timeout)
+      return nil unless owner?
+
+      @native.stop(seconds)
+      nil
+    end
+
+    # Kills the VM at once. Does nothing in a forked child process.
+    # @return [nil]
+    def kill
+      return nil unless owner?
+
+      @native.kill
+      nil
+    end
+
+    # @return [String]
+    def inspect
+      "#<#{self.class.name} #{name.inspect} #{running? ? 'running' : 'stopped'} " \
+        "vmm=#{@info[:vmm]} accel=#{@info[:accel]}>"
+    end
+
+    private
+
+    def owner?
+      Process.pid == @owner_pid
+    end
+
+    # Block-form cleanup: stop, and kill if stopping itself fails.
+    def release
+      return unless owner? && running?
+
+      begin
+        stop
+      rescue StandardError
+        kill
+      end
+    end
+  end
+end

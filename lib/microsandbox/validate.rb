@@ -1,0 +1,65 @@
+# frozen_string_literal: true
+
+module Microsandbox
+  # Type checks done in Ruby before anything reaches native code: wrong types raise
+  # TypeError naming the expected type; values are checked again by the engine.
+  # @api private
+  module Validate
+    module_function
+
+    def string!(name, value)
+      return value if value.is_a?(String)
+
+      raise TypeError, "#{name} must be a String (got #{value.class})"
+    end
+
+    def optional_string!(name, value)
+      value.nil? ? nil : string!(name, value)
+    end
+
+    def integer!(name, value)
+      return value if value.is_a?(Integer)
+
+      raise TypeError, "#{name} must be an Integer (got #{value.class})"
+    end
+
+    def string_array!(name, value)
+      raise TypeError, "#{name} must be an Array of Strings (got #{value.class})" unless value.is_a?(Array)
+
+      value.each_with_index do |v, i|
+        raise TypeError, "#{name}[#{i}] must be a String (got #{v.class})" unless v.is_a?(String)
+      end
+      value
+    end
+
+    # Hash of String/Symbol keys to String values → array of [key, value] pairs.
+    def env!(name, value)
+      return [] if value.nil?
+      raise TypeError, "#{name} must be a Hash of String => String (got #{value.class})" unless value.is_a?(Hash)
+
+      value.map do |k, v|
+        raise TypeError, "#{name} keys must be Strings or Symbols (got #{k.class})" unless k.is_a?(String) || k.is_a?(Symbol)
+        raise TypeError, "#{name}[#{k.inspect}] must be a String (got #{v.class})" unless v.is_a?(String)
+
+        [utf8!(name, k.to_s), utf8!(name, v)]
+      end
+    end
+
+    # Positive number of seconds or nil.
+    def timeout!(name, value)
+      return nil if value.nil?
+      raise TypeError, "#{name} must be a Numeric number of seconds (got #{value.class})" unless value.is_a?(Numeric)
+      raise InvalidConfigError, "#{name} must be positive (got #{value})" unless value.positive?
+
+      value.to_f
+    end
+
+    # Strings cross to the guest as UTF-8 (JSON); binary data goes through stdin instead.
+    def utf8!(name, value)
+      s = value.encoding == Encoding::UTF_8 ? value : value.dup.force_encoding(Encoding::UTF_8)
+      return s if s.valid_encoding?
+
+      raise InvalidConfigError, "#{name} must be valid UTF-8 (pass binary data through stdin:)"
+    end
+  end
+end
