@@ -14,9 +14,9 @@ use crate::error::{Error, Result};
 pub const MAX_ENV_VALUE: usize = 128 * 1024;
 /// Largest total environment (bytes, keys + values).
 pub const MAX_ENV_TOTAL: usize = 512 * 1024;
-pub const MIN_MEMORY_MIB: u32 = 128;
-pub const MAX_MEMORY_MIB: u32 = 1 << 20;
-pub const MAX_CPUS: u32 = 255;
+pub const MIN_MEMORY_MIB: u64 = 128;
+pub const MAX_MEMORY_MIB: u64 = 1 << 20;
+pub const MAX_CPUS: u64 = 255;
 
 /// Options of `Sandbox.create`.
 #[derive(Debug, Clone, Deserialize)]
@@ -25,10 +25,11 @@ pub struct SandboxConfig {
     pub name: String,
     /// A local root filesystem directory (registry images come later).
     pub image: String,
+    /// u64 so that absurd values reach [`SandboxConfig::validate`] and get its message.
     #[serde(default = "default_cpus")]
-    pub cpus: u32,
+    pub cpus: u64,
     #[serde(default = "default_memory")]
-    pub memory_mib: u32,
+    pub memory_mib: u64,
     #[serde(default)]
     pub env: Vec<(String, String)>,
     #[serde(default)]
@@ -46,10 +47,10 @@ pub struct SandboxConfig {
     pub supervisor: Option<PathBuf>,
 }
 
-fn default_cpus() -> u32 {
+fn default_cpus() -> u64 {
     1
 }
-fn default_memory() -> u32 {
+fn default_memory() -> u64 {
     512
 }
 

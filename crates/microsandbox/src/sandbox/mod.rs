@@ -91,8 +91,8 @@ impl Sandbox {
 
         let vm = VmSpec {
             accel,
-            cpus: cfg.cpus,
-            memory_mib: cfg.memory_mib,
+            cpus: cfg.cpus as u32,
+            memory_mib: cfg.memory_mib as u32,
             kernel: rt.kernel.clone(),
             initramfs: rt.initramfs.clone(),
             cmdline: vmm::qemu::cmdline(&cfg.name),

@@ -1,0 +1,32 @@
+# frozen_string_literal: true
+
+$LOAD_PATH.unshift File.expand_path("../lib", __dir__)
+require "microsandbox"
+require "timeout"
+require "tmpdir"
+require_relative "support/rootfs"
+require_relative "support/vm_helpers"
+
+RSpec.configure do |config|
+  config.expect_with(:rspec) { |c| c.syntax = :expect }
+  config.disable_monkey_patching!
+  config.order = :defined
+  config.include MicrosandboxSpec::VmHelpers
+
+  config.define_derived_metadata(file_path: %r{/spec/integration/}) { |meta| meta[:integration] = true }
+
+  # Integration specs boot real VMs. They run everywhere the README's setup ran; a host
+  # that cannot run them must opt out explicitly, and every skipped example says why.
+  config.before(:each, :integration) do
+    reason = ENV.fetch("MICROSANDBOX_SKIP_VM", "")
+    skip("MICROSANDBOX_SKIP_VM is set: #{reason}") unless reason.empty?
+  end
+
+  config.before(:suite) do
+    if RSpec.world.filtered_examples.values.flatten.any? { |e| e.metadata[:integration] } &&
+       ENV.fetch("MICROSANDBOX_SKIP_VM", "").empty?
+      Microsandbox.install unless Microsandbox.installed?
+      MicrosandboxSpec::Rootfs.busybox_dir
+    end
+  end
+end
