@@ -86,3 +86,80 @@ pub async fn pump_from_agent(mut rd: OwnedReadHalf, router: Arc<Router>) -> Stri
         let _ = tokio::time::timeout(Duration::from_secs(30), route.client.send(local)).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The guest is hostile: these feed the pump what a malicious agent could send.
+    use super::*;
+    use crate::router::Route;
+    use tokio::io::AsyncWriteExt;
+
+    async fn pump_with(bytes: Vec<u8>, router: Arc<Router>) -> String {
+        let (host, mut guest) = UnixStream::pair().unwrap();
+        let (rd, _wr) = host.into_split();
+        let pump = tokio::spawn(pump_from_agent(rd, router));
+        guest.write_all(&bytes).await.unwrap();
+        drop(guest);
+        tokio::time::timeout(Duration::from_secs(5), pump).await.unwrap().unwrap()
+    }
+
+    fn open_session(router: &Router) -> (u32, mpsc::Receiver<Frame>) {
+        let (tx, rx) = mpsc::channel(16);
+        (router.open(Route { client: tx, local_id: 7 }), rx)
+    }
+
+    #[tokio::test]
+    async fn oversized_frame_ends_the_link_without_allocating() {
+        let router = Arc::new(Router::default());
+        let mut evil = vec![0xff, 0xff, 0xff, 0xf0, 0, 0, 0, 1, Kind::Stdout as u8];
+        evil.extend_from_slice(&[0u8; 16]);
+        let why = pump_with(evil, router).await;
+        assert!(why.contains("protocol"), "{why}");
+    }
+
+    #[tokio::test]
+    async fn frames_for_unknown_sessions_and_host_only_kinds_are_dropped() {
+        let router = Arc::new(Router::default());
+        let (id, mut rx) = open_session(&router);
+        let mut bytes = Frame::data(id + 100, Kind::Stdout, b"not yours".to_vec()).encode();
+        bytes.extend(Frame::data(id, Kind::Exec, b"{}".to_vec()).encode());
+        bytes.extend(Frame::data(id, Kind::Shutdown, Vec::new()).encode());
+        bytes.extend(Frame::data(id, Kind::Stdout, b"mine".to_vec()).encode());
+        let why = pump_with(bytes, router).await;
+        assert!(why.contains("closed"), "{why}");
+        let got = rx.recv().await.unwrap();
+        assert_eq!((got.id, got.kind, got.payload.as_slice()), (7, Kind::Stdout, &b"mine"[..]));
+        assert!(rx.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn malformed_exit_payload_ends_the_link() {
+        let router = Arc::new(Router::default());
+        let (id, _rx) = open_session(&router);
+        let why = pump_with(Frame::data(id, Kind::Exited, b"{\"code\":\"x\"".to_vec()).encode(), router).await;
+        assert!(why.contains("malformed"), "{why}");
+    }
+
+    #[tokio::test]
+    async fn session_closes_after_exit_and_late_frames_are_dropped() {
+        let router = Arc::new(Router::default());
+        let (id, mut rx) = open_session(&router);
+        let exit = Exited { code: Some(0), signal: None, timed_out: false };
+        let mut bytes = Frame::json(id, Kind::Exited, &exit).encode();
+        bytes.extend(Frame::data(id, Kind::Stdout, b"late".to_vec()).encode());
+        pump_with(bytes, router.clone()).await;
+        assert_eq!(rx.recv().await.unwrap().kind, Kind::Exited);
+        assert!(rx.try_recv().is_err());
+        assert!(router.get(id).is_none());
+    }
+
+    #[tokio::test]
+    async fn ready_must_come_first_and_match_the_protocol() {
+        let (mut host, mut guest) = UnixStream::pair().unwrap();
+        let bad = Ready { protocol: 999, agent_version: "x".into(), kernel: "k".into(), uptime_ms: 1 };
+        guest.write_all(&Frame::json(0, Kind::Ready, &bad).encode()).await.unwrap();
+        assert!(wait_ready(&mut host).await.unwrap_err().contains("protocol 999"));
+        guest.write_all(&Frame::data(0, Kind::Stdout, b"x".to_vec()).encode()).await.unwrap();
+        assert!(wait_ready(&mut host).await.is_err());
+    }
+}
