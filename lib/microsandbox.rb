@@ -7,6 +7,7 @@ require_relative "microsandbox/errors"
 require_relative "microsandbox/validate"
 require_relative "microsandbox/instrumentation"
 require_relative "microsandbox/exec_output"
+require_relative "microsandbox/exec_handle"
 
 begin
   require "microsandbox/microsandbox_rb"

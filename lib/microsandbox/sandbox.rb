@@ -121,16 +121,41 @@ module Microsandbox
     # @raise [ExecTimeoutError] the command ran past `timeout`
     # @raise [SandboxNotRunningError] the sandbox is stopped or its VM died
     def exec(cmd, args = [], cwd: nil, env: nil, stdin: nil, timeout: nil)
-      program = Validate.utf8!("cmd", Validate.string!("cmd", cmd))
-      argv = Validate.string_array!("args", args).map { |a| Validate.utf8!("args", a) }
-      pairs = Validate.env!("env", env)
-      cwd = Validate.optional_string!("cwd", cwd)
+      program, argv, pairs, cwd, seconds = exec_arguments(cmd, args, cwd, env, timeout)
       stdin = stdin.nil? ? nil : Validate.string!("stdin", stdin).b
-      seconds = Validate.timeout!("timeout", timeout)
       Instrumentation.instrument("exec.microsandbox", sandbox: name, cmd: program) do
         code, signal, out, err = @native.exec(program, argv, pairs, cwd, seconds, stdin)
         ExecOutput.new(exit_code: code, signal: signal, stdout: out, stderr: err)
       end
+    end
+
+    # Starts a program and returns at once; its output arrives as it is produced.
+    #
+    # @example
+    #   sb.exec_stream("sh", ["-c", "for i in 1 2 3; do echo $i; sleep 1; done"]).each do |ev|
+    #     print ev.text if ev.stdout?
+    #   end
+    # @param cmd [String]
+    # @param args [Array<String>]
+    # @param stdin [String, :pipe, nil] bytes to feed (then closed), `:pipe` to write them
+    #   later through {ExecHandle#stdin}, or nil for an empty stdin
+    # @param cwd [String, nil]
+    # @param env [Hash{String=>String}, nil]
+    # @param timeout [Numeric, nil] seconds before the command is killed
+    # @return [ExecHandle]
+    def exec_stream(cmd, args = [], cwd: nil, env: nil, stdin: nil, timeout: nil)
+      program, argv, pairs, cwd, seconds = exec_arguments(cmd, args, cwd, env, timeout)
+      pipe = stdin == :pipe
+      data = pipe || stdin.nil? ? nil : Validate.string!("stdin", stdin).b
+      native = @native.exec_stream(program, argv, pairs, cwd, seconds, data, pipe)
+      ExecHandle.new(native)
+    end
+
+    # {#exec_stream} of a shell script (`sh -c script`).
+    # @param script [String]
+    # @return [ExecHandle]
+    def shell_stream(script, **options)
+      exec_stream(@shell, ["-c", Validate.string!("script", script)], **options)
     end
 
     # Runs a shell script with the sandbox shell (`sh -c script`).
@@ -170,6 +195,16 @@ module Microsandbox
     end
 
     private
+
+    def exec_arguments(cmd, args, cwd, env, timeout)
+      [
+        Validate.utf8!("cmd", Validate.string!("cmd", cmd)),
+        Validate.string_array!("args", args).map { |a| Validate.utf8!("args", a) },
+        Validate.env!("env", env),
+        Validate.optional_string!("cwd", cwd),
+        Validate.timeout!("timeout", timeout)
+      ]
+    end
 
     def owner?
       Process.pid == @owner_pid

@@ -82,8 +82,11 @@ pub async fn pump_from_agent(mut rd: OwnedReadHalf, router: Arc<Router>) -> Stri
             router.close(frame.id);
         }
         let local = Frame { id: route.local_id, ..frame };
-        // A slow client applies back-pressure here; a vanished one is skipped quickly.
-        let _ = tokio::time::timeout(Duration::from_secs(30), route.client.send(local)).await;
+        // A slow client applies back-pressure here (bounded memory, no dropped output);
+        // a vanished client's queue is closed, so the send fails at once.
+        // Known limit: until the protocol has per-session flow control, a client that
+        // stops reading without disconnecting stalls the other sessions of this sandbox.
+        let _ = route.client.send(local).await;
     }
 }
 

@@ -42,6 +42,15 @@ pub enum Error {
     /// The root filesystem could not be prepared.
     #[error("{0}")]
     Filesystem(String),
+    /// A registry refused or broke a request, or sent content that failed verification.
+    #[error("{0}")]
+    Registry(String),
+    /// The registry rejected the credentials (or demanded some and none were given).
+    #[error("{0}")]
+    Auth(String),
+    /// The image index offers no manifest for the host platform; the message names those offered.
+    #[error("{0}")]
+    PlatformNotFound(String),
     /// The call was interrupted by the caller (Ruby thread kill, Ctrl-C, Timeout).
     #[error("operation cancelled")]
     Cancelled,
@@ -69,6 +78,9 @@ impl Error {
             Error::Boot(_) => "boot-failed",
             Error::Protocol(_) => "protocol-error",
             Error::Filesystem(_) => "filesystem-error",
+            Error::Registry(_) => "registry-error",
+            Error::Auth(_) => "registry-auth-failed",
+            Error::PlatformNotFound(_) => "platform-not-found",
             Error::Cancelled => "cancelled",
             Error::Io { .. } => "io-error",
         }

@@ -3,12 +3,14 @@
 //! - [`paths`]: where files live (`~/.microsandbox`).
 //! - [`runtime`]: provisioning of the guest kernel, initramfs and supervisor.
 //! - [`rootfs`]: root disks for sandboxes.
+//! - [`image`]: OCI registry images: pull, verify, shared read-only root disks.
 //! - [`vmm`]: VMM drivers (QEMU) and accelerator choice.
 //! - [`sandbox`]: create / exec / stop / kill, talking to the per-sandbox supervisor.
 //!
 //! Async (tokio) throughout; no Ruby here.
 
 pub mod error;
+pub mod image;
 pub mod paths;
 pub mod rootfs;
 pub mod runtime;

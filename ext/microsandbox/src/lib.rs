@@ -6,6 +6,7 @@
 //! lives in `lib/microsandbox/*.rb`.
 
 mod errors;
+mod exec_stream;
 mod gvl;
 mod install;
 mod runtime;
@@ -27,8 +28,16 @@ fn init(ruby: &Ruby) -> Result<(), Error> {
     class.define_method("info_json", method!(sandbox::RbSandbox::info_json, 0))?;
     class.define_method("running?", method!(sandbox::RbSandbox::is_running, 0))?;
     class.define_method("exec", method!(sandbox::RbSandbox::exec, 6))?;
+    class.define_method("exec_stream", method!(sandbox::RbSandbox::exec_stream, 7))?;
     class.define_method("stop", method!(sandbox::RbSandbox::stop, 1))?;
     class.define_method("kill", method!(sandbox::RbSandbox::kill, 0))?;
+
+    let stream = native.define_class("ExecStream", ruby.class_object())?;
+    stream.define_method("next_event", method!(exec_stream::RbExecStream::next_event, 0))?;
+    stream.define_method("write_stdin", method!(exec_stream::RbExecStream::write_stdin, 1))?;
+    stream.define_method("close_stdin", method!(exec_stream::RbExecStream::close_stdin, 0))?;
+    stream.define_method("signal", method!(exec_stream::RbExecStream::signal, 1))?;
+    stream.define_method("close", method!(exec_stream::RbExecStream::close, 0))?;
     Ok(())
 }
 

@@ -64,6 +64,27 @@ impl RbSandbox {
         Ok(out)
     }
 
+    /// `exec_stream(program, args, env_pairs, cwd, timeout_secs, stdin, stdin_pipe)` →
+    /// `Native::ExecStream`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn exec_stream(
+        ruby: &Ruby,
+        rb_self: &Self,
+        program: String,
+        args: Vec<String>,
+        env: Vec<(String, String)>,
+        cwd: Option<String>,
+        timeout: Option<f64>,
+        stdin: Option<RString>,
+        stdin_pipe: bool,
+    ) -> Result<crate::exec_stream::RbExecStream, Error> {
+        let stdin = stdin.map(|s| unsafe { s.as_slice() }.to_vec());
+        let call = ExecCall { program, args, env, cwd, timeout: timeout.map(secs), stdin };
+        let sb = rb_self.inner.clone();
+        let stream = crate::gvl::run(async move { sb.exec_stream(call, stdin_pipe).await }).map_err(|e| to_ruby(ruby, e))?;
+        Ok(crate::exec_stream::RbExecStream::new(stream))
+    }
+
     /// `stop(timeout_secs)` → true when the guest shut down cleanly.
     pub fn stop(ruby: &Ruby, rb_self: &Self, timeout: f64) -> Result<bool, Error> {
         let sb = rb_self.inner.clone();

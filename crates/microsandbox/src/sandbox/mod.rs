@@ -10,6 +10,7 @@ pub mod config;
 mod exec;
 mod owner;
 pub mod spec;
+mod stream;
 
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
@@ -22,6 +23,7 @@ use tokio::sync::Mutex;
 
 pub use config::SandboxConfig;
 pub use exec::{ExecCall, ExecResult};
+pub use stream::{ExecControl, ExecEvent, ExecStream};
 
 use crate::error::{Error, IoContext, Result};
 use crate::paths::Home;
@@ -190,6 +192,16 @@ impl Sandbox {
             }
             e => e,
         })
+    }
+
+    /// Starts a command whose output is consumed as it arrives. With `stdin_pipe`, the
+    /// caller writes stdin through the stream (and must close it); otherwise stdin is
+    /// `call.stdin` (or empty).
+    pub async fn exec_stream(&self, call: ExecCall, stdin_pipe: bool) -> Result<ExecStream> {
+        let conn = self.connect().await?;
+        let mut req = call.into_request(&self.env, self.workdir.as_deref())?;
+        req.stdin = stdin_pipe || call.stdin.is_some();
+        ExecStream::start(conn, req, if stdin_pipe { None } else { call.stdin.clone() }).await
     }
 
     /// Shuts the guest down, waiting up to `timeout` before killing it.

@@ -1,0 +1,89 @@
+//! `Microsandbox::Native::ExecStream`: one streaming exec.
+//!
+//! The stream sits behind an async mutex so `next_event` (which waits without the GVL)
+//! and `close` never race; stdin and signals go through a separate [`ExecControl`] so
+//! they work while another thread waits for output.
+
+use std::sync::Arc;
+
+use magnus::{prelude::*, Error, RArray, RString, Ruby, Value};
+use microsandbox::sandbox::ExecControl;
+use microsandbox::{ExecEvent, ExecStream};
+use tokio::sync::Mutex;
+
+use crate::errors::to_ruby;
+
+#[magnus::wrap(class = "Microsandbox::Native::ExecStream", free_immediately, size)]
+pub struct RbExecStream {
+    stream: Arc<Mutex<Option<ExecStream>>>,
+    control: ExecControl,
+}
+
+impl RbExecStream {
+    pub fn new(stream: ExecStream) -> RbExecStream {
+        let control = stream.control();
+        RbExecStream { stream: Arc::new(Mutex::new(Some(stream))), control }
+    }
+
+    /// `nil` at the end, else `[:stdout, bytes]`, `[:stderr, bytes]` or `[:exited, code, signal]`.
+    pub fn next_event(ruby: &Ruby, rb_self: &Self) -> Result<Value, Error> {
+        let stream = rb_self.stream.clone();
+        let ev = crate::gvl::run(async move {
+            let mut guard = stream.lock().await;
+            match guard.as_mut() {
+                Some(s) => s.next().await.transpose(),
+                None => Ok(None),
+            }
+        })
+        .map_err(|e| to_ruby(ruby, e))?;
+        let Some(ev) = ev else { return Ok(ruby.qnil().as_value()) };
+        let out: RArray = ruby.ary_new_capa(3);
+        match ev {
+            ExecEvent::Stdout(b) => {
+                out.push(ruby.to_symbol("stdout"))?;
+                out.push(ruby.str_from_slice(&b))?;
+            }
+            ExecEvent::Stderr(b) => {
+                out.push(ruby.to_symbol("stderr"))?;
+                out.push(ruby.str_from_slice(&b))?;
+            }
+            ExecEvent::Exited { code, signal } => {
+                out.push(ruby.to_symbol("exited"))?;
+                out.push(code)?;
+                out.push(signal)?;
+            }
+        }
+        Ok(out.as_value())
+    }
+
+    pub fn write_stdin(ruby: &Ruby, rb_self: &Self, data: RString) -> Result<Value, Error> {
+        // Copy before the GVL is released.
+        let bytes = unsafe { data.as_slice() }.to_vec();
+        let control = rb_self.control.clone();
+        crate::gvl::run(async move { control.write_stdin(bytes).await }).map_err(|e| to_ruby(ruby, e))?;
+        Ok(ruby.qnil().as_value())
+    }
+
+    pub fn close_stdin(ruby: &Ruby, rb_self: &Self) -> Result<Value, Error> {
+        let control = rb_self.control.clone();
+        crate::gvl::run(async move { control.close_stdin().await }).map_err(|e| to_ruby(ruby, e))?;
+        Ok(ruby.qnil().as_value())
+    }
+
+    pub fn signal(ruby: &Ruby, rb_self: &Self, signal: i32) -> Result<Value, Error> {
+        let control = rb_self.control.clone();
+        crate::gvl::run(async move { control.signal(signal).await }).map_err(|e| to_ruby(ruby, e))?;
+        Ok(ruby.qnil().as_value())
+    }
+
+    /// Drops the stream: the command is killed if it still runs. Idempotent.
+    pub fn close(ruby: &Ruby, rb_self: &Self) -> Result<Value, Error> {
+        let stream = rb_self.stream.clone();
+        crate::gvl::run(async move {
+            stream.lock().await.take();
+            Ok(())
+        })
+        .map_err(|e| to_ruby(ruby, e))?;
+        Ok(ruby.qnil().as_value())
+    }
+}
