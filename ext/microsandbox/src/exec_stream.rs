@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use magnus::{prelude::*, Error, RArray, RString, Ruby, Value};
 use microsandbox::sandbox::ExecControl;
-use microsandbox::{ExecEvent, ExecStream};
+use microsandbox::sandbox::{ExecEvent, ExecStream};
 use tokio::sync::Mutex;
 
 use crate::errors::to_ruby;
