@@ -18,4 +18,4 @@ pub mod sandbox;
 pub mod vmm;
 
 pub use error::{Error, Result};
-pub use sandbox::{ExecCall, ExecResult, Sandbox, SandboxConfig};
+pub use sandbox::{ExecCall, ExecEvent, ExecResult, ExecStream, Sandbox, SandboxConfig};
