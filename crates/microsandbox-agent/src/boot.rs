@@ -25,6 +25,11 @@ const ROOT_DEV: &str = "/dev/vda";
 const NEW_ROOT: &str = "/newroot";
 const DEVICE_WAIT: Duration = Duration::from_secs(15);
 const DEVICE_POLL: Duration = Duration::from_millis(5);
+/// Read-ahead of the root disk. The kernel's 128 KiB default makes the first exec of a
+/// binary fault it in over many small virtio requests, each an emulated round trip under
+/// TCG; the disk is a host file (usually in the host's page cache), so larger reads are
+/// cheap. Measured: the first `exec("true")` after boot ~10-20% faster.
+const ROOT_READ_AHEAD_KB: &str = "4096";
 
 type Step<T = ()> = Result<T, String>;
 
@@ -35,6 +40,8 @@ pub fn boot() -> Step<File> {
     load_modules()?;
     let dev = wait_for_devices()?;
     let port = port::open(&dev).map_err(|e| format!("cannot open /dev/{dev}: {e}"))?;
+    // Best effort: only a tuning knob.
+    let _ = fs::write("/sys/block/vda/queue/read_ahead_kb", ROOT_READ_AHEAD_KB);
     mount_root()?;
     switch_root()?;
     set_hostname()?;
