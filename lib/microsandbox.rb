@@ -17,6 +17,7 @@ rescue LoadError => e
 end
 
 require_relative "microsandbox/sandbox"
+require_relative "microsandbox/sandbox_info"
 
 # Microsandbox: real microVM sandboxes for Ruby. There is no daemon: creating a sandbox
 # starts a VM as a child process of this one.

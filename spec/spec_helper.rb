@@ -22,6 +22,18 @@ RSpec.configure do |config|
     skip("MICROSANDBOX_SKIP_VM is set: #{reason}") unless reason.empty?
   end
 
+  # Sandboxes made by specs (names end in -<8 hex>) are removed once stopped.
+  config.after(:suite) do
+    if ENV.fetch("MICROSANDBOX_SKIP_VM", "").empty?
+      Microsandbox::Sandbox.list.each do |info|
+        next unless info.name.match?(/-[0-9a-f]{8}\z/)
+
+        info.sandbox.kill if info.running?
+        Microsandbox::Sandbox.remove(info.name)
+      end
+    end
+  end
+
   config.before(:suite) do
     if RSpec.world.filtered_examples.values.flatten.any? { |e| e.metadata[:integration] } &&
        ENV.fetch("MICROSANDBOX_SKIP_VM", "").empty?

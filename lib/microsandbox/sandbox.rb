@@ -21,8 +21,9 @@ module Microsandbox
       # Creates and boots a sandbox.
       #
       # With a block, yields the running sandbox, stops it when the block exits (also on
-      # exception) and returns the block's value. Without a block, returns the sandbox
-      # and the caller must {#stop} or {#kill} it.
+      # exception; a `detached:` sandbox is left running) and returns the block's value.
+      # Without a block, returns the sandbox and the caller must {#stop} or {#kill} it.
+      # Stopped sandboxes keep their root disk until {Sandbox.remove}.
       #
       # @param name [String] 1-63 characters of letters, digits, '.', '_', '-'
       # @param image [String] path of a local root filesystem directory; the guest sees a
@@ -34,20 +35,76 @@ module Microsandbox
       # @param shell [String] shell used by {#shell}
       # @param accel [String, Symbol, nil] "auto" (default; also MICROSANDBOX_ACCEL), "kvm", "hvf" or "tcg"
       # @param boot_timeout [Numeric, nil] seconds to wait for the guest agent (default 180)
+      # @param labels [Hash{String=>String}] free-form labels, see {Sandbox.list_with}
+      # @param detached [Boolean] let the sandbox outlive this process
+      # @param replace [Boolean] stop and remove an existing sandbox of the same name first
+      # @param replace_with_timeout [Numeric, nil] like `replace: true`, waiting this many
+      #   seconds for the old sandbox to stop cleanly before killing it
       # @yieldparam sandbox [Sandbox]
       # @return [Sandbox, Object] the sandbox, or the block's value
       # @raise [InvalidConfigError, ImageNotFoundError, SandboxAlreadyExistsError,
       #   RuntimeUnavailableError, BootFailedError]
       def create(name, image:, cpus: 1, memory: 512, env: {}, workdir: nil, shell: "/bin/sh",
-                 accel: nil, boot_timeout: nil)
+                 accel: nil, boot_timeout: nil, labels: {}, detached: false, replace: false,
+                 replace_with_timeout: nil, &block)
         config = build_config(name, image, cpus, memory, env, workdir, accel, boot_timeout)
         Validate.string!("shell", shell)
+        placement = build_placement(labels, detached, replace, replace_with_timeout)
         Microsandbox.ensure_runtime!
         config["supervisor"] = Microsandbox.runtime_path
         native = Instrumentation.instrument("create.microsandbox", name: name) do
-          Native::Sandbox.create(JSON.generate(config))
+          Native::Sandbox.create(JSON.generate(config), JSON.generate(placement))
         end
-        sandbox = new(native, env: config["env"], shell: shell)
+        scoped(new(native, shell: shell), &block)
+      end
+
+      # Boots a stopped sandbox again, with its root disk and its create options.
+      # Takes a block like {create}.
+      # @param name [String]
+      # @param detached [Boolean]
+      # @return [Sandbox, Object]
+      # @raise [SandboxNotFoundError, SandboxStillRunningError]
+      def start(name, detached: false, shell: "/bin/sh", &block)
+        Validate.string!("name", name)
+        Microsandbox.ensure_runtime!
+        scoped(new(Native::Sandbox.start(Microsandbox.home, name, detached ? true : false), shell: shell), &block)
+      end
+
+      # A handle on an existing sandbox, running or stopped — also one created by another
+      # process. It does not own the sandbox: dropping it or exiting leaves the VM alone.
+      # @param name [String]
+      # @return [Sandbox]
+      # @raise [SandboxNotFoundError]
+      def get(name, shell: "/bin/sh")
+        new(Native::Sandbox.get(Microsandbox.home, Validate.string!("name", name)), shell: shell)
+      end
+
+      # Every sandbox known in {Microsandbox.home}, running or stopped.
+      # @return [Array<SandboxInfo>]
+      def list
+        JSON.parse(Native::Sandbox.list_json(Microsandbox.home)).map { |h| SandboxInfo.new(h) }
+      end
+
+      # Sandboxes whose labels include all of `labels`.
+      # @param labels [Hash{String=>String}]
+      # @return [Array<SandboxInfo>]
+      def list_with(labels:)
+        want = Validate.env!("labels", labels).to_h
+        list.select { |info| want.all? { |k, v| info.labels[k] == v } }
+      end
+
+      # Deletes a stopped sandbox and its root disk.
+      # @param name [String]
+      # @return [nil]
+      # @raise [SandboxNotFoundError, SandboxStillRunningError]
+      def remove(name)
+        Native::Sandbox.remove(Microsandbox.home, Validate.string!("name", name))
+        nil
+      end
+
+      private
+
+      def scoped(sandbox)
         return sandbox unless block_given?
 
         begin
@@ -57,7 +114,16 @@ module Microsandbox
         end
       end
 
-      private
+      def build_placement(labels, detached, replace, replace_with_timeout)
+        timeout = Validate.timeout!("replace_with_timeout", replace_with_timeout)
+        placement = {
+          "labels" => Validate.env!("labels", labels).to_h,
+          "detached" => detached ? true : false,
+          "replace" => replace || !timeout.nil? ? true : false
+        }
+        placement["replace_timeout_ms"] = (timeout * 1000).ceil if timeout
+        placement
+      end
 
       def build_config(name, image, cpus, memory, env, workdir, accel, boot_timeout)
         config = {
@@ -78,7 +144,7 @@ module Microsandbox
     end
 
     # @api private
-    def initialize(native, env:, shell:)
+    def initialize(native, shell:)
       @native = native
       @shell = shell
       @owner_pid = Process.pid
@@ -103,6 +169,35 @@ module Microsandbox
     # @return [Boolean]
     def stopped?
       !running?
+    end
+
+    # @return [Symbol] :running or :stopped
+    def status
+      running? ? :running : :stopped
+    end
+
+    # @return [Hash{String=>String}] labels given at create
+    def labels
+      JSON.parse(@native.labels_json)
+    end
+
+    # @return [Boolean] true when this process started the VM and it dies with this process
+    def owns_lifecycle?
+      @native.owns_lifecycle?
+    end
+
+    # Lets the sandbox outlive this process. It keeps running until someone stops it
+    # (e.g. another process via {Sandbox.get}).
+    # @return [nil]
+    def detach
+      @native.detach
+      nil
+    end
+
+    # Removes this sandbox (it must be stopped).
+    # @return [nil]
+    def remove
+      self.class.remove(name)
     end
 
     # Runs a program (no shell) and waits for it. A non-zero exit is not an error.
@@ -212,7 +307,7 @@ module Microsandbox
 
     # Block-form cleanup: stop, and kill if stopping itself fails.
     def release
-      return unless owner? && running?
+      return unless owner? && running? && owns_lifecycle?
 
       begin
         stop

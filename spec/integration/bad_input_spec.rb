@@ -3,6 +3,7 @@
 RSpec.describe "bad input to Sandbox.create" do
   def no_leftovers(name)
     expect(File.exist?(sandbox_dir(name))).to be(false)
+    expect(Microsandbox::Sandbox.list.map(&:name)).not_to include(name)
     expect(processes_mentioning(sandbox_dir(name))).to be_empty
   end
 
@@ -69,6 +70,7 @@ RSpec.describe "bad input to Sandbox.create" do
     Microsandbox::Sandbox.create(name, image: empty) do |sb|
       expect { sb.exec("/bin/sh") }.to raise_error(Microsandbox::ExecFailedError)
     end
+    Microsandbox::Sandbox.remove(name)
     no_leftovers(name)
   ensure
     FileUtils.rm_rf(empty) if empty

@@ -14,7 +14,7 @@ RSpec.describe "sandbox lifecycle" do
     end
     expect(value).to eq(:the_value)
     expect(pids).to all(satisfy { |p| !pid_alive?(p) })
-    expect(File.exist?(sandbox_dir(name))).to be(false)
+    expect(Microsandbox::Sandbox.get(name).status).to eq(:stopped)
   end
 
   it "block form stops the VM when the block raises" do
@@ -90,7 +90,8 @@ RSpec.describe "sandbox lifecycle" do
       Process.kill(:KILL, wait.pid)
       wait.value
       expect(wait_until(timeout: 15) { !pid_alive?(vmm) && !pid_alive?(supervisor) }).to be(true)
-      expect(wait_until(timeout: 5) { !File.exist?(sandbox_dir(name)) }).to be(true)
+      # The state is reconciled on the next call: nothing is shown running.
+      expect(Microsandbox::Sandbox.list.find { |i| i.name == name }.status).to eq(:stopped)
     end
   end
 

@@ -40,6 +40,8 @@ pub enum Kind {
     Stopped = 12,
     /// client → supervisor: describe the sandbox; answered with the same kind ([`crate::Info`]).
     Info = 13,
+    /// client → supervisor: stop watching the owner process; acknowledged with the same kind.
+    Detach = 14,
 }
 
 impl Kind {
@@ -60,6 +62,7 @@ impl Kind {
             11 => Stop,
             12 => Stopped,
             13 => Info,
+            14 => Detach,
             _ => return None,
         })
     }

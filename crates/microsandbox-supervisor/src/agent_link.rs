@@ -5,7 +5,6 @@
 //! they are forwarded, and frames for sessions that are not open are dropped.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use microsandbox_protocol::{
     read_frame_async, write_frame_async, ErrorMsg, Exited, Frame, Kind, Ready, PROTOCOL_VERSION,
@@ -95,6 +94,7 @@ mod tests {
     //! The guest is hostile: these feed the pump what a malicious agent could send.
     use super::*;
     use crate::router::Route;
+    use std::time::Duration;
     use tokio::io::AsyncWriteExt;
 
     async fn pump_with(bytes: Vec<u8>, router: Arc<Router>) -> String {

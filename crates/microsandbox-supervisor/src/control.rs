@@ -23,6 +23,8 @@ pub struct Ctx {
     pub to_agent: mpsc::Sender<Frame>,
     pub info: Info,
     pub stop: mpsc::Sender<StopTicket>,
+    /// Set when a client detaches the sandbox from its owner process.
+    pub detached: tokio::sync::watch::Sender<bool>,
 }
 
 /// Accepts clients forever.
@@ -64,6 +66,10 @@ async fn client(stream: UnixStream, ctx: Ctx) {
                 if let Some(&g) = sessions.get(&frame.id) {
                     let _ = ctx.to_agent.send(Frame { id: g, ..frame }).await;
                 }
+            }
+            Kind::Detach => {
+                ctx.detached.send_replace(true);
+                let _ = tx.send(Frame::data(frame.id, Kind::Detach, Vec::new())).await;
             }
             Kind::Info => {
                 let _ = tx.send(Frame::json(frame.id, Kind::Info, &ctx.info)).await;

@@ -37,3 +37,16 @@ pub async fn owner_gone(mut rx: watch::Receiver<bool>) {
         std::future::pending::<()>().await;
     }
 }
+
+/// Resolves when the owner is gone, unless the sandbox was detached first (then never).
+pub async fn owner_gone_unless_detached(owner: watch::Receiver<bool>, detached: watch::Receiver<bool>) {
+    let mut watch_detach = detached.clone();
+    tokio::select! {
+        _ = owner_gone(owner) => {
+            if *detached.borrow() {
+                std::future::pending::<()>().await;
+            }
+        }
+        _ = watch_detach.wait_for(|d| *d) => std::future::pending::<()>().await,
+    }
+}

@@ -142,7 +142,8 @@ pub async fn supervise(spec: SupervisorSpec, report: fn(&StartupReport)) -> u8 {
     let (rd, wr) = stream.into_split();
     let to_agent = agent_link::spawn_writer(wr);
     let (stop_tx, mut stop_rx) = mpsc::channel::<StopTicket>(4);
-    let ctx = Ctx { router: router.clone(), to_agent: to_agent.clone(), info: info.clone(), stop: stop_tx };
+    let (detached_tx, detached_rx) = tokio::sync::watch::channel(false);
+    let ctx = Ctx { router: router.clone(), to_agent: to_agent.clone(), info: info.clone(), stop: stop_tx, detached: detached_tx };
     tokio::spawn(control::serve(control_listener, ctx));
     let pump = tokio::spawn(agent_link::pump_from_agent(rd, router));
 
@@ -157,7 +158,7 @@ pub async fn supervise(spec: SupervisorSpec, report: fn(&StartupReport)) -> u8 {
     let stop_ticket = tokio::select! {
         t = stop_rx.recv() => t,
         _ = qemu.wait() => None,
-        _ = liveness::owner_gone(owner.clone()) => None,
+        _ = liveness::owner_gone_unless_detached(owner.clone(), detached_rx) => None,
         _ = sigterm.recv() => None,
         why = pump => { eprintln!("msb: {}", why.unwrap_or_default()); None }
     };

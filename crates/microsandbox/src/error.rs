@@ -18,6 +18,9 @@ pub enum Error {
     /// A running sandbox already has this name.
     #[error("{0}")]
     SandboxAlreadyExists(String),
+    /// The operation needs a stopped sandbox, but it runs.
+    #[error("{0}")]
+    SandboxStillRunning(String),
     /// The sandbox is not running any more, so the call cannot be served.
     #[error("{0}")]
     SandboxNotRunning(String),
@@ -70,6 +73,7 @@ impl Error {
             Error::InvalidConfig(_) => "invalid-config",
             Error::SandboxNotFound(_) => "sandbox-not-found",
             Error::SandboxAlreadyExists(_) => "sandbox-already-exists",
+            Error::SandboxStillRunning(_) => "sandbox-still-running",
             Error::SandboxNotRunning(_) => "sandbox-not-running",
             Error::ImageNotFound(_) => "image-not-found",
             Error::ExecFailed(_) => "exec-failed",

@@ -15,6 +15,7 @@ pub mod paths;
 pub mod rootfs;
 pub mod runtime;
 pub mod sandbox;
+pub mod state;
 pub mod vmm;
 
 pub use error::{Error, Result};

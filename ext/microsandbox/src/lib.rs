@@ -23,7 +23,14 @@ fn init(ruby: &Ruby) -> Result<(), Error> {
     native.define_singleton_method("installed?", function!(install::installed, 3))?;
 
     let class = native.define_class("Sandbox", ruby.class_object())?;
-    class.define_singleton_method("create", function!(sandbox::RbSandbox::create, 1))?;
+    class.define_singleton_method("create", function!(sandbox::RbSandbox::create, 2))?;
+    class.define_singleton_method("start", function!(sandbox::RbSandbox::start, 3))?;
+    class.define_singleton_method("get", function!(sandbox::RbSandbox::get, 2))?;
+    class.define_singleton_method("list_json", function!(sandbox::RbSandbox::list_json, 1))?;
+    class.define_singleton_method("remove", function!(sandbox::RbSandbox::remove, 2))?;
+    class.define_method("labels_json", method!(sandbox::RbSandbox::labels_json, 0))?;
+    class.define_method("owns_lifecycle?", method!(sandbox::RbSandbox::owns_lifecycle, 0))?;
+    class.define_method("detach", method!(sandbox::RbSandbox::detach, 0))?;
     class.define_method("name", method!(sandbox::RbSandbox::name, 0))?;
     class.define_method("info_json", method!(sandbox::RbSandbox::info_json, 0))?;
     class.define_method("running?", method!(sandbox::RbSandbox::is_running, 0))?;

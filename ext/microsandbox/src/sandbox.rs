@@ -4,6 +4,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use magnus::{prelude::*, Error, RArray, RString, Ruby, Value};
+use std::path::Path;
+
+use microsandbox::sandbox::Placement;
 use microsandbox::{ExecCall, Sandbox, SandboxConfig};
 
 use crate::errors::to_ruby;
@@ -18,13 +21,54 @@ fn secs(t: f64) -> Duration {
 }
 
 impl RbSandbox {
-    /// `create(config_json)`: boots a sandbox. The Ruby layer has validated types.
-    pub fn create(ruby: &Ruby, config_json: String) -> Result<RbSandbox, Error> {
-        let cfg: SandboxConfig = serde_json::from_str(&config_json).map_err(|e| {
+    /// `create(config_json, placement_json)`: boots a sandbox. Ruby has validated types.
+    pub fn create(ruby: &Ruby, config_json: String, placement_json: String) -> Result<RbSandbox, Error> {
+        let bad = |e: serde_json::Error| {
             to_ruby(ruby, microsandbox::Error::InvalidConfig(format!("invalid sandbox options: {e}")))
-        })?;
-        let sb = crate::gvl::run(Sandbox::create(cfg)).map_err(|e| to_ruby(ruby, e))?;
+        };
+        let cfg: SandboxConfig = serde_json::from_str(&config_json).map_err(bad)?;
+        let place: Placement = serde_json::from_str(&placement_json).map_err(bad)?;
+        let sb = crate::gvl::run(Sandbox::create(cfg, place)).map_err(|e| to_ruby(ruby, e))?;
         Ok(RbSandbox { inner: Arc::new(sb) })
+    }
+
+    /// `start(home, name, detached)`: boots a stopped sandbox again.
+    pub fn start(ruby: &Ruby, home: Option<String>, name: String, detached: bool) -> Result<RbSandbox, Error> {
+        let sb = crate::gvl::run(async move { Sandbox::start(home.as_deref().map(Path::new), &name, detached).await })
+            .map_err(|e| to_ruby(ruby, e))?;
+        Ok(RbSandbox { inner: Arc::new(sb) })
+    }
+
+    /// `get(home, name)`: a handle on an existing sandbox.
+    pub fn get(ruby: &Ruby, home: Option<String>, name: String) -> Result<RbSandbox, Error> {
+        let sb = Sandbox::get(home.as_deref().map(Path::new), &name).map_err(|e| to_ruby(ruby, e))?;
+        Ok(RbSandbox { inner: Arc::new(sb) })
+    }
+
+    /// `list_json(home)`: every sandbox record as JSON.
+    pub fn list_json(ruby: &Ruby, home: Option<String>) -> Result<String, Error> {
+        let recs = Sandbox::list(home.as_deref().map(Path::new)).map_err(|e| to_ruby(ruby, e))?;
+        Ok(serde_json::to_string(&recs).unwrap())
+    }
+
+    /// `remove(home, name)`: deletes a stopped sandbox.
+    pub fn remove(ruby: &Ruby, home: Option<String>, name: String) -> Result<Value, Error> {
+        Sandbox::remove(home.as_deref().map(Path::new), &name).map_err(|e| to_ruby(ruby, e))?;
+        Ok(ruby.qnil().as_value())
+    }
+
+    pub fn labels_json(&self) -> String {
+        serde_json::to_string(self.inner.labels()).unwrap()
+    }
+
+    pub fn owns_lifecycle(&self) -> bool {
+        self.inner.owns_lifecycle()
+    }
+
+    pub fn detach(ruby: &Ruby, rb_self: &Self) -> Result<Value, Error> {
+        let sb = rb_self.inner.clone();
+        crate::gvl::run(async move { sb.detach().await }).map_err(|e| to_ruby(ruby, e))?;
+        Ok(ruby.qnil().as_value())
     }
 
     pub fn name(&self) -> String {

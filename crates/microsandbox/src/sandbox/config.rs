@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
@@ -19,7 +19,7 @@ pub const MAX_MEMORY_MIB: u64 = 1 << 20;
 pub const MAX_CPUS: u64 = 255;
 
 /// Options of `Sandbox.create`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SandboxConfig {
     pub name: String,

@@ -12,6 +12,7 @@ mod owner;
 pub mod spec;
 mod stream;
 
+use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,53 +23,135 @@ use tokio::net::UnixStream;
 use tokio::sync::Mutex;
 
 pub use config::SandboxConfig;
+pub use crate::state::{Record as SandboxRecord, Status as SandboxStatus};
 pub use exec::{ExecCall, ExecResult};
 pub use stream::{ExecControl, ExecEvent, ExecStream};
 
 use crate::error::{Error, IoContext, Result};
 use crate::paths::Home;
 use crate::runtime;
+use crate::state::{Record, StateDb, Status};
 use crate::vmm::{self, Accel, VmSpec};
 use spec::{StartupReport, SupervisorSpec};
 
-/// A running sandbox owned by this process.
+/// A handle on one sandbox: created or started here (then this process owns its
+/// lifecycle unless detached), or looked up by name.
 pub struct Sandbox {
     name: String,
-    dir: PathBuf,
+    home: Home,
     control: PathBuf,
     env: Vec<(String, String)>,
     workdir: Option<String>,
+    labels: BTreeMap<String, String>,
     info: Info,
     supervisor: Mutex<Option<tokio::process::Child>>,
     /// Closing this (drop) tells the supervisor its owner is gone.
     liveness: std::sync::Mutex<Option<OwnedFd>>,
     stopped: AtomicBool,
+    /// True when this process started the VM and it dies with this process.
+    owns: AtomicBool,
 }
 
-/// Removes a half-created sandbox directory unless disarmed.
-struct DirGuard(Option<PathBuf>);
-impl Drop for DirGuard {
+/// Deletes a claimed record (and its directory) unless disarmed: a failed create leaves
+/// nothing behind.
+struct ClaimGuard {
+    home: Home,
+    name: String,
+    dir: PathBuf,
+    armed: bool,
+    /// For `start`: keep the record and disk, only mark it stopped.
+    keep: bool,
+}
+impl Drop for ClaimGuard {
     fn drop(&mut self) {
-        if let Some(d) = self.0.take() {
-            let _ = std::fs::remove_dir_all(d);
+        if !self.armed {
+            return;
+        }
+        if let Ok(db) = StateDb::open(&self.home) {
+            if self.keep {
+                let _ = db.set_stopped(&self.name);
+            } else {
+                let _ = db.delete(&self.name);
+            }
+        }
+        if !self.keep {
+            let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
 }
 
+/// Options of `create` that concern the record, not the VM.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+pub struct Placement {
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub detached: bool,
+    /// Stop and remove an existing sandbox of the same name first.
+    #[serde(default)]
+    pub replace: bool,
+    /// How long to wait for the replaced sandbox to stop cleanly, in milliseconds.
+    #[serde(default)]
+    pub replace_timeout_ms: Option<u64>,
+}
+
 impl Sandbox {
-    /// Boots a sandbox and returns once its agent answers.
-    pub async fn create(cfg: SandboxConfig) -> Result<Sandbox> {
+    /// Boots a new sandbox and returns once its agent answers.
+    pub async fn create(cfg: SandboxConfig, place: Placement) -> Result<Sandbox> {
         cfg.validate()?;
         let home = Home::resolve(cfg.home.as_deref())?;
         crate::rootfs::check_dir_image(&cfg.image)?;
+        let rt = load_runtime(&home)?;
+        if place.replace {
+            Sandbox::replace_existing(&home, &cfg.name, place.replace_timeout_ms).await?;
+        }
+        let dir = home.sandbox_dir(&cfg.name);
+        let config_json = serde_json::to_string(&cfg).expect("config serializes");
+        StateDb::open(&home)?.claim_new(&cfg.name, &config_json, &place.labels, place.detached)?;
+        let mut guard = ClaimGuard { home: home.clone(), name: cfg.name.clone(), dir: dir.clone(), armed: true, keep: false };
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).context(|| format!("creating {}", dir.display()))?;
+        let disk = dir.join("root.ext4");
+        let image = PathBuf::from(&cfg.image);
+        let disk2 = disk.clone();
+        tokio::task::spawn_blocking(move || crate::rootfs::build_disk_from_dir(&image, &disk2))
+            .await
+            .map_err(|e| Error::Runtime(format!("root disk task failed: {e}")))??;
+        let sb = Sandbox::boot(&home, &rt, cfg, place.labels, place.detached).await?;
+        guard.armed = false;
+        Ok(sb)
+    }
+
+    /// Boots a stopped sandbox again with its root disk and options.
+    pub async fn start(home: Option<&std::path::Path>, name: &str, detached: bool) -> Result<Sandbox> {
+        config::validate_name(name)?;
+        let home = Home::resolve(home)?;
+        let rt = load_runtime(&home)?;
+        let rec = StateDb::open(&home)?.claim_start(name)?;
+        let dir = home.sandbox_dir(name);
+        let mut guard = ClaimGuard { home: home.clone(), name: name.into(), dir: dir.clone(), armed: true, keep: true };
+        let cfg: SandboxConfig = serde_json::from_str(&rec.config)
+            .map_err(|e| Error::Runtime(format!("stored options of sandbox {name:?} are unreadable: {e}")))?;
+        if !dir.join("root.ext4").is_file() {
+            return Err(Error::Filesystem(format!(
+                "the root disk of sandbox {name:?} is missing; remove it (Sandbox.remove) and create it again"
+            )));
+        }
+        let sb = Sandbox::boot(&home, &rt, cfg, rec.labels, detached || rec.detached).await?;
+        guard.armed = false;
+        Ok(sb)
+    }
+
+    /// Starts the supervisor for a claimed record whose disk exists, and records it.
+    async fn boot(
+        home: &Home,
+        rt: &runtime::Runtime,
+        cfg: SandboxConfig,
+        labels: BTreeMap<String, String>,
+        detached: bool,
+    ) -> Result<Sandbox> {
         let accel = Accel::resolve(cfg.accel.as_deref())?;
         let qemu = vmm::qemu::binary()?;
-        let rt = runtime::load(&home).ok_or_else(|| {
-            Error::Runtime(format!(
-                "the microsandbox runtime is not installed in {}; run Microsandbox.install",
-                home.root().display()
-            ))
-        })?;
         let supervisor_bin = cfg.supervisor.clone().unwrap_or_else(|| rt.supervisor.clone());
         if !supervisor_bin.is_file() {
             return Err(Error::Runtime(format!(
@@ -78,19 +161,8 @@ impl Sandbox {
         }
         let control = home.socket_path(&cfg.name, "ctl")?;
         let agent_socket = home.socket_path(&cfg.name, "agent")?;
-
-        let dir = home.sandbox_dir(&cfg.name);
-        owner::claim_dir(&dir, &cfg.name)?;
-        let mut guard = DirGuard(Some(dir.clone()));
         std::fs::create_dir_all(home.run_dir()).context(|| format!("creating {}", home.run_dir().display()))?;
-
-        let disk = dir.join("root.ext4");
-        let image = PathBuf::from(&cfg.image);
-        let disk2 = disk.clone();
-        tokio::task::spawn_blocking(move || crate::rootfs::build_disk_from_dir(&image, &disk2))
-            .await
-            .map_err(|e| Error::Runtime(format!("root disk task failed: {e}")))??;
-
+        let dir = home.sandbox_dir(&cfg.name);
         let vm = VmSpec {
             accel,
             cpus: cfg.cpus as u32,
@@ -98,7 +170,7 @@ impl Sandbox {
             kernel: rt.kernel.clone(),
             initramfs: rt.initramfs.clone(),
             cmdline: vmm::qemu::cmdline(&cfg.name),
-            root_disk: disk,
+            root_disk: dir.join("root.ext4"),
             agent_socket: agent_socket.clone(),
             console_log: dir.join("console.log"),
         };
@@ -113,13 +185,13 @@ impl Sandbox {
             console_log: vm.console_log.clone(),
             boot_timeout_ms: cfg.boot_timeout().as_millis() as u64,
             kernel_release: rt.manifest.kernel_release.clone(),
-            remove_dir_on_exit: true,
+            remove_dir_on_exit: false,
         };
         let spec_path = dir.join(spec::SPEC_FILE);
         std::fs::write(&spec_path, serde_json::to_vec_pretty(&spec).unwrap())
             .context(|| format!("writing {}", spec_path.display()))?;
 
-        let (mut child, liveness) = owner::spawn_supervisor(&supervisor_bin, &spec_path, &dir)?;
+        let (mut child, liveness) = owner::spawn_supervisor(&supervisor_bin, &spec_path, &dir, !detached)?;
         let report = owner::read_startup(&mut child, cfg.boot_timeout() + Duration::from_secs(10)).await;
         let info = match report {
             Ok(StartupReport::Ready(info)) => info,
@@ -132,18 +204,134 @@ impl Sandbox {
                 return Err(e);
             }
         };
-        guard.0 = None;
+        StateDb::open(home)?.set_running(&cfg.name, info.supervisor_pid, &serde_json::to_string(&info).unwrap(), detached)?;
+        let child = if detached {
+            // tokio's Child kills on drop (which protects a cancelled boot); a detached
+            // supervisor must outlive this handle, so the handle is leaked instead. Its
+            // zombie entry, if it exits before this process, is reaped by init later.
+            std::mem::forget(child);
+            None
+        } else {
+            Some(child)
+        };
         Ok(Sandbox {
             name: cfg.name,
-            dir,
+            home: home.clone(),
             control,
             env: cfg.env,
             workdir: cfg.workdir,
+            labels,
             info,
-            supervisor: Mutex::new(Some(child)),
-            liveness: std::sync::Mutex::new(Some(liveness)),
+            supervisor: Mutex::new(child),
+            liveness: std::sync::Mutex::new(liveness),
             stopped: AtomicBool::new(false),
+            owns: AtomicBool::new(!detached),
         })
+    }
+
+    /// A handle on an existing sandbox (running or stopped), e.g. from another process.
+    pub fn get(home: Option<&std::path::Path>, name: &str) -> Result<Sandbox> {
+        config::validate_name(name)?;
+        let home = Home::resolve(home)?;
+        let rec = StateDb::open(&home)?
+            .get(name)?
+            .ok_or_else(|| Error::SandboxNotFound(format!("no sandbox named {name:?}")))?;
+        Sandbox::from_record(&home, rec)
+    }
+
+    /// Every known sandbox, running or stopped.
+    pub fn list(home: Option<&std::path::Path>) -> Result<Vec<Record>> {
+        StateDb::open(&Home::resolve(home)?)?.list()
+    }
+
+    fn from_record(home: &Home, rec: Record) -> Result<Sandbox> {
+        let cfg: SandboxConfig = serde_json::from_str(&rec.config)
+            .map_err(|e| Error::Runtime(format!("stored options of sandbox {:?} are unreadable: {e}", rec.name)))?;
+        let running = rec.status == Status::Running;
+        let info = rec
+            .info
+            .as_deref()
+            .and_then(|i| serde_json::from_str::<Info>(i).ok())
+            .filter(|_| running)
+            .unwrap_or(Info {
+                name: rec.name.clone(),
+                vmm: "qemu".into(),
+                accel: String::new(),
+                vmm_pid: 0,
+                supervisor_pid: 0,
+                kernel: String::new(),
+                boot_ms: 0,
+            });
+        Ok(Sandbox {
+            control: home.socket_path(&rec.name, "ctl")?,
+            home: home.clone(),
+            name: rec.name,
+            env: cfg.env,
+            workdir: cfg.workdir,
+            labels: rec.labels,
+            info,
+            supervisor: Mutex::new(None),
+            liveness: std::sync::Mutex::new(None),
+            stopped: AtomicBool::new(!running),
+            owns: AtomicBool::new(false),
+        })
+    }
+
+    /// Removes a stopped sandbox: its record and its root disk.
+    pub fn remove(home: Option<&std::path::Path>, name: &str) -> Result<()> {
+        config::validate_name(name)?;
+        let home = Home::resolve(home)?;
+        let db = StateDb::open(&home)?;
+        let rec = db.get(name)?.ok_or_else(|| Error::SandboxNotFound(format!("no sandbox named {name:?}")))?;
+        if rec.status != Status::Stopped {
+            return Err(Error::SandboxStillRunning(format!(
+                "sandbox {name:?} is running; stop it before removing it"
+            )));
+        }
+        db.delete(name)?;
+        let dir = home.sandbox_dir(name);
+        std::fs::remove_dir_all(&dir).or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) })
+            .context(|| format!("removing {}", dir.display()))
+    }
+
+    /// Stops (killing after `timeout`) and removes an existing sandbox named `name`.
+    async fn replace_existing(home: &Home, name: &str, timeout_ms: Option<u64>) -> Result<()> {
+        let Ok(old) = Sandbox::get(Some(home.root()), name) else { return Ok(()) };
+        if old.is_running() {
+            old.stop(Duration::from_millis(timeout_ms.unwrap_or(10_000))).await?;
+        }
+        Sandbox::remove(Some(home.root()), name)
+    }
+
+    /// Labels given at create.
+    pub fn labels(&self) -> &BTreeMap<String, String> {
+        &self.labels
+    }
+
+    /// True when this process started the VM and it will die with this process.
+    pub fn owns_lifecycle(&self) -> bool {
+        self.owns.load(Ordering::SeqCst)
+    }
+
+    /// Lets the sandbox outlive this process (it keeps running until stopped).
+    pub async fn detach(&self) -> Result<()> {
+        let mut conn = self.connect().await?;
+        microsandbox_protocol::write_frame_async(&mut conn, &Frame::data(0, Kind::Detach, Vec::new()))
+            .await
+            .map_err(|_| self.not_running())?;
+        // Wait for the acknowledgement so the liveness pipe can be closed safely.
+        match microsandbox_protocol::read_frame_async(&mut conn).await {
+            Ok(Some(f)) if f.kind == Kind::Detach => {}
+            _ => return Err(self.not_running()),
+        }
+        StateDb::open(&self.home)?.set_detached(&self.name, true)?;
+        self.owns.store(false, Ordering::SeqCst);
+        self.liveness.lock().unwrap().take();
+        // Dropping the Child would kill the supervisor (kill_on_drop): leak it instead.
+        if let Some(child) = self.supervisor.lock().await.take() {
+            std::mem::forget(child);
+        }
+        Ok(())
     }
 
     pub fn name(&self) -> &str {
@@ -162,7 +350,7 @@ impl Sandbox {
 
     fn not_running(&self) -> Error {
         Error::SandboxNotRunning(format!(
-            "sandbox {:?} is not running (stopped, killed or its VM exited); create it again",
+            "sandbox {:?} is not running (stopped, killed or its VM exited); start it again with Sandbox.start",
             self.name
         ))
     }
@@ -233,28 +421,51 @@ impl Sandbox {
         Ok(graceful)
     }
 
-    /// Kills the VM at once (SIGKILL to supervisor and QEMU).
+    /// Kills the VM at once (SIGKILL to QEMU and the supervisor).
     pub async fn kill(&self) -> Result<()> {
+        let was_running = self.is_running();
         self.stopped.store(true, Ordering::SeqCst);
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.info.vmm_pid as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        );
+        if was_running {
+            for pid in [self.info.vmm_pid, self.info.supervisor_pid] {
+                if pid > 0 {
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+                }
+            }
+        }
         self.reap().await;
         Ok(())
     }
 
-    /// Makes sure the supervisor is gone and the sandbox directory removed.
+    /// Waits for the supervisor to be gone and records the sandbox as stopped. The root
+    /// disk stays, so the sandbox can be started again.
     async fn reap(&self) {
-        let mut guard = self.supervisor.lock().await;
-        if let Some(mut child) = guard.take() {
-            if tokio::time::timeout(Duration::from_secs(5), child.wait()).await.is_err() {
-                let _ = child.kill().await;
+        let child = self.supervisor.lock().await.take();
+        match child {
+            Some(mut child) => {
+                if tokio::time::timeout(Duration::from_secs(5), child.wait()).await.is_err() {
+                    let _ = child.kill().await;
+                }
             }
+            // Not our child (looked up by name): poll until the pid is gone.
+            None if self.info.supervisor_pid > 0 => {
+                let pid = self.info.supervisor_pid;
+                for _ in 0..100 {
+                    if crate::state::process_start_time(pid).is_none() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+            None => {}
         }
         self.liveness.lock().unwrap().take();
-        let _ = std::fs::remove_dir_all(&self.dir);
         let _ = std::fs::remove_file(&self.control);
+        if let Ok(db) = StateDb::open(&self.home) {
+            // Only if no other process started it again meanwhile.
+            if db.get(&self.name).ok().flatten().is_some_and(|r| r.status != Status::Running || r.supervisor_pid == Some(self.info.supervisor_pid)) {
+                let _ = db.set_stopped(&self.name);
+            }
+        }
     }
 }
 
@@ -264,13 +475,22 @@ fn call_stdin(call: &ExecCall) -> Option<Vec<u8>> {
 
 impl Drop for Sandbox {
     fn drop(&mut self) {
-        // Child has kill_on_drop; closing the liveness pipe makes the supervisor kill QEMU.
-        if self.is_running() {
+        // An owned sandbox dies with its handle: the child has kill_on_drop and closing the
+        // liveness pipe makes the supervisor kill QEMU; this makes it immediate.
+        if self.is_running() && self.owns_lifecycle() {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(self.info.vmm_pid as i32),
                 nix::sys::signal::Signal::SIGKILL,
             );
-            let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+fn load_runtime(home: &Home) -> Result<runtime::Runtime> {
+    runtime::load(home).ok_or_else(|| {
+        Error::Runtime(format!(
+            "the microsandbox runtime is not installed in {}; run Microsandbox.install",
+            home.root().display()
+        ))
+    })
 }

@@ -11,65 +11,31 @@ use tokio::io::AsyncBufReadExt;
 use super::spec::{StartupReport, LIVENESS_FD_ENV};
 use crate::error::{Error, IoContext, Result};
 
-const OWNER_FILE: &str = "owner.pid";
-pub const SUPERVISOR_PID_FILE: &str = "supervisor.pid";
-
-fn pid_alive(pid: i32) -> bool {
-    pid > 0 && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
-}
-
-fn read_pid(p: &Path) -> Option<i32> {
-    std::fs::read_to_string(p).ok()?.trim().parse().ok()
-}
-
-/// Creates `dir` for a new sandbox. A directory left by a dead owner is reclaimed; one
-/// whose owner or supervisor still runs means the name is taken.
-pub fn claim_dir(dir: &Path, name: &str) -> Result<()> {
-    let parent = dir.parent().expect("sandbox dir has a parent");
-    std::fs::create_dir_all(parent).context(|| format!("creating {}", parent.display()))?;
-    for _ in 0..2 {
-        match std::fs::create_dir(dir) {
-            Ok(()) => {
-                std::fs::write(dir.join(OWNER_FILE), std::process::id().to_string())
-                    .context(|| format!("writing {}", dir.join(OWNER_FILE).display()))?;
-                return Ok(());
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                let live = [OWNER_FILE, SUPERVISOR_PID_FILE]
-                    .iter()
-                    .filter_map(|f| read_pid(&dir.join(f)))
-                    .any(pid_alive);
-                if live {
-                    return Err(Error::SandboxAlreadyExists(format!(
-                        "a sandbox named {name:?} is already running; stop it first or choose another name"
-                    )));
-                }
-                std::fs::remove_dir_all(dir).context(|| format!("removing stale {}", dir.display()))?;
-            }
-            Err(e) => return Err(Error::Io { context: format!("creating {}", dir.display()), source: e }),
-        }
-    }
-    Err(Error::SandboxAlreadyExists(format!("a sandbox named {name:?} is being created by another process")))
-}
-
-/// Starts the supervisor in its own session with the liveness pipe as fd 3. Returns the
-/// child and the pipe's write end, which the caller keeps for the sandbox's lifetime.
-pub fn spawn_supervisor(bin: &Path, spec: &Path, dir: &Path) -> Result<(tokio::process::Child, OwnedFd)> {
+/// Starts the supervisor in its own session. With `owned`, the read end of a liveness
+/// pipe becomes its fd 3 and the write end is returned: the caller keeps it for as long
+/// as the sandbox may live. A detached sandbox gets no pipe and outlives its creator.
+pub fn spawn_supervisor(bin: &Path, spec: &Path, dir: &Path, owned: bool) -> Result<(tokio::process::Child, Option<OwnedFd>)> {
     let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| Error::Runtime(format!("cannot create the liveness pipe: {e}")))?;
     let log = std::fs::File::create(dir.join("supervisor.log")).context(|| "creating supervisor.log".into())?;
     let rfd = read_end.as_raw_fd();
     let mut cmd = tokio::process::Command::new(bin);
-    cmd.arg(spec)
-        .env(LIVENESS_FD_ENV, "3")
-        .stdin(Stdio::null())
+    cmd.arg(spec);
+    if owned {
+        cmd.env(LIVENESS_FD_ENV, "3");
+    } else {
+        cmd.env_remove(LIVENESS_FD_ENV);
+    }
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log))
         .kill_on_drop(true);
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
-            if rfd == 3 {
+            if !owned {
+                // Detached: no liveness pipe at all.
+            } else if rfd == 3 {
                 if libc::fcntl(3, libc::F_SETFD, 0) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
@@ -83,7 +49,7 @@ pub fn spawn_supervisor(bin: &Path, spec: &Path, dir: &Path) -> Result<(tokio::p
     }
     let child = cmd.spawn().map_err(|e| Error::Runtime(format!("cannot start supervisor {}: {e}", bin.display())))?;
     drop(read_end);
-    Ok((child, write_end))
+    Ok((child, owned.then_some(write_end)))
 }
 
 /// Waits for the supervisor's one-line startup report.

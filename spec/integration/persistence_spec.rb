@@ -1,0 +1,92 @@
+# frozen_string_literal: true
+
+require "rbconfig"
+
+RSpec.describe "named, persistent sandboxes" do
+  let(:lib) { File.expand_path("../../lib", __dir__) }
+
+  def run_ruby(script)
+    IO.popen([RbConfig.ruby, "-I#{lib}", "-e", script], err: File::NULL, &:read)
+  end
+
+  it "keeps a stopped sandbox's root disk and starts it again" do
+    name = unique_name("persist")
+    Microsandbox::Sandbox.create(name, image: rootfs, labels: { "team" => "qa" }, env: { "K" => "v" }) do |sb|
+      sb.shell("echo kept > /root/state && sync")
+    end
+    info = Microsandbox::Sandbox.list.find { |i| i.name == name }
+    expect(info.status).to eq(:stopped)
+    expect(info.labels).to eq("team" => "qa")
+    expect(info.config).not_to have_key("env")
+
+    expect { Microsandbox::Sandbox.create(name, image: rootfs) }
+      .to raise_error(Microsandbox::SandboxAlreadyExistsError, /Sandbox.start/)
+
+    Microsandbox::Sandbox.start(name) do |sb|
+      expect(sb.exec("cat", ["/root/state"]).stdout).to eq("kept\n")
+      expect(sb.shell("echo $K").stdout).to eq("v\n")
+      expect { Microsandbox::Sandbox.start(name) }.to raise_error(Microsandbox::SandboxStillRunningError)
+      expect { Microsandbox::Sandbox.remove(name) }.to raise_error(Microsandbox::SandboxStillRunningError)
+    end
+    Microsandbox::Sandbox.remove(name)
+    expect { Microsandbox::Sandbox.get(name) }.to raise_error(Microsandbox::SandboxNotFoundError)
+    expect(File.exist?(sandbox_dir(name))).to be(false)
+  end
+
+  it "raises SandboxNotFoundError for unknown names" do
+    expect { Microsandbox::Sandbox.start("never-made") }.to raise_error(Microsandbox::SandboxNotFoundError) { |e|
+      expect(e.code).to eq("sandbox-not-found")
+    }
+    expect { Microsandbox::Sandbox.remove("never-made") }.to raise_error(Microsandbox::SandboxNotFoundError)
+  end
+
+  it "filters by labels and replaces by name" do
+    name = unique_name("labels")
+    Microsandbox::Sandbox.create(name, image: rootfs, labels: { "role" => "old" }) do |sb|
+      expect(Microsandbox::Sandbox.list_with(labels: { "role" => "old" }).map(&:name)).to include(name)
+      expect(Microsandbox::Sandbox.list_with(labels: { "role" => "new" }).map(&:name)).not_to include(name)
+      old_vmm = sb.info[:vmm_pid]
+      Microsandbox::Sandbox.create(name, image: rootfs, labels: { "role" => "new" }, replace: true) do |fresh|
+        expect(pid_alive?(old_vmm)).to be(false)
+        expect(fresh.labels).to eq("role" => "new")
+        expect(fresh.exec("true").success?).to be(true)
+      end
+    end
+  end
+
+  it "runs a detached sandbox that outlives its creator and is controlled from another process" do
+    name = unique_name("detached")
+    out = run_ruby(<<~RUBY)
+      require "microsandbox"
+      sb = Microsandbox::Sandbox.create(#{name.inspect}, image: #{rootfs.inspect}, detached: true)
+      sb.shell("echo from-creator > /tmp/mark")
+      puts sb.owns_lifecycle?
+    RUBY
+    expect(out.strip).to eq("false")
+    sb = Microsandbox::Sandbox.get(name)
+    expect(sb.status).to eq(:running)
+    expect(sb.owns_lifecycle?).to be(false)
+    expect(sb.exec("cat", ["/tmp/mark"]).stdout).to eq("from-creator\n")
+    vmm = sb.info[:vmm_pid]
+    sb.stop
+    expect(wait_until(timeout: 10) { !pid_alive?(vmm) }).to be(true)
+    expect(Microsandbox::Sandbox.get(name).status).to eq(:stopped)
+  end
+
+  it "detaches an owned sandbox so it survives its owner" do
+    name = unique_name("detach")
+    out = run_ruby(<<~RUBY)
+      require "microsandbox"
+      sb = Microsandbox::Sandbox.create(#{name.inspect}, image: #{rootfs.inspect})
+      before = sb.owns_lifecycle?
+      sb.detach
+      puts [before, sb.owns_lifecycle?].join(" ")
+    RUBY
+    expect(out.strip).to eq("true false")
+    sb = Microsandbox::Sandbox.get(name)
+    expect(sb.running?).to be(true)
+    expect(sb.exec("echo", ["alive"]).stdout).to eq("alive\n")
+    sb.kill
+    expect(Microsandbox::Sandbox.get(name).status).to eq(:stopped)
+  end
+end
