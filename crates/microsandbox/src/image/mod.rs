@@ -123,6 +123,12 @@ pub async fn ensure_image(
 
     let remote = Remote::new(&image, opts)?;
     let resolved = remote.resolve(&store, &platform).await?;
+    let cmt = resolved.manifest.config.media_type.as_str();
+    if !(cmt.is_empty() || cmt == config::MT_OCI_CONFIG || cmt == config::MT_DOCKER_CONFIG) {
+        return Err(Error::InvalidConfig(format!(
+            "{canonical} is not a container image (its config media type is {cmt}); only OCI/Docker images can boot"
+        )));
+    }
     let config_bytes = remote.fetch_json_blob(&store, &resolved.manifest.config).await?;
     let config_file: ConfigFile = serde_json::from_slice(&config_bytes)
         .map_err(|e| Error::Registry(format!("the image config of {canonical} is not valid JSON: {e}")))?;
