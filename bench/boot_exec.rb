@@ -116,7 +116,8 @@ end
 qemu_version = `#{engine_argv.first} --version`.lines.first.to_s.strip
 
 puts "microsandbox boot/exec benchmark"
-puts "  accel: #{info[:accel]} (vmm #{info[:vmm]}), host cores: #{Etc.nprocessors}, runs: #{opts[:runs]}"
+puts "  accel: #{info[:accel]} (vmm #{info[:vmm]}), host cores: #{Etc.nprocessors}, runs: #{opts[:runs]}, " \
+     "host load average at start: #{File.read('/proc/loadavg').split.first(3).join(' ')}"
 puts "  #{qemu_version}"
 puts "  guest kernel: #{info[:kernel]}"
 
@@ -156,6 +157,7 @@ rtts = Microsandbox::Sandbox.create("#{tag}-exec", image: image) do |sb|
     (now - t0) * 1000
   end
 end
+puts "  host load average at end: #{File.read('/proc/loadavg').split.first(3).join(' ')} (TCG timings scale with it)"
 p50 = median(rtts)
 p95 = percentile(rtts, 95)
 
