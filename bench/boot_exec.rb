@@ -99,6 +99,17 @@ ensure
   end
 end
 
+# Seconds from Sandbox.create until the first exec("true") has returned; also the
+# supervisor's boot_ms (QEMU spawn → agent Ready).
+def cold_create(name, image)
+  t0 = now
+  sb = Microsandbox::Sandbox.create(name, image: image)
+  sb.exec("true")
+  [now - t0, sb.info[:boot_ms]]
+ensure
+  sb&.kill
+end
+
 def fmt_s(x) = format("%.2f s", x)
 def verdict(ok) = ok ? "PASS" : "MISS"
 
@@ -120,17 +131,6 @@ puts "  accel: #{info[:accel]} (vmm #{info[:vmm]}), host cores: #{Etc.nprocessor
      "host load average at start: #{File.read('/proc/loadavg').split.first(3).join(' ')}"
 puts "  #{qemu_version}"
 puts "  guest kernel: #{info[:kernel]}"
-
-# Seconds from Sandbox.create until the first exec("true") has returned; also the
-# supervisor's boot_ms (QEMU spawn → agent Ready).
-def cold_create(name, image)
-  t0 = now
-  sb = Microsandbox::Sandbox.create(name, image: image)
-  sb.exec("true")
-  [now - t0, sb.info[:boot_ms]]
-ensure
-  sb&.kill
-end
 
 # Floor and cold-create runs alternate, so a change in host load hits both alike.
 floors = []
