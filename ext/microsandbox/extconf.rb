@@ -40,10 +40,11 @@ File.write("Makefile", <<~MAKE)
   \tRUSTFLAGS="-C target-feature=+crt-static" CARGO_TARGET_DIR=$(TARGET_DIR) $(CARGO) build --release --manifest-path $(MANIFEST) -p microsandbox-agent --target #{triple}
   \tmkdir -p libexec && cp $(TARGET_DIR)/#{triple}/release/msb-agent libexec/msb-agent
 
+  # Copy then rename: a running process that has the old files mapped keeps them intact.
   install: all
   \tmkdir -p $(RUBYARCHDIR)/libexec
-  \tcp $(SO) $(RUBYARCHDIR)/
-  \tcp libexec/msb-supervisor libexec/msb-agent $(RUBYARCHDIR)/libexec/
+  \tcp $(SO) $(RUBYARCHDIR)/$(SO).tmp && mv -f $(RUBYARCHDIR)/$(SO).tmp $(RUBYARCHDIR)/$(SO)
+  \tfor b in msb-supervisor msb-agent; do cp libexec/$$b $(RUBYARCHDIR)/libexec/$$b.tmp && mv -f $(RUBYARCHDIR)/libexec/$$b.tmp $(RUBYARCHDIR)/libexec/$$b; done
 
   clean:
   \trm -rf $(SO) libexec

@@ -35,6 +35,9 @@ module Microsandbox
       # @param shell [String] shell used by {#shell}
       # @param accel [String, Symbol, nil] "auto" (default; also MICROSANDBOX_ACCEL), "kvm", "hvf" or "tcg"
       # @param boot_timeout [Numeric, nil] seconds to wait for the guest agent (default 180)
+      # @param max_duration [Numeric, nil] seconds after which the sandbox stops by itself
+      # @param idle_timeout [Numeric, nil] seconds without any running command or call
+      #   after which the sandbox stops by itself
       # @param labels [Hash{String=>String}] free-form labels, see {Sandbox.list_with}
       # @param detached [Boolean] let the sandbox outlive this process
       # @param replace [Boolean] stop and remove an existing sandbox of the same name first
@@ -45,9 +48,14 @@ module Microsandbox
       # @raise [InvalidConfigError, ImageNotFoundError, SandboxAlreadyExistsError,
       #   RuntimeUnavailableError, BootFailedError]
       def create(name, image:, cpus: 1, memory: 512, env: {}, workdir: nil, shell: "/bin/sh",
-                 accel: nil, boot_timeout: nil, labels: {}, detached: false, replace: false,
-                 replace_with_timeout: nil, &block)
+                 accel: nil, boot_timeout: nil, max_duration: nil, idle_timeout: nil, labels: {},
+                 detached: false, replace: false, replace_with_timeout: nil, &block)
         config = build_config(name, image, cpus, memory, env, workdir, accel, boot_timeout)
+        { "max_duration_ms" => ["max_duration", max_duration], "idle_timeout_ms" => ["idle_timeout", idle_timeout] }
+          .each do |key, (label, value)|
+            seconds = Validate.timeout!(label, value)
+            config[key] = (seconds * 1000).ceil if seconds
+          end
         Validate.string!("shell", shell)
         placement = build_placement(labels, detached, replace, replace_with_timeout)
         Microsandbox.ensure_runtime!

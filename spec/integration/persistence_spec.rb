@@ -90,3 +90,29 @@ RSpec.describe "named, persistent sandboxes" do
     expect(Microsandbox::Sandbox.get(name).status).to eq(:stopped)
   end
 end
+
+RSpec.describe "sandboxes that stop by themselves" do
+  it "stops after max_duration" do
+    name = unique_name("maxdur")
+    sb = Microsandbox::Sandbox.create(name, image: rootfs, max_duration: 3)
+    vmm = sb.info[:vmm_pid]
+    expect(wait_until(timeout: 30) { !pid_alive?(vmm) }).to be(true)
+    expect(wait_until(timeout: 5) { Microsandbox::Sandbox.get(name).status == :stopped }).to be(true)
+    expect { sb.exec("true") }.to raise_error(Microsandbox::SandboxNotRunningError)
+  end
+
+  it "stops after idle_timeout, but not while a command runs" do
+    name = unique_name("idle")
+    sb = Microsandbox::Sandbox.create(name, image: rootfs, idle_timeout: 2)
+    expect(sb.exec("sleep", ["4"]).success?).to be(true) # longer than the idle timeout
+    vmm = sb.info[:vmm_pid]
+    expect(pid_alive?(vmm)).to be(true)
+    expect(wait_until(timeout: 30) { !pid_alive?(vmm) }).to be(true)
+    expect(wait_until(timeout: 5) { Microsandbox::Sandbox.get(name).status == :stopped }).to be(true)
+  end
+
+  it "rejects non-positive durations" do
+    expect { Microsandbox::Sandbox.create(unique_name, image: rootfs, idle_timeout: 0) }
+      .to raise_error(Microsandbox::InvalidConfigError)
+  end
+end

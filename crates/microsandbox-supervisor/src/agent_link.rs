@@ -77,6 +77,7 @@ pub async fn pump_from_agent(mut rd: OwnedReadHalf, router: Arc<Router>) -> Stri
             _ => continue,
         };
         let Some(route) = router.get(frame.id) else { continue };
+        router.touch();
         if ends_session {
             router.close(frame.id);
         }

@@ -52,6 +52,7 @@ async fn client(stream: UnixStream, ctx: Ctx) {
     // local id → global id, for this connection's sessions.
     let mut sessions: HashMap<u32, u32> = HashMap::new();
     while let Ok(Some(frame)) = read_frame_async(&mut rd).await {
+        ctx.router.touch();
         match frame.kind {
             Kind::Exec => {
                 if sessions.get(&frame.id).is_some_and(|g| ctx.router.get(*g).is_some()) {

@@ -17,9 +17,16 @@ pub struct Route {
     pub local_id: u32,
 }
 
-#[derive(Default)]
 pub struct Router {
     inner: Mutex<Inner>,
+    /// Last time a frame crossed in either direction (for `idle_timeout`).
+    last_activity: Mutex<std::time::Instant>,
+}
+
+impl Default for Router {
+    fn default() -> Self {
+        Router { inner: Mutex::default(), last_activity: Mutex::new(std::time::Instant::now()) }
+    }
 }
 
 #[derive(Default)]
@@ -29,6 +36,19 @@ struct Inner {
 }
 
 impl Router {
+    /// Notes traffic; called for every frame relayed.
+    pub fn touch(&self) {
+        *self.last_activity.lock().unwrap() = std::time::Instant::now();
+    }
+
+    /// How long the sandbox has had no open session and no traffic.
+    pub fn idle_for(&self) -> std::time::Duration {
+        if !self.inner.lock().unwrap().routes.is_empty() {
+            return std::time::Duration::ZERO;
+        }
+        self.last_activity.lock().unwrap().elapsed()
+    }
+
     /// Registers a session and returns its global id (never 0, which is the control id).
     pub fn open(&self, route: Route) -> u32 {
         let mut g = self.inner.lock().unwrap();

@@ -14,6 +14,24 @@ use crate::control::{self, Ctx, StopTicket};
 use crate::{agent_link, liveness, router::Router};
 
 const SUPERVISOR_PID_FILE: &str = "supervisor.pid";
+/// How long a sandbox stopping by itself (max_duration, idle_timeout) waits for a clean shutdown.
+const SELF_STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// Resolves when `max_duration` has passed or the sandbox has been idle for `idle_timeout`.
+async fn self_stop_deadline(spec: &SupervisorSpec, router: Arc<Router>) {
+    let max = spec.max_duration_ms.map(Duration::from_millis);
+    let idle = spec.idle_timeout_ms.map(Duration::from_millis);
+    if max.is_none() && idle.is_none() {
+        return std::future::pending().await;
+    }
+    let started = Instant::now();
+    loop {
+        if max.is_some_and(|m| started.elapsed() >= m) || idle.is_some_and(|i| router.idle_for() >= i) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
 
 fn bind(path: &Path) -> std::io::Result<UnixListener> {
     let _ = std::fs::remove_file(path);
@@ -145,6 +163,7 @@ pub async fn supervise(spec: SupervisorSpec, report: fn(&StartupReport)) -> u8 {
     let (detached_tx, detached_rx) = tokio::sync::watch::channel(false);
     let ctx = Ctx { router: router.clone(), to_agent: to_agent.clone(), info: info.clone(), stop: stop_tx, detached: detached_tx };
     tokio::spawn(control::serve(control_listener, ctx));
+    let router_for_idle = router.clone();
     let pump = tokio::spawn(agent_link::pump_from_agent(rd, router));
 
     report(&StartupReport::Ready(info));
@@ -155,18 +174,26 @@ pub async fn supervise(spec: SupervisorSpec, report: fn(&StartupReport)) -> u8 {
     }
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    let self_stop = self_stop_deadline(&spec, router_for_idle);
+    let mut stop_by_itself = false;
     let stop_ticket = tokio::select! {
         t = stop_rx.recv() => t,
+        _ = self_stop => { stop_by_itself = true; None }
         _ = qemu.wait() => None,
         _ = liveness::owner_gone_unless_detached(owner.clone(), detached_rx) => None,
         _ = sigterm.recv() => None,
         why = pump => { eprintln!("msb: {}", why.unwrap_or_default()); None }
     };
 
-    let graceful = match &stop_ticket {
-        Some((req, _)) => {
+    let clean_within = match &stop_ticket {
+        Some((req, _)) => Some(Duration::from_millis(req.timeout_ms)),
+        None if stop_by_itself => Some(SELF_STOP_GRACE),
+        None => None,
+    };
+    let graceful = match clean_within {
+        Some(within) => {
             let _ = to_agent.send(Frame::data(0, Kind::Shutdown, Vec::new())).await;
-            tokio::time::timeout(Duration::from_millis(req.timeout_ms), qemu.wait()).await.is_ok()
+            tokio::time::timeout(within, qemu.wait()).await.is_ok()
         }
         None => false,
     };

@@ -39,6 +39,12 @@ pub struct SandboxConfig {
     pub accel: Option<String>,
     #[serde(default)]
     pub boot_timeout_ms: Option<u64>,
+    /// Stop by itself this long after boot (milliseconds).
+    #[serde(default)]
+    pub max_duration_ms: Option<u64>,
+    /// Stop by itself after this long without sessions or client traffic (milliseconds).
+    #[serde(default)]
+    pub idle_timeout_ms: Option<u64>,
     /// Engine home; defaults to `$MICROSANDBOX_HOME` or `~/.microsandbox`.
     #[serde(default)]
     pub home: Option<PathBuf>,
@@ -120,6 +126,11 @@ impl SandboxConfig {
         validate_env(&self.env)?;
         if let Some(w) = &self.workdir {
             validate_guest_path("workdir", w)?;
+        }
+        for (what, v) in [("max_duration", self.max_duration_ms), ("idle_timeout", self.idle_timeout_ms)] {
+            if v == Some(0) {
+                return Err(Error::InvalidConfig(format!("{what} must be positive")));
+            }
         }
         if self.image.is_empty() || self.image.contains('\0') {
             return Err(Error::InvalidConfig("image must be a non-empty path".into()));

@@ -186,6 +186,8 @@ impl Sandbox {
             boot_timeout_ms: cfg.boot_timeout().as_millis() as u64,
             kernel_release: rt.manifest.kernel_release.clone(),
             remove_dir_on_exit: false,
+            max_duration_ms: cfg.max_duration_ms,
+            idle_timeout_ms: cfg.idle_timeout_ms,
         };
         let spec_path = dir.join(spec::SPEC_FILE);
         std::fs::write(&spec_path, serde_json::to_vec_pretty(&spec).unwrap())

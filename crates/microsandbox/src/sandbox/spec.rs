@@ -24,8 +24,14 @@ pub struct SupervisorSpec {
     pub console_log: PathBuf,
     pub boot_timeout_ms: u64,
     pub kernel_release: String,
-    /// Delete `sandbox_dir` when the supervisor exits (sandboxes are ephemeral for now).
+    /// Delete `sandbox_dir` when the supervisor exits.
     pub remove_dir_on_exit: bool,
+    /// Stop the sandbox by itself this long after boot.
+    #[serde(default)]
+    pub max_duration_ms: Option<u64>,
+    /// Stop the sandbox by itself after this long with no session and no client traffic.
+    #[serde(default)]
+    pub idle_timeout_ms: Option<u64>,
 }
 
 /// First line the supervisor prints on stdout: it booted, or why it did not.
