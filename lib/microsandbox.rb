@@ -18,6 +18,7 @@ end
 
 require_relative "microsandbox/sandbox"
 require_relative "microsandbox/sandbox_info"
+require_relative "microsandbox/image"
 
 # Microsandbox: real microVM sandboxes for Ruby. There is no daemon: creating a sandbox
 # starts a VM as a child process of this one.

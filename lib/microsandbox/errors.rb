@@ -50,6 +50,12 @@ module Microsandbox
   class MetricsDisabledError < Error; CODE = "metrics-disabled"; end
   # Metrics are not (yet) available for the sandbox.
   class MetricsUnavailableError < Error; CODE = "metrics-unavailable"; end
+  # The registry failed or could not be reached (also a malformed manifest or a bad blob).
+  class RegistryError < Error; CODE = "registry-error"; end
+  # The registry refused the credentials (or demanded some).
+  class RegistryAuthError < Error; CODE = "registry-auth-failed"; end
+  # The image has no variant for this host's platform; the message names those offered.
+  class PlatformNotFoundError < Error; CODE = "platform-not-found"; end
   # The runtime (QEMU, guest kernel, agent, supervisor) is missing or cannot be installed.
   class RuntimeUnavailableError < Error; CODE = "runtime-error"; end
   # The VM did not boot, or died while booting.
@@ -66,6 +72,7 @@ module Microsandbox
     Error, InvalidConfigError, SandboxNotFoundError, SandboxAlreadyExistsError,
     SandboxStillRunningError, SandboxNotRunningError, ExecTimeoutError, ExecFailedError,
     FilesystemError, ImageNotFoundError, MetricsDisabledError, MetricsUnavailableError,
+    RegistryError, RegistryAuthError, PlatformNotFoundError,
     RuntimeUnavailableError, BootFailedError, ProtocolError, HostIOError, CancelledError
   ].to_h { |c| [c::CODE, c] }.freeze
 end

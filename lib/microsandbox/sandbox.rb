@@ -26,8 +26,13 @@ module Microsandbox
       # Stopped sandboxes keep their root disk until {Sandbox.remove}.
       #
       # @param name [String] 1-63 characters of letters, digits, '.', '_', '-'
-      # @param image [String] path of a local root filesystem directory; the guest sees a
-      #   private copy, so writes never reach the host directory
+      # @param image [String] an OCI image reference ("alpine", "registry:5000/app:1",
+      #   "app@sha256:…"), pulled as needed; or the path (starting with "/" or ".") of a
+      #   local root filesystem directory, of which the guest gets a private copy
+      # @param pull_policy [String, Symbol] "always", "if_missing" (default) or "never"
+      # @param registry_auth [Hash, nil] `{ username:, password: }` (else ~/.docker/config.json)
+      # @param registry_insecure [Boolean] plain HTTP to the registry
+      # @param registry_ca_certs [String, Array<String>, nil] extra trusted CAs (PEM)
       # @param cpus [Integer] virtual CPUs (1-255)
       # @param memory [Integer] guest memory in MiB (128 and up)
       # @param env [Hash{String=>String}] environment for every command
@@ -49,8 +54,12 @@ module Microsandbox
       #   RuntimeUnavailableError, BootFailedError]
       def create(name, image:, cpus: 1, memory: 512, env: {}, workdir: nil, shell: "/bin/sh",
                  accel: nil, boot_timeout: nil, max_duration: nil, idle_timeout: nil, labels: {},
-                 detached: false, replace: false, replace_with_timeout: nil, &block)
+                 detached: false, replace: false, replace_with_timeout: nil, pull_policy: nil,
+                 registry_auth: nil, registry_insecure: false, registry_ca_certs: nil, &block)
         config = build_config(name, image, cpus, memory, env, workdir, accel, boot_timeout)
+        config.merge!(Image.registry_options(pull_policy: pull_policy, registry_auth: registry_auth,
+                                             registry_insecure: registry_insecure,
+                                             registry_ca_certs: registry_ca_certs))
         { "max_duration_ms" => ["max_duration", max_duration], "idle_timeout_ms" => ["idle_timeout", idle_timeout] }
           .each do |key, (label, value)|
             seconds = Validate.timeout!(label, value)
@@ -122,6 +131,11 @@ module Microsandbox
         end
       end
 
+      # Paths name local root directories; anything else is an image reference.
+      def local_path?(image)
+        image.start_with?("/", "./", "../", "~") || %w[. ..].include?(image)
+      end
+
       def build_placement(labels, detached, replace, replace_with_timeout)
         timeout = Validate.timeout!("replace_with_timeout", replace_with_timeout)
         placement = {
@@ -136,7 +150,7 @@ module Microsandbox
       def build_config(name, image, cpus, memory, env, workdir, accel, boot_timeout)
         config = {
           "name" => Validate.string!("name", name),
-          "image" => File.expand_path(Validate.string!("image", image)),
+          "image" => local_path?(Validate.string!("image", image)) ? File.expand_path(image) : image,
           "cpus" => Validate.integer!("cpus", cpus),
           "memory_mib" => Validate.integer!("memory", memory),
           "env" => Validate.env!("env", env),

@@ -46,11 +46,11 @@ pub fn check_dir_image(image: &str) -> Result<()> {
 pub fn build_disk_from_dir(dir: &Path, disk: &Path) -> Result<()> {
     let size_mib = (tree_size(dir) * 5 / 4 + HEADROOM) >> 20;
     let out = Command::new("mke2fs")
-        .args(["-q", "-F", "-t", "ext4", "-O", "^has_journal", "-E", "lazy_itable_init=1,root_owner=0:0", "-d"])
+        // 256-byte inodes: timestamps past 2038 and a filesystem ext4 mounts as checked.
+        .args(["-q", "-F", "-t", "ext4", "-I", "256", "-O", "^has_journal", "-E", "lazy_itable_init=1,root_owner=0:0", "-d"])
         .arg(dir)
         .arg(disk)
         .arg(format!("{size_mib}M"))
-        .env("MKE2FS_CONFIG", "/dev/null")
         .output()
         .map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {

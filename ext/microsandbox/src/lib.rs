@@ -8,6 +8,7 @@
 mod errors;
 mod exec_stream;
 mod gvl;
+mod image;
 mod install;
 mod runtime;
 mod sandbox;
@@ -38,6 +39,15 @@ fn init(ruby: &Ruby) -> Result<(), Error> {
     class.define_method("exec_stream", method!(sandbox::RbSandbox::exec_stream, 7))?;
     class.define_method("stop", method!(sandbox::RbSandbox::stop, 1))?;
     class.define_method("kill", method!(sandbox::RbSandbox::kill, 0))?;
+
+    native.define_singleton_method("image_list_json", function!(image::list_json, 1))?;
+    native.define_singleton_method("image_inspect_json", function!(image::inspect_json, 2))?;
+    native.define_singleton_method("image_remove", function!(image::remove, 3))?;
+    native.define_singleton_method("image_prune", function!(image::prune, 1))?;
+    let pull = native.define_class("PullSession", ruby.class_object())?;
+    pull.define_singleton_method("start", function!(image::RbPullSession::start, 3))?;
+    pull.define_method("next_event", method!(image::RbPullSession::next_event, 0))?;
+
 
     let stream = native.define_class("ExecStream", ruby.class_object())?;
     stream.define_method("next_event", method!(exec_stream::RbExecStream::next_event, 0))?;

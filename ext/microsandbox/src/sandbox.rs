@@ -13,7 +13,7 @@ use crate::errors::to_ruby;
 
 #[magnus::wrap(class = "Microsandbox::Native::Sandbox", free_immediately, size)]
 pub struct RbSandbox {
-    inner: Arc<Sandbox>,
+    pub(crate) inner: Arc<Sandbox>,
 }
 
 fn secs(t: f64) -> Duration {

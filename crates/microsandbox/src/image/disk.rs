@@ -103,6 +103,10 @@ pub fn build_ext4(tree: &Tree, disk: &Path, work: &Path) -> Result<()> {
         .args(["-q", "-F", "-t", "ext4", "-b", "4096", "-I", "256", "-N"])
         .arg(inodes.to_string())
         .args([
+            // Explicit features (no dependence on the host's mke2fs.conf) and 256-byte
+            // inodes, so timestamps go past 2038.
+            "-I",
+            "256",
             "-O",
             "^has_journal,extent,huge_file,flex_bg,dir_nlink,extra_isize,sparse_super,large_file,filetype,dir_index",
             "-E",

@@ -270,7 +270,7 @@ fn build_root_blocking(store: &Store, layers: &[LayerInput], dest: &Path) -> std
 }
 
 /// One stored reference.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct ImageSummary {
     pub reference: String,
     pub manifest_digest: String,
@@ -287,7 +287,7 @@ pub struct ImageSummary {
 }
 
 /// Details of one stored reference.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct ImageDetails {
     pub summary: ImageSummary,
     pub index_digest: Option<String>,

@@ -23,8 +23,21 @@ pub const MAX_CPUS: u64 = 255;
 #[serde(deny_unknown_fields)]
 pub struct SandboxConfig {
     pub name: String,
-    /// A local root filesystem directory (registry images come later).
+    /// A local root filesystem directory (a path: starts with `/` or `.`), or an OCI
+    /// image reference.
     pub image: String,
+    /// `always`, `if_missing` (default) or `never`.
+    #[serde(default)]
+    pub pull_policy: Option<String>,
+    /// Explicit registry credentials. Never stored in the state database.
+    #[serde(default, skip_serializing)]
+    pub registry_auth: Option<RegistryAuth>,
+    /// Plain HTTP to the registry.
+    #[serde(default)]
+    pub registry_insecure: bool,
+    /// Extra trusted CA certificates (PEM).
+    #[serde(default)]
+    pub registry_ca_certs: Vec<String>,
     /// u64 so that absurd values reach [`SandboxConfig::validate`] and get its message.
     #[serde(default = "default_cpus")]
     pub cpus: u64,
@@ -51,6 +64,24 @@ pub struct SandboxConfig {
     /// Supervisor binary override (`Microsandbox.runtime_path=` / `MSB_PATH`).
     #[serde(default)]
     pub supervisor: Option<PathBuf>,
+}
+
+/// `registry_auth: {username:, password:}`; the password never appears in Debug output.
+#[derive(Clone, Deserialize)]
+pub struct RegistryAuth {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for RegistryAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryAuth").field("username", &self.username).finish_non_exhaustive()
+    }
+}
+
+/// True when `image` names a local directory rather than a registry reference.
+pub fn is_local_path(image: &str) -> bool {
+    image.starts_with('/') || image == "." || image == ".." || image.starts_with("./") || image.starts_with("../")
 }
 
 fn default_cpus() -> u64 {
@@ -133,9 +164,32 @@ impl SandboxConfig {
             }
         }
         if self.image.is_empty() || self.image.contains('\0') {
-            return Err(Error::InvalidConfig("image must be a non-empty path".into()));
+            return Err(Error::InvalidConfig("image must be a non-empty path or image reference".into()));
         }
+        self.pull_options()?;
         Ok(())
+    }
+
+    /// How to pull the image, from the registry options.
+    pub fn pull_options(&self) -> Result<crate::image::PullOptions> {
+        use crate::image::{PullOptions, PullPolicy, RegistryCredentials};
+        let policy = match self.pull_policy.as_deref() {
+            None | Some("if_missing") => PullPolicy::IfMissing,
+            Some("always") => PullPolicy::Always,
+            Some("never") => PullPolicy::Never,
+            Some(other) => {
+                return Err(Error::InvalidConfig(format!(
+                    "unknown pull_policy {other:?}; use \"always\", \"if_missing\" or \"never\""
+                )))
+            }
+        };
+        Ok(PullOptions {
+            policy,
+            auth: self.registry_auth.as_ref().map(|a| RegistryCredentials { username: a.username.clone(), password: a.password.clone() }),
+            insecure: self.registry_insecure,
+            ca_certs: self.registry_ca_certs.iter().map(|c| c.as_bytes().to_vec()).collect(),
+            ..Default::default()
+        })
     }
 
     pub fn boot_timeout(&self) -> Duration {

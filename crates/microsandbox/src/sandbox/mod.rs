@@ -99,9 +99,24 @@ impl Sandbox {
     /// Boots a new sandbox and returns once its agent answers.
     pub async fn create(cfg: SandboxConfig, place: Placement) -> Result<Sandbox> {
         cfg.validate()?;
+        let mut cfg = cfg;
         let home = Home::resolve(cfg.home.as_deref())?;
-        crate::rootfs::check_dir_image(&cfg.image)?;
+        let local = config::is_local_path(&cfg.image);
+        if local {
+            crate::rootfs::check_dir_image(&cfg.image)?;
+        }
         let rt = load_runtime(&home)?;
+        // Pull (or find) the image before claiming the name: a failed pull leaves nothing.
+        let prepared = if local {
+            None
+        } else {
+            let opts = cfg.pull_options()?;
+            let image = crate::image::ensure_image(&home, &cfg.image, &opts, &mut |_| {}).await?;
+            apply_image_config(&mut cfg, &image.config);
+            config::validate_env(&cfg.env)
+                .map_err(|e| Error::InvalidConfig(format!("the image's environment is unusable: {e}")))?;
+            Some(image)
+        };
         if place.replace {
             Sandbox::replace_existing(&home, &cfg.name, place.replace_timeout_ms).await?;
         }
@@ -111,12 +126,17 @@ impl Sandbox {
         let mut guard = ClaimGuard { home: home.clone(), name: cfg.name.clone(), dir: dir.clone(), armed: true, keep: false };
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).context(|| format!("creating {}", dir.display()))?;
-        let disk = dir.join("root.ext4");
-        let image = PathBuf::from(&cfg.image);
-        let disk2 = disk.clone();
-        tokio::task::spawn_blocking(move || crate::rootfs::build_disk_from_dir(&image, &disk2))
-            .await
-            .map_err(|e| Error::Runtime(format!("root disk task failed: {e}")))??;
+        match &prepared {
+            // Copy-on-write overlay on the image's shared, read-only root.
+            Some(image) => crate::image::create_overlay(&image.root_disk, &dir.join(OVERLAY_DISK), None)?,
+            None => {
+                let image = PathBuf::from(&cfg.image);
+                let disk = dir.join(PRIVATE_DISK);
+                tokio::task::spawn_blocking(move || crate::rootfs::build_disk_from_dir(&image, &disk))
+                    .await
+                    .map_err(|e| Error::Runtime(format!("root disk task failed: {e}")))??;
+            }
+        }
         let sb = Sandbox::boot(&home, &rt, cfg, place.labels, place.detached).await?;
         guard.armed = false;
         Ok(sb)
@@ -132,7 +152,7 @@ impl Sandbox {
         let mut guard = ClaimGuard { home: home.clone(), name: name.into(), dir: dir.clone(), armed: true, keep: true };
         let cfg: SandboxConfig = serde_json::from_str(&rec.config)
             .map_err(|e| Error::Runtime(format!("stored options of sandbox {name:?} are unreadable: {e}")))?;
-        if !dir.join("root.ext4").is_file() {
+        if !dir.join(PRIVATE_DISK).is_file() && !dir.join(OVERLAY_DISK).is_file() {
             return Err(Error::Filesystem(format!(
                 "the root disk of sandbox {name:?} is missing; remove it (Sandbox.remove) and create it again"
             )));
@@ -163,6 +183,11 @@ impl Sandbox {
         let agent_socket = home.socket_path(&cfg.name, "agent")?;
         std::fs::create_dir_all(home.run_dir()).context(|| format!("creating {}", home.run_dir().display()))?;
         let dir = home.sandbox_dir(&cfg.name);
+        let (root_disk, root_format) = if dir.join(OVERLAY_DISK).is_file() {
+            (dir.join(OVERLAY_DISK), "qcow2")
+        } else {
+            (dir.join(PRIVATE_DISK), "raw")
+        };
         let vm = VmSpec {
             accel,
             cpus: cfg.cpus as u32,
@@ -170,7 +195,8 @@ impl Sandbox {
             kernel: rt.kernel.clone(),
             initramfs: rt.initramfs.clone(),
             cmdline: vmm::qemu::cmdline(&cfg.name),
-            root_disk: dir.join("root.ext4"),
+            root_disk: root_disk.clone(),
+            root_format,
             agent_socket: agent_socket.clone(),
             console_log: dir.join("console.log"),
         };
@@ -485,6 +511,25 @@ impl Drop for Sandbox {
                 nix::sys::signal::Signal::SIGKILL,
             );
         }
+    }
+}
+
+/// Root disk of a sandbox made from a local directory.
+const PRIVATE_DISK: &str = "root.ext4";
+/// Root disk of a sandbox made from a registry image: overlay on the shared image root.
+const OVERLAY_DISK: &str = "root.qcow2";
+
+/// Image defaults under the caller's options: image env first (caller wins), image
+/// working directory unless `workdir:` was given.
+fn apply_image_config(cfg: &mut SandboxConfig, image: &crate::image::ImageConfig) {
+    let mut env = image.env.clone();
+    for (k, v) in std::mem::take(&mut cfg.env) {
+        env.retain(|(ek, _)| *ek != k);
+        env.push((k, v));
+    }
+    cfg.env = env;
+    if cfg.workdir.is_none() {
+        cfg.workdir = image.working_dir.clone().filter(|w| w.starts_with('/'));
     }
 }
 

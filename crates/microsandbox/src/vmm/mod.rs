@@ -18,6 +18,8 @@ pub struct VmSpec {
     pub initramfs: PathBuf,
     pub cmdline: String,
     pub root_disk: PathBuf,
+    /// QEMU format of `root_disk`: `raw` (private ext4) or `qcow2` (overlay on a shared image root).
+    pub root_format: &'static str,
     pub agent_socket: PathBuf,
     pub console_log: PathBuf,
 }

@@ -49,7 +49,7 @@ pub fn args(spec: &VmSpec) -> Vec<String> {
         "-append".into(), spec.cmdline.clone(),
         "-chardev".into(), format!("file,id=console,path={}", p(&spec.console_log)),
         "-serial".into(), "chardev:console".into(),
-        "-drive".into(), format!("file={},if=none,id=root,format=raw,cache=unsafe,discard=unmap", p(&spec.root_disk)),
+        "-drive".into(), format!("file={},if=none,id=root,format={},cache=unsafe,discard=unmap", p(&spec.root_disk), spec.root_format),
         "-device".into(), "virtio-blk-pci,drive=root".into(),
         "-device".into(), "virtio-serial-pci".into(),
         "-chardev".into(), format!("socket,id=agent,path={}", p(&spec.agent_socket)),
@@ -91,6 +91,7 @@ mod tests {
             initramfs: "/i".into(),
             cmdline: cmdline("h"),
             root_disk: "/r".into(),
+            root_format: "raw",
             agent_socket: "/a.sock".into(),
             console_log: "/c.log".into(),
         };

@@ -1,0 +1,193 @@
+# frozen_string_literal: true
+
+require "json"
+
+module Microsandbox
+  # Progress of one layer during a pull.
+  PullProgress = Struct.new(:digest, :done, :total, keyword_init: true) do
+    # @return [Float] fraction done, 0.0..1.0
+    def fraction
+      total.to_i.positive? ? done.to_f / total : 0.0
+    end
+  end
+
+  # A running image pull. Iterate it for {PullProgress} events; {#wait} returns the
+  # resolved reference and manifest digest.
+  class PullSession
+    include Enumerable
+
+    # @api private
+    def initialize(native)
+      @native = native
+      @result = nil
+    end
+
+    # Yields progress events until the pull finishes.
+    # @yieldparam progress [PullProgress]
+    # @return [self]
+    def each
+      return enum_for(:each) unless block_given?
+
+      until @result
+        a, b, c = @native.next_event
+        if a == :done
+          @result = JSON.parse(b, symbolize_names: true)
+        else
+          yield PullProgress.new(digest: a, done: b, total: c)
+        end
+      end
+      self
+    end
+
+    # Waits for the pull to finish.
+    # @return [Hash{Symbol=>String}] :reference and :manifest_digest
+    def wait
+      each { |_| nil }
+      @result
+    end
+  end
+
+  # A stored image as listed by {Image.list}.
+  class ImageInfo
+    # @return [String] canonical reference, e.g. "registry.local:5000/team/app:1.0"
+    attr_reader :reference
+    # @return [String] "sha256:…"
+    attr_reader :manifest_digest
+    # @return [String] e.g. "linux/amd64"
+    attr_reader :platform
+    # @return [Time]
+    attr_reader :pulled_at
+    # @return [Integer] compressed bytes of config and layers
+    attr_reader :content_bytes
+    # @return [Integer] host bytes of the prepared root disk
+    attr_reader :root_disk_bytes
+    # @return [Array<String>] sandboxes whose root is backed by this image
+    attr_reader :in_use_by
+
+    # @api private
+    def initialize(h)
+      @reference = h["reference"]
+      @manifest_digest = h["manifest_digest"]
+      @platform = h["platform"]
+      @pulled_at = Time.at(h["pulled_at"].to_i)
+      @content_bytes = h["content_bytes"].to_i
+      @root_disk_bytes = h["root_disk_bytes"].to_i
+      @in_use_by = h["in_use_by"] || []
+    end
+
+    # @return [String]
+    def inspect
+      "#<#{self.class.name} #{reference} #{manifest_digest[0, 19]}>"
+    end
+  end
+
+  # Details of a stored image: {ImageInfo} plus its config and layers.
+  class ImageDetail < ImageInfo
+    # @return [Hash{String=>Object}] env, entrypoint, cmd, working_dir, user, labels, …
+    attr_reader :config
+    # @return [Array<Hash{String=>Object}>] layer descriptors (mediaType, digest, size)
+    attr_reader :layers
+    # @return [String]
+    attr_reader :config_digest
+
+    # @api private
+    def initialize(h)
+      super(h.fetch("summary"))
+      @config = h["config"]
+      @layers = h["layers"]
+      @config_digest = h["config_digest"]
+    end
+  end
+
+  # Result of {Image.prune}.
+  ImagePruneReport = Struct.new(:bytes_reclaimed, keyword_init: true)
+
+  # The local OCI image store (`<home>/images`): content-addressed blobs shared between
+  # images and one prepared read-only root disk per image.
+  module Image
+    REGISTRY_OPTIONS = %i[pull_policy registry_auth registry_insecure registry_ca_certs].freeze
+
+    class << self
+      # Pulls an image (if `pull_policy` requires it) and prepares its root disk.
+      # With a block, yields {PullProgress} per layer as bytes arrive.
+      # @param reference [String] e.g. "alpine", "registry.local:5000/app:1", "app@sha256:…"
+      # @param pull_policy [String, Symbol] "always", "if_missing" (default) or "never"
+      # @param registry_auth [Hash, nil] `{ username:, password: }`
+      # @param registry_insecure [Boolean] plain HTTP
+      # @param registry_ca_certs [String, Array<String>, nil] extra trusted CA certificates (PEM)
+      # @yieldparam progress [PullProgress]
+      # @return [Hash{Symbol=>String}] :reference and :manifest_digest
+      # @raise [ImageNotFoundError, RegistryError, RegistryAuthError, PlatformNotFoundError]
+      def pull(reference, **options, &block)
+        session = start_pull(reference, **options)
+        block ? session.each(&block) : session.each { |_| nil }
+        session.wait
+      end
+
+      # Starts a pull and returns its {PullSession} at once.
+      # @return [PullSession]
+      def start_pull(reference, **options)
+        Validate.string!("reference", reference)
+        opts = registry_options(**options)
+        PullSession.new(Native::PullSession.start(Microsandbox.home, reference, JSON.generate(opts)))
+      end
+
+      # @return [Array<ImageInfo>] every stored image
+      def list
+        JSON.parse(Native.image_list_json(Microsandbox.home)).map { |h| ImageInfo.new(h) }
+      end
+
+      # @param reference [String]
+      # @return [ImageInfo]
+      # @raise [ImageNotFoundError]
+      def get(reference)
+        inspect(reference)
+      end
+
+      # @param reference [String]
+      # @return [ImageDetail] config and layers of a stored image
+      # @raise [ImageNotFoundError]
+      def inspect(reference = nil)
+        return super() if reference.nil?
+
+        ImageDetail.new(JSON.parse(Native.image_inspect_json(Microsandbox.home, Validate.string!("reference", reference))))
+      end
+
+      # Removes a stored image. Refuses while a sandbox's root is backed by it, unless `force`.
+      # @param reference [String]
+      # @param force [Boolean]
+      # @return [nil]
+      def remove(reference, force: false)
+        Native.image_remove(Microsandbox.home, Validate.string!("reference", reference), force ? true : false)
+        nil
+      end
+
+      # Deletes blobs and root disks no stored image references.
+      # @return [ImagePruneReport]
+      def prune
+        ImagePruneReport.new(bytes_reclaimed: Native.image_prune(Microsandbox.home))
+      end
+
+      # Registry options as the engine expects them.
+      # @api private
+      def registry_options(pull_policy: nil, registry_auth: nil, registry_insecure: false, registry_ca_certs: nil)
+        opts = {}
+        opts["pull_policy"] = pull_policy.to_s if pull_policy
+        if registry_auth
+          raise TypeError, "registry_auth must be a Hash with :username and :password" unless registry_auth.is_a?(Hash)
+
+          auth = registry_auth.transform_keys(&:to_sym)
+          opts["registry_auth"] = {
+            "username" => Validate.string!("registry_auth[:username]", auth[:username]),
+            "password" => Validate.string!("registry_auth[:password]", auth[:password])
+          }
+        end
+        opts["registry_insecure"] = registry_insecure ? true : false
+        certs = Array(registry_ca_certs)
+        certs.each_with_index { |c, i| Validate.string!("registry_ca_certs[#{i}]", c) }
+        opts["registry_ca_certs"] = certs unless certs.empty?
+        opts
+      end
+    end
+  end
+end

@@ -1,0 +1,66 @@
+# frozen_string_literal: true
+
+require_relative "../support/registry"
+
+RSpec.describe "registry images" do
+  before(:all) do
+    @registry = MicrosandboxSpec::Registry.instance
+    @ref = @registry.push_dir("team/busybox", "1.0", MicrosandboxSpec::Rootfs.busybox_dir,
+                              env: ["FROM_IMAGE=yes", "PATH=/usr/sbin:/usr/bin:/sbin:/bin"], workdir: "/etc")
+  end
+
+  let(:ref) { @ref }
+  let(:insecure) { { registry_insecure: true } }
+
+  it "pulls with per-layer progress, then boots the image with its config applied" do
+    events = []
+    result = Microsandbox::Image.pull(ref, pull_policy: :always, **insecure) { |p| events << p }
+    expect(result[:manifest_digest]).to start_with("sha256:")
+    expect(events).not_to be_empty
+    expect(events.last.done).to eq(events.last.total)
+
+    Microsandbox::Sandbox.create(unique_name("img"), image: ref, env: { "MINE" => "1" }, **insecure) do |sb|
+      expect(sb.shell("echo $FROM_IMAGE $MINE; pwd").stdout).to eq("yes 1\n/etc\n")
+      expect(sb.exec("ls", ["/bin/busybox"]).success?).to be(true)
+    end
+  end
+
+  it "shares one read-only root between sandboxes, each with its own copy-on-write layer" do
+    Microsandbox::Sandbox.create(unique_name("cow-a"), image: ref, **insecure) do |a|
+      Microsandbox::Sandbox.create(unique_name("cow-b"), image: ref, **insecure) do |b|
+        a.shell("echo a > /root/only-a")
+        expect(b.exec("cat", ["/root/only-a"]).success?).to be(false)
+        info = Microsandbox::Image.get(ref)
+        expect(info.in_use_by).to include(a.name, b.name)
+        expect { Microsandbox::Image.remove(ref) }.to raise_error(Microsandbox::Error, /use/)
+      end
+    end
+  end
+
+  it "lists and inspects stored images" do
+    info = Microsandbox::Image.list.find { |i| i.reference == ref }
+    expect(info).not_to be_nil
+    detail = Microsandbox::Image.inspect(ref)
+    expect(detail.layers.size).to eq(1)
+    expect(detail.config["working_dir"]).to eq("/etc")
+  end
+
+  it "raises ImageNotFoundError for unknown tags and for pull_policy never" do
+    expect { Microsandbox::Sandbox.create(unique_name, image: "#{@registry.host}/team/busybox:nope", **insecure) }
+      .to raise_error(Microsandbox::ImageNotFoundError)
+    expect { Microsandbox::Image.pull("#{@registry.host}/never/pulled:1", pull_policy: :never) }
+      .to raise_error(Microsandbox::ImageNotFoundError)
+  end
+
+  it "raises RegistryError for an unreachable registry and leaves nothing behind" do
+    name = unique_name("unreach")
+    expect { Microsandbox::Sandbox.create(name, image: "127.0.0.1:1/x/y:1", **insecure) }
+      .to raise_error(Microsandbox::RegistryError) { |e| expect(e.code).to eq("registry-error") }
+    expect(Microsandbox::Sandbox.list.map(&:name)).not_to include(name)
+  end
+
+  it "rejects an unknown pull_policy" do
+    expect { Microsandbox::Image.pull(ref, pull_policy: :sometimes) }
+      .to raise_error(Microsandbox::InvalidConfigError, /pull_policy/)
+  end
+end

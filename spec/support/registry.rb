@@ -1,0 +1,121 @@
+# frozen_string_literal: true
+
+require "digest"
+require "fileutils"
+require "json"
+require "net/http"
+require "socket"
+require "tmpdir"
+require "zlib"
+
+module MicrosandboxSpec
+  # A real OCI registry (Debian's docker-registry) on 127.0.0.1 for the specs, and a
+  # minimal pusher speaking the registry HTTP API, so tests build and push their own images.
+  class Registry
+    BINARY = "/usr/bin/docker-registry"
+
+    attr_reader :host
+
+    def self.instance
+      @instance ||= new.tap(&:start)
+    end
+
+    def start
+      raise "#{BINARY} is missing: apt-get install docker-registry (bin/setup does)" unless File.executable?(BINARY)
+
+      @dir = Dir.mktmpdir("msb-registry")
+      port = free_port
+      @host = "127.0.0.1:#{port}"
+      File.write(File.join(@dir, "config.yml"), <<~YAML)
+        version: 0.1
+        log: { level: error }
+        storage:
+          filesystem: { rootdirectory: #{@dir}/data }
+          delete: { enabled: true }
+        http: { addr: #{@host} }
+      YAML
+      @pid = Process.spawn(BINARY, "serve", File.join(@dir, "config.yml"), out: File::NULL, err: File::NULL)
+      deadline = Time.now + 20
+      until ping
+        raise "docker-registry did not start on #{@host}" if Time.now > deadline
+
+        sleep 0.1
+      end
+      at_exit { stop }
+      self
+    end
+
+    def stop
+      return unless @pid
+
+      Process.kill(:TERM, @pid)
+      Process.wait(@pid)
+    rescue Errno::ESRCH, Errno::ECHILD
+      nil
+    ensure
+      @pid = nil
+      FileUtils.rm_rf(@dir) if @dir
+    end
+
+    # Pushes `rootfs_dir` as a one-layer image; returns "host/name:tag".
+    def push_dir(name, tag, rootfs_dir, env: [], workdir: nil, cmd: nil)
+      tar = IO.popen(["tar", "-C", rootfs_dir, "--numeric-owner", "--owner=0", "--group=0", "-cf", "-", "."], "rb", &:read)
+      raise "tar failed" unless $?.success?
+
+      gz = Zlib.gzip(tar)
+      layer = upload(name, gz)
+      config_json = JSON.generate(
+        "architecture" => "amd64", "os" => "linux",
+        "config" => { "Env" => env, "WorkingDir" => workdir, "Cmd" => cmd }.compact,
+        "rootfs" => { "type" => "layers", "diff_ids" => ["sha256:#{Digest::SHA256.hexdigest(tar)}"] }
+      )
+      config = upload(name, config_json)
+      manifest = JSON.generate(
+        "schemaVersion" => 2,
+        "mediaType" => "application/vnd.oci.image.manifest.v1+json",
+        "config" => { "mediaType" => "application/vnd.oci.image.config.v1+json", "digest" => config, "size" => config_json.bytesize },
+        "layers" => [{ "mediaType" => "application/vnd.oci.image.layer.v1.tar+gzip", "digest" => layer, "size" => gz.bytesize }]
+      )
+      request(Net::HTTP::Put, "/v2/#{name}/manifests/#{tag}", manifest,
+              "Content-Type" => "application/vnd.oci.image.manifest.v1+json")
+      "#{host}/#{name}:#{tag}"
+    end
+
+    private
+
+    def upload(name, bytes)
+      digest = "sha256:#{Digest::SHA256.hexdigest(bytes)}"
+      res = request(Net::HTTP::Post, "/v2/#{name}/blobs/uploads/", "")
+      location = URI.join("http://#{host}", res["Location"])
+      sep = location.query ? "&" : "?"
+      request(Net::HTTP::Put, "#{location.path}?#{location.query}#{sep}digest=#{digest}".sub("?&", "?"), bytes,
+              "Content-Type" => "application/octet-stream")
+      digest
+    end
+
+    def request(klass, path, body, headers = {})
+      h, p = host.split(":")
+      Net::HTTP.start(h, p.to_i) do |http|
+        req = klass.new(path, headers)
+        req.body = body
+        res = http.request(req)
+        raise "registry #{klass::METHOD} #{path}: #{res.code} #{res.body}" unless res.code.start_with?("2")
+
+        res
+      end
+    end
+
+    def ping
+      Net::HTTP.get_response(URI("http://#{host}/v2/")).code == "200"
+    rescue StandardError
+      false
+    end
+
+    def free_port
+      s = TCPServer.new("127.0.0.1", 0)
+      s.addr[1]
+    ensure
+      s&.close
+    end
+  end
+end
