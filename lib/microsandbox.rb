@@ -16,9 +16,11 @@ rescue LoadError => e
                    "run `bundle exec rake compile` in the gem checkout"
 end
 
+require_relative "microsandbox/fs"
 require_relative "microsandbox/sandbox"
 require_relative "microsandbox/sandbox_info"
 require_relative "microsandbox/image"
+require_relative "microsandbox/metrics"
 
 # Microsandbox: real microVM sandboxes for Ruby. There is no daemon: creating a sandbox
 # starts a VM as a child process of this one.

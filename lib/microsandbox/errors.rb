@@ -43,7 +43,12 @@ module Microsandbox
   # The command could not be started in the guest (e.g. not found, not executable).
   class ExecFailedError < Error; CODE = "exec-failed"; end
   # A guest or root-filesystem operation failed.
-  class FilesystemError < Error; CODE = "filesystem-error"; end
+  class FilesystemError < Error
+    CODE = "filesystem-error"
+
+    # @return [Integer, nil] the guest errno behind a {Sandbox#fs} failure (e.g. 2 for ENOENT)
+    attr_reader :errno
+  end
   # The image (a root directory for now) does not exist.
   class ImageNotFoundError < Error; CODE = "image-not-found"; end
   # Metrics collection is disabled for the sandbox.

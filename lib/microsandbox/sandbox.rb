@@ -283,6 +283,12 @@ module Microsandbox
       exec(@shell, ["-c", Validate.string!("script", script)], **options)
     end
 
+    # The guest filesystem: read, write, list, stat, copy files to and from the host.
+    # @return [FS]
+    def fs
+      @fs ||= FS.new(@native)
+    end
+
     # Shuts the guest down cleanly, killing it after `timeout` seconds.
     # Does nothing if the sandbox is already stopped, or in a forked child process
     # (the VM belongs to the process that created it).

@@ -6,6 +6,7 @@
 
 mod boot;
 mod command;
+mod fs;
 mod port;
 mod procfs;
 mod reaper;

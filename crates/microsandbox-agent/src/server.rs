@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::thread::sleep;
 use std::time::Duration;
 
-use microsandbox_protocol::{ExecRequest, Frame, Kind, SignalMsg, HEADER_LEN, MAX_CHUNK};
+use microsandbox_protocol::{ExecRequest, Frame, FsRequest, Kind, SignalMsg, HEADER_LEN, MAX_CHUNK};
+
+use crate::fs::FsSessions;
 
 use crate::session::Sessions;
 use crate::shutdown;
@@ -21,9 +23,10 @@ const RECONNECT_POLL: Duration = Duration::from_millis(100);
 /// Serves frames from `port` forever.
 pub fn serve(port: File, sink: Sink, sessions: Arc<Sessions>) -> ! {
     let mut r = BufReader::with_capacity(HEADER_LEN + MAX_CHUNK, port);
+    let fs = FsSessions::new(sink.clone());
     loop {
         match wire::read(&mut r) {
-            Ok(Incoming::Frame(f)) => dispatch(f, &sink, &sessions),
+            Ok(Incoming::Frame(f)) => dispatch(f, &sink, &sessions, &fs),
             Ok(Incoming::Invalid { id, why }) => sink.error(id, "protocol", why, None),
             Ok(Incoming::Eof) => sleep(RECONNECT_POLL),
             // The host went away mid-frame; the next connection starts a fresh stream.
@@ -32,8 +35,15 @@ pub fn serve(port: File, sink: Sink, sessions: Arc<Sessions>) -> ! {
     }
 }
 
-fn dispatch(f: Frame, sink: &Sink, sessions: &Arc<Sessions>) {
+fn dispatch(f: Frame, sink: &Sink, sessions: &Arc<Sessions>, fs: &Arc<FsSessions>) {
     match f.kind {
+        // Filesystem sessions (fs.rs); `Signal` also cancels one (the host gave up on it).
+        Kind::FsRequest => match f.parse::<FsRequest>() {
+            Ok(req) => fs.start(f.id, req),
+            Err(e) => sink.error(f.id, "protocol", e.to_string(), None),
+        },
+        Kind::FsData => fs.data(f.id, f.payload),
+        Kind::FsEof => fs.eof(f.id),
         Kind::Exec => match f.parse::<ExecRequest>() {
             Ok(req) => sessions.exec(f.id, req),
             Err(e) => sink.error(f.id, "protocol", e.to_string(), None),
@@ -41,7 +51,10 @@ fn dispatch(f: Frame, sink: &Sink, sessions: &Arc<Sessions>) {
         Kind::Stdin => sessions.stdin(f.id, f.payload),
         Kind::StdinEof => sessions.stdin_eof(f.id),
         Kind::Signal => match f.parse::<SignalMsg>() {
-            Ok(s) => sessions.signal(f.id, s.signal),
+            Ok(s) => {
+                fs.cancel(f.id);
+                sessions.signal(f.id, s.signal)
+            }
             Err(e) => sink.error(f.id, "protocol", e.to_string(), None),
         },
         Kind::Shutdown => shutdown::shutdown(sessions),

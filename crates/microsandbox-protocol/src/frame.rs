@@ -42,6 +42,17 @@ pub enum Kind {
     Info = 13,
     /// client → supervisor: stop watching the owner process; acknowledged with the same kind.
     Detach = 14,
+    /// host → agent: start a guest filesystem operation ([`crate::FsRequest`]); opens a
+    /// session like `Exec`.
+    FsRequest = 15,
+    /// either way: raw file bytes of a filesystem session (a download from the agent, an
+    /// upload to it); for `list`, a JSON array of [`crate::FsEntry`].
+    FsData = 16,
+    /// host → agent: the upload of a filesystem session is complete.
+    FsEof = 17,
+    /// agent → host: the filesystem operation succeeded ([`crate::FsDone`]); last frame
+    /// of the session.
+    FsDone = 18,
 }
 
 impl Kind {
@@ -63,6 +74,10 @@ impl Kind {
             12 => Stopped,
             13 => Info,
             14 => Detach,
+            15 => FsRequest,
+            16 => FsData,
+            17 => FsEof,
+            18 => FsDone,
             _ => return None,
         })
     }

@@ -85,3 +85,95 @@ pub struct Info {
     pub kernel: String,
     pub boot_ms: u64,
 }
+
+/// What an `FsRequest` asks the agent to do.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FsOp {
+    /// Stream `path` to the host as `FsData` frames, then `FsDone{size}`.
+    Read,
+    /// Create/truncate `path` and write the `FsData` frames the host sends until `FsEof`.
+    Write,
+    /// `FsDone{exists}`; never an error for a missing path.
+    Exists,
+    /// Create a directory (`parents`: like `mkdir -p`).
+    Mkdir,
+    /// Remove a file, symlink or empty directory (`recursive`: a whole tree).
+    Remove,
+    /// Copy the file `path` to `path2` (contents and permission bits).
+    Copy,
+    /// `rename(2)` of `path` to `path2`.
+    Rename,
+    /// Directory entries as `FsData` frames of JSON arrays of [`FsEntry`], then `FsDone`.
+    List,
+    /// `lstat(2)`: `FsDone{stat}`.
+    Stat,
+}
+
+/// `FsRequest`: one filesystem operation; the session id is the frame id. Paths are
+/// absolute guest paths.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FsRequest {
+    pub op: FsOp,
+    pub path: String,
+    /// Destination of `copy` and `rename`.
+    #[serde(default)]
+    pub path2: Option<String>,
+    #[serde(default)]
+    pub recursive: bool,
+    #[serde(default)]
+    pub parents: bool,
+    /// Permission bits for `write` (new files) and `mkdir`; the agent's defaults when absent.
+    #[serde(default)]
+    pub mode: Option<u32>,
+}
+
+/// File type as reported by `list` and `stat`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FsKind {
+    File,
+    Directory,
+    Symlink,
+    Other,
+}
+
+/// One directory entry of `list` (not following symlinks).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FsEntry {
+    /// File name (lossily converted when it is not UTF-8).
+    pub name: String,
+    pub kind: FsKind,
+    pub size: u64,
+    /// `st_mode` permission and special bits (`& 0o7777`).
+    pub mode: u32,
+}
+
+/// `lstat` of a path.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FsStat {
+    pub kind: FsKind,
+    pub size: u64,
+    /// `st_mode & 0o7777`.
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Modification time: seconds and nanoseconds since the Unix epoch.
+    pub mtime_sec: i64,
+    #[serde(default)]
+    pub mtime_nsec: u32,
+}
+
+/// `FsDone`: the operation succeeded; which fields are set depends on the op.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct FsDone {
+    /// Bytes read or written (`read`, `write`, `copy`).
+    #[serde(default)]
+    pub size: Option<u64>,
+    /// Answer of `exists`.
+    #[serde(default)]
+    pub exists: Option<bool>,
+    /// Answer of `stat`.
+    #[serde(default)]
+    pub stat: Option<FsStat>,
+}

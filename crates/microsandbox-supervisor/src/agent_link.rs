@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use microsandbox_protocol::{
-    read_frame_async, write_frame_async, ErrorMsg, Exited, Frame, Kind, Ready, PROTOCOL_VERSION,
+    read_frame_async, write_frame_async, ErrorMsg, Exited, Frame, FsDone, Kind, Ready, PROTOCOL_VERSION,
 };
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
@@ -60,7 +60,13 @@ pub async fn pump_from_agent(mut rd: OwnedReadHalf, router: Arc<Router>) -> Stri
             Err(e) => return format!("the guest broke the agent protocol: {e}"),
         };
         let ends_session = match frame.kind {
-            Kind::Stdout | Kind::Stderr => false,
+            Kind::Stdout | Kind::Stderr | Kind::FsData => false,
+            Kind::FsDone => {
+                if frame.parse::<FsDone>().is_err() {
+                    return "the guest sent a malformed FsDone frame".into();
+                }
+                true
+            }
             Kind::Exited => {
                 if frame.parse::<Exited>().is_err() {
                     return "the guest sent a malformed Exited frame".into();
@@ -153,6 +159,36 @@ mod tests {
         bytes.extend(Frame::data(id, Kind::Stdout, b"late".to_vec()).encode());
         pump_with(bytes, router.clone()).await;
         assert_eq!(rx.recv().await.unwrap().kind, Kind::Exited);
+        assert!(rx.try_recv().is_err());
+        assert!(router.get(id).is_none());
+    }
+
+    #[tokio::test]
+    async fn malformed_fs_done_ends_the_link() {
+        let router = Arc::new(Router::default());
+        let (id, _rx) = open_session(&router);
+        let why = pump_with(Frame::data(id, Kind::FsDone, b"{\"size\":\"many\"}".to_vec()).encode(), router).await;
+        assert!(why.contains("malformed FsDone"), "{why}");
+    }
+
+    #[tokio::test]
+    async fn fs_frames_for_unknown_sessions_and_host_only_fs_kinds_are_dropped() {
+        let router = Arc::new(Router::default());
+        let (id, mut rx) = open_session(&router);
+        let mut bytes = Frame::data(id + 100, Kind::FsData, b"not yours".to_vec()).encode();
+        bytes.extend(Frame::data(id + 100, Kind::FsDone, b"{}".to_vec()).encode());
+        bytes.extend(Frame::data(id, Kind::FsRequest, b"{\"op\":\"read\",\"path\":\"/x\"}".to_vec()).encode());
+        bytes.extend(Frame::data(id, Kind::FsEof, Vec::new()).encode());
+        bytes.extend(Frame::data(id, Kind::FsData, b"mine".to_vec()).encode());
+        bytes.extend(Frame::json(id, Kind::FsDone, &FsDone { size: Some(4), ..Default::default() }).encode());
+        bytes.extend(Frame::data(id, Kind::FsData, b"late".to_vec()).encode());
+        let why = pump_with(bytes, router.clone()).await;
+        assert!(why.contains("closed"), "{why}");
+        let got = rx.recv().await.unwrap();
+        assert_eq!((got.id, got.kind, got.payload.as_slice()), (7, Kind::FsData, &b"mine"[..]));
+        let done = rx.recv().await.unwrap();
+        assert_eq!(done.kind, Kind::FsDone);
+        assert_eq!(done.parse::<FsDone>().unwrap().size, Some(4));
         assert!(rx.try_recv().is_err());
         assert!(router.get(id).is_none());
     }

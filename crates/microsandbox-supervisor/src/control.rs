@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use microsandbox_protocol::{read_frame_async, write_frame_async, ErrorMsg, Frame, Info, Kind, SignalMsg, StopRequest, Stopped};
+use microsandbox_protocol::{read_frame_async, write_frame_async, ErrorMsg, Frame, FsRequest, Info, Kind, SignalMsg, StopRequest, Stopped};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 
@@ -54,7 +54,13 @@ async fn client(stream: UnixStream, ctx: Ctx) {
     while let Ok(Some(frame)) = read_frame_async(&mut rd).await {
         ctx.router.touch();
         match frame.kind {
-            Kind::Exec => {
+            Kind::Exec | Kind::FsRequest => {
+                if frame.kind == Kind::FsRequest {
+                    if let Err(e) = frame.parse::<FsRequest>() {
+                        let _ = tx.send(protocol_error(frame.id, &e.to_string())).await;
+                        continue;
+                    }
+                }
                 if sessions.get(&frame.id).is_some_and(|g| ctx.router.get(*g).is_some()) {
                     let _ = tx.send(protocol_error(frame.id, "session id already in use")).await;
                     continue;
@@ -63,7 +69,7 @@ async fn client(stream: UnixStream, ctx: Ctx) {
                 sessions.insert(frame.id, global);
                 let _ = ctx.to_agent.send(Frame { id: global, ..frame }).await;
             }
-            Kind::Stdin | Kind::StdinEof | Kind::Signal => {
+            Kind::Stdin | Kind::StdinEof | Kind::Signal | Kind::FsData | Kind::FsEof => {
                 if let Some(&g) = sessions.get(&frame.id) {
                     let _ = ctx.to_agent.send(Frame { id: g, ..frame }).await;
                 }

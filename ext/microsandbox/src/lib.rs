@@ -7,9 +7,11 @@
 
 mod errors;
 mod exec_stream;
+mod fs;
 mod gvl;
 mod image;
 mod install;
+mod metrics;
 mod runtime;
 mod sandbox;
 
@@ -32,6 +34,7 @@ fn init(ruby: &Ruby) -> Result<(), Error> {
     class.define_method("labels_json", method!(sandbox::RbSandbox::labels_json, 0))?;
     class.define_method("owns_lifecycle?", method!(sandbox::RbSandbox::owns_lifecycle, 0))?;
     class.define_method("detach", method!(sandbox::RbSandbox::detach, 0))?;
+    class.define_method("metrics_json", method!(metrics::metrics_json, 0))?;
     class.define_method("name", method!(sandbox::RbSandbox::name, 0))?;
     class.define_method("info_json", method!(sandbox::RbSandbox::info_json, 0))?;
     class.define_method("running?", method!(sandbox::RbSandbox::is_running, 0))?;
@@ -40,6 +43,7 @@ fn init(ruby: &Ruby) -> Result<(), Error> {
     class.define_method("stop", method!(sandbox::RbSandbox::stop, 1))?;
     class.define_method("kill", method!(sandbox::RbSandbox::kill, 0))?;
 
+    native.define_singleton_method("all_metrics_json", function!(metrics::all_metrics_json, 1))?;
     native.define_singleton_method("image_list_json", function!(image::list_json, 1))?;
     native.define_singleton_method("image_inspect_json", function!(image::inspect_json, 2))?;
     native.define_singleton_method("image_remove", function!(image::remove, 3))?;
@@ -48,6 +52,27 @@ fn init(ruby: &Ruby) -> Result<(), Error> {
     pull.define_singleton_method("start", function!(image::RbPullSession::start, 3))?;
     pull.define_method("next_event", method!(image::RbPullSession::next_event, 0))?;
 
+    // Guest filesystem (fs.rs).
+    class.define_method("fs_read", method!(sandbox::RbSandbox::fs_read, 1))?;
+    class.define_method("fs_write", method!(sandbox::RbSandbox::fs_write, 2))?;
+    class.define_method("fs_exists", method!(sandbox::RbSandbox::fs_exists, 1))?;
+    class.define_method("fs_mkdir", method!(sandbox::RbSandbox::fs_mkdir, 2))?;
+    class.define_method("fs_remove", method!(sandbox::RbSandbox::fs_remove, 2))?;
+    class.define_method("fs_copy", method!(sandbox::RbSandbox::fs_copy, 2))?;
+    class.define_method("fs_rename", method!(sandbox::RbSandbox::fs_rename, 2))?;
+    class.define_method("fs_list", method!(sandbox::RbSandbox::fs_list, 1))?;
+    class.define_method("fs_stat", method!(sandbox::RbSandbox::fs_stat, 1))?;
+    class.define_method("fs_copy_from_host", method!(sandbox::RbSandbox::fs_copy_from_host, 2))?;
+    class.define_method("fs_copy_to_host", method!(sandbox::RbSandbox::fs_copy_to_host, 2))?;
+    class.define_method("fs_read_stream", method!(sandbox::RbSandbox::fs_read_stream, 1))?;
+    class.define_method("fs_write_stream", method!(sandbox::RbSandbox::fs_write_stream, 1))?;
+    let fs_read = native.define_class("FsReadStream", ruby.class_object())?;
+    fs_read.define_method("next_chunk", method!(fs::RbFsReadStream::next_chunk, 0))?;
+    fs_read.define_method("close", method!(fs::RbFsReadStream::close, 0))?;
+    let fs_write = native.define_class("FsWriteSink", ruby.class_object())?;
+    fs_write.define_method("write", method!(fs::RbFsWriteSink::write, 1))?;
+    fs_write.define_method("finish", method!(fs::RbFsWriteSink::finish, 0))?;
+    fs_write.define_method("close", method!(fs::RbFsWriteSink::close, 0))?;
 
     let stream = native.define_class("ExecStream", ruby.class_object())?;
     stream.define_method("next_event", method!(exec_stream::RbExecStream::next_event, 0))?;

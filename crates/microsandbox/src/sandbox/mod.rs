@@ -8,6 +8,8 @@
 
 pub mod config;
 mod exec;
+pub mod metrics;
+mod fs;
 mod owner;
 pub mod spec;
 mod stream;
@@ -25,6 +27,7 @@ use tokio::sync::Mutex;
 pub use config::SandboxConfig;
 pub use crate::state::{Record as SandboxRecord, Status as SandboxStatus};
 pub use exec::{ExecCall, ExecResult};
+pub use fs::{FsEntry, FsError, FsKind, FsReadStream, FsResult, FsStat, FsWriteSink, MAX_LIST_ENTRIES, MAX_READ};
 pub use stream::{ExecControl, ExecEvent, ExecStream};
 
 use crate::error::{Error, IoContext, Result};
@@ -43,6 +46,7 @@ pub struct Sandbox {
     env: Vec<(String, String)>,
     workdir: Option<String>,
     labels: BTreeMap<String, String>,
+    memory_mib: u64,
     info: Info,
     supervisor: Mutex<Option<tokio::process::Child>>,
     /// Closing this (drop) tells the supervisor its owner is gone.
@@ -249,6 +253,7 @@ impl Sandbox {
             env: cfg.env,
             workdir: cfg.workdir,
             labels,
+            memory_mib: cfg.memory_mib,
             info,
             supervisor: Mutex::new(child),
             liveness: std::sync::Mutex::new(liveness),
@@ -297,6 +302,7 @@ impl Sandbox {
             env: cfg.env,
             workdir: cfg.workdir,
             labels: rec.labels,
+            memory_mib: cfg.memory_mib,
             info,
             supervisor: Mutex::new(None),
             liveness: std::sync::Mutex::new(None),
@@ -329,6 +335,20 @@ impl Sandbox {
             old.stop(Duration::from_millis(timeout_ms.unwrap_or(10_000))).await?;
         }
         Sandbox::remove(Some(home.root()), name)
+    }
+
+    /// Resource usage now (CPU sampled over [`metrics::CPU_SAMPLE`]).
+    pub async fn metrics(&self) -> Result<metrics::Metrics> {
+        if !self.is_running() {
+            return Err(self.not_running());
+        }
+        metrics::collect(self.info.vmm_pid, self.memory_mib).await.map_err(|e| match e {
+            Error::SandboxNotRunning(_) => {
+                self.stopped.store(true, Ordering::SeqCst);
+                self.not_running()
+            }
+            e => e,
+        })
     }
 
     /// Labels given at create.

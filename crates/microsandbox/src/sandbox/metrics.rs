@@ -1,0 +1,122 @@
+//! Resource usage of a sandbox, read on the host from its VMM process.
+//!
+//! The guest is not asked: a hostile guest cannot lie about what it costs the host.
+//! CPU and disk figures are those of the QEMU process (all vCPUs and device threads),
+//! memory is its resident set (guest RAM actually touched plus QEMU itself).
+
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+
+/// Window over which `cpu_percent` is measured.
+pub const CPU_SAMPLE: Duration = Duration::from_millis(250);
+
+/// One snapshot.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Metrics {
+    /// CPU used over the last sample window, in percent of one host core (can exceed 100).
+    pub cpu_percent: f64,
+    /// Resident memory of the VM process, bytes.
+    pub memory_bytes: u64,
+    /// Guest memory limit, bytes.
+    pub memory_limit_bytes: u64,
+    /// Bytes the VM read from / wrote to its disks since boot.
+    pub disk_read_bytes: u64,
+    pub disk_write_bytes: u64,
+    /// Guest network traffic (no network device yet: always 0).
+    pub net_rx_bytes: u64,
+    pub net_tx_bytes: u64,
+    pub uptime_secs: f64,
+}
+
+struct Sample {
+    cpu_ticks: u64,
+    at: Instant,
+}
+
+fn read_proc(pid: u32, file: &str) -> Result<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/{file}"))
+        .map_err(|_| Error::SandboxNotRunning(format!("the VM process {pid} is gone; the sandbox is not running")))
+}
+
+/// utime + stime in clock ticks, from /proc/<pid>/stat.
+fn cpu_ticks(pid: u32) -> Result<u64> {
+    let stat = read_proc(pid, "stat")?;
+    let rest = stat.rfind(')').map(|i| &stat[i + 2..]).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let num = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    Ok(num(11) + num(12))
+}
+
+fn field(text: &str, key: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn sample(pid: u32) -> Result<Sample> {
+    Ok(Sample { cpu_ticks: cpu_ticks(pid)?, at: Instant::now() })
+}
+
+/// Seconds since the process `pid` started (its start time against the host's uptime).
+fn process_uptime(pid: u32, ticks_per_sec: f64) -> f64 {
+    let start = crate::state::process_start_time(pid).unwrap_or(0) as f64 / ticks_per_sec;
+    let host_uptime = std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|u| u.split_whitespace().next().and_then(|v| v.parse::<f64>().ok()))
+        .unwrap_or(start);
+    (host_uptime - start).max(0.0)
+}
+
+/// Measures the VMM process `pid` of a sandbox with `memory_mib` of guest memory.
+pub async fn collect(pid: u32, memory_mib: u64) -> Result<Metrics> {
+    if pid == 0 {
+        return Err(Error::SandboxNotRunning("the sandbox is not running".into()));
+    }
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let ticks_per_sec = if ticks > 0 { ticks as f64 } else { 100.0 };
+    let a = sample(pid)?;
+    tokio::time::sleep(CPU_SAMPLE).await;
+    let b = sample(pid)?;
+    let secs = b.at.duration_since(a.at).as_secs_f64().max(1e-3);
+    let cpu_percent = (b.cpu_ticks.saturating_sub(a.cpu_ticks) as f64 / ticks_per_sec) / secs * 100.0;
+    let status = read_proc(pid, "status")?;
+    // /proc/<pid>/io is readable by the process owner, which we are.
+    let io = read_proc(pid, "io").unwrap_or_default();
+    Ok(Metrics {
+        cpu_percent: (cpu_percent * 10.0).round() / 10.0,
+        memory_bytes: field(&status, "VmRSS:") * 1024,
+        memory_limit_bytes: memory_mib << 20,
+        disk_read_bytes: field(&io, "read_bytes:"),
+        disk_write_bytes: field(&io, "write_bytes:"),
+        net_rx_bytes: 0,
+        net_tx_bytes: 0,
+        uptime_secs: (process_uptime(pid, ticks_per_sec) * 10.0).round() / 10.0,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn measures_a_live_process_and_rejects_a_dead_one() {
+        let m = collect(std::process::id(), 512).await.unwrap();
+        assert!(m.memory_bytes > 0);
+        assert_eq!(m.memory_limit_bytes, 512 << 20);
+        assert!(m.uptime_secs >= 0.0);
+        assert!(matches!(collect(u32::MAX - 1, 512).await, Err(Error::SandboxNotRunning(_))));
+    }
+
+    #[test]
+    fn parses_status_fields() {
+        assert_eq!(field("Name:\tqemu\nVmRSS:\t  2048 kB\n", "VmRSS:"), 2048);
+        assert_eq!(field("read_bytes: 42\n", "read_bytes:"), 42);
+        assert_eq!(field("", "VmRSS:"), 0);
+    }
+}

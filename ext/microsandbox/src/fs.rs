@@ -1,0 +1,237 @@
+//! Guest filesystem calls on `Microsandbox::Native::Sandbox` (`fs_*` methods) and the
+//! streaming classes `Native::FsReadStream` / `Native::FsWriteSink`.
+//!
+//! Like exec: arguments are converted (and Ruby bytes copied) with the GVL held, then
+//! the engine call runs in [`crate::gvl::run`]. Failures carry the guest errno, which is
+//! set as `@errno` on the raised `Microsandbox::FilesystemError`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use magnus::{prelude::*, Error, RArray, RString, Ruby, Value};
+use microsandbox::sandbox::{FsError, FsKind, FsReadStream, FsWriteSink};
+use tokio::sync::Mutex;
+
+use crate::errors::to_ruby;
+use crate::sandbox::RbSandbox;
+
+/// Runs an fs future without the GVL; errors become Ruby exceptions with `@errno`.
+fn run<T, F>(ruby: &Ruby, fut: F) -> Result<T, Error>
+where
+    F: std::future::Future<Output = Result<T, FsError>>,
+{
+    match crate::gvl::run(async move { Ok(fut.await) }) {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(fs_to_ruby(ruby, e)),
+        Err(e) => Err(to_ruby(ruby, e)),
+    }
+}
+
+fn fs_to_ruby(ruby: &Ruby, e: FsError) -> Error {
+    let err = to_ruby(ruby, e.error);
+    if let (Some(errno), Some(exc)) = (e.errno, err.value()) {
+        let _: Result<Value, Error> = exc.funcall("instance_variable_set", ("@errno", errno));
+    }
+    err
+}
+
+fn kind_sym(ruby: &Ruby, k: FsKind) -> magnus::Symbol {
+    ruby.to_symbol(match k {
+        FsKind::File => "file",
+        FsKind::Directory => "directory",
+        FsKind::Symlink => "symlink",
+        FsKind::Other => "other",
+    })
+}
+
+fn nil(ruby: &Ruby) -> Value {
+    ruby.qnil().as_value()
+}
+
+impl RbSandbox {
+    /// `fs_read(path)` → binary String.
+    pub fn fs_read(ruby: &Ruby, rb_self: &Self, path: String) -> Result<RString, Error> {
+        let sb = rb_self.inner.clone();
+        let bytes = run(ruby, async move { sb.fs_read(&path).await })?;
+        Ok(ruby.str_from_slice(&bytes))
+    }
+
+    /// `fs_write(path, data)` → bytes written.
+    pub fn fs_write(ruby: &Ruby, rb_self: &Self, path: String, data: RString) -> Result<u64, Error> {
+        // Copy before the GVL is released: GC may move the string.
+        let data = unsafe { data.as_slice() }.to_vec();
+        let sb = rb_self.inner.clone();
+        run(ruby, async move { sb.fs_write(&path, data).await })
+    }
+
+    pub fn fs_exists(ruby: &Ruby, rb_self: &Self, path: String) -> Result<bool, Error> {
+        let sb = rb_self.inner.clone();
+        run(ruby, async move { sb.fs_exists(&path).await })
+    }
+
+    pub fn fs_mkdir(ruby: &Ruby, rb_self: &Self, path: String, parents: bool) -> Result<Value, Error> {
+        let sb = rb_self.inner.clone();
+        run(ruby, async move { sb.fs_mkdir(&path, parents).await })?;
+        Ok(nil(ruby))
+    }
+
+    pub fn fs_remove(ruby: &Ruby, rb_self: &Self, path: String, recursive: bool) -> Result<Value, Error> {
+        let sb = rb_self.inner.clone();
+        run(ruby, async move { sb.fs_remove(&path, recursive).await })?;
+        Ok(nil(ruby))
+    }
+
+    pub fn fs_copy(ruby: &Ruby, rb_self: &Self, src: String, dst: String) -> Result<Value, Error> {
+        let sb = rb_self.inner.clone();
+        run(ruby, async move { sb.fs_copy(&src, &dst).await })?;
+        Ok(nil(ruby))
+    }
+
+    pub fn fs_rename(ruby: &Ruby, rb_self: &Self, src: String, dst: String) -> Result<Value, Error> {
+        let sb = rb_self.inner.clone();
+        run(ruby, async move { sb.fs_rename(&src, &dst).await })?;
+        Ok(nil(ruby))
+    }
+
+    /// `fs_list(path)` → `[[name, kind, size, mode], ...]` sorted by name.
+    pub fn fs_list(ruby: &Ruby, rb_self: &Self, path: String) -> Result<RArray, Error> {
+        let sb = rb_self.inner.clone();
+        let entries = run(ruby, async move { sb.fs_list(&path).await })?;
+        let out = ruby.ary_new_capa(entries.len());
+        for e in entries {
+            let row = ruby.ary_new_capa(4);
+            row.push(e.name)?;
+            row.push(kind_sym(ruby, e.kind))?;
+            row.push(e.size)?;
+            row.push(e.mode)?;
+            out.push(row)?;
+        }
+        Ok(out)
+    }
+
+    /// `fs_stat(path)` → `[kind, size, mode, uid, gid, mtime_sec, mtime_nsec]`.
+    pub fn fs_stat(ruby: &Ruby, rb_self: &Self, path: String) -> Result<RArray, Error> {
+        let sb = rb_self.inner.clone();
+        let st = run(ruby, async move { sb.fs_stat(&path).await })?;
+        let out = ruby.ary_new_capa(7);
+        out.push(kind_sym(ruby, st.kind))?;
+        out.push(st.size)?;
+        out.push(st.mode)?;
+        out.push(st.uid)?;
+        out.push(st.gid)?;
+        out.push(st.mtime_sec)?;
+        out.push(st.mtime_nsec)?;
+        Ok(out)
+    }
+
+    /// `fs_copy_from_host(host_path, guest_path)` → bytes copied.
+    pub fn fs_copy_from_host(ruby: &Ruby, rb_self: &Self, host: String, guest: String) -> Result<u64, Error> {
+        let sb = rb_self.inner.clone();
+        run(ruby, async move { sb.fs_copy_from_host(&PathBuf::from(host), &guest).await })
+    }
+
+    /// `fs_copy_to_host(guest_path, host_path)` → bytes copied.
+    pub fn fs_copy_to_host(ruby: &Ruby, rb_self: &Self, guest: String, host: String) -> Result<u64, Error> {
+        let sb = rb_self.inner.clone();
+        run(ruby, async move { sb.fs_copy_to_host(&guest, &PathBuf::from(host)).await })
+    }
+
+    pub fn fs_read_stream(ruby: &Ruby, rb_self: &Self, path: String) -> Result<RbFsReadStream, Error> {
+        let sb = rb_self.inner.clone();
+        let s = run(ruby, async move { sb.fs_read_stream(&path).await })?;
+        Ok(RbFsReadStream { inner: Arc::new(Mutex::new(Some(s))) })
+    }
+
+    pub fn fs_write_stream(ruby: &Ruby, rb_self: &Self, path: String) -> Result<RbFsWriteSink, Error> {
+        let sb = rb_self.inner.clone();
+        let s = run(ruby, async move { sb.fs_write_stream(&path).await })?;
+        Ok(RbFsWriteSink { inner: Arc::new(Mutex::new(Some(s))) })
+    }
+}
+
+/// `Microsandbox::Native::FsReadStream`: a download in progress.
+#[magnus::wrap(class = "Microsandbox::Native::FsReadStream", free_immediately, size)]
+pub struct RbFsReadStream {
+    inner: Arc<Mutex<Option<FsReadStream>>>,
+}
+
+impl RbFsReadStream {
+    /// The next chunk (binary String), or nil at the end of the file.
+    pub fn next_chunk(ruby: &Ruby, rb_self: &Self) -> Result<Value, Error> {
+        let inner = rb_self.inner.clone();
+        let chunk = run(ruby, async move {
+            let mut guard = inner.lock().await;
+            match guard.as_mut() {
+                Some(s) => {
+                    let r = s.next().await;
+                    if !matches!(r, Ok(Some(_))) {
+                        guard.take(); // finished or failed: release the connection
+                    }
+                    r
+                }
+                None => Ok(None),
+            }
+        })?;
+        Ok(match chunk {
+            Some(b) => ruby.str_from_slice(&b).as_value(),
+            None => nil(ruby),
+        })
+    }
+
+    /// Cancels the download if it is still running. Idempotent.
+    pub fn close(ruby: &Ruby, rb_self: &Self) -> Result<Value, Error> {
+        let inner = rb_self.inner.clone();
+        run(ruby, async move {
+            inner.lock().await.take();
+            Ok(())
+        })?;
+        Ok(nil(ruby))
+    }
+}
+
+/// `Microsandbox::Native::FsWriteSink`: an upload in progress.
+#[magnus::wrap(class = "Microsandbox::Native::FsWriteSink", free_immediately, size)]
+pub struct RbFsWriteSink {
+    inner: Arc<Mutex<Option<FsWriteSink>>>,
+}
+
+impl RbFsWriteSink {
+    fn closed() -> FsError {
+        microsandbox::Error::Filesystem("the write stream is already closed".into()).into()
+    }
+
+    pub fn write(ruby: &Ruby, rb_self: &Self, data: RString) -> Result<Value, Error> {
+        let data = unsafe { data.as_slice() }.to_vec();
+        let inner = rb_self.inner.clone();
+        run(ruby, async move {
+            let mut guard = inner.lock().await;
+            let sink = guard.as_mut().ok_or_else(Self::closed)?;
+            let r = sink.write(&data).await;
+            if r.is_err() {
+                guard.take();
+            }
+            r
+        })?;
+        Ok(nil(ruby))
+    }
+
+    /// Completes the upload → bytes written.
+    pub fn finish(ruby: &Ruby, rb_self: &Self) -> Result<u64, Error> {
+        let inner = rb_self.inner.clone();
+        run(ruby, async move {
+            let mut guard = inner.lock().await;
+            let mut sink = guard.take().ok_or_else(Self::closed)?;
+            sink.finish().await
+        })
+    }
+
+    /// Abandons the upload if it is still open. Idempotent.
+    pub fn close(ruby: &Ruby, rb_self: &Self) -> Result<Value, Error> {
+        let inner = rb_self.inner.clone();
+        run(ruby, async move {
+            inner.lock().await.take();
+            Ok(())
+        })?;
+        Ok(nil(ruby))
+    }
+}

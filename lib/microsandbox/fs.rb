@@ -1,0 +1,336 @@
+# frozen_string_literal: true
+
+module Microsandbox
+  # One entry of {FS#list}.
+  class FsEntry
+    # @return [String] file name
+    attr_reader :name
+    # @return [String] absolute guest path
+    attr_reader :path
+    # @return [Symbol] :file, :directory, :symlink or :other (symlinks are not followed)
+    attr_reader :kind
+    # @return [Integer] size in bytes
+    attr_reader :size
+    # @return [Integer] permission bits (`mode & 07777`)
+    attr_reader :mode
+
+    # @api private
+    def initialize(name:, path:, kind:, size:, mode:)
+      @name = name
+      @path = path
+      @kind = kind
+      @size = size
+      @mode = mode
+      freeze
+    end
+
+    # @return [Boolean]
+    def file? = kind == :file
+    # @return [Boolean]
+    def directory? = kind == :directory
+    # @return [Boolean]
+    def symlink? = kind == :symlink
+
+    # @return [String]
+    def inspect
+      format("#<%s %s %s %d bytes mode=%04o>", self.class.name, path, kind, size, mode)
+    end
+  end
+
+  # Metadata of a guest path ({FS#stat}; like `lstat`, symlinks are not followed).
+  class FsMetadata
+    # @return [Symbol] :file, :directory, :symlink or :other
+    attr_reader :kind
+    # @return [Integer]
+    attr_reader :size
+    # @return [Integer] permission bits (`mode & 07777`)
+    attr_reader :mode
+    # @return [Integer]
+    attr_reader :uid
+    # @return [Integer]
+    attr_reader :gid
+    # @return [Time] modification time
+    attr_reader :mtime
+
+    # @api private
+    def initialize(kind:, size:, mode:, uid:, gid:, mtime:)
+      @kind = kind
+      @size = size
+      @mode = mode
+      @uid = uid
+      @gid = gid
+      @mtime = mtime
+      freeze
+    end
+
+    # @return [Boolean]
+    def file? = kind == :file
+    # @return [Boolean]
+    def directory? = kind == :directory
+    # @return [Boolean]
+    def symlink? = kind == :symlink
+
+    # @return [String]
+    def inspect
+      format("#<%s %s %d bytes mode=%04o uid=%d gid=%d mtime=%s>", self.class.name, kind, size, mode, uid, gid, mtime)
+    end
+  end
+
+  # A guest file being downloaded in chunks (see {FS#read_stream}). Enumerable over
+  # binary String chunks of at most 64 KiB; single consumer. Leaving `each` early or
+  # calling {#close} cancels the transfer.
+  class FsReadStream
+    include Enumerable
+
+    # @api private
+    def initialize(native)
+      @native = native
+    end
+
+    # Yields each chunk (ASCII-8BIT String) until the end of the file.
+    # @yieldparam chunk [String]
+    # @return [self, Enumerator]
+    # @raise [FilesystemError] e.g. the file does not exist
+    def each
+      return enum_for(:each) unless block_given?
+
+      begin
+        while (chunk = @native.next_chunk)
+          yield chunk
+        end
+      ensure
+        close
+      end
+      self
+    end
+
+    # The next chunk, or nil at the end of the file.
+    # @return [String, nil]
+    def read_chunk
+      @native.next_chunk
+    end
+
+    # Cancels the download if it still runs. Idempotent.
+    # @return [nil]
+    def close
+      @native.close
+      nil
+    end
+  end
+
+  # The writing end of {FS#write_stream}: bytes written here are uploaded as they come.
+  class FsWriteSink
+    # @api private
+    def initialize(native)
+      @native = native
+      @written = 0
+    end
+
+    # @return [Integer] bytes accepted so far
+    attr_reader :written
+
+    # Appends bytes to the guest file (waits while the guest is behind).
+    # @param data [String]
+    # @return [Integer] bytes written
+    # @raise [TypeError] data is not a String
+    # @raise [FilesystemError] the guest failed (e.g. disk full)
+    def write(data)
+      data = Validate.string!("data", data)
+      @native.write(data.b)
+      @written += data.bytesize
+      data.bytesize
+    end
+
+    # @param data [String]
+    # @return [self]
+    def <<(data)
+      write(data)
+      self
+    end
+
+    # Completes the upload.
+    # @return [Integer] bytes in the file
+    def finish
+      @native.finish
+    end
+
+    # Abandons the upload (the guest file keeps what was written). Idempotent.
+    # @return [nil]
+    def abort
+      @native.close
+      nil
+    end
+  end
+
+  # The guest filesystem of a running sandbox ({Sandbox#fs}). Paths are absolute guest
+  # paths; data is binary-safe. Each call is its own session: calls may run concurrently
+  # from several threads, and `Thread#kill`/`Timeout.timeout` cancel them.
+  #
+  # Errors in the guest raise {FilesystemError} whose message names the path and the
+  # errno (e.g. "ENOENT (No such file or directory)") and whose {FilesystemError#errno}
+  # is the guest errno.
+  #
+  # @example
+  #   sb.fs.write("/tmp/hello.txt", "hi")
+  #   sb.fs.read_text("/tmp/hello.txt") # => "hi"
+  #   sb.fs.list("/tmp").map(&:name)    # => ["hello.txt"]
+  class FS
+    # @api private
+    def initialize(native)
+      @native = native
+    end
+
+    # The whole file as a binary String. Files over 256 MiB raise: use {#read_stream}.
+    # @param path [String]
+    # @return [String] ASCII-8BIT
+    def read(path)
+      @native.fs_read(guest_path!(path))
+    end
+
+    # The whole file as a UTF-8 String (not validated).
+    # @param path [String]
+    # @return [String]
+    def read_text(path)
+      read(path).force_encoding(Encoding::UTF_8)
+    end
+
+    # Creates or truncates a file and writes `data` to it.
+    # @param path [String]
+    # @param data [String] bytes (any encoding; written as is)
+    # @return [Integer] bytes written
+    # @raise [TypeError] data is not a String
+    def write(path, data)
+      path = guest_path!(path)
+      data = Validate.string!("data", data)
+      @native.fs_write(path, data.b)
+    end
+
+    # @param path [String]
+    # @return [Boolean] whether the path exists (following symlinks)
+    def exists?(path)
+      @native.fs_exists(guest_path!(path))
+    end
+
+    # Creates a directory.
+    # @param path [String]
+    # @param parents [Boolean] create missing parents too, and accept an existing directory
+    # @return [nil]
+    def mkdir(path, parents: true)
+      @native.fs_mkdir(guest_path!(path), parents ? true : false)
+    end
+
+    # Removes a file, symlink or empty directory.
+    # @param path [String]
+    # @param recursive [Boolean] remove a directory and everything in it
+    # @return [nil]
+    def remove(path, recursive: false)
+      @native.fs_remove(guest_path!(path), recursive ? true : false)
+    end
+
+    # Copies a file inside the guest (contents and permission bits).
+    # @param src [String]
+    # @param dst [String]
+    # @return [nil]
+    def copy(src, dst)
+      @native.fs_copy(guest_path!(src, "src"), guest_path!(dst, "dst"))
+    end
+
+    # Renames (moves) a path inside the guest.
+    # @param src [String]
+    # @param dst [String]
+    # @return [nil]
+    def rename(src, dst)
+      @native.fs_rename(guest_path!(src, "src"), guest_path!(dst, "dst"))
+    end
+
+    # Entries of a directory, sorted by name (at most 100,000).
+    # @param path [String]
+    # @return [Array<FsEntry>]
+    def list(path)
+      dir = guest_path!(path)
+      base = dir.end_with?("/") ? dir : "#{dir}/"
+      @native.fs_list(dir).map do |name, kind, size, mode|
+        FsEntry.new(name: name, path: base + name, kind: kind, size: size, mode: mode)
+      end
+    end
+
+    # Metadata of a path (symlinks are not followed).
+    # @param path [String]
+    # @return [FsMetadata]
+    def stat(path)
+      kind, size, mode, uid, gid, sec, nsec = @native.fs_stat(guest_path!(path))
+      FsMetadata.new(kind: kind, size: size, mode: mode, uid: uid, gid: gid, mtime: Time.at(sec, nsec, :nsec))
+    end
+
+    # Uploads a host file, streaming (memory stays bounded whatever its size).
+    # @param host_path [String]
+    # @param guest_path [String]
+    # @return [Integer] bytes copied
+    def copy_from_host(host_path, guest_path)
+      host = File.expand_path(Validate.string!("host_path", host_path.respond_to?(:to_path) ? host_path.to_path : host_path))
+      @native.fs_copy_from_host(host, guest_path!(guest_path, "guest_path"))
+    end
+
+    # Downloads a guest file to the host, streaming. A failed download leaves no file.
+    # @param guest_path [String]
+    # @param host_path [String]
+    # @return [Integer] bytes copied
+    def copy_to_host(guest_path, host_path)
+      host = File.expand_path(Validate.string!("host_path", host_path.respond_to?(:to_path) ? host_path.to_path : host_path))
+      @native.fs_copy_to_host(guest_path!(guest_path, "guest_path"), host)
+    end
+
+    # Reads a file in chunks (at most 64 KiB each), for files larger than memory.
+    # With a block, yields each chunk and returns the byte count; without, returns an
+    # Enumerable {FsReadStream}.
+    # @param path [String]
+    # @yieldparam chunk [String] ASCII-8BIT
+    # @return [Integer, FsReadStream]
+    def read_stream(path)
+      stream = FsReadStream.new(@native.fs_read_stream(guest_path!(path)))
+      return stream unless block_given?
+
+      total = 0
+      stream.each do |chunk|
+        total += chunk.bytesize
+        yield chunk
+      end
+      total
+    end
+
+    # Creates or truncates a file and uploads what is written to the sink.
+    # With a block, yields the {FsWriteSink}, completes the upload when the block returns
+    # (abandons it if the block raises) and returns the byte count. Without a block,
+    # returns the sink: call {FsWriteSink#finish}.
+    # @param path [String]
+    # @yieldparam sink [FsWriteSink]
+    # @return [Integer, FsWriteSink]
+    def write_stream(path)
+      sink = FsWriteSink.new(@native.fs_write_stream(guest_path!(path)))
+      return sink unless block_given?
+
+      begin
+        yield sink
+      rescue Exception # rubocop:disable Lint/RescueException
+        sink.abort
+        raise
+      end
+      sink.finish
+    end
+
+    # @return [String]
+    def inspect
+      "#<#{self.class.name}>"
+    end
+
+    private
+
+    def guest_path!(path, name = "path")
+      path = Validate.utf8!(name, Validate.string!(name, path))
+      raise InvalidConfigError, "#{name} must not contain NUL bytes" if path.include?("\0")
+      raise InvalidConfigError, "#{name} must be an absolute guest path (got #{path.inspect})" unless path.start_with?("/")
+
+      path
+    end
+  end
+end

@@ -1,0 +1,31 @@
+# frozen_string_literal: true
+
+RSpec.describe "metrics" do
+  it "measures a running sandbox from the host and refuses a stopped one" do
+    name = unique_name("metrics")
+    sb = Microsandbox::Sandbox.create(name, image: rootfs, memory: 256)
+    begin
+      m = sb.metrics
+      expect(m.memory_bytes).to be > (16 << 20)
+      expect(m.memory_limit_bytes).to eq(256 << 20)
+      expect(m.uptime_secs).to be > 0
+      expect(m.disk_read_bytes).to be >= 0
+
+      busy = sb.exec_stream("sh", ["-c", "while :; do :; done"])
+      sleep 0.5
+      expect(sb.metrics.cpu_percent).to be > 30
+      busy.close
+
+      all = Microsandbox.all_sandbox_metrics
+      expect(all[name]).to be_a(Microsandbox::Metrics)
+
+      samples = sb.metrics_stream(interval: 0.3).first(2)
+      expect(samples.size).to eq(2)
+      expect(samples.last.uptime_secs).to be >= samples.first.uptime_secs
+    ensure
+      sb.stop
+    end
+    expect { sb.metrics }.to raise_error(Microsandbox::SandboxNotRunningError)
+    expect(Microsandbox.all_sandbox_metrics).not_to have_key(name)
+  end
+end
