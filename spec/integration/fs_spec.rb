@@ -1,0 +1,211 @@
+# frozen_string_literal: true
+
+require "digest"
+require "tmpdir"
+
+# One VM serves all examples here: booting under TCG takes seconds.
+RSpec.describe "Sandbox#fs in a real VM" do
+  before(:all) do
+    @sb = Microsandbox::Sandbox.create(unique_name("fs"), image: rootfs)
+  end
+
+  after(:all) { @sb&.kill }
+
+  let(:sb) { @sb }
+  let(:fs) { @sb.fs }
+  let(:dir) { "/tmp/#{SecureRandom.hex(4)}" }
+
+  before { fs.mkdir(dir) }
+
+  it "round-trips all 256 byte values and reads text as UTF-8" do
+    data = (0..255).map(&:chr).join.b * 3
+    expect(fs.write("#{dir}/bytes", data)).to eq(768)
+    got = fs.read("#{dir}/bytes")
+    expect(got).to eq(data)
+    expect(got.encoding).to eq(Encoding::BINARY)
+    expect(sb.exec("wc", ["-c", "#{dir}/bytes"]).stdout.split.first).to eq("768")
+
+    fs.write("#{dir}/text", "héllo ✓")
+    text = fs.read_text("#{dir}/text")
+    expect(text).to eq("héllo ✓")
+    expect(text.encoding).to eq(Encoding::UTF_8)
+    fs.write("#{dir}/text", "")
+    expect(fs.read("#{dir}/text")).to eq("")
+  end
+
+  it "answers exists? without raising" do
+    fs.write("#{dir}/f", "x")
+    expect(fs.exists?("#{dir}/f")).to be(true)
+    expect(fs.exists?(dir)).to be(true)
+    expect(fs.exists?("#{dir}/missing")).to be(false)
+    expect(fs.exists?("#{dir}/f/below-a-file")).to be(false)
+  end
+
+  it "creates directories with parents, and accepts an existing one" do
+    fs.mkdir("#{dir}/a/b/c")
+    expect(fs.stat("#{dir}/a/b/c").directory?).to be(true)
+    expect { fs.mkdir("#{dir}/a/b/c") }.not_to raise_error
+    expect { fs.mkdir("#{dir}/a/b/c", parents: false) }
+      .to raise_error(Microsandbox::FilesystemError, /EEXIST/)
+    expect { fs.mkdir("#{dir}/x/y", parents: false) }
+      .to raise_error(Microsandbox::FilesystemError, /ENOENT/)
+  end
+
+  it "lists entries with kinds, sizes and modes" do
+    fs.write("#{dir}/file", "12345")
+    fs.mkdir("#{dir}/sub")
+    sb.exec("ln", ["-s", "file", "#{dir}/link"])
+    sb.exec("mkfifo", ["#{dir}/fifo"])
+    entries = fs.list(dir)
+    expect(entries.map(&:name)).to eq(%w[fifo file link sub])
+    by_name = entries.to_h { |e| [e.name, e] }
+    expect(by_name["file"]).to have_attributes(kind: :file, size: 5, path: "#{dir}/file", mode: 0o644)
+    expect(by_name["sub"]).to have_attributes(kind: :directory, mode: 0o755)
+    expect(by_name["link"].kind).to eq(:symlink)
+    expect(by_name["fifo"].kind).to eq(:other)
+    expect(fs.list("#{dir}/sub")).to eq([])
+  end
+
+  it "stats paths: kind, size, mode, owner and mtime" do
+    sb.exec("sh", ["-c", "echo -n abc > #{dir}/s && chmod 640 #{dir}/s && chown 65534:65534 #{dir}/s && touch -d @1700000000 #{dir}/s"])
+    st = fs.stat("#{dir}/s")
+    expect(st).to have_attributes(kind: :file, size: 3, mode: 0o640, uid: 65_534, gid: 65_534)
+    expect(st.mtime).to be_a(Time)
+    expect(st.mtime.to_i).to eq(1_700_000_000)
+    expect(st.file?).to be(true)
+    expect(st.symlink?).to be(false)
+    sb.exec("ln", ["-s", "s", "#{dir}/l"])
+    expect(fs.stat("#{dir}/l").symlink?).to be(true)
+    now = fs.stat(dir).mtime
+    expect((Time.now - now).abs).to be < 3600
+  end
+
+  it "copies and renames inside the guest" do
+    fs.write("#{dir}/src", "payload")
+    sb.exec("chmod", ["600", "#{dir}/src"])
+    fs.copy("#{dir}/src", "#{dir}/copy")
+    expect(fs.read("#{dir}/copy")).to eq("payload")
+    expect(fs.stat("#{dir}/copy").mode).to eq(0o600)
+    fs.rename("#{dir}/copy", "#{dir}/moved")
+    expect(fs.exists?("#{dir}/copy")).to be(false)
+    expect(fs.read("#{dir}/moved")).to eq("payload")
+    expect { fs.copy("#{dir}/nope", "#{dir}/x") }.to raise_error(Microsandbox::FilesystemError, /ENOENT/)
+  end
+
+  it "removes files and, only when recursive, whole trees" do
+    fs.mkdir("#{dir}/t/a")
+    fs.write("#{dir}/t/a/file", "x")
+    fs.write("#{dir}/single", "x")
+    fs.remove("#{dir}/single")
+    expect(fs.exists?("#{dir}/single")).to be(false)
+    expect { fs.remove("#{dir}/t") }.to raise_error(Microsandbox::FilesystemError, /ENOTEMPTY/) { |e|
+      expect(e.errno).to eq(Errno::ENOTEMPTY::Errno)
+    }
+    fs.remove("#{dir}/t", recursive: true)
+    expect(fs.exists?("#{dir}/t")).to be(false)
+  end
+
+  it "raises FilesystemError with the path, errno name and errno" do
+    expect { fs.read("#{dir}/missing") }.to raise_error(Microsandbox::FilesystemError) { |e|
+      expect(e.message).to include("#{dir}/missing", "ENOENT", "No such file or directory")
+      expect(e.code).to eq("filesystem-error")
+      expect(e.errno).to eq(Errno::ENOENT::Errno)
+    }
+    fs.write("#{dir}/plain", "x")
+    expect { fs.mkdir("#{dir}/plain") }.to raise_error(Microsandbox::FilesystemError, /EEXIST/)
+    expect { fs.mkdir("#{dir}/plain", parents: false) }.to raise_error(Microsandbox::FilesystemError, /EEXIST/)
+    expect { fs.read(dir) }.to raise_error(Microsandbox::FilesystemError, /EISDIR/)
+    expect { fs.list("#{dir}/plain") }.to raise_error(Microsandbox::FilesystemError, /ENOTDIR/)
+    expect { fs.write("#{dir}/no/such/dir/f", "x") }.to raise_error(Microsandbox::FilesystemError, /ENOENT/)
+  end
+
+  it "rejects bad paths and data before sending anything" do
+    expect { fs.read("/tmp/a\0b") }.to raise_error(Microsandbox::InvalidConfigError, /NUL/)
+    expect { fs.write("/tmp/a\0b", "x") }.to raise_error(Microsandbox::InvalidConfigError, /NUL/)
+    expect { fs.rename("/tmp/a", "/tmp/\0") }.to raise_error(Microsandbox::InvalidConfigError, /NUL/)
+    expect { fs.read("relative/path") }.to raise_error(Microsandbox::InvalidConfigError, /absolute/)
+    expect { fs.write("/tmp/x", 42) }.to raise_error(TypeError, /String/)
+    expect { fs.write("/tmp/x", nil) }.to raise_error(TypeError)
+    expect { fs.read(:sym) }.to raise_error(TypeError)
+    expect(sb.exec("true").success?).to be(true) # the session channel is fine
+  end
+
+  it "copies multi-MiB files from and to the host byte-exact" do
+    Dir.mktmpdir do |tmp|
+      src = File.join(tmp, "src.bin")
+      data = Random.bytes((5 << 20) + 12_345)
+      File.binwrite(src, data)
+      expect(fs.copy_from_host(src, "#{dir}/up.bin")).to eq(data.bytesize)
+      sum = sb.exec("sha256sum", ["#{dir}/up.bin"]).stdout.split.first
+      expect(sum).to eq(Digest::SHA256.hexdigest(data))
+      back = File.join(tmp, "back.bin")
+      expect(fs.copy_to_host("#{dir}/up.bin", back)).to eq(data.bytesize)
+      expect(File.binread(back)).to eq(data)
+
+      expect { fs.copy_to_host("#{dir}/missing", File.join(tmp, "none")) }
+        .to raise_error(Microsandbox::FilesystemError, /ENOENT/)
+      expect(File.exist?(File.join(tmp, "none"))).to be(false)
+      expect { fs.copy_from_host(File.join(tmp, "none"), "#{dir}/x") }.to raise_error(Microsandbox::HostIOError)
+    end
+  end
+
+  it "streams ~64 MiB each way in bounded Ruby memory" do
+    size = 64 << 20
+    chunk = Random.bytes(1 << 20)
+    sent = Digest::SHA256.new
+    written = fs.write_stream("#{dir}/big") do |sink|
+      (size / chunk.bytesize).times do |i|
+        piece = chunk.byteslice(0, chunk.bytesize - 1) + i.chr # vary every chunk
+        sent << piece
+        sink.write(piece)
+      end
+    end
+    expect(written).to eq(size)
+    expect(fs.stat("#{dir}/big").size).to eq(size)
+
+    GC.start
+    rss_before = rss_kib
+    got = Digest::SHA256.new
+    total = 0
+    max_chunk = 0
+    peak = 0
+    fs.read_stream("#{dir}/big") do |c|
+      got << c
+      total += c.bytesize
+      max_chunk = c.bytesize if c.bytesize > max_chunk
+      # Collect the consumed chunks now and then, so RSS shows what the stream itself
+      # holds rather than how lazily Ruby's GC frees garbage strings.
+      if (total % (8 << 20)).zero?
+        GC.start
+        peak = [peak, rss_kib - rss_before].max
+      end
+    end
+    expect(total).to eq(size)
+    expect(got.hexdigest).to eq(sent.hexdigest)
+    expect(max_chunk).to be <= 64 * 1024
+    # Reading 64 MiB must never have held much of it in memory.
+    expect(peak).to be < 24 * 1024
+
+    stream = fs.read_stream("#{dir}/big")
+    expect(stream).to be_a(Enumerable)
+    expect(stream.first.bytesize).to be <= 64 * 1024 # leaving early cancels the transfer
+    expect(sb.exec("true").success?).to be(true)
+  end
+
+  it "abandons a write_stream whose block raises, and refuses writes after it" do
+    sink = nil
+    expect do
+      fs.write_stream("#{dir}/aborted") do |s|
+        sink = s
+        s.write("partial")
+        raise ArgumentError, "boom"
+      end
+    end.to raise_error(ArgumentError, "boom")
+    expect { sink.write("more") }.to raise_error(Microsandbox::FilesystemError, /closed/)
+    expect { fs.write_stream("#{dir}/x") { |s| s.write(1) } }.to raise_error(TypeError)
+  end
+
+  def rss_kib
+    File.read("/proc/self/status")[/VmRSS:\s+(\d+)/, 1].to_i
+  end
+end
