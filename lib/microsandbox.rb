@@ -21,6 +21,7 @@ require_relative "microsandbox/sandbox"
 require_relative "microsandbox/sandbox_info"
 require_relative "microsandbox/image"
 require_relative "microsandbox/metrics"
+require_relative "microsandbox/logs"
 
 # Microsandbox: real microVM sandboxes for Ruby. There is no daemon: creating a sandbox
 # starts a VM as a child process of this one.

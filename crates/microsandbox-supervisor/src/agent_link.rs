@@ -84,6 +84,11 @@ pub async fn pump_from_agent(mut rd: OwnedReadHalf, router: Arc<Router>) -> Stri
         };
         let Some(route) = router.get(frame.id) else { continue };
         router.touch();
+        match frame.kind {
+            Kind::Stdout => router.log("stdout", &frame.payload),
+            Kind::Stderr => router.log("stderr", &frame.payload),
+            _ => {}
+        }
         if ends_session {
             router.close(frame.id);
         }

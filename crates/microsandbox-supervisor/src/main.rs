@@ -8,6 +8,7 @@
 mod agent_link;
 mod control;
 mod liveness;
+mod logbook;
 mod router;
 mod vm;
 

@@ -19,13 +19,15 @@ pub struct Route {
 
 pub struct Router {
     inner: Mutex<Inner>,
+    /// Where session output is also logged (unset in tests).
+    log: std::sync::OnceLock<crate::logbook::LogSink>,
     /// Last time a frame crossed in either direction (for `idle_timeout`).
     last_activity: Mutex<std::time::Instant>,
 }
 
 impl Default for Router {
     fn default() -> Self {
-        Router { inner: Mutex::default(), last_activity: Mutex::new(std::time::Instant::now()) }
+        Router { inner: Mutex::default(), log: std::sync::OnceLock::new(), last_activity: Mutex::new(std::time::Instant::now()) }
     }
 }
 
@@ -36,6 +38,18 @@ struct Inner {
 }
 
 impl Router {
+    /// Sends session output to `sink` from now on.
+    pub fn set_log(&self, sink: crate::logbook::LogSink) {
+        let _ = self.log.set(sink);
+    }
+
+    /// Logs session output, if a log is set.
+    pub fn log(&self, source: &'static str, bytes: &[u8]) {
+        if let Some(l) = self.log.get() {
+            l.record(source, bytes);
+        }
+    }
+
     /// Notes traffic; called for every frame relayed.
     pub fn touch(&self) {
         *self.last_activity.lock().unwrap() = std::time::Instant::now();

@@ -11,6 +11,7 @@ mod fs;
 mod gvl;
 mod image;
 mod install;
+mod logs;
 mod metrics;
 mod runtime;
 mod sandbox;
@@ -35,6 +36,7 @@ fn init(ruby: &Ruby) -> Result<(), Error> {
     class.define_method("owns_lifecycle?", method!(sandbox::RbSandbox::owns_lifecycle, 0))?;
     class.define_method("detach", method!(sandbox::RbSandbox::detach, 0))?;
     class.define_method("metrics_json", method!(metrics::metrics_json, 0))?;
+    class.define_method("logs_json", method!(logs::logs_json, 2))?;
     class.define_method("name", method!(sandbox::RbSandbox::name, 0))?;
     class.define_method("info_json", method!(sandbox::RbSandbox::info_json, 0))?;
     class.define_method("running?", method!(sandbox::RbSandbox::is_running, 0))?;

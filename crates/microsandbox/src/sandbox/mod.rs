@@ -8,6 +8,7 @@
 
 pub mod config;
 mod exec;
+pub mod logs;
 pub mod metrics;
 mod fs;
 mod owner;
@@ -349,6 +350,11 @@ impl Sandbox {
             }
             e => e,
         })
+    }
+
+    /// The last `tail` log entries from `sources` (stdout, stderr, system; all when empty).
+    pub fn logs(&self, tail: usize, sources: &[String]) -> Result<Vec<logs::LogEntry>> {
+        logs::read(&self.home.sandbox_dir(&self.name), tail, sources)
     }
 
     /// Labels given at create.
