@@ -116,3 +116,29 @@ RSpec.describe "sandboxes that stop by themselves" do
       .to raise_error(Microsandbox::InvalidConfigError)
   end
 end
+
+RSpec.describe "asynchronous stop controls" do
+  it "request_stop returns at once; wait_until_stopped reports the stop" do
+    name = unique_name("reqstop")
+    sb = Microsandbox::Sandbox.create(name, image: rootfs)
+    not_yet = sb.wait_until_stopped(timeout: 0.2)
+    expect(not_yet.stopped?).to be(false)
+    other = Microsandbox::Sandbox.get(name) # any handle can ask
+    t0 = Process.clock_gettime(Process::CLOCK_MONOTONIC)
+    other.request_stop(timeout: 10)
+    expect(Process.clock_gettime(Process::CLOCK_MONOTONIC) - t0).to be < 1
+    result = sb.wait_until_stopped(timeout: 30)
+    expect(result.stopped?).to be(true)
+    expect(result.name).to eq(name)
+    expect(Microsandbox::Sandbox.get(name).status).to eq(:stopped)
+  end
+
+  it "request_kill kills at once" do
+    sb = Microsandbox::Sandbox.create(unique_name("reqkill"), image: rootfs)
+    vmm = sb.info[:vmm_pid]
+    sb.request_kill
+    expect(sb.wait_until_stopped(timeout: 10).stopped?).to be(true)
+    expect(pid_alive?(vmm)).to be(false)
+    expect { sb.exec("true") }.to raise_error(Microsandbox::SandboxNotRunningError)
+  end
+end

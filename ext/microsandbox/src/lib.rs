@@ -44,6 +44,9 @@ fn init(ruby: &Ruby) -> Result<(), Error> {
     class.define_method("exec_stream", method!(sandbox::RbSandbox::exec_stream, 7))?;
     class.define_method("stop", method!(sandbox::RbSandbox::stop, 1))?;
     class.define_method("kill", method!(sandbox::RbSandbox::kill, 0))?;
+    class.define_method("request_stop", method!(sandbox::RbSandbox::request_stop, 1))?;
+    class.define_method("request_kill", method!(sandbox::RbSandbox::request_kill, 0))?;
+    class.define_method("wait_until_stopped", method!(sandbox::RbSandbox::wait_until_stopped, 1))?;
 
     native.define_singleton_method("all_metrics_json", function!(metrics::all_metrics_json, 1))?;
     native.define_singleton_method("image_list_json", function!(image::list_json, 1))?;

@@ -135,6 +135,23 @@ impl RbSandbox {
         crate::gvl::run(async move { sb.stop(secs(timeout)).await }).map_err(|e| to_ruby(ruby, e))
     }
 
+    pub fn request_stop(ruby: &Ruby, rb_self: &Self, timeout: f64) -> Result<Value, Error> {
+        let sb = rb_self.inner.clone();
+        crate::gvl::run(async move { sb.request_stop(secs(timeout)).await }).map_err(|e| to_ruby(ruby, e))?;
+        Ok(ruby.qnil().as_value())
+    }
+
+    pub fn request_kill(ruby: &Ruby, rb_self: &Self) -> Value {
+        rb_self.inner.request_kill();
+        ruby.qnil().as_value()
+    }
+
+    /// `wait_until_stopped(timeout_secs_or_nil)` → true once stopped, false on timeout.
+    pub fn wait_until_stopped(ruby: &Ruby, rb_self: &Self, timeout: Option<f64>) -> Result<bool, Error> {
+        let sb = rb_self.inner.clone();
+        crate::gvl::run(async move { sb.wait_until_stopped(timeout.map(secs)).await }).map_err(|e| to_ruby(ruby, e))
+    }
+
     pub fn kill(ruby: &Ruby, rb_self: &Self) -> Result<Value, Error> {
         let sb = rb_self.inner.clone();
         crate::gvl::run(async move { sb.kill().await }).map_err(|e| to_ruby(ruby, e))?;

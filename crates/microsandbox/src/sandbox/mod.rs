@@ -475,6 +475,46 @@ impl Sandbox {
         Ok(graceful)
     }
 
+    /// Asks the guest to shut down (killed after `timeout`) and returns at once; see
+    /// [`wait_until_stopped`](Self::wait_until_stopped).
+    pub async fn request_stop(&self, timeout: Duration) -> Result<()> {
+        let mut conn = self.connect().await?;
+        let req = Frame::json(0, Kind::Stop, &StopRequest { timeout_ms: timeout.as_millis() as u64 });
+        // The supervisor carries the stop out even after this connection closes.
+        microsandbox_protocol::write_frame_async(&mut conn, &req).await.map_err(|_| self.not_running())
+    }
+
+    /// Sends SIGKILL to the VM and its supervisor and returns at once.
+    pub fn request_kill(&self) {
+        for pid in [self.info.vmm_pid, self.info.supervisor_pid] {
+            if pid > 0 && crate::state::process_start_time(pid).is_some() {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+    }
+
+    /// Waits until the supervisor is gone (`None`: no limit). Returns false on timeout.
+    pub async fn wait_until_stopped(&self, timeout: Option<Duration>) -> Result<bool> {
+        let pid = self.info.supervisor_pid;
+        let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+        loop {
+            let gone = pid == 0 || crate::state::process_start_time(pid).is_none() || {
+                // Our own child only becomes "gone" once reaped.
+                let mut guard = self.supervisor.lock().await;
+                matches!(guard.as_mut().map(|c| c.try_wait()), Some(Ok(Some(_))))
+            };
+            if gone {
+                self.stopped.store(true, Ordering::SeqCst);
+                self.reap().await;
+                return Ok(true);
+            }
+            if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+                return Ok(false);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Kills the VM at once (SIGKILL to QEMU and the supervisor).
     pub async fn kill(&self) -> Result<()> {
         let was_running = self.is_running();
