@@ -43,6 +43,7 @@ module Microsandbox
       # @param max_duration [Numeric, nil] seconds after which the sandbox stops by itself
       # @param idle_timeout [Numeric, nil] seconds without any running command or call
       #   after which the sandbox stops by itself
+      # @param hostname [String, nil] guest hostname (default: the sandbox name)
       # @param labels [Hash{String=>String}] free-form labels, see {Sandbox.list_with}
       # @param detached [Boolean] let the sandbox outlive this process
       # @param replace [Boolean] stop and remove an existing sandbox of the same name first
@@ -53,10 +54,11 @@ module Microsandbox
       # @raise [InvalidConfigError, ImageNotFoundError, SandboxAlreadyExistsError,
       #   RuntimeUnavailableError, BootFailedError]
       def create(name, image:, cpus: 1, memory: 512, env: {}, workdir: nil, shell: "/bin/sh",
-                 accel: nil, boot_timeout: nil, max_duration: nil, idle_timeout: nil, labels: {},
+                 accel: nil, boot_timeout: nil, max_duration: nil, idle_timeout: nil, hostname: nil, labels: {},
                  detached: false, replace: false, replace_with_timeout: nil, pull_policy: nil,
                  registry_auth: nil, registry_insecure: false, registry_ca_certs: nil, &block)
         config = build_config(name, image, cpus, memory, env, workdir, accel, boot_timeout)
+        config["hostname"] = Validate.string!("hostname", hostname) if hostname
         config.merge!(Image.registry_options(pull_policy: pull_policy, registry_auth: registry_auth,
                                              registry_insecure: registry_insecure,
                                              registry_ca_certs: registry_ca_certs))

@@ -37,6 +37,11 @@ RSpec.describe "bad input to Sandbox.create" do
     no_leftovers(name)
   end
 
+  it "rejects an invalid hostname" do
+    expect { Microsandbox::Sandbox.create(unique_name, image: rootfs, hostname: "bad host") }
+      .to raise_error(Microsandbox::InvalidConfigError, /hostname/)
+  end
+
   it "rejects a relative workdir and NUL bytes in env" do
     expect { Microsandbox::Sandbox.create(unique_name, image: rootfs, workdir: "app") }
       .to raise_error(Microsandbox::InvalidConfigError, /absolute/)

@@ -3,7 +3,7 @@
 # One VM serves all examples here: booting under TCG takes seconds.
 RSpec.describe "Sandbox#exec in a real VM" do
   before(:all) do
-    @sb = Microsandbox::Sandbox.create(unique_name("exec"), image: rootfs,
+    @sb = Microsandbox::Sandbox.create(unique_name("exec"), image: rootfs, hostname: "box.example",
                                                             env: { "BOX_VAR" => "from-box" }, workdir: "/tmp")
   end
 
@@ -16,6 +16,7 @@ RSpec.describe "Sandbox#exec in a real VM" do
     expect(%w[kvm hvf tcg]).to include(sb.info[:accel])
     expect(sb.exec("uname", ["-r"]).stdout.strip).to eq(sb.info[:kernel])
     expect(sb.exec("cat", ["/proc/1/comm"]).stdout).to eq("init\n")
+    expect(sb.exec("hostname").stdout).to eq("box.example\n")
     expect(sb.inspect).to include("running", "accel=#{sb.info[:accel]}")
   end
 

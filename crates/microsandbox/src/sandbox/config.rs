@@ -52,6 +52,9 @@ pub struct SandboxConfig {
     pub accel: Option<String>,
     #[serde(default)]
     pub boot_timeout_ms: Option<u64>,
+    /// Guest hostname (default: the sandbox name).
+    #[serde(default)]
+    pub hostname: Option<String>,
     /// Stop by itself this long after boot (milliseconds).
     #[serde(default)]
     pub max_duration_ms: Option<u64>,
@@ -157,6 +160,17 @@ impl SandboxConfig {
         validate_env(&self.env)?;
         if let Some(w) = &self.workdir {
             validate_guest_path("workdir", w)?;
+        }
+        if let Some(h) = &self.hostname {
+            let ok = !h.is_empty()
+                && h.len() <= 63
+                && h.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+                && !h.starts_with(['-', '.']);
+            if !ok {
+                return Err(Error::InvalidConfig(format!(
+                    "invalid hostname {h:?}: use 1-63 letters, digits, '-' or '.', not starting with '-' or '.'"
+                )));
+            }
         }
         for (what, v) in [("max_duration", self.max_duration_ms), ("idle_timeout", self.idle_timeout_ms)] {
             if v == Some(0) {

@@ -199,7 +199,7 @@ impl Sandbox {
             memory_mib: cfg.memory_mib as u32,
             kernel: rt.kernel.clone(),
             initramfs: rt.initramfs.clone(),
-            cmdline: vmm::qemu::cmdline(&cfg.name),
+            cmdline: vmm::qemu::cmdline(cfg.hostname.as_deref().unwrap_or(&cfg.name)),
             root_disk: root_disk.clone(),
             root_format,
             agent_socket: agent_socket.clone(),
