@@ -44,6 +44,8 @@ module Microsandbox
       # @param idle_timeout [Numeric, nil] seconds without any running command or call
       #   after which the sandbox stops by itself
       # @param hostname [String, nil] guest hostname (default: the sandbox name)
+      # @param user [String, nil] default guest user of commands (default: the image's
+      #   `User`, else root)
       # @param labels [Hash{String=>String}] free-form labels, see {Sandbox.list_with}
       # @param detached [Boolean] let the sandbox outlive this process
       # @param replace [Boolean] stop and remove an existing sandbox of the same name first
@@ -54,11 +56,12 @@ module Microsandbox
       # @raise [InvalidConfigError, ImageNotFoundError, SandboxAlreadyExistsError,
       #   RuntimeUnavailableError, BootFailedError]
       def create(name, image:, cpus: 1, memory: 512, env: {}, workdir: nil, shell: "/bin/sh",
-                 accel: nil, boot_timeout: nil, max_duration: nil, idle_timeout: nil, hostname: nil, labels: {},
+                 accel: nil, boot_timeout: nil, max_duration: nil, idle_timeout: nil, hostname: nil, user: nil, labels: {},
                  detached: false, replace: false, replace_with_timeout: nil, pull_policy: nil,
                  registry_auth: nil, registry_insecure: false, registry_ca_certs: nil, &block)
         config = build_config(name, image, cpus, memory, env, workdir, accel, boot_timeout)
         config["hostname"] = Validate.string!("hostname", hostname) if hostname
+        config["user"] = Validate.string!("user", user) if user
         config.merge!(Image.registry_options(pull_policy: pull_policy, registry_auth: registry_auth,
                                              registry_insecure: registry_insecure,
                                              registry_ca_certs: registry_ca_certs))
@@ -235,15 +238,21 @@ module Microsandbox
     # @param env [Hash{String=>String}, nil] added to the sandbox environment
     # @param stdin [String, nil] bytes fed to the command's stdin (closed afterwards)
     # @param timeout [Numeric, nil] seconds before the command is killed
+    # @param user [String, nil] guest user: "name", "uid", "name:group" or "uid:gid"
+    #   (default: the sandbox's `user:`, else root)
+    # @param rlimits [Hash{Symbol=>Integer, Array(Integer, Integer)}, nil] resource limits,
+    #   e.g. `{ nofile: 256, nproc: [64, 128] }` (a single value sets soft and hard)
     # @return [ExecOutput]
     # @raise [ExecFailedError] the command could not be started (e.g. not found)
     # @raise [ExecTimeoutError] the command ran past `timeout`
     # @raise [SandboxNotRunningError] the sandbox is stopped or its VM died
-    def exec(cmd, args = [], cwd: nil, env: nil, stdin: nil, timeout: nil)
+    def exec(cmd, args = [], cwd: nil, env: nil, stdin: nil, timeout: nil, user: nil, rlimits: nil)
       program, argv, pairs, cwd, seconds = exec_arguments(cmd, args, cwd, env, timeout)
       stdin = stdin.nil? ? nil : Validate.string!("stdin", stdin).b
+      user = Validate.optional_string!("user", user)
+      limits = Validate.rlimits!("rlimits", rlimits)
       Instrumentation.instrument("exec.microsandbox", sandbox: name, cmd: program) do
-        code, signal, out, err = @native.exec(program, argv, pairs, cwd, seconds, stdin)
+        code, signal, out, err = @native.exec(program, argv, pairs, cwd, seconds, stdin, user, limits)
         ExecOutput.new(exit_code: code, signal: signal, stdout: out, stderr: err)
       end
     end
@@ -262,11 +271,13 @@ module Microsandbox
     # @param env [Hash{String=>String}, nil]
     # @param timeout [Numeric, nil] seconds before the command is killed
     # @return [ExecHandle]
-    def exec_stream(cmd, args = [], cwd: nil, env: nil, stdin: nil, timeout: nil)
+    def exec_stream(cmd, args = [], cwd: nil, env: nil, stdin: nil, timeout: nil, user: nil, rlimits: nil)
       program, argv, pairs, cwd, seconds = exec_arguments(cmd, args, cwd, env, timeout)
       pipe = stdin == :pipe
       data = pipe || stdin.nil? ? nil : Validate.string!("stdin", stdin).b
-      native = @native.exec_stream(program, argv, pairs, cwd, seconds, data, pipe)
+      user = Validate.optional_string!("user", user)
+      limits = Validate.rlimits!("rlimits", rlimits)
+      native = @native.exec_stream(program, argv, pairs, cwd, seconds, data, pipe, user, limits)
       ExecHandle.new(native)
     end
 

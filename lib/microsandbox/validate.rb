@@ -45,6 +45,21 @@ module Microsandbox
       end
     end
 
+    # `{ nofile: 256, nproc: [64, 128] }` → [["nofile", 256, 256], ["nproc", 64, 128]].
+    def rlimits!(name, value)
+      return [] if value.nil?
+      raise TypeError, "#{name} must be a Hash of resource => Integer or [soft, hard] (got #{value.class})" unless value.is_a?(Hash)
+
+      value.map do |res, lim|
+        soft, hard = lim.is_a?(Array) ? lim : [lim, lim]
+        unless soft.is_a?(Integer) && hard.is_a?(Integer) && !soft.negative? && !hard.negative?
+          raise TypeError, "#{name}[#{res.inspect}] must be a non-negative Integer or [soft, hard] (got #{lim.inspect})"
+        end
+
+        [res.to_s, soft, hard]
+      end
+    end
+
     # Positive number of seconds or nil.
     def timeout!(name, value)
       return nil if value.nil?

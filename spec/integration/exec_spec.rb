@@ -120,3 +120,31 @@ RSpec.describe "Sandbox#exec in a real VM" do
     expect(Process.clock_gettime(Process::CLOCK_MONOTONIC) - t0).to be < 5
   end
 end
+
+RSpec.describe "exec as another user and with resource limits" do
+  before(:all) { @sb = Microsandbox::Sandbox.create(unique_name("user"), image: rootfs, user: "nobody") }
+  after(:all) { @sb&.kill }
+
+  let(:sb) { @sb }
+
+  it "runs as the sandbox's default user, or as user: per call" do
+    expect(sb.shell("id -u; id -g").stdout).to eq("65534\n65534\n")
+    expect(sb.exec("id", ["-u"], user: "root").stdout).to eq("0\n")
+    expect(sb.exec("id", ["-u"], user: "1234:99").stdout).to eq("1234\n")
+    expect(sb.exec("id", ["-g"], user: "1234:99").stdout).to eq("99\n")
+    expect(sb.exec("touch", ["/etc/forbidden"]).success?).to be(false) # nobody can't write /etc
+  end
+
+  it "rejects unknown users" do
+    expect { sb.exec("true", user: "ghost") }.to raise_error(Microsandbox::InvalidConfigError, /unknown user/)
+  end
+
+  it "applies rlimits" do
+    out = sb.shell("ulimit -n; ulimit -Hn", rlimits: { nofile: [32, 64] }, user: "root")
+    expect(out.stdout).to eq("32\n64\n")
+    expect { sb.exec("true", rlimits: { bogus: 1 }) }.to raise_error(Microsandbox::InvalidConfigError, /rlimit/)
+    expect { sb.exec("true", rlimits: { nofile: "x" }) }.to raise_error(TypeError)
+    stream = sb.exec_stream("sh", ["-c", "ulimit -n"], rlimits: { nofile: 40 })
+    expect(stream.collect.stdout).to eq("40\n")
+  end
+end

@@ -128,8 +128,26 @@ pub fn prepare(req: &ExecRequest) -> Result<Prepared, Failure> {
         .map_or(DEFAULT_PATH, |(_, v)| v);
     let path = resolve(&req.program, search, Path::new(cwd))
         .map_err(|errno| Failure::os(&req.program, errno))?;
+    let mut path = cstring("program", path.into_os_string().into_encoded_bytes())?;
+    if req.user.is_some() || !req.rlimits.is_empty() {
+        // Through the trampoline: it sets limits and credentials, then execs `path`.
+        let ids = match &req.user {
+            Some(u) => crate::identity::resolve(u).map_err(Failure::invalid)?,
+            None => crate::identity::Ids { uid: 0, gid: 0 },
+        };
+        let limits = crate::identity::encode_limits(&req.rlimits).map_err(Failure::invalid)?;
+        let mut t: Vec<CString> = crate::identity::trampoline_args(ids, &limits)
+            .into_iter()
+            .map(|a| cstring("argument", a))
+            .collect::<Result<_, _>>()?;
+        t.push(cstring("argument", "--")?);
+        t.push(path);
+        t.append(&mut argv);
+        argv = t;
+        path = cstring("program", "/proc/self/exe")?;
+    }
     Ok(Prepared {
-        path: cstring("program", path.into_os_string().into_encoded_bytes())?,
+        path,
         argv,
         envp,
         cwd: cstring("cwd", cwd)?,

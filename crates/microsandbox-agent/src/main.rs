@@ -7,6 +7,7 @@
 mod boot;
 mod command;
 mod fs;
+mod identity;
 mod port;
 mod procfs;
 mod reaper;
@@ -28,6 +29,13 @@ use crate::session::Sessions;
 use crate::wire::Sink;
 
 fn main() {
+    // Trampoline mode (see identity.rs): a child about to become another user's program.
+    let args: Vec<std::ffi::CString> = std::env::args_os()
+        .filter_map(|a| std::ffi::CString::new(a.into_encoded_bytes()).ok())
+        .collect();
+    if args.get(1).map(|a| a.as_bytes()) == Some(identity::TRAMPOLINE_FLAG.as_bytes()) {
+        identity::trampoline(&args);
+    }
     // Mounting over /dev and rebooting are only sane inside the VM: refuse anywhere else.
     if std::process::id() != 1 {
         eprintln!("msb-agent: must run as PID 1 (the init of a sandbox VM)");

@@ -31,7 +31,28 @@ pub struct ExecRequest {
     /// When true the host sends `Stdin` frames then `StdinEof`; otherwise stdin is `/dev/null`.
     #[serde(default)]
     pub stdin: bool,
+    /// Run as this user: `name`, `uid`, `name:group` or `uid:gid` (guest /etc/passwd and
+    /// /etc/group resolve names). `None`: as the agent (root).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Resource limits applied before the program starts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rlimits: Vec<Rlimit>,
 }
+
+/// One resource limit, e.g. `nofile` 256/256. Names are the lowercase `RLIMIT_*` suffixes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Rlimit {
+    pub resource: String,
+    pub soft: u64,
+    pub hard: u64,
+}
+
+/// Resource names an [`Rlimit`] may use.
+pub const RLIMIT_NAMES: &[&str] = &[
+    "as", "core", "cpu", "data", "fsize", "locks", "memlock", "msgqueue", "nice", "nofile", "nproc", "rss", "rtprio",
+    "sigpending", "stack",
+];
 
 /// `Exited`: how the process ended. Sent after all of its output frames.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

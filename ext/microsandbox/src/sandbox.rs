@@ -16,6 +16,24 @@ pub struct RbSandbox {
     pub(crate) inner: Arc<Sandbox>,
 }
 
+#[allow(clippy::too_many_arguments)]
+fn exec_call(
+    program: String,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    cwd: Option<String>,
+    timeout: Option<f64>,
+    stdin: Option<Vec<u8>>,
+    user: Option<String>,
+    rlimits: Vec<(String, u64, u64)>,
+) -> ExecCall {
+    let rlimits = rlimits
+        .into_iter()
+        .map(|(resource, soft, hard)| microsandbox_protocol::Rlimit { resource, soft, hard })
+        .collect();
+    ExecCall { program, args, env, cwd, timeout: timeout.map(secs), stdin, user, rlimits }
+}
+
 fn secs(t: f64) -> Duration {
     Duration::from_secs_f64(t.max(0.0))
 }
@@ -94,10 +112,12 @@ impl RbSandbox {
         cwd: Option<String>,
         timeout: Option<f64>,
         stdin: Option<RString>,
+        user: Option<String>,
+        rlimits: Vec<(String, u64, u64)>,
     ) -> Result<RArray, Error> {
         // Copy Ruby bytes out before the GVL is released: GC may move them.
         let stdin = stdin.map(|s| unsafe { s.as_slice() }.to_vec());
-        let call = ExecCall { program, args, env, cwd, timeout: timeout.map(secs), stdin };
+        let call = exec_call(program, args, env, cwd, timeout, stdin, user, rlimits);
         let sb = rb_self.inner.clone();
         let res = crate::gvl::run(async move { sb.exec(call).await }).map_err(|e| to_ruby(ruby, e))?;
         let out = ruby.ary_new_capa(4);
@@ -121,9 +141,11 @@ impl RbSandbox {
         timeout: Option<f64>,
         stdin: Option<RString>,
         stdin_pipe: bool,
+        user: Option<String>,
+        rlimits: Vec<(String, u64, u64)>,
     ) -> Result<crate::exec_stream::RbExecStream, Error> {
         let stdin = stdin.map(|s| unsafe { s.as_slice() }.to_vec());
-        let call = ExecCall { program, args, env, cwd, timeout: timeout.map(secs), stdin };
+        let call = exec_call(program, args, env, cwd, timeout, stdin, user, rlimits);
         let sb = rb_self.inner.clone();
         let stream = crate::gvl::run(async move { sb.exec_stream(call, stdin_pipe).await }).map_err(|e| to_ruby(ruby, e))?;
         Ok(crate::exec_stream::RbExecStream::new(stream))

@@ -52,6 +52,9 @@ pub struct SandboxConfig {
     pub accel: Option<String>,
     #[serde(default)]
     pub boot_timeout_ms: Option<u64>,
+    /// Default guest user of commands (`name`, `uid`, `name:group`, `uid:gid`).
+    #[serde(default)]
+    pub user: Option<String>,
     /// Guest hostname (default: the sandbox name).
     #[serde(default)]
     pub hostname: Option<String>,

@@ -30,6 +30,10 @@ pub struct ExecCall {
     pub cwd: Option<String>,
     pub timeout: Option<Duration>,
     pub stdin: Option<Vec<u8>>,
+    /// Run as this guest user (`name`, `uid`, `name:group`, `uid:gid`); default: the sandbox's.
+    pub user: Option<String>,
+    /// Resource limits for the command.
+    pub rlimits: Vec<microsandbox_protocol::Rlimit>,
 }
 
 /// A finished command.
@@ -43,7 +47,25 @@ pub struct ExecResult {
 
 impl ExecCall {
     /// Validates the call and merges environments: PATH default < sandbox env < call env.
-    pub fn into_request(&self, sandbox_env: &[(String, String)], workdir: Option<&str>) -> Result<ExecRequest> {
+    pub fn into_request(&self, sandbox_env: &[(String, String)], workdir: Option<&str>, default_user: Option<&str>) -> Result<ExecRequest> {
+        for l in &self.rlimits {
+            if !microsandbox_protocol::RLIMIT_NAMES.contains(&l.resource.as_str()) {
+                return Err(Error::InvalidConfig(format!(
+                    "unknown rlimit {:?}; use one of {}",
+                    l.resource,
+                    microsandbox_protocol::RLIMIT_NAMES.join(", ")
+                )));
+            }
+            if l.soft > l.hard {
+                return Err(Error::InvalidConfig(format!("rlimit {}: soft limit above hard limit", l.resource)));
+            }
+        }
+        let user = self.user.clone().or_else(|| default_user.map(str::to_string));
+        if let Some(u) = &user {
+            if u.is_empty() || u.contains(['\0', ',', ' ']) || u.len() > 256 {
+                return Err(Error::InvalidConfig(format!("invalid user {u:?}; use name, uid, name:group or uid:gid")));
+            }
+        }
         if self.program.is_empty() || self.program.contains('\0') {
             return Err(Error::InvalidConfig("command must be a non-empty string without NUL bytes".into()));
         }
@@ -67,6 +89,8 @@ impl ExecCall {
             cwd: self.cwd.clone().or_else(|| workdir.map(str::to_string)),
             timeout_ms: self.timeout.map(|t| t.as_millis().max(1) as u64),
             stdin: self.stdin.is_some(),
+            user,
+            rlimits: self.rlimits.clone(),
         })
     }
 }
@@ -159,7 +183,7 @@ mod tests {
             ..Default::default()
         };
         let req = call
-            .into_request(&[("A".into(), "box".into()), ("B".into(), "box".into())], Some("/w"))
+            .into_request(&[("A".into(), "box".into()), ("B".into(), "box".into())], Some("/w"), None)
             .unwrap();
         let get = |k: &str| req.env.iter().find(|(ek, _)| ek == k).map(|(_, v)| v.as_str());
         assert_eq!(get("A"), Some("call"));
@@ -171,8 +195,8 @@ mod tests {
     #[test]
     fn rejects_nul() {
         let call = ExecCall { program: "a\0".into(), ..Default::default() };
-        assert!(call.into_request(&[], None).is_err());
+        assert!(call.into_request(&[], None, None).is_err());
         let call = ExecCall { program: "a".into(), args: vec!["\0".into()], ..Default::default() };
-        assert!(call.into_request(&[], None).is_err());
+        assert!(call.into_request(&[], None, None).is_err());
     }
 }

@@ -47,6 +47,8 @@ pub struct Sandbox {
     env: Vec<(String, String)>,
     workdir: Option<String>,
     labels: BTreeMap<String, String>,
+    /// Default guest user of commands.
+    user: Option<String>,
     memory_mib: u64,
     info: Info,
     supervisor: Mutex<Option<tokio::process::Child>>,
@@ -254,6 +256,7 @@ impl Sandbox {
             env: cfg.env,
             workdir: cfg.workdir,
             labels,
+            user: cfg.user.clone(),
             memory_mib: cfg.memory_mib,
             info,
             supervisor: Mutex::new(child),
@@ -303,6 +306,7 @@ impl Sandbox {
             env: cfg.env,
             workdir: cfg.workdir,
             labels: rec.labels,
+            user: cfg.user.clone(),
             memory_mib: cfg.memory_mib,
             info,
             supervisor: Mutex::new(None),
@@ -426,7 +430,7 @@ impl Sandbox {
     /// Runs a command and collects its output. A non-zero exit is a result, not an error.
     pub async fn exec(&self, call: ExecCall) -> Result<ExecResult> {
         let conn = self.connect().await?;
-        let req = call.into_request(&self.env, self.workdir.as_deref())?;
+        let req = call.into_request(&self.env, self.workdir.as_deref(), self.user.as_deref())?;
         exec::run(conn, req, call_stdin(&call), call.timeout).await.map_err(|e| match e {
             Error::SandboxNotRunning(_) => {
                 self.stopped.store(true, Ordering::SeqCst);
@@ -441,7 +445,7 @@ impl Sandbox {
     /// `call.stdin` (or empty).
     pub async fn exec_stream(&self, call: ExecCall, stdin_pipe: bool) -> Result<ExecStream> {
         let conn = self.connect().await?;
-        let mut req = call.into_request(&self.env, self.workdir.as_deref())?;
+        let mut req = call.into_request(&self.env, self.workdir.as_deref(), self.user.as_deref())?;
         req.stdin = stdin_pipe || call.stdin.is_some();
         ExecStream::start(conn, req, if stdin_pipe { None } else { call.stdin.clone() }).await
     }
@@ -596,6 +600,9 @@ fn apply_image_config(cfg: &mut SandboxConfig, image: &crate::image::ImageConfig
     cfg.env = env;
     if cfg.workdir.is_none() {
         cfg.workdir = image.working_dir.clone().filter(|w| w.starts_with('/'));
+    }
+    if cfg.user.is_none() {
+        cfg.user = image.user.clone().filter(|u| !u.is_empty());
     }
 }
 
