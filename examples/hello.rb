@@ -7,7 +7,7 @@ require_relative "../spec/support/rootfs"
 
 rootfs = MicrosandboxSpec::Rootfs.busybox_dir
 started = Process.clock_gettime(Process::CLOCK_MONOTONIC)
-Microsandbox::Sandbox.create("hello", image: rootfs) do |sb|
+Microsandbox::Sandbox.create("hello", image: rootfs, replace: true) do |sb|
   booted = Process.clock_gettime(Process::CLOCK_MONOTONIC) - started
   out = sb.shell('echo "Hello, World! from $(hostname), kernel $(uname -r)"')
   puts out.stdout
