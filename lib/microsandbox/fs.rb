@@ -1,6 +1,16 @@
 # frozen_string_literal: true
 
 module Microsandbox
+  # Kind predicates shared by {FsEntry} and {FsMetadata} (both have `#kind`).
+  module FsKind
+    # @return [Boolean]
+    def file? = kind == :file
+    # @return [Boolean]
+    def directory? = kind == :directory
+    # @return [Boolean]
+    def symlink? = kind == :symlink
+  end
+
   # One entry of {FS#list}.
   class FsEntry
     # @return [String] file name
@@ -24,12 +34,7 @@ module Microsandbox
       freeze
     end
 
-    # @return [Boolean]
-    def file? = kind == :file
-    # @return [Boolean]
-    def directory? = kind == :directory
-    # @return [Boolean]
-    def symlink? = kind == :symlink
+    include FsKind
 
     # @return [String]
     def inspect
@@ -63,12 +68,7 @@ module Microsandbox
       freeze
     end
 
-    # @return [Boolean]
-    def file? = kind == :file
-    # @return [Boolean]
-    def directory? = kind == :directory
-    # @return [Boolean]
-    def symlink? = kind == :symlink
+    include FsKind
 
     # @return [String]
     def inspect
