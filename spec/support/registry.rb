@@ -81,7 +81,48 @@ module MicrosandboxSpec
       "#{host}/#{name}:#{tag}"
     end
 
+    # Pushes prepared gzip layer files (objects with #path, #digest, #size, #diff_id), in
+    # order, as one image; returns "host/name:tag".
+    def push_layers(name, tag, layers, env: [], workdir: nil, cmd: nil)
+      layers.each { |l| upload_file(name, l.path, l.digest) }
+      config_json = JSON.generate(
+        "architecture" => "amd64", "os" => "linux",
+        "config" => { "Env" => env, "WorkingDir" => workdir, "Cmd" => cmd }.compact,
+        "rootfs" => { "type" => "layers", "diff_ids" => layers.map(&:diff_id) }
+      )
+      config = upload(name, config_json)
+      manifest = JSON.generate(
+        "schemaVersion" => 2,
+        "mediaType" => "application/vnd.oci.image.manifest.v1+json",
+        "config" => { "mediaType" => "application/vnd.oci.image.config.v1+json", "digest" => config, "size" => config_json.bytesize },
+        "layers" => layers.map { |l| { "mediaType" => "application/vnd.oci.image.layer.v1.tar+gzip", "digest" => l.digest, "size" => l.size } }
+      )
+      request(Net::HTTP::Put, "/v2/#{name}/manifests/#{tag}", manifest,
+              "Content-Type" => "application/vnd.oci.image.manifest.v1+json")
+      "#{host}/#{name}:#{tag}"
+    end
+
     private
+
+    # Streams a (large) blob from a file, unless the registry already has it.
+    def upload_file(name, path, digest)
+      h, p = host.split(":")
+      Net::HTTP.start(h, p.to_i) do |http|
+        return if http.head("/v2/#{name}/blobs/#{digest}").code == "200"
+      end
+      res = request(Net::HTTP::Post, "/v2/#{name}/blobs/uploads/", "")
+      location = URI.join("http://#{host}", res["Location"])
+      query = [location.query, "digest=#{digest}"].compact.join("&")
+      File.open(path, "rb") do |f|
+        Net::HTTP.start(h, p.to_i, read_timeout: 300) do |http|
+          req = Net::HTTP::Put.new("#{location.path}?#{query}", "Content-Type" => "application/octet-stream",
+                                                               "Content-Length" => File.size(path).to_s)
+          req.body_stream = f
+          res = http.request(req)
+          raise "registry PUT blob #{digest}: #{res.code} #{res.body}" unless res.code.start_with?("2")
+        end
+      end
+    end
 
     def upload(name, bytes)
       digest = "sha256:#{Digest::SHA256.hexdigest(bytes)}"
