@@ -89,6 +89,33 @@ RSpec.describe "named, persistent sandboxes" do
     sb.kill
     expect(Microsandbox::Sandbox.get(name).status).to eq(:stopped)
   end
+
+  # Children of this process in state `state` (nil: any), from /proc/<pid>/stat.
+  def children_of_self(state = nil)
+    Dir["/proc/[0-9]*/stat"].filter_map do |f|
+      fields = File.read(f).split(") ").last.split
+      f.split("/")[2].to_i if fields[1].to_i == Process.pid && (state.nil? || fields[0] == state)
+    rescue Errno::ENOENT, Errno::ESRCH
+      nil
+    end
+  end
+
+  it "reaps the supervisors of sandboxes it detached, without stopping them" do
+    names = [unique_name("reap-det"), unique_name("reap-own")]
+    detached = Microsandbox::Sandbox.create(names[0], image: rootfs, detached: true)
+    owned = Microsandbox::Sandbox.create(names[1], image: rootfs)
+    owned.detach
+    supervisors = [detached, owned].map { |sb| sb.info[:supervisor_pid] }
+    expect(children_of_self).to include(*supervisors)
+    detached = owned = nil
+    GC.start # dropping the handles must not stop the sandboxes
+    names.each { |n| expect(Microsandbox::Sandbox.get(n).exec("true").success?).to be(true) }
+
+    names.each { |n| Microsandbox::Sandbox.get(n).stop }
+    expect(supervisors).to all(satisfy { |p| !pid_alive?(p) })
+    expect(wait_until(timeout: 5) { (children_of_self("Z") & supervisors).empty? }).to be(true)
+    expect(children_of_self & supervisors).to be_empty
+  end
 end
 
 RSpec.describe "sandboxes that stop by themselves" do

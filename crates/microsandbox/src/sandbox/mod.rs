@@ -241,10 +241,7 @@ impl Sandbox {
         };
         StateDb::open(home)?.set_running(&cfg.name, info.supervisor_pid, &serde_json::to_string(&info).unwrap(), detached)?;
         let child = if detached {
-            // tokio's Child kills on drop (which protects a cancelled boot); a detached
-            // supervisor must outlive this handle, so the handle is leaked instead. Its
-            // zombie entry, if it exits before this process, is reaped by init later.
-            std::mem::forget(child);
+            owner::reap_in_background(child);
             None
         } else {
             Some(child)
@@ -385,9 +382,8 @@ impl Sandbox {
         StateDb::open(&self.home)?.set_detached(&self.name, true)?;
         self.owns.store(false, Ordering::SeqCst);
         self.liveness.lock().unwrap().take();
-        // Dropping the Child would kill the supervisor (kill_on_drop): leak it instead.
         if let Some(child) = self.supervisor.lock().await.take() {
-            std::mem::forget(child);
+            owner::reap_in_background(child);
         }
         Ok(())
     }

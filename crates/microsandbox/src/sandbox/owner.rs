@@ -52,6 +52,35 @@ pub fn spawn_supervisor(bin: &Path, spec: &Path, dir: &Path, owned: bool) -> Res
     Ok((child, owned.then_some(write_end)))
 }
 
+/// Gives up ownership of a supervisor that must outlive this handle (a detached
+/// sandbox) without killing it, and still reaps it when it exits, so it never stays a
+/// zombie child of this process.
+///
+/// The `Child` has `kill_on_drop` (which protects a cancelled boot), so it must not be
+/// dropped while the supervisor runs: a task on the current runtime waits for the exit.
+/// Should that task be dropped first (its runtime shut down; the Ruby extension never
+/// shuts its runtime down), [`NoKill`] forgets the handle instead of killing.
+pub fn reap_in_background(child: tokio::process::Child) {
+    let mut guard = NoKill(Some(child));
+    tokio::spawn(async move {
+        if let Some(c) = guard.0.as_mut() {
+            let _ = c.wait().await;
+        }
+        // Exited and reaped: dropping the handle now kills nothing.
+        drop(guard.0.take());
+    });
+}
+
+/// Holds a child that must never be killed by being dropped.
+struct NoKill(Option<tokio::process::Child>);
+impl Drop for NoKill {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.take() {
+            std::mem::forget(c);
+        }
+    }
+}
+
 /// Waits for the supervisor's one-line startup report.
 pub async fn read_startup(child: &mut tokio::process::Child, within: Duration) -> Result<StartupReport> {
     let stdout = child.stdout.take().expect("stdout is piped");
