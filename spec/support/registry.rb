@@ -34,7 +34,8 @@ module MicrosandboxSpec
           delete: { enabled: true }
         http: { addr: #{@host} }
       YAML
-      @pid = Process.spawn(BINARY, "serve", File.join(@dir, "config.yml"), out: File::NULL, err: File::NULL)
+      # stdout is the access log (combined log format), read by #requests.
+      @pid = Process.spawn(BINARY, "serve", File.join(@dir, "config.yml"), out: access_log, err: File::NULL)
       deadline = Time.now + 20
       until ping
         raise "docker-registry did not start on #{@host}" if Time.now > deadline
@@ -55,6 +56,11 @@ module MicrosandboxSpec
     ensure
       @pid = nil
       FileUtils.rm_rf(@dir) if @dir
+    end
+
+    # How many requests so far had `method` and a path starting with `path_prefix`.
+    def requests(method, path_prefix)
+      File.foreach(access_log).count { |l| l.include?("\"#{method} #{path_prefix}") }
     end
 
     # Pushes `rootfs_dir` as a one-layer image; returns "host/name:tag".
@@ -103,6 +109,8 @@ module MicrosandboxSpec
     end
 
     private
+
+    def access_log = File.join(@dir, "access.log")
 
     # Streams a (large) blob from a file, unless the registry already has it.
     def upload_file(name, path, digest)
