@@ -82,10 +82,16 @@ module Microsandbox
     attr_reader :exit_code
 
     # @api private
-    def initialize(native)
+    def initialize(native, tty: false)
       @native = native
+      @tty = tty
       @done = false
       @exit_code = nil
+    end
+
+    # @return [Boolean] true when the command runs on a pseudo-terminal (`tty: true`)
+    def tty?
+      @tty
     end
 
     # Yields each event as it arrives. Without a block, returns an Enumerator.
@@ -126,7 +132,8 @@ module Microsandbox
       ExecOutput.new(exit_code: last&.exit_code, signal: last&.signal, stdout: out, stderr: err)
     end
 
-    # @return [ExecStdin] the command's stdin (writable when started with `stdin: :pipe`)
+    # @return [ExecStdin] the command's stdin (writable when started with `stdin: :pipe`
+    #   or `tty: true`)
     def stdin
       @stdin ||= ExecStdin.new(@native)
     end
@@ -136,6 +143,24 @@ module Microsandbox
     # @return [nil]
     def signal(signal)
       @native.signal(Validate.integer!("signal", signal))
+      nil
+    end
+
+    # Changes the size of the command's terminal; the guest kernel sends SIGWINCH to the
+    # terminal's foreground process group.
+    # @param rows [Integer] 1..65535
+    # @param cols [Integer] 1..65535
+    # @return [nil]
+    # @raise [InvalidConfigError] the command has no terminal (started without `tty: true`),
+    #   or a size is out of range
+    # @raise [TypeError] a size is not an Integer
+    # @raise [ExecFailedError] the command has finished
+    def resize(rows, cols)
+      rows = Validate.winsize!("rows", rows)
+      cols = Validate.winsize!("cols", cols)
+      raise InvalidConfigError, "resize needs a terminal: start the command with tty: true" unless @tty
+
+      @native.resize(rows, cols)
       nil
     end
 

@@ -242,17 +242,25 @@ module Microsandbox
     #   (default: the sandbox's `user:`, else root)
     # @param rlimits [Hash{Symbol=>Integer, Array(Integer, Integer)}, nil] resource limits,
     #   e.g. `{ nofile: 256, nproc: [64, 128] }` (a single value sets soft and hard)
+    # @param tty [Boolean] run on a pseudo-terminal: stdout and stderr arrive merged (with
+    #   CRLF line ends) in `stdout`, and stdin ends with the terminal's EOF character;
+    #   `TERM` defaults to "xterm"
+    # @param rows [Integer, nil] terminal height with `tty: true` (1..65535, default 24)
+    # @param cols [Integer, nil] terminal width with `tty: true` (1..65535, default 80)
     # @return [ExecOutput]
     # @raise [ExecFailedError] the command could not be started (e.g. not found)
     # @raise [ExecTimeoutError] the command ran past `timeout`
     # @raise [SandboxNotRunningError] the sandbox is stopped or its VM died
-    def exec(cmd, args = [], cwd: nil, env: nil, stdin: nil, timeout: nil, user: nil, rlimits: nil)
+    # @raise [InvalidConfigError] `rows:`/`cols:` out of range or given without `tty: true`
+    def exec(cmd, args = [], cwd: nil, env: nil, stdin: nil, timeout: nil, user: nil, rlimits: nil,
+             tty: false, rows: nil, cols: nil)
       program, argv, pairs, cwd, seconds = exec_arguments(cmd, args, cwd, env, timeout)
       stdin = stdin.nil? ? nil : Validate.string!("stdin", stdin).b
       user = Validate.optional_string!("user", user)
       limits = Validate.rlimits!("rlimits", rlimits)
+      size = Validate.tty!(tty, rows, cols)
       Instrumentation.instrument("exec.microsandbox", sandbox: name, cmd: program) do
-        code, signal, out, err = @native.exec(program, argv, pairs, cwd, seconds, stdin, user, limits)
+        code, signal, out, err = @native.exec(program, argv, pairs, cwd, seconds, stdin, user, limits, size)
         ExecOutput.new(exit_code: code, signal: signal, stdout: out, stderr: err)
       end
     end
@@ -270,15 +278,24 @@ module Microsandbox
     # @param cwd [String, nil]
     # @param env [Hash{String=>String}, nil]
     # @param timeout [Numeric, nil] seconds before the command is killed
+    # @param tty [Boolean] run on a pseudo-terminal (the command's stdin, stdout, stderr and
+    #   controlling terminal): all output arrives as stdout events, stdin stays open for
+    #   {ExecHandle#stdin} (closing it types the EOF character), {ExecHandle#resize}
+    #   changes the size; `TERM` defaults to "xterm"
+    # @param rows [Integer, nil] initial terminal height with `tty: true` (default 24)
+    # @param cols [Integer, nil] initial terminal width with `tty: true` (default 80)
     # @return [ExecHandle]
-    def exec_stream(cmd, args = [], cwd: nil, env: nil, stdin: nil, timeout: nil, user: nil, rlimits: nil)
+    # @raise [InvalidConfigError] `rows:`/`cols:` out of range or given without `tty: true`
+    def exec_stream(cmd, args = [], cwd: nil, env: nil, stdin: nil, timeout: nil, user: nil, rlimits: nil,
+                    tty: false, rows: nil, cols: nil)
       program, argv, pairs, cwd, seconds = exec_arguments(cmd, args, cwd, env, timeout)
       pipe = stdin == :pipe
       data = pipe || stdin.nil? ? nil : Validate.string!("stdin", stdin).b
       user = Validate.optional_string!("user", user)
       limits = Validate.rlimits!("rlimits", rlimits)
-      native = @native.exec_stream(program, argv, pairs, cwd, seconds, data, pipe, user, limits)
-      ExecHandle.new(native)
+      size = Validate.tty!(tty, rows, cols)
+      native = @native.exec_stream(program, argv, pairs, cwd, seconds, data, pipe, user, limits, size)
+      ExecHandle.new(native, tty: !size.nil?)
     end
 
     # {#exec_stream} of a shell script (`sh -c script`).

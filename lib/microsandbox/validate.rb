@@ -60,6 +60,25 @@ module Microsandbox
       end
     end
 
+    # A terminal dimension: Integer rows or cols in 1..65535 (the guest's winsize is 16-bit).
+    def winsize!(name, value)
+      integer!(name, value)
+      return value if value.between?(1, 65_535)
+
+      raise InvalidConfigError, "#{name} must be between 1 and 65535 (got #{value})"
+    end
+
+    # `tty:`/`rows:`/`cols:` of an exec → nil (pipes) or [rows, cols] (default 24x80).
+    def tty!(tty, rows, cols)
+      raise TypeError, "tty must be true or false (got #{tty.class})" unless [true, false].include?(tty)
+      unless tty
+        return nil if rows.nil? && cols.nil?
+
+        raise InvalidConfigError, "rows: and cols: size a terminal; pass tty: true as well"
+      end
+      [rows.nil? ? 24 : winsize!("rows", rows), cols.nil? ? 80 : winsize!("cols", cols)]
+    end
+
     # Positive number of seconds or nil.
     def timeout!(name, value)
       return nil if value.nil?

@@ -6,7 +6,7 @@ use std::ffi::CString;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use microsandbox_protocol::ExecRequest;
+use microsandbox_protocol::{ExecRequest, WinSize};
 
 /// PATH searched when the request's environment has none.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -51,6 +51,10 @@ pub struct Prepared {
     pub envp: Vec<CString>,
     pub cwd: CString,
     pub stdin: bool,
+    /// Run on a pseudo-terminal of this size instead of pipes.
+    pub tty: Option<WinSize>,
+    /// Who gets the terminal (like `login` does): the requested user, else root.
+    pub tty_owner: crate::identity::Ids,
 }
 
 /// The environment exactly as given, later duplicates overriding earlier ones (the
@@ -129,12 +133,17 @@ pub fn prepare(req: &ExecRequest) -> Result<Prepared, Failure> {
     let path = resolve(&req.program, search, Path::new(cwd))
         .map_err(|errno| Failure::os(&req.program, errno))?;
     let mut path = cstring("program", path.into_os_string().into_encoded_bytes())?;
+    if let Some(size) = req.tty {
+        if !size.is_valid() {
+            return Err(Failure::invalid(format!("terminal size {}x{} must be at least 1x1", size.rows, size.cols)));
+        }
+    }
+    let ids = match &req.user {
+        Some(u) => crate::identity::resolve(u).map_err(Failure::invalid)?,
+        None => crate::identity::Ids { uid: 0, gid: 0 },
+    };
     if req.user.is_some() || !req.rlimits.is_empty() {
         // Through the trampoline: it sets limits and credentials, then execs `path`.
-        let ids = match &req.user {
-            Some(u) => crate::identity::resolve(u).map_err(Failure::invalid)?,
-            None => crate::identity::Ids { uid: 0, gid: 0 },
-        };
         let limits = crate::identity::encode_limits(&req.rlimits).map_err(Failure::invalid)?;
         let mut t: Vec<CString> = crate::identity::trampoline_args(ids, &limits)
             .into_iter()
@@ -152,6 +161,8 @@ pub fn prepare(req: &ExecRequest) -> Result<Prepared, Failure> {
         envp,
         cwd: cstring("cwd", cwd)?,
         stdin: req.stdin,
+        tty: req.tty,
+        tty_owner: ids,
     })
 }
 

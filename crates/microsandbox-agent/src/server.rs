@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::thread::sleep;
 use std::time::Duration;
 
-use microsandbox_protocol::{ExecRequest, Frame, FsRequest, Kind, SignalMsg, HEADER_LEN, MAX_CHUNK};
+use microsandbox_protocol::{ExecRequest, Frame, FsRequest, Kind, SignalMsg, WinSize, HEADER_LEN, MAX_CHUNK};
 
 use crate::fs::FsSessions;
 
@@ -50,6 +50,10 @@ fn dispatch(f: Frame, sink: &Sink, sessions: &Arc<Sessions>, fs: &Arc<FsSessions
         },
         Kind::Stdin => sessions.stdin(f.id, f.payload),
         Kind::StdinEof => sessions.stdin_eof(f.id),
+        Kind::Resize => match f.parse::<WinSize>() {
+            Ok(size) => sessions.resize(f.id, size),
+            Err(e) => sink.error(f.id, "protocol", e.to_string(), None),
+        },
         Kind::Signal => match f.parse::<SignalMsg>() {
             Ok(s) => {
                 fs.cancel(f.id);

@@ -19,7 +19,7 @@ use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use microsandbox_protocol::{ExecRequest, Exited, Frame, Kind, MAX_CHUNK};
+use microsandbox_protocol::{ExecRequest, Exited, Frame, Kind, WinSize, MAX_CHUNK};
 
 use crate::command::{self, Failure};
 use crate::reaper::{ExitStatus, Reaper};
@@ -91,6 +91,8 @@ struct Handle {
     pgid: i32,
     stdin: Option<StdinTx>,
     out: Arc<Output>,
+    /// The terminal master of a tty session (for `Resize`).
+    pty: Option<File>,
 }
 
 /// All live sessions.
@@ -153,11 +155,12 @@ impl Sessions {
                 failure: None,
             }),
         });
+        let tty = pipes.pty.is_some();
         let stdin = pipes.stdin.and_then(|pipe| {
             let (tx, rx) = channel();
             let queued = Arc::new(AtomicUsize::new(0));
             let q = queued.clone();
-            util::spawn(&format!("stdin-{id}"), move || feed(pipe, rx, q)).ok()?;
+            util::spawn(&format!("stdin-{id}"), move || feed(pipe, rx, q, tty)).ok()?;
             Some(StdinTx { tx, queued })
         });
         lock(&self.table).insert(
@@ -166,16 +169,19 @@ impl Sessions {
                 pgid: pid,
                 stdin,
                 out: out.clone(),
+                pty: pipes.pty,
             },
         );
 
         // Pumps hold clones of `eof_tx`; the monitor sees the channel disconnect once both
         // have hit EOF (or failed to start, which drops their closure and the pipe).
         let (eof_tx, eof_rx) = channel::<()>();
-        for (name, pipe, kind) in [
-            ("stdout", pipes.stdout, Kind::Stdout),
-            ("stderr", pipes.stderr, Kind::Stderr),
-        ] {
+        // A tty session has one output (the terminal master), reported as stdout.
+        let outputs = [
+            Some(("stdout", pipes.stdout, Kind::Stdout)),
+            pipes.stderr.map(|p| ("stderr", p, Kind::Stderr)),
+        ];
+        for (name, pipe, kind) in outputs.into_iter().flatten() {
             let (out, eof) = (out.clone(), eof_tx.clone());
             if let Err(e) =
                 util::spawn(&format!("{name}-{id}"), move || pump(pipe, kind, &out, eof))
@@ -263,6 +269,19 @@ impl Sessions {
         }
     }
 
+    /// Resizes session `id`'s terminal; unknown and pipe sessions are ignored (the host
+    /// refuses to resize those, so only a confused host gets here).
+    pub fn resize(&self, id: u32, size: WinSize) {
+        if !size.is_valid() {
+            return;
+        }
+        if let Some(pty) = lock(&self.table).get(&id).and_then(|h| h.pty.as_ref()) {
+            if let Err(e) = spawn::set_winsize(pty, size) {
+                log!("session {id}: cannot resize the terminal: {e}");
+            }
+        }
+    }
+
     /// Signals session `id`'s process group; unknown sessions are ignored.
     pub fn signal(&self, id: u32, signal: i32) {
         if let Some(h) = lock(&self.table).get(&id) {
@@ -272,7 +291,8 @@ impl Sessions {
 }
 
 /// Streams one output pipe to the host, a chunk per read so output arrives as produced.
-/// The `_eof` sender drops on return, telling the monitor this stream is done.
+/// The `_eof` sender drops on return, telling the monitor this stream is done. A terminal
+/// master reports EIO instead of EOF once the last slave holder has gone.
 fn pump(mut pipe: File, kind: Kind, out: &Output, _eof: Sender<()>) {
     let mut buf = vec![0u8; MAX_CHUNK];
     loop {
@@ -286,8 +306,9 @@ fn pump(mut pipe: File, kind: Kind, out: &Output, _eof: Sender<()>) {
 }
 
 /// Writes queued stdin to the child until the queue closes. Once the child has closed
-/// its end (EPIPE), further data is dropped.
-fn feed(pipe: File, rx: Receiver<Vec<u8>>, queued: Arc<AtomicUsize>) {
+/// its end (EPIPE), further data is dropped. A terminal cannot be half-closed, so the
+/// end of a tty session's stdin is its EOF character (what Ctrl-D types).
+fn feed(pipe: File, rx: Receiver<Vec<u8>>, queued: Arc<AtomicUsize>, tty: bool) {
     let mut pipe = Some(pipe);
     for chunk in rx {
         if let Some(p) = &mut pipe {
@@ -297,4 +318,15 @@ fn feed(pipe: File, rx: Receiver<Vec<u8>>, queued: Arc<AtomicUsize>) {
         }
         queued.fetch_sub(chunk.len(), Ordering::AcqRel);
     }
+    if let (Some(p), true) = (&mut pipe, tty) {
+        let _ = p.write_all(&[eof_char(p)]);
+    }
+}
+
+/// The terminal's VEOF character (Ctrl-D unless the program changed it).
+fn eof_char(pty: &File) -> u8 {
+    use std::os::fd::AsFd;
+    nix::sys::termios::tcgetattr(pty.as_fd())
+        .map(|t| t.control_chars[libc::VEOF])
+        .unwrap_or(4)
 }

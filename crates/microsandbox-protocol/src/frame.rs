@@ -53,6 +53,9 @@ pub enum Kind {
     /// agent → host: the filesystem operation succeeded ([`crate::FsDone`]); last frame
     /// of the session.
     FsDone = 18,
+    /// host → agent: set the terminal size of a `tty` session ([`crate::WinSize`]); the
+    /// guest kernel sends `SIGWINCH` to the terminal's foreground process group.
+    Resize = 19,
 }
 
 impl Kind {
@@ -78,6 +81,7 @@ impl Kind {
             16 => FsData,
             17 => FsEof,
             18 => FsDone,
+            19 => Resize,
             _ => return None,
         })
     }

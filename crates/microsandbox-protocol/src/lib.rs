@@ -14,6 +14,11 @@
 //!   `Stdin`) are raw bytes.
 //!
 //! Framing is written by hand because it is nine bytes of header; the payloads use serde.
+//!
+//! An exec session (`Exec` … `Exited`/`Error`) runs on pipes, or with
+//! [`ExecRequest::tty`] on a pseudo-terminal: then all output is `Stdout`, `StdinEof`
+//! types the terminal's EOF character (the terminal cannot be half-closed), and
+//! `Resize` ([`WinSize`]) changes the terminal size (ignored for pipe sessions).
 
 mod frame;
 mod messages;

@@ -38,6 +38,26 @@ pub struct ExecRequest {
     /// Resource limits applied before the program starts.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rlimits: Vec<Rlimit>,
+    /// Run on a pseudo-terminal of this initial size: the terminal is the process's
+    /// stdin, stdout, stderr and controlling terminal; its output arrives as `Stdout`
+    /// (no `Stderr`), `Stdin` goes to the terminal, `StdinEof` sends the terminal's EOF
+    /// character, and `Resize` changes the size. `None`: pipes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tty: Option<WinSize>,
+}
+
+/// Size of a session's terminal in character cells. Both must be at least 1.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WinSize {
+    pub rows: u16,
+    pub cols: u16,
+}
+
+impl WinSize {
+    /// True when both dimensions are usable (a zero size means "unknown" to programs).
+    pub fn is_valid(&self) -> bool {
+        self.rows > 0 && self.cols > 0
+    }
 }
 
 /// One resource limit, e.g. `nofile` 256/256. Names are the lowercase `RLIMIT_*` suffixes.

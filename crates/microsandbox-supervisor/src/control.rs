@@ -69,7 +69,7 @@ async fn client(stream: UnixStream, ctx: Ctx) {
                 sessions.insert(frame.id, global);
                 let _ = ctx.to_agent.send(Frame { id: global, ..frame }).await;
             }
-            Kind::Stdin | Kind::StdinEof | Kind::Signal | Kind::FsData | Kind::FsEof => {
+            Kind::Stdin | Kind::StdinEof | Kind::Signal | Kind::Resize | Kind::FsData | Kind::FsEof => {
                 if let Some(&g) = sessions.get(&frame.id) {
                     let _ = ctx.to_agent.send(Frame { id: g, ..frame }).await;
                 }

@@ -76,6 +76,13 @@ impl RbExecStream {
         Ok(ruby.qnil().as_value())
     }
 
+    /// Ruby has checked both are Integers in 1..=65535.
+    pub fn resize(ruby: &Ruby, rb_self: &Self, rows: u16, cols: u16) -> Result<Value, Error> {
+        let control = rb_self.control.clone();
+        crate::gvl::run(async move { control.resize(rows, cols).await }).map_err(|e| to_ruby(ruby, e))?;
+        Ok(ruby.qnil().as_value())
+    }
+
     /// Drops the stream: the command is killed if it still runs. Idempotent.
     pub fn close(ruby: &Ruby, rb_self: &Self) -> Result<Value, Error> {
         let stream = rb_self.stream.clone();

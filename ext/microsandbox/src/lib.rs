@@ -40,8 +40,8 @@ fn init(ruby: &Ruby) -> Result<(), Error> {
     class.define_method("name", method!(sandbox::RbSandbox::name, 0))?;
     class.define_method("info_json", method!(sandbox::RbSandbox::info_json, 0))?;
     class.define_method("running?", method!(sandbox::RbSandbox::is_running, 0))?;
-    class.define_method("exec", method!(sandbox::RbSandbox::exec, 8))?;
-    class.define_method("exec_stream", method!(sandbox::RbSandbox::exec_stream, 9))?;
+    class.define_method("exec", method!(sandbox::RbSandbox::exec, 9))?;
+    class.define_method("exec_stream", method!(sandbox::RbSandbox::exec_stream, 10))?;
     class.define_method("stop", method!(sandbox::RbSandbox::stop, 1))?;
     class.define_method("kill", method!(sandbox::RbSandbox::kill, 0))?;
     class.define_method("request_stop", method!(sandbox::RbSandbox::request_stop, 1))?;
@@ -84,6 +84,7 @@ fn init(ruby: &Ruby) -> Result<(), Error> {
     stream.define_method("write_stdin", method!(exec_stream::RbExecStream::write_stdin, 1))?;
     stream.define_method("close_stdin", method!(exec_stream::RbExecStream::close_stdin, 0))?;
     stream.define_method("signal", method!(exec_stream::RbExecStream::signal, 1))?;
+    stream.define_method("resize", method!(exec_stream::RbExecStream::resize, 2))?;
     stream.define_method("close", method!(exec_stream::RbExecStream::close, 0))?;
     Ok(())
 }

@@ -26,12 +26,14 @@ fn exec_call(
     stdin: Option<Vec<u8>>,
     user: Option<String>,
     rlimits: Vec<(String, u64, u64)>,
+    tty: Option<(u16, u16)>,
 ) -> ExecCall {
     let rlimits = rlimits
         .into_iter()
         .map(|(resource, soft, hard)| microsandbox_protocol::Rlimit { resource, soft, hard })
         .collect();
-    ExecCall { program, args, env, cwd, timeout: timeout.map(secs), stdin, user, rlimits }
+    let tty = tty.map(|(rows, cols)| microsandbox_protocol::WinSize { rows, cols });
+    ExecCall { program, args, env, cwd, timeout: timeout.map(secs), stdin, user, rlimits, tty }
 }
 
 fn secs(t: f64) -> Duration {
@@ -101,8 +103,10 @@ impl RbSandbox {
         self.inner.is_running()
     }
 
-    /// `exec(program, args, env_pairs, cwd, timeout_secs, stdin)` →
-    /// `[exit_code, signal, stdout, stderr]` with binary strings.
+    /// `exec(program, args, env_pairs, cwd, timeout_secs, stdin, user, rlimits, tty)` →
+    /// `[exit_code, signal, stdout, stderr]` with binary strings; `tty` is nil or
+    /// `[rows, cols]`.
+    #[allow(clippy::too_many_arguments)]
     pub fn exec(
         ruby: &Ruby,
         rb_self: &Self,
@@ -114,10 +118,11 @@ impl RbSandbox {
         stdin: Option<RString>,
         user: Option<String>,
         rlimits: Vec<(String, u64, u64)>,
+        tty: Option<(u16, u16)>,
     ) -> Result<RArray, Error> {
         // Copy Ruby bytes out before the GVL is released: GC may move them.
         let stdin = stdin.map(|s| unsafe { s.as_slice() }.to_vec());
-        let call = exec_call(program, args, env, cwd, timeout, stdin, user, rlimits);
+        let call = exec_call(program, args, env, cwd, timeout, stdin, user, rlimits, tty);
         let sb = rb_self.inner.clone();
         let res = crate::gvl::run(async move { sb.exec(call).await }).map_err(|e| to_ruby(ruby, e))?;
         let out = ruby.ary_new_capa(4);
@@ -128,8 +133,8 @@ impl RbSandbox {
         Ok(out)
     }
 
-    /// `exec_stream(program, args, env_pairs, cwd, timeout_secs, stdin, stdin_pipe)` →
-    /// `Native::ExecStream`.
+    /// `exec_stream(program, args, env_pairs, cwd, timeout_secs, stdin, stdin_pipe, user,
+    /// rlimits, tty)` → `Native::ExecStream`.
     #[allow(clippy::too_many_arguments)]
     pub fn exec_stream(
         ruby: &Ruby,
@@ -143,9 +148,10 @@ impl RbSandbox {
         stdin_pipe: bool,
         user: Option<String>,
         rlimits: Vec<(String, u64, u64)>,
+        tty: Option<(u16, u16)>,
     ) -> Result<crate::exec_stream::RbExecStream, Error> {
         let stdin = stdin.map(|s| unsafe { s.as_slice() }.to_vec());
-        let call = exec_call(program, args, env, cwd, timeout, stdin, user, rlimits);
+        let call = exec_call(program, args, env, cwd, timeout, stdin, user, rlimits, tty);
         let sb = rb_self.inner.clone();
         let stream = crate::gvl::run(async move { sb.exec_stream(call, stdin_pipe).await }).map_err(|e| to_ruby(ruby, e))?;
         Ok(crate::exec_stream::RbExecStream::new(stream))

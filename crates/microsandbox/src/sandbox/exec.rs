@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use microsandbox_protocol::{
-    read_frame_async, write_frame_async, ErrorMsg, ExecRequest, Exited, Frame, Kind, MAX_CHUNK,
+    read_frame_async, write_frame_async, ErrorMsg, ExecRequest, Exited, Frame, Kind, WinSize, MAX_CHUNK,
 };
 use tokio::net::UnixStream;
 
@@ -34,6 +34,24 @@ pub struct ExecCall {
     pub user: Option<String>,
     /// Resource limits for the command.
     pub rlimits: Vec<microsandbox_protocol::Rlimit>,
+    /// Run on a pseudo-terminal of this initial size: output is merged into stdout, and
+    /// stdin stays open (a collected exec closes it with the terminal's EOF character).
+    pub tty: Option<WinSize>,
+}
+
+/// Terminal type a tty command gets when neither the sandbox nor the call sets `TERM`.
+pub const DEFAULT_TERM: &str = "xterm";
+
+/// Checks a terminal size: both dimensions at least 1 (at most 65535 by type).
+pub fn validate_winsize(size: WinSize) -> Result<()> {
+    if size.is_valid() {
+        Ok(())
+    } else {
+        Err(Error::InvalidConfig(format!(
+            "terminal size {}x{} is invalid: rows and cols must be between 1 and 65535",
+            size.rows, size.cols
+        )))
+    }
 }
 
 /// A finished command.
@@ -76,7 +94,14 @@ impl ExecCall {
         if let Some(c) = &self.cwd {
             validate_guest_path("cwd", c)?;
         }
+        if let Some(size) = self.tty {
+            validate_winsize(size)?;
+        }
         let mut env: Vec<(String, String)> = vec![("PATH".into(), DEFAULT_PATH.into())];
+        if self.tty.is_some() {
+            // Full-screen programs need a terminal type; the caller's env may override it.
+            env.push(("TERM".into(), DEFAULT_TERM.into()));
+        }
         for (k, v) in sandbox_env.iter().chain(self.env.iter()) {
             env.retain(|(ek, _)| ek != k);
             env.push((k.clone(), v.clone()));
@@ -88,9 +113,11 @@ impl ExecCall {
             env,
             cwd: self.cwd.clone().or_else(|| workdir.map(str::to_string)),
             timeout_ms: self.timeout.map(|t| t.as_millis().max(1) as u64),
-            stdin: self.stdin.is_some(),
+            // A terminal's input is always open; without data it is closed at once (EOF).
+            stdin: self.stdin.is_some() || self.tty.is_some(),
             user,
             rlimits: self.rlimits.clone(),
+            tty: self.tty,
         })
     }
 }
@@ -190,6 +217,19 @@ mod tests {
         assert_eq!(get("B"), Some("box"));
         assert_eq!(get("PATH"), Some(DEFAULT_PATH));
         assert_eq!(req.cwd.as_deref(), Some("/w"));
+    }
+
+    #[test]
+    fn tty_defaults_term_and_checks_size() {
+        let call = ExecCall { program: "x".into(), tty: Some(WinSize { rows: 24, cols: 80 }), ..Default::default() };
+        let req = call.into_request(&[], None, None).unwrap();
+        assert!(req.stdin);
+        assert!(req.env.contains(&("TERM".into(), DEFAULT_TERM.into())));
+        let req = call.into_request(&[("TERM".into(), "vt100".into())], None, None).unwrap();
+        assert_eq!(req.env.iter().filter(|(k, _)| k == "TERM").count(), 1);
+        assert!(req.env.contains(&("TERM".into(), "vt100".into())));
+        let bad = ExecCall { program: "x".into(), tty: Some(WinSize { rows: 0, cols: 80 }), ..Default::default() };
+        assert!(matches!(bad.into_request(&[], None, None), Err(Error::InvalidConfig(_))));
     }
 
     #[test]

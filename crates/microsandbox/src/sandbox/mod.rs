@@ -438,11 +438,11 @@ impl Sandbox {
 
     /// Starts a command whose output is consumed as it arrives. With `stdin_pipe`, the
     /// caller writes stdin through the stream (and must close it); otherwise stdin is
-    /// `call.stdin` (or empty).
+    /// `call.stdin` (or empty). A tty command's stdin is always open for writing.
     pub async fn exec_stream(&self, call: ExecCall, stdin_pipe: bool) -> Result<ExecStream> {
         let conn = self.connect().await?;
         let mut req = call.into_request(&self.env, self.workdir.as_deref(), self.user.as_deref())?;
-        req.stdin = stdin_pipe || call.stdin.is_some();
+        req.stdin = stdin_pipe || call.stdin.is_some() || call.tty.is_some();
         ExecStream::start(conn, req, if stdin_pipe { None } else { call.stdin.clone() }).await
     }
 
@@ -563,8 +563,10 @@ impl Sandbox {
     }
 }
 
+/// Stdin of a collected exec; a tty command gets an empty one, so the terminal sees EOF
+/// instead of waiting for input nobody can type.
 fn call_stdin(call: &ExecCall) -> Option<Vec<u8>> {
-    call.stdin.clone()
+    call.stdin.clone().or_else(|| call.tty.map(|_| Vec::new()))
 }
 
 impl Drop for Sandbox {

@@ -6,7 +6,7 @@
 //! so an abandoned stream never leaves a process running.
 
 use microsandbox_protocol::{
-    read_frame_async, write_frame_async, ErrorMsg, ExecRequest, Exited, Frame, Kind, SignalMsg, MAX_CHUNK,
+    read_frame_async, write_frame_async, ErrorMsg, ExecRequest, Exited, Frame, Kind, SignalMsg, WinSize, MAX_CHUNK,
 };
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
@@ -31,6 +31,7 @@ enum Control {
     Stdin(Vec<u8>),
     StdinEof,
     Signal(i32),
+    Resize(WinSize),
 }
 
 /// A running command whose output is consumed as it arrives.
@@ -39,6 +40,8 @@ pub struct ExecStream {
     control: mpsc::Sender<Control>,
     task: tokio::task::JoinHandle<()>,
     done: bool,
+    /// The command runs on a pseudo-terminal (it can be resized).
+    tty: bool,
 }
 
 fn vm_gone() -> Error {
@@ -49,6 +52,7 @@ impl ExecStream {
     /// Starts the session on `conn`. With `stdin` given, it is written and closed first.
     pub(crate) async fn start(conn: UnixStream, req: ExecRequest, stdin: Option<Vec<u8>>) -> Result<ExecStream> {
         let program = req.program.clone();
+        let tty = req.tty.is_some();
         let (mut rd, mut wr) = conn.into_split();
         write_frame_async(&mut wr, &Frame::json(SESSION, Kind::Exec, &req)).await.map_err(|_| vm_gone())?;
         let (ev_tx, ev_rx) = mpsc::channel(EVENT_QUEUE);
@@ -71,6 +75,7 @@ impl ExecStream {
                         Control::Stdin(d) => Frame::data(SESSION, Kind::Stdin, d),
                         Control::StdinEof => Frame::data(SESSION, Kind::StdinEof, Vec::new()),
                         Control::Signal(s) => Frame::json(SESSION, Kind::Signal, &SignalMsg { signal: s }),
+                        Control::Resize(size) => Frame::json(SESSION, Kind::Resize, &size),
                     };
                     if write_frame_async(&mut wr, &f).await.is_err() {
                         break;
@@ -114,7 +119,7 @@ impl ExecStream {
                 _ = reader => {},
             }
         });
-        Ok(ExecStream { events: ev_rx, control: ctl_tx, task, done: false })
+        Ok(ExecStream { events: ev_rx, control: ctl_tx, task, done: false, tty })
     }
 
     /// The next event; `None` after the last one (`Exited` or an error).
@@ -131,7 +136,7 @@ impl ExecStream {
 
     /// A handle for stdin and signals, usable while another task waits in [`next`](Self::next).
     pub fn control(&self) -> ExecControl {
-        ExecControl { control: self.control.clone() }
+        ExecControl { control: self.control.clone(), tty: self.tty }
     }
 
     /// True once the last event was consumed.
@@ -151,6 +156,7 @@ impl Drop for ExecStream {
 #[derive(Clone)]
 pub struct ExecControl {
     control: mpsc::Sender<Control>,
+    tty: bool,
 }
 
 impl ExecControl {
@@ -178,5 +184,18 @@ impl ExecControl {
             return Err(Error::InvalidConfig(format!("signal {signal} is not a valid signal number (1-64)")));
         }
         self.control.send(Control::Signal(signal)).await.map_err(|_| Self::closed())
+    }
+
+    /// Sets the size of the command's terminal; the guest kernel sends `SIGWINCH` to its
+    /// foreground process group. Only for commands started with a tty.
+    pub async fn resize(&self, rows: u16, cols: u16) -> Result<()> {
+        if !self.tty {
+            return Err(Error::InvalidConfig(
+                "resize needs a terminal: start the command with tty: true".into(),
+            ));
+        }
+        let size = WinSize { rows, cols };
+        super::exec::validate_winsize(size)?;
+        self.control.send(Control::Resize(size)).await.map_err(|_| Self::closed())
     }
 }
