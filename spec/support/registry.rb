@@ -20,6 +20,12 @@ module MicrosandboxSpec
       @instance ||= new.tap(&:start)
     end
 
+    # A registry that authenticates with tokens from `token_server` (a TokenServer); the
+    # push helpers get their own push tokens from it.
+    def initialize(token_server: nil)
+      @token_server = token_server
+    end
+
     def start
       raise "#{BINARY} is missing: apt-get install docker-registry (bin/setup does)" unless File.executable?(BINARY)
 
@@ -34,6 +40,7 @@ module MicrosandboxSpec
           delete: { enabled: true }
         http: { addr: #{@host} }
       YAML
+      File.write(File.join(@dir, "config.yml"), "auth: #{JSON.generate(@token_server.registry_config)}\n", mode: "a") if @token_server
       # stdout is the access log (combined log format), read by #requests.
       @pid = Process.spawn(BINARY, "serve", File.join(@dir, "config.yml"), out: access_log, err: File::NULL)
       deadline = Time.now + 20
@@ -116,15 +123,16 @@ module MicrosandboxSpec
     def upload_file(name, path, digest)
       h, p = host.split(":")
       Net::HTTP.start(h, p.to_i) do |http|
-        return if http.head("/v2/#{name}/blobs/#{digest}").code == "200"
+        return if http.head("/v2/#{name}/blobs/#{digest}", auth_headers("/v2/#{name}/blobs/")).code == "200"
       end
       res = request(Net::HTTP::Post, "/v2/#{name}/blobs/uploads/", "")
       location = URI.join("http://#{host}", res["Location"])
       query = [location.query, "digest=#{digest}"].compact.join("&")
       File.open(path, "rb") do |f|
         Net::HTTP.start(h, p.to_i, read_timeout: 300) do |http|
-          req = Net::HTTP::Put.new("#{location.path}?#{query}", "Content-Type" => "application/octet-stream",
-                                                               "Content-Length" => File.size(path).to_s)
+          req = Net::HTTP::Put.new("#{location.path}?#{query}",
+                                   { "Content-Type" => "application/octet-stream",
+                                     "Content-Length" => File.size(path).to_s }.merge(auth_headers(location.path)))
           req.body_stream = f
           res = http.request(req)
           raise "registry PUT blob #{digest}: #{res.code} #{res.body}" unless res.code.start_with?("2")
@@ -145,7 +153,7 @@ module MicrosandboxSpec
     def request(klass, path, body, headers = {})
       h, p = host.split(":")
       Net::HTTP.start(h, p.to_i) do |http|
-        req = klass.new(path, headers)
+        req = klass.new(path, headers.merge(auth_headers(path)))
         req.body = body
         res = http.request(req)
         raise "registry #{klass::METHOD} #{path}: #{res.code} #{res.body}" unless res.code.start_with?("2")
@@ -154,8 +162,16 @@ module MicrosandboxSpec
       end
     end
 
+    # With token auth, a push token for the repository the path names.
+    def auth_headers(path)
+      name = path[%r{\A/v2/(.+?)/(blobs|manifests)/}, 1]
+      return {} unless @token_server && name
+
+      { "Authorization" => "Bearer #{@token_server.token('pusher', name, %w[pull push])}" }
+    end
+
     def ping
-      Net::HTTP.get_response(URI("http://#{host}/v2/")).code == "200"
+      %w[200 401].include?(Net::HTTP.get_response(URI("http://#{host}/v2/")).code)
     rescue StandardError
       false
     end
