@@ -38,6 +38,9 @@ module Microsandbox
   class SandboxStillRunningError < Error; CODE = "sandbox-still-running"; end
   # The sandbox was stopped or killed, or its VM exited; it cannot serve calls.
   class SandboxNotRunningError < Error; CODE = "sandbox-not-running"; end
+  # The sandbox is draining ({Sandbox#request_drain}): it finishes what runs, then stops,
+  # and refuses new commands and filesystem calls.
+  class SandboxDrainingError < SandboxNotRunningError; CODE = "sandbox-draining"; end
   # The command ran past its `timeout:` and was killed.
   class ExecTimeoutError < Error; CODE = "exec-timeout"; end
   # The command could not be started in the guest (e.g. not found, not executable).
@@ -75,7 +78,7 @@ module Microsandbox
   # Every error class by its code.
   ERRORS_BY_CODE = [
     Error, InvalidConfigError, SandboxNotFoundError, SandboxAlreadyExistsError,
-    SandboxStillRunningError, SandboxNotRunningError, ExecTimeoutError, ExecFailedError,
+    SandboxStillRunningError, SandboxNotRunningError, SandboxDrainingError, ExecTimeoutError, ExecFailedError,
     FilesystemError, ImageNotFoundError, MetricsDisabledError, MetricsUnavailableError,
     RegistryError, RegistryAuthError, PlatformNotFoundError,
     RuntimeUnavailableError, BootFailedError, ProtocolError, HostIOError, CancelledError

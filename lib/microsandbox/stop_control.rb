@@ -18,6 +18,20 @@ module Microsandbox
       nil
     end
 
+    # Drains the sandbox and returns at once: from now on it refuses new commands and
+    # filesystem calls ({SandboxDrainingError}), lets those already running finish, then
+    # shuts the guest down cleanly (killed after `stop_timeout` seconds). Works from any
+    # process holding a handle ({Sandbox.get}); follow it with {#wait_until_stopped}.
+    # @param timeout [Numeric, nil] most seconds to wait for running commands (nil: no
+    #   limit); those still running then are killed by the shutdown
+    # @param stop_timeout [Numeric] seconds the shutdown itself may take
+    # @return [nil]
+    # @raise [SandboxNotRunningError]
+    def request_drain(timeout: nil, stop_timeout: DEFAULT_STOP_TIMEOUT)
+      @native.request_drain(Validate.timeout!("timeout", timeout), Validate.timeout!("stop_timeout", stop_timeout))
+      nil
+    end
+
     # Kills the VM (SIGKILL) and returns at once.
     # @return [nil]
     def request_kill

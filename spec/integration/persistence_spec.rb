@@ -160,6 +160,60 @@ RSpec.describe "asynchronous stop controls" do
     expect(Microsandbox::Sandbox.get(name).status).to eq(:stopped)
   end
 
+  # Starts `sleep 2` in `sb` and returns a thread collecting its events, once it runs.
+  def running_session(sb)
+    started = Queue.new
+    reader = Thread.new do
+      sb.exec_stream("sh", ["-c", "echo started; sleep 2; echo finished"]).each_with_object([]) do |ev, all|
+        started << true if ev.stdout? && all.none?(&:stdout?)
+        all << ev
+      end
+    ensure
+      started << true # a failure surfaces from reader.value
+    end
+    started.pop
+    reader
+  end
+
+  it "request_drain lets running commands finish, refuses new ones, then stops" do
+    name = unique_name("drain")
+    sb = Microsandbox::Sandbox.create(name, image: rootfs)
+    reader = running_session(sb)
+    Microsandbox::Sandbox.get(name).request_drain
+    expect { sb.exec("true") }.to raise_error(Microsandbox::SandboxDrainingError) { |e|
+      expect(e.code).to eq("sandbox-draining")
+      expect(e).to be_a(Microsandbox::SandboxNotRunningError)
+    }
+    expect { sb.fs.read("/etc/passwd") }.to raise_error(Microsandbox::SandboxDrainingError, /draining/)
+    events = reader.value
+    expect(events.select(&:stdout?).map(&:text).join).to eq("started\nfinished\n")
+    expect(events.last.exit_code).to eq(0)
+    result = sb.wait_until_stopped(timeout: 30)
+    expect(result.stopped?).to be(true)
+    expect(Microsandbox::Sandbox.get(name).status).to eq(:stopped)
+  end
+
+  it "request_drain from another process drains a detached sandbox" do
+    name = unique_name("drain-det")
+    sb = Microsandbox::Sandbox.create(name, image: rootfs, detached: true)
+    reader = running_session(sb)
+    lib = File.expand_path("../../lib", __dir__)
+    out = IO.popen([RbConfig.ruby, "-I#{lib}", "-e", <<~RUBY], err: File::NULL, &:read)
+      require "microsandbox"
+      sb = Microsandbox::Sandbox.get(#{name.inspect})
+      sb.request_drain(timeout: 60)
+      begin
+        sb.exec("true")
+      rescue Microsandbox::Error => e
+        puts e.code
+      end
+    RUBY
+    expect(out.strip).to eq("sandbox-draining")
+    expect(reader.value.last.exit_code).to eq(0)
+    expect(sb.wait_until_stopped(timeout: 30).stopped?).to be(true)
+    expect(Microsandbox::Sandbox.get(name).status).to eq(:stopped)
+  end
+
   it "request_kill kills at once" do
     sb = Microsandbox::Sandbox.create(unique_name("reqkill"), image: rootfs)
     vmm = sb.info[:vmm_pid]

@@ -104,10 +104,21 @@ pub struct SignalMsg {
 }
 
 /// `Stop`: ask the supervisor to shut the guest down, killing it after `timeout_ms`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+///
+/// With `drain`, the supervisor first stops accepting sessions (new ones get an `Error`
+/// with code [`DRAINING`]) and waits for the running ones to end — at most
+/// `drain_timeout_ms` when given — before it shuts the guest down.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
 pub struct StopRequest {
     pub timeout_ms: u64,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub drain: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain_timeout_ms: Option<u64>,
 }
+
+/// `Error` code of a session refused because the sandbox is draining.
+pub const DRAINING: &str = "sandbox-draining";
 
 /// `Stopped`: the VM is gone; `graceful` is false when it had to be killed.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

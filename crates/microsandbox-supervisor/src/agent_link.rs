@@ -120,7 +120,7 @@ mod tests {
 
     fn open_session(router: &Router) -> (u32, mpsc::Receiver<Frame>) {
         let (tx, rx) = mpsc::channel(16);
-        (router.open(Route { client: tx, local_id: 7 }), rx)
+        (router.open(Route { client: tx, local_id: 7 }).unwrap(), rx)
     }
 
     #[tokio::test]

@@ -3,8 +3,9 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
-use microsandbox_protocol::{read_frame_async, write_frame_async, ErrorMsg, Frame, FsRequest, Info, Kind, SignalMsg, StopRequest, Stopped};
+use microsandbox_protocol::{read_frame_async, write_frame_async, ErrorMsg, DRAINING, Frame, FsRequest, Info, Kind, SignalMsg, StopRequest, Stopped};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 
@@ -39,6 +40,31 @@ fn protocol_error(id: u32, message: &str) -> Frame {
     Frame::json(id, Kind::Error, &ErrorMsg { code: "protocol".into(), message: message.into(), errno: None })
 }
 
+fn draining_error(id: u32, name: &str) -> Frame {
+    let message = format!(
+        "sandbox {name:?} is draining: it finishes the commands already running, then stops, and accepts no new ones"
+    );
+    Frame::json(id, Kind::Error, &ErrorMsg { code: DRAINING.into(), message, errno: None })
+}
+
+/// How often a drain checks whether the running sessions have ended.
+const DRAIN_POLL: Duration = Duration::from_millis(50);
+
+/// Waits until no session is open (or the drain deadline passed), then stops the sandbox
+/// like a `Stop` would and answers `Stopped` to the client if it is still there.
+async fn drain_then_stop(ctx: Ctx, req: StopRequest, tx: mpsc::Sender<Frame>, id: u32) {
+    let deadline = req.drain_timeout_ms.map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms));
+    while ctx.router.session_count() > 0 && deadline.is_none_or(|d| tokio::time::Instant::now() < d) {
+        tokio::time::sleep(DRAIN_POLL).await;
+    }
+    let (done_tx, done_rx) = oneshot::channel();
+    if ctx.stop.send((req, done_tx)).await.is_ok() {
+        if let Ok(stopped) = done_rx.await {
+            let _ = tx.send(Frame::json(id, Kind::Stopped, &stopped)).await;
+        }
+    }
+}
+
 async fn client(stream: UnixStream, ctx: Ctx) {
     let (mut rd, mut wr) = stream.into_split();
     let (tx, mut rx) = mpsc::channel::<Frame>(TO_CLIENT_QUEUE);
@@ -65,7 +91,10 @@ async fn client(stream: UnixStream, ctx: Ctx) {
                     let _ = tx.send(protocol_error(frame.id, "session id already in use")).await;
                     continue;
                 }
-                let global = ctx.router.open(Route { client: tx.clone(), local_id: frame.id });
+                let Some(global) = ctx.router.open(Route { client: tx.clone(), local_id: frame.id }) else {
+                    let _ = tx.send(draining_error(frame.id, &ctx.info.name)).await;
+                    continue;
+                };
                 sessions.insert(frame.id, global);
                 let _ = ctx.to_agent.send(Frame { id: global, ..frame }).await;
             }
@@ -82,6 +111,12 @@ async fn client(stream: UnixStream, ctx: Ctx) {
                 let _ = tx.send(Frame::json(frame.id, Kind::Info, &ctx.info)).await;
             }
             Kind::Stop => match frame.parse::<StopRequest>() {
+                Ok(req) if req.drain => {
+                    // Refuse new sessions now; the stop itself waits in its own task, so
+                    // it goes on after this client disconnects (request_drain returns at once).
+                    ctx.router.start_drain();
+                    tokio::spawn(drain_then_stop(ctx.clone(), req, tx.clone(), frame.id));
+                }
                 Ok(req) => {
                     let (done_tx, done_rx) = oneshot::channel();
                     if ctx.stop.send((req, done_tx)).await.is_ok() {

@@ -35,6 +35,8 @@ impl Default for Router {
 struct Inner {
     next: u32,
     routes: HashMap<u32, Route>,
+    /// Set once by a drain: no session opens any more.
+    draining: bool,
 }
 
 impl Router {
@@ -63,9 +65,24 @@ impl Router {
         self.last_activity.lock().unwrap().elapsed()
     }
 
-    /// Registers a session and returns its global id (never 0, which is the control id).
-    pub fn open(&self, route: Route) -> u32 {
+    /// Refuses new sessions from now on. Checked under the same lock as [`Router::open`],
+    /// so once this returns, [`Router::session_count`] only goes down.
+    pub fn start_drain(&self) {
+        self.inner.lock().unwrap().draining = true;
+    }
+
+    /// Sessions still open.
+    pub fn session_count(&self) -> usize {
+        self.inner.lock().unwrap().routes.len()
+    }
+
+    /// Registers a session and returns its global id (never 0, which is the control id);
+    /// `None` while draining.
+    pub fn open(&self, route: Route) -> Option<u32> {
         let mut g = self.inner.lock().unwrap();
+        if g.draining {
+            return None;
+        }
         loop {
             g.next = g.next.wrapping_add(1);
             if g.next != 0 && !g.routes.contains_key(&g.next) {
@@ -74,7 +91,7 @@ impl Router {
         }
         let id = g.next;
         g.routes.insert(id, route);
-        id
+        Some(id)
     }
 
     pub fn get(&self, id: u32) -> Option<Route> {
@@ -94,12 +111,24 @@ mod tests {
     fn ids_are_unique_and_nonzero() {
         let r = Router::default();
         let (tx, _rx) = mpsc::channel(1);
-        let a = r.open(Route { client: tx.clone(), local_id: 1 });
-        let b = r.open(Route { client: tx, local_id: 1 });
+        let a = r.open(Route { client: tx.clone(), local_id: 1 }).unwrap();
+        let b = r.open(Route { client: tx, local_id: 1 }).unwrap();
         assert_ne!(a, b);
         assert!(a != 0 && b != 0);
         r.close(a);
         assert!(r.get(a).is_none());
         assert_eq!(r.get(b).unwrap().local_id, 1);
+    }
+
+    #[test]
+    fn a_drain_refuses_new_sessions_and_keeps_running_ones() {
+        let r = Router::default();
+        let (tx, _rx) = mpsc::channel(1);
+        let a = r.open(Route { client: tx.clone(), local_id: 1 }).unwrap();
+        r.start_drain();
+        assert!(r.open(Route { client: tx, local_id: 2 }).is_none());
+        assert_eq!(r.session_count(), 1);
+        r.close(a);
+        assert_eq!(r.session_count(), 0);
     }
 }

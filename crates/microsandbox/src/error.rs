@@ -24,6 +24,10 @@ pub enum Error {
     /// The sandbox is not running any more, so the call cannot be served.
     #[error("{0}")]
     SandboxNotRunning(String),
+    /// The sandbox is draining (finishing running sessions before it stops) and refuses
+    /// new ones.
+    #[error("{0}")]
+    SandboxDraining(String),
     /// The image (a root directory for now) does not exist.
     #[error("{0}")]
     ImageNotFound(String),
@@ -75,6 +79,7 @@ impl Error {
             Error::SandboxAlreadyExists(_) => "sandbox-already-exists",
             Error::SandboxStillRunning(_) => "sandbox-still-running",
             Error::SandboxNotRunning(_) => "sandbox-not-running",
+            Error::SandboxDraining(_) => microsandbox_protocol::DRAINING,
             Error::ImageNotFound(_) => "image-not-found",
             Error::ExecFailed(_) => "exec-failed",
             Error::ExecTimeout(_) => "exec-timeout",
@@ -99,6 +104,14 @@ pub trait IoContext<T> {
 impl<T> IoContext<T> for io::Result<T> {
     fn context(self, what: impl FnOnce() -> String) -> Result<T> {
         self.map_err(|source| Error::Io { context: what(), source })
+    }
+}
+
+impl Error {
+    /// The error for a session the supervisor refused with `Error{code}`, if the code is
+    /// one of the supervisor's own (not the agent's).
+    pub fn from_supervisor_code(code: &str, message: &str) -> Option<Error> {
+        (code == microsandbox_protocol::DRAINING).then(|| Error::SandboxDraining(message.to_string()))
     }
 }
 

@@ -45,6 +45,7 @@ fn init(ruby: &Ruby) -> Result<(), Error> {
     class.define_method("stop", method!(sandbox::RbSandbox::stop, 1))?;
     class.define_method("kill", method!(sandbox::RbSandbox::kill, 0))?;
     class.define_method("request_stop", method!(sandbox::RbSandbox::request_stop, 1))?;
+    class.define_method("request_drain", method!(sandbox::RbSandbox::request_drain, 2))?;
     class.define_method("request_kill", method!(sandbox::RbSandbox::request_kill, 0))?;
     class.define_method("wait_until_stopped", method!(sandbox::RbSandbox::wait_until_stopped, 1))?;
 

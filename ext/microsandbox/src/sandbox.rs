@@ -169,6 +169,14 @@ impl RbSandbox {
         Ok(ruby.qnil().as_value())
     }
 
+    /// `request_drain(drain_timeout_secs_or_nil, stop_timeout_secs)`.
+    pub fn request_drain(ruby: &Ruby, rb_self: &Self, drain_timeout: Option<f64>, stop_timeout: f64) -> Result<Value, Error> {
+        let sb = rb_self.inner.clone();
+        crate::gvl::run(async move { sb.request_drain(drain_timeout.map(secs), secs(stop_timeout)).await })
+            .map_err(|e| to_ruby(ruby, e))?;
+        Ok(ruby.qnil().as_value())
+    }
+
     pub fn request_kill(ruby: &Ruby, rb_self: &Self) -> Value {
         rb_self.inner.request_kill();
         ruby.qnil().as_value()

@@ -169,6 +169,9 @@ pub async fn run(conn: UnixStream, req: ExecRequest, stdin: Option<Vec<u8>>, tim
                 }
                 Kind::Error => {
                     let e: ErrorMsg = frame.parse()?;
+                    if let Some(err) = Error::from_supervisor_code(&e.code, &e.message) {
+                        return Err(err);
+                    }
                     return Err(match e.code.as_str() {
                         "exec-failed" => Error::ExecFailed(e.message),
                         "invalid-request" => Error::InvalidConfig(e.message),

@@ -61,6 +61,9 @@ fn vm_gone() -> FsError {
 }
 
 fn agent_error(e: ErrorMsg) -> FsError {
+    if let Some(error) = Error::from_supervisor_code(&e.code, &e.message) {
+        return FsError { error, errno: None };
+    }
     let error = match e.code.as_str() {
         "fs-error" => Error::Filesystem(e.message),
         "invalid-request" => Error::InvalidConfig(e.message),

@@ -454,7 +454,7 @@ impl Sandbox {
         }
         let graceful = match UnixStream::connect(&self.control).await {
             Ok(mut conn) => {
-                let req = Frame::json(0, Kind::Stop, &StopRequest { timeout_ms: timeout.as_millis() as u64 });
+                let req = Frame::json(0, Kind::Stop, &StopRequest { timeout_ms: timeout.as_millis() as u64, ..Default::default() });
                 let asked = microsandbox_protocol::write_frame_async(&mut conn, &req).await.is_ok();
                 let answer = tokio::time::timeout(timeout + Duration::from_secs(5), async {
                     while let Ok(Some(f)) = microsandbox_protocol::read_frame_async(&mut conn).await {
@@ -479,9 +479,26 @@ impl Sandbox {
     /// [`wait_until_stopped`](Self::wait_until_stopped).
     pub async fn request_stop(&self, timeout: Duration) -> Result<()> {
         let mut conn = self.connect().await?;
-        let req = Frame::json(0, Kind::Stop, &StopRequest { timeout_ms: timeout.as_millis() as u64 });
+        let req = Frame::json(0, Kind::Stop, &StopRequest { timeout_ms: timeout.as_millis() as u64, ..Default::default() });
         // The supervisor carries the stop out even after this connection closes.
         microsandbox_protocol::write_frame_async(&mut conn, &req).await.map_err(|_| self.not_running())
+    }
+
+    /// Asks for a graceful drain and returns at once: the supervisor refuses new exec and
+    /// filesystem sessions ([`Error::SandboxDraining`]), waits for the running ones to end
+    /// (at most `drain_timeout` when given), then shuts the guest down like
+    /// [`request_stop`](Self::request_stop) with `stop_timeout`.
+    pub async fn request_drain(&self, drain_timeout: Option<Duration>, stop_timeout: Duration) -> Result<()> {
+        let mut conn = self.connect().await?;
+        let req = StopRequest {
+            timeout_ms: stop_timeout.as_millis() as u64,
+            drain: true,
+            drain_timeout_ms: drain_timeout.map(|t| t.as_millis() as u64),
+        };
+        // The supervisor carries the drain out even after this connection closes.
+        microsandbox_protocol::write_frame_async(&mut conn, &Frame::json(0, Kind::Stop, &req))
+            .await
+            .map_err(|_| self.not_running())
     }
 
     /// Sends SIGKILL to the VM and its supervisor and returns at once.

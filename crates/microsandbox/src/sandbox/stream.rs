@@ -102,7 +102,8 @@ impl ExecStream {
                             },
                             Kind::Error => match f.parse::<ErrorMsg>() {
                                 Ok(e) if e.code == "exec-failed" => Err(Error::ExecFailed(e.message)),
-                                Ok(e) => Err(Error::Protocol(format!("agent error {}: {}", e.code, e.message))),
+                                Ok(e) => Err(Error::from_supervisor_code(&e.code, &e.message)
+                                    .unwrap_or_else(|| Error::Protocol(format!("agent error {}: {}", e.code, e.message)))),
                                 Err(e) => Err(e.into()),
                             },
                             other => Err(Error::Protocol(format!("unexpected {other:?} frame in an exec session"))),
