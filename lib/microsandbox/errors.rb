@@ -55,8 +55,14 @@ module Microsandbox
   # The image (a root directory for now) does not exist.
   class ImageNotFoundError < Error; CODE = "image-not-found"; end
   # Metrics collection is disabled for the sandbox.
+  #
+  # Never raised by this implementation: metrics are read on the host from the VM process
+  # and cannot be switched off. The class exists so code written against the reference
+  # gem's API (e.g. `rescue Microsandbox::MetricsDisabledError`) keeps working.
   class MetricsDisabledError < Error; CODE = "metrics-disabled"; end
-  # Metrics are not (yet) available for the sandbox.
+  # Metrics cannot be read on this host for a running sandbox: there is no procfs (a
+  # non-Linux host) or the VM process's procfs entries are not readable by this user
+  # (e.g. `hidepid`). The sandbox itself is unaffected.
   class MetricsUnavailableError < Error; CODE = "metrics-unavailable"; end
   # The registry failed or could not be reached (also a malformed manifest or a bad blob).
   class RegistryError < Error; CODE = "registry-error"; end
@@ -68,11 +74,18 @@ module Microsandbox
   class RuntimeUnavailableError < Error; CODE = "runtime-error"; end
   # The VM did not boot, or died while booting.
   class BootFailedError < Error; CODE = "boot-failed"; end
-  # The guest sent data that violates the host/guest protocol.
+  # The supervisor or the guest sent data that violates the protocol, e.g. a supervisor
+  # binary ({Microsandbox.runtime_path}) that is not this gem's prints an unreadable
+  # startup report.
   class ProtocolError < Error; CODE = "protocol-error"; end
-  # A host I/O operation failed (disk full, permissions…).
+  # A host I/O operation failed (disk full, permissions, a home path that is not a
+  # directory…); the message names the path.
   class HostIOError < Error; CODE = "io-error"; end
-  # The call was cancelled by an interrupt that Ruby had already handled.
+  # A blocked call was interrupted by something that raises no exception of its own:
+  # `Thread#wakeup`/`Thread#run` on the waiting thread, or a signal whose `trap` handler
+  # returns. What the call started in the sandbox was stopped (an exec's command is
+  # killed). `Thread#kill`, `Thread#raise`, `Timeout.timeout` and Ctrl-C raise their own
+  # exception instead.
   class CancelledError < Error; CODE = "cancelled"; end
 
   # Every error class by its code.

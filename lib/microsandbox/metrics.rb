@@ -46,6 +46,7 @@ module Microsandbox
     # Current resource usage (samples CPU for 250 ms; the GVL is released meanwhile).
     # @return [Metrics]
     # @raise [SandboxNotRunningError]
+    # @raise [MetricsUnavailableError] this host cannot read the VM's statistics (no procfs)
     def metrics
       Metrics.new(JSON.parse(@native.metrics_json))
     end

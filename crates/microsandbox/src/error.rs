@@ -58,9 +58,15 @@ pub enum Error {
     /// The image index offers no manifest for the host platform; the message names those offered.
     #[error("{0}")]
     PlatformNotFound(String),
-    /// The call was interrupted by the caller (Ruby thread kill, Ctrl-C, Timeout).
-    #[error("operation cancelled")]
+    /// The call was interrupted by the caller (Ruby thread kill, Ctrl-C, Timeout). When
+    /// the interrupt raises nothing in Ruby (`Thread#wakeup`, a signal whose trap handler
+    /// returns), Ruby sees this error itself.
+    #[error("the call was interrupted before it finished (Thread#wakeup/#run, or a signal handled by a trap) and anything it started in the sandbox was stopped; call it again")]
     Cancelled,
+    /// Metrics cannot be read on this host for a running sandbox (no procfs, or the VM
+    /// process's statistics are not readable).
+    #[error("{0}")]
+    MetricsUnavailable(String),
     /// Any other host I/O failure.
     #[error("{context}: {source}")]
     Io {
@@ -91,6 +97,7 @@ impl Error {
             Error::Auth(_) => "registry-auth-failed",
             Error::PlatformNotFound(_) => "platform-not-found",
             Error::Cancelled => "cancelled",
+            Error::MetricsUnavailable(_) => "metrics-unavailable",
             Error::Io { .. } => "io-error",
         }
     }

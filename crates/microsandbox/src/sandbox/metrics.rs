@@ -4,6 +4,7 @@
 //! CPU and disk figures are those of the QEMU process (all vCPUs and device threads),
 //! memory is its resident set (guest RAM actually touched plus QEMU itself).
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -36,14 +37,34 @@ struct Sample {
     at: Instant,
 }
 
-fn read_proc(pid: u32, file: &str) -> Result<String> {
-    std::fs::read_to_string(format!("/proc/{pid}/{file}"))
-        .map_err(|_| Error::SandboxNotRunning(format!("the VM process {pid} is gone; the sandbox is not running")))
+/// Where process statistics are read (a parameter only so tests can use a fake procfs).
+const PROC: &str = "/proc";
+
+/// Reads `<proc>/<pid>/<file>`. A vanished process means the sandbox stopped; any other
+/// failure (no procfs on this host, statistics not readable) means metrics are unavailable
+/// here — the sandbox itself is fine.
+fn read_proc(proc: &Path, pid: u32, file: &str) -> Result<String> {
+    let path = proc.join(pid.to_string()).join(file);
+    std::fs::read_to_string(&path).map_err(|e| {
+        if !proc.join("self").exists() {
+            Error::MetricsUnavailable(format!(
+                "metrics need a procfs at {} (Linux hosts); this host has none",
+                proc.display()
+            ))
+        } else if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ESRCH)) {
+            Error::SandboxNotRunning(format!("the VM process {pid} is gone; the sandbox is not running"))
+        } else {
+            Error::MetricsUnavailable(format!(
+                "cannot read {} for the sandbox's VM process: {e}; check that this user may read its procfs entries (hidepid, another user's VM)",
+                path.display()
+            ))
+        }
+    })
 }
 
 /// utime + stime in clock ticks, from /proc/<pid>/stat.
-fn cpu_ticks(pid: u32) -> Result<u64> {
-    let stat = read_proc(pid, "stat")?;
+fn cpu_ticks(proc: &Path, pid: u32) -> Result<u64> {
+    let stat = read_proc(proc, pid, "stat")?;
     let rest = stat.rfind(')').map(|i| &stat[i + 2..]).unwrap_or("");
     let f: Vec<&str> = rest.split_whitespace().collect();
     let num = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
@@ -58,8 +79,8 @@ fn field(text: &str, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn sample(pid: u32) -> Result<Sample> {
-    Ok(Sample { cpu_ticks: cpu_ticks(pid)?, at: Instant::now() })
+fn sample(proc: &Path, pid: u32) -> Result<Sample> {
+    Ok(Sample { cpu_ticks: cpu_ticks(proc, pid)?, at: Instant::now() })
 }
 
 /// Seconds since the process `pid` started (its start time against the host's uptime).
@@ -74,20 +95,24 @@ fn process_uptime(pid: u32, ticks_per_sec: f64) -> f64 {
 
 /// Measures the VMM process `pid` of a sandbox with `memory_mib` of guest memory.
 pub async fn collect(pid: u32, memory_mib: u64) -> Result<Metrics> {
+    collect_from(Path::new(PROC), pid, memory_mib).await
+}
+
+async fn collect_from(proc: &Path, pid: u32, memory_mib: u64) -> Result<Metrics> {
     if pid == 0 {
         return Err(Error::SandboxNotRunning("the sandbox is not running".into()));
     }
     // SAFETY: sysconf has no preconditions.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     let ticks_per_sec = if ticks > 0 { ticks as f64 } else { 100.0 };
-    let a = sample(pid)?;
+    let a = sample(proc, pid)?;
     tokio::time::sleep(CPU_SAMPLE).await;
-    let b = sample(pid)?;
+    let b = sample(proc, pid)?;
     let secs = b.at.duration_since(a.at).as_secs_f64().max(1e-3);
     let cpu_percent = (b.cpu_ticks.saturating_sub(a.cpu_ticks) as f64 / ticks_per_sec) / secs * 100.0;
-    let status = read_proc(pid, "status")?;
+    let status = read_proc(proc, pid, "status")?;
     // /proc/<pid>/io is readable by the process owner, which we are.
-    let io = read_proc(pid, "io").unwrap_or_default();
+    let io = read_proc(proc, pid, "io").unwrap_or_default();
     Ok(Metrics {
         cpu_percent: (cpu_percent * 10.0).round() / 10.0,
         memory_bytes: field(&status, "VmRSS:") * 1024,
@@ -111,6 +136,19 @@ mod tests {
         assert_eq!(m.memory_limit_bytes, 512 << 20);
         assert!(m.uptime_secs >= 0.0);
         assert!(matches!(collect(u32::MAX - 1, 512).await, Err(Error::SandboxNotRunning(_))));
+    }
+
+    #[tokio::test]
+    async fn unreadable_statistics_are_unavailable_not_a_stopped_sandbox() {
+        let t = tempfile::tempdir().unwrap();
+        // No procfs at all (a non-Linux host).
+        assert!(matches!(collect_from(t.path(), 42, 512).await, Err(Error::MetricsUnavailable(m)) if m.contains("procfs")));
+        // A procfs whose entry for the VM cannot be read (EISDIR here; EACCES with hidepid).
+        std::fs::create_dir_all(t.path().join("self")).unwrap();
+        std::fs::create_dir_all(t.path().join("42/stat")).unwrap();
+        assert!(matches!(collect_from(t.path(), 42, 512).await, Err(Error::MetricsUnavailable(m)) if m.contains("42/stat")));
+        // A process that is gone is a stopped sandbox.
+        assert!(matches!(collect_from(t.path(), 43, 512).await, Err(Error::SandboxNotRunning(_))));
     }
 
     #[test]
