@@ -2,6 +2,7 @@
 
 require_relative "../support/registry"
 require_relative "../support/debian_image"
+require_relative "../support/tar_writer"
 
 # A real distribution image, built by the suite with debootstrap and pulled through the gem.
 RSpec.describe "a Debian image with python3" do
@@ -26,5 +27,35 @@ RSpec.describe "a Debian image with python3" do
       expect(sb.exec("stat", ["-c", "%U:%G %a", "/etc/shadow"]).stdout).to eq("root:shadow 640\n")
     end
     expect(Microsandbox::Image.inspect(@ref).layers.size).to eq(2)
+  end
+
+  it "keeps extended attributes from PAX records (file capabilities, user.*) in the root" do
+    # v2 file capabilities, effective: CAP_DAC_OVERRIDE|CAP_FOWNER|CAP_NET_RAW (0x0a is a newline byte).
+    cap = [0x02000001, 0x200a, 0, 0, 0].pack("V5")
+    ref = Dir.mktmpdir do |dir|
+      w = MicrosandboxSpec::TarWriter.new
+      w.dir("opt/xattr/", pax: { "SCHILY.xattr.user.dir" => "on a directory" })
+      w.file("opt/xattr/capbin", "#!/bin/sh\n", mode: 0o755,
+                                                 pax: { "SCHILY.xattr.security.capability" => cap,
+                                                        "SCHILY.xattr.user.msb" => "hello xattr" })
+      MicrosandboxSpec::Registry.instance.push_layers(
+        "debian/xattrs", "v1", MicrosandboxSpec::DebianImage.layers + [w.write_layer(File.join(dir, "layer.tar.gz"))],
+        env: MicrosandboxSpec::DebianImage::ENV
+      )
+    end
+    Microsandbox::Sandbox.create(unique_name("xattr"), image: ref, registry_insecure: true) do |sb|
+      script = <<~PY
+        import os
+        print(os.getxattr("/opt/xattr/capbin", "security.capability").hex())
+        print(os.getxattr("/opt/xattr/capbin", "user.msb").decode())
+        print(os.getxattr("/opt/xattr", "user.dir").decode())
+        print(sorted(os.listxattr("/opt/xattr/capbin")))
+      PY
+      out = sb.exec("python3", ["-c", script])
+      expect(out.stderr).to eq("")
+      expect(out.stdout.lines.map(&:chomp)).to eq(
+        [cap.unpack1("H*"), "hello xattr", "on a directory", "['security.capability', 'user.msb']"]
+      )
+    end
   end
 end

@@ -18,6 +18,13 @@
 //! - staging files are created 0644 and directories 0755, so the build user can always
 //!   traverse and read them whatever the image's modes are.
 //!
+//! Extended attributes come from PAX `SCHILY.xattr.<name>` records (what GNU tar, buildah
+//! and containerd write) and are recorded in [`Tree::xattrs`], bounded per file (what one
+//! ext4 inode can hold) and per image ([`MAX_XATTRS`], [`MAX_XATTR_BYTES`]); names outside
+//! `user.`, `trusted.`, `security.` and the POSIX ACLs are ignored (e.g. ext4's own
+//! `system.data`), names with control characters refuse the layer. Extension headers
+//! themselves are size-bounded by [`super::targuard`].
+//!
 //! Layer semantics: `.wh.<name>` deletes `<name>` from lower layers; `.wh..wh..opq` hides
 //! everything lower layers put in its directory (entries of the same layer survive, in
 //! whatever order the tar lists them). Compression is detected by magic bytes (gzip, zstd,
@@ -37,10 +44,24 @@ use std::rc::Rc;
 
 use sha2::{Digest, Sha256};
 
+use super::targuard::{pax_records, CurrentPax, TarGuard};
 use crate::error::Error;
 
 /// Most symlinks followed while resolving one path (Linux's ELOOP limit).
 const MAX_SYMLINK_HOPS: usize = 40;
+
+/// Longest xattr name (Linux's XATTR_NAME_MAX).
+pub const MAX_XATTR_NAME: usize = 255;
+/// Bytes of xattrs one file may carry, counting 16 bytes of overhead per attribute: what fits
+/// the single 4 KiB block (plus in-inode space) ext4 gives one inode's attributes.
+pub const MAX_XATTR_BYTES_PER_FILE: usize = 4000;
+/// Attributes and bytes (names + values) recorded for a whole image; each becomes a
+/// debugfs command and a value file when the disk is built.
+pub const MAX_XATTRS: usize = 100_000;
+pub const MAX_XATTR_BYTES: usize = 64 << 20;
+
+/// Extended attributes of one node: (full name, value), in tar order.
+pub type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
 
 /// What kind of node a path is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -164,6 +185,10 @@ pub struct Tree {
     root: PathBuf,
     /// Metadata of every path below the root (key: relative path, `""` = the root itself).
     pub meta: BTreeMap<PathBuf, NodeMeta>,
+    /// Extended attributes, for paths that have any (keys are a subset of `meta`'s).
+    pub xattrs: BTreeMap<PathBuf, Xattrs>,
+    /// Attribute count and name+value bytes currently in `xattrs`.
+    xattr_totals: (usize, usize),
 }
 
 /// Hashes everything read through it; the hasher is shared so it can be read after the
@@ -224,7 +249,7 @@ impl Tree {
             .map_err(|e| Error::Io { context: format!("creating {}", staging.display()), source: e })?;
         let mut meta = BTreeMap::new();
         meta.insert(PathBuf::new(), IMPLICIT_DIR);
-        Ok(Tree { root: staging.to_path_buf(), meta })
+        Ok(Tree { root: staging.to_path_buf(), meta, xattrs: BTreeMap::new(), xattr_totals: (0, 0) })
     }
 
     pub fn root(&self) -> &Path {
@@ -251,12 +276,14 @@ impl Tree {
             Compression::None => Box::new(buffered),
         };
         let inner = new_hash_state();
-        let mut archive = tar::Archive::new(HashReader { inner: decoded, state: inner.clone() });
+        let guard = TarGuard::new(HashReader { inner: decoded, state: inner.clone() });
+        let pax = guard.pax();
+        let mut archive = tar::Archive::new(guard);
 
-        let result = self.apply_entries(&mut archive, &layer.digest);
+        let result = self.apply_entries(&mut archive, &layer.digest, &pax);
 
         // Verify whatever happened: a corrupt blob explains any tar or decoder error.
-        let mut rest = archive.into_inner();
+        let mut rest = archive.into_inner().into_inner(); // past the guard: it may have failed
         let drained = io::copy(&mut rest, &mut io::sink());
         drop(rest);
         let read = outer.borrow().1;
@@ -289,14 +316,14 @@ impl Tree {
         result
     }
 
-    fn apply_entries<R: Read>(&mut self, archive: &mut tar::Archive<R>, layer: &str) -> Result<(), ApplyError> {
+    fn apply_entries<R: Read>(&mut self, archive: &mut tar::Archive<R>, layer: &str, pax: &CurrentPax) -> Result<(), ApplyError> {
         // Paths this layer created or replaced: opaque markers and whiteouts spare them.
         let mut this_layer: HashSet<PathBuf> = HashSet::new();
         let entries = archive.entries().map_err(|e| ApplyError::Other(Error::Filesystem(format!("layer {layer}: {e}"))))?;
         for entry in entries {
             let mut entry =
                 entry.map_err(|e| ApplyError::Other(Error::Filesystem(format!("layer {layer} is not a valid tar: {e}"))))?;
-            self.apply_entry(&mut entry, layer, &mut this_layer)?;
+            self.apply_entry(&mut entry, layer, &mut this_layer, pax.get().as_deref())?;
         }
         Ok(())
     }
@@ -306,6 +333,7 @@ impl Tree {
         entry: &mut tar::Entry<'_, R>,
         layer: &str,
         this_layer: &mut HashSet<PathBuf>,
+        pax: Option<&[u8]>,
     ) -> Result<(), ApplyError> {
         let bad_tar = |e: io::Error| ApplyError::Other(Error::Filesystem(format!("layer {layer} is not a valid tar: {e}")));
         let name = entry.path_bytes().into_owned();
@@ -318,21 +346,36 @@ impl Tree {
         let perm = h.mode().map_err(bad_tar)? & 0o7777;
         let mut uid = h.uid().map_err(bad_tar)? as u32;
         let mut gid = h.gid().map_err(bad_tar)? as u32;
-        if let Ok(Some(exts)) = entry.pax_extensions() {
-            for ext in exts.flatten() {
-                let parse = || ext.value().ok().and_then(|v| v.trim().parse::<u32>().ok());
-                match ext.key_bytes() {
-                    b"uid" => uid = parse().unwrap_or(uid),
-                    b"gid" => gid = parse().unwrap_or(gid),
-                    _ => {}
+        let mut xattrs = Xattrs::new();
+        for (key, value) in pax.map(pax_records).unwrap_or_default() {
+            let parse = || std::str::from_utf8(value).ok().and_then(|v| v.trim().parse::<u32>().ok());
+            match key {
+                b"uid" => uid = parse().unwrap_or(uid),
+                b"gid" => gid = parse().unwrap_or(gid),
+                k if k.starts_with(b"SCHILY.xattr.") => {
+                    let xname = &k[b"SCHILY.xattr.".len()..];
+                    if xattr_name_ok(xname).map_err(|why| unsafe_entry(layer, &name, why))? {
+                        xattrs.retain(|(n, _)| n != xname);
+                        xattrs.push((xname.to_vec(), value.to_vec()));
+                    }
                 }
+                _ => {}
             }
+        }
+        let per_file: usize = xattrs.iter().map(|(n, v)| n.len() + v.len() + 16).sum();
+        if per_file > MAX_XATTR_BYTES_PER_FILE {
+            return Err(unsafe_entry(
+                layer,
+                &name,
+                &format!("{per_file} bytes of extended attributes (at most {MAX_XATTR_BYTES_PER_FILE} fit an ext4 inode)"),
+            ));
         }
 
         let Some((base, parents)) = comps.split_last() else {
             // The root itself ("./"): only its metadata can change.
             if etype == tar::EntryType::Directory {
                 self.meta.insert(PathBuf::new(), NodeMeta { kind: NodeKind::Dir, perm, uid, gid });
+                self.set_xattrs(Path::new(""), xattrs, layer, &name)?;
             }
             return Ok(());
         };
@@ -360,7 +403,7 @@ impl Tree {
             tar::EntryType::Directory => NodeKind::Dir,
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => NodeKind::File,
             tar::EntryType::Symlink => NodeKind::Symlink,
-            tar::EntryType::Link => return self.hardlink(entry, &rel, layer, this_layer, &name),
+            tar::EntryType::Link => return self.hardlink(entry, &rel, layer, this_layer, &name, xattrs),
             tar::EntryType::Char | tar::EntryType::Block => {
                 let major = h.device_major().map_err(bad_tar)?.unwrap_or(0);
                 let minor = h.device_minor().map_err(bad_tar)?.unwrap_or(0);
@@ -416,8 +459,37 @@ impl Tree {
             _ => self.remove(&rel)?,
         }
         self.meta.insert(rel.clone(), meta);
+        // An entry states its node's whole metadata: attributes of what it replaced go.
+        self.set_xattrs(&rel, xattrs, layer, &name)?;
         this_layer.insert(rel);
         Ok(())
+    }
+
+    /// Replaces the recorded attributes of `rel`, keeping the image-wide totals bounded.
+    fn set_xattrs(&mut self, rel: &Path, xattrs: Xattrs, layer: &str, name: &[u8]) -> Result<(), ApplyError> {
+        self.drop_xattrs(rel);
+        if xattrs.is_empty() {
+            return Ok(());
+        }
+        let bytes: usize = xattrs.iter().map(|(n, v)| n.len() + v.len()).sum();
+        let (count, total) = (self.xattr_totals.0 + xattrs.len(), self.xattr_totals.1 + bytes);
+        if count > MAX_XATTRS || total > MAX_XATTR_BYTES {
+            return Err(unsafe_entry(
+                layer,
+                name,
+                &format!("the image has more than {MAX_XATTRS} extended attributes or {MAX_XATTR_BYTES} bytes of them"),
+            ));
+        }
+        self.xattr_totals = (count, total);
+        self.xattrs.insert(rel.to_path_buf(), xattrs);
+        Ok(())
+    }
+
+    fn drop_xattrs(&mut self, rel: &Path) {
+        if let Some(old) = self.xattrs.remove(rel) {
+            self.xattr_totals.0 -= old.len();
+            self.xattr_totals.1 -= old.iter().map(|(n, v)| n.len() + v.len()).sum::<usize>();
+        }
     }
 
     fn hardlink<R: Read>(
@@ -427,6 +499,7 @@ impl Tree {
         layer: &str,
         this_layer: &mut HashSet<PathBuf>,
         name: &[u8],
+        xattrs: Xattrs,
     ) -> Result<(), ApplyError> {
         let target_name = entry
             .link_name_bytes()
@@ -456,6 +529,10 @@ impl Tree {
         }
         // A hardlinked device/fifo becomes a second node with the same metadata.
         self.meta.insert(rel.to_path_buf(), tmeta);
+        // Both names are one inode: record its attributes under the link too, so they
+        // survive a later whiteout of the target name (tar writes them on the first name).
+        let xattrs = if xattrs.is_empty() { self.xattrs.get(&trel).cloned().unwrap_or_default() } else { xattrs };
+        self.set_xattrs(rel, xattrs, layer, name)?;
         this_layer.insert(rel.to_path_buf());
         Ok(())
     }
@@ -528,6 +605,7 @@ impl Tree {
         let doomed: Vec<PathBuf> = self.meta.range(rel.to_path_buf()..).take_while(|(k, _)| k.starts_with(rel)).map(|(k, _)| k.clone()).collect();
         for k in doomed {
             self.meta.remove(&k);
+            self.drop_xattrs(&k);
         }
         Ok(())
     }
@@ -565,6 +643,19 @@ impl Tree {
         }
         (bytes, self.meta.len() as u64)
     }
+}
+
+/// Whether to keep an xattr called `name`: `Ok(false)` for namespaces an image has no
+/// business setting on ext4 (`system.data` is ext4's inline data), `Err` for names the disk
+/// tooling cannot express.
+fn xattr_name_ok(name: &[u8]) -> Result<bool, &'static str> {
+    if name.is_empty() || name.len() > MAX_XATTR_NAME || name.iter().any(|b| !(0x20..0x7f).contains(b)) {
+        return Err("an extended attribute name is empty, too long or has control characters");
+    }
+    let known = [&b"user."[..], b"trusted.", b"security."].iter().any(|p| name.starts_with(p) && name.len() > p.len())
+        || name == b"system.posix_acl_access"
+        || name == b"system.posix_acl_default";
+    Ok(known)
 }
 
 fn mkdir(abs: &Path) -> Result<(), ApplyError> {
@@ -627,6 +718,12 @@ pub(crate) mod tests {
             h.set_device_minor(minor).unwrap();
             h.set_cksum();
             self.b.append(&h, io::empty()).unwrap();
+            self
+        }
+        /// PAX `SCHILY.xattr.*` records for the next entry.
+        pub fn xattrs(mut self, attrs: &[(&str, &[u8])]) -> Self {
+            let recs: Vec<(String, &[u8])> = attrs.iter().map(|(k, v)| (format!("SCHILY.xattr.{k}"), *v)).collect();
+            self.b.append_pax_extensions(recs.iter().map(|(k, v)| (k.as_str(), *v))).unwrap();
             self
         }
         pub fn build(self) -> Vec<u8> {
@@ -756,6 +853,46 @@ pub(crate) mod tests {
         assert_eq!(fs::metadata(root.join("home/u/f")).unwrap().nlink(), 2);
         assert_eq!(fs::metadata(root.join("home/u/f")).unwrap().mode() & 0o7777, 0o644, "staging keeps safe modes");
         assert!(!root.join("dev/null").exists(), "devices are metadata only");
+    }
+
+    #[test]
+    fn xattrs_are_recorded_replaced_and_bounded() {
+        let t = tempfile::tempdir().unwrap();
+        let mut tree = Tree::new(&t.path().join("root")).unwrap();
+        // v2 file capabilities with a newline byte in them (0x0a: CAP_DAC_OVERRIDE|CAP_FOWNER).
+        let cap: &[u8] = &[0, 0, 0, 2, 0x0a, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let l1 = TarBuilder::default()
+            .xattrs(&[("security.capability", cap), ("user.note", b"one"), ("system.data", b"x")])
+            .file("bin/ping", 0o755, 0, 0, b"elf")
+            .link(tar::EntryType::Link, "bin/ping6", "bin/ping")
+            .xattrs(&[("user.dir", b"d")])
+            .dir("etc/", 0o755, 0, 0)
+            .xattrs(&[("user.gone", b"g")])
+            .file("etc/old", 0o644, 0, 0, b"")
+            .xattrs(&[("user.replaced", b"r")])
+            .file("etc/new", 0o644, 0, 0, b"")
+            .build();
+        apply(&mut tree, t.path(), 1, &l1).unwrap();
+        fn x(tree: &Tree, p: &str) -> Xattrs {
+            tree.xattrs.get(Path::new(p)).cloned().unwrap_or_default()
+        }
+        // system.* (ext4's inline data lives there) is not an image's to set.
+        assert_eq!(x(&tree, "bin/ping"), vec![(b"security.capability".to_vec(), cap.to_vec()), (b"user.note".to_vec(), b"one".to_vec())]);
+        assert_eq!(x(&tree, "bin/ping6"), x(&tree, "bin/ping"), "a hardlink carries its inode's attributes");
+        assert_eq!(x(&tree, "etc"), vec![(b"user.dir".to_vec(), b"d".to_vec())]);
+
+        // A later layer: a whiteout drops attributes, a re-added file states its own.
+        let l2 = TarBuilder::default().file("etc/.wh.old", 0o644, 0, 0, b"").file("etc/new", 0o644, 0, 0, b"v2").build();
+        apply(&mut tree, t.path(), 2, &l2).unwrap();
+        assert!(x(&tree, "etc/old").is_empty() && x(&tree, "etc/new").is_empty());
+        assert_eq!(tree.xattr_totals, (5, tree.xattrs.values().flatten().map(|(n, v)| n.len() + v.len()).sum()));
+
+        // Hostile: more than an inode can hold, and names that cannot be expressed.
+        let big = vec![b'v'; MAX_XATTR_BYTES_PER_FILE];
+        let l3 = TarBuilder::default().xattrs(&[("user.big", &big)]).file("big", 0o644, 0, 0, b"").build();
+        assert!(matches!(apply(&mut tree, t.path(), 3, &l3), Err(ApplyError::Other(Error::Filesystem(m))) if m.contains("extended attributes")));
+        let l4 = TarBuilder::default().xattrs(&[("user.a\nb", b"v")]).file("f", 0o644, 0, 0, b"").build();
+        assert!(apply(&mut tree, t.path(), 4, &l4).is_err());
     }
 
     #[test]

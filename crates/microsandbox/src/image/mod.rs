@@ -4,7 +4,8 @@
 //! - [`reference`]: Docker reference parsing and normalisation.
 //! - [`store`]: the content-addressed store under `<home>/images` and its locks.
 //! - [`pull`]: registry access (auth, platform selection, verified streaming downloads).
-//! - [`layers`]: applying layer tars (whiteouts, hardlinks, safe paths) without root.
+//! - [`layers`]: applying layer tars (whiteouts, hardlinks, safe paths, xattrs) without root.
+//! - [`targuard`]: bounds the tar extension headers a layer can make the host buffer.
 //! - [`disk`]: ext4 build (`mke2fs -d` + `debugfs` for owners/modes/devices) and qcow2 overlays.
 //! - [`config`]: manifest/index/config JSON and the [`ImageConfig`] a sandbox applies.
 //!
@@ -16,6 +17,7 @@ pub mod layers;
 pub mod pull;
 pub mod reference;
 pub mod store;
+pub mod targuard;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
