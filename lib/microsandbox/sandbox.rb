@@ -51,6 +51,10 @@ module Microsandbox
       # @param replace [Boolean] stop and remove an existing sandbox of the same name first
       # @param replace_with_timeout [Numeric, nil] like `replace: true`, waiting this many
       #   seconds for the old sandbox to stop cleanly before killing it
+      # @param entrypoint [Array<String>, nil] the main process started after every boot
+      #   (also by {Sandbox.start}); replaces the image's Entrypoint and drops its Cmd, like
+      #   `docker run --entrypoint`. Default: the image's Entrypoint + Cmd. `[]` runs nothing.
+      #   Its output goes to {#logs}; its exit does not stop the sandbox.
       # @yieldparam sandbox [Sandbox]
       # @return [Sandbox, Object] the sandbox, or the block's value
       # @raise [InvalidConfigError, ImageNotFoundError, SandboxAlreadyExistsError,
@@ -58,10 +62,12 @@ module Microsandbox
       def create(name, image:, cpus: 1, memory: 512, env: {}, workdir: nil, shell: "/bin/sh",
                  accel: nil, boot_timeout: nil, max_duration: nil, idle_timeout: nil, hostname: nil, user: nil, labels: {},
                  detached: false, replace: false, replace_with_timeout: nil, pull_policy: nil,
-                 registry_auth: nil, registry_insecure: false, registry_ca_certs: nil, &block)
+                 registry_auth: nil, registry_insecure: false, registry_ca_certs: nil,
+                 entrypoint: nil, &block)
         config = build_config(name, image, cpus, memory, env, workdir, accel, boot_timeout)
         config["hostname"] = Validate.string!("hostname", hostname) if hostname
         config["user"] = Validate.string!("user", user) if user
+        config["entrypoint"] = Validate.string_array!("entrypoint", entrypoint).map { |a| Validate.utf8!("entrypoint", a) } if entrypoint
         config.merge!(Image.registry_options(pull_policy: pull_policy, registry_auth: registry_auth,
                                              registry_insecure: registry_insecure,
                                              registry_ca_certs: registry_ca_certs))
@@ -80,7 +86,8 @@ module Microsandbox
         scoped(new(native, shell: shell), &block)
       end
 
-      # Boots a stopped sandbox again, with its root disk and its create options.
+      # Boots a stopped sandbox again, with its root disk and its create options (the
+      # main process runs again).
       # Takes a block like {create}.
       # @param name [String]
       # @param detached [Boolean]

@@ -83,7 +83,9 @@ pub async fn pump_from_agent(mut rd: OwnedReadHalf, router: Arc<Router>) -> Stri
             _ => continue,
         };
         let Some(route) = router.get(frame.id) else { continue };
-        router.touch();
+        if !router.is_background(frame.id) {
+            router.touch();
+        }
         match frame.kind {
             Kind::Stdout => router.log("stdout", &frame.payload),
             Kind::Stderr => router.log("stderr", &frame.payload),

@@ -9,6 +9,7 @@ mod agent_link;
 mod control;
 mod liveness;
 mod logbook;
+mod main_process;
 mod router;
 mod vm;
 

@@ -37,6 +37,9 @@ struct Inner {
     routes: HashMap<u32, Route>,
     /// Set once by a drain: no session opens any more.
     draining: bool,
+    /// Sessions the supervisor runs itself (the main process): they are not client
+    /// activity, so they neither keep an `idle_timeout` sandbox alive nor hold up a drain.
+    background: std::collections::HashSet<u32>,
 }
 
 impl Router {
@@ -57,11 +60,13 @@ impl Router {
         *self.last_activity.lock().unwrap() = std::time::Instant::now();
     }
 
-    /// How long the sandbox has had no open session and no traffic.
+    /// How long the sandbox has had no open client session and no traffic.
     pub fn idle_for(&self) -> std::time::Duration {
-        if !self.inner.lock().unwrap().routes.is_empty() {
+        let g = self.inner.lock().unwrap();
+        if g.routes.keys().any(|id| !g.background.contains(id)) {
             return std::time::Duration::ZERO;
         }
+        drop(g);
         self.last_activity.lock().unwrap().elapsed()
     }
 
@@ -71,9 +76,11 @@ impl Router {
         self.inner.lock().unwrap().draining = true;
     }
 
-    /// Sessions still open.
+    /// Client sessions still open (the supervisor's own, like the main process, are not
+    /// waited for: they end with the VM).
     pub fn session_count(&self) -> usize {
-        self.inner.lock().unwrap().routes.len()
+        let g = self.inner.lock().unwrap();
+        g.routes.keys().filter(|id| !g.background.contains(id)).count()
     }
 
     /// Registers a session and returns its global id (never 0, which is the control id);
@@ -94,12 +101,27 @@ impl Router {
         Some(id)
     }
 
+    /// Registers a session the supervisor itself runs (see `Inner::background`);
+    /// `None` while draining.
+    pub fn open_background(&self, route: Route) -> Option<u32> {
+        let id = self.open(route)?;
+        self.inner.lock().unwrap().background.insert(id);
+        Some(id)
+    }
+
+    /// True for a session opened with [`open_background`](Self::open_background).
+    pub fn is_background(&self, id: u32) -> bool {
+        self.inner.lock().unwrap().background.contains(&id)
+    }
+
     pub fn get(&self, id: u32) -> Option<Route> {
         self.inner.lock().unwrap().routes.get(&id).cloned()
     }
 
     pub fn close(&self, id: u32) {
-        self.inner.lock().unwrap().routes.remove(&id);
+        let mut g = self.inner.lock().unwrap();
+        g.routes.remove(&id);
+        g.background.remove(&id);
     }
 }
 
@@ -130,5 +152,22 @@ mod tests {
         assert_eq!(r.session_count(), 1);
         r.close(a);
         assert_eq!(r.session_count(), 0);
+    }
+
+    #[test]
+    fn background_sessions_are_neither_activity_nor_drained() {
+        let r = Router::default();
+        let (tx, _rx) = mpsc::channel(1);
+        let bg = r.open_background(Route { client: tx.clone(), local_id: 1 }).unwrap();
+        assert!(r.is_background(bg));
+        assert_eq!(r.session_count(), 0);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(r.idle_for() >= std::time::Duration::from_millis(20));
+        let fg = r.open(Route { client: tx, local_id: 2 }).unwrap();
+        assert_eq!(r.idle_for(), std::time::Duration::ZERO);
+        assert_eq!(r.session_count(), 1);
+        r.close(fg);
+        r.close(bg);
+        assert!(!r.is_background(bg));
     }
 }

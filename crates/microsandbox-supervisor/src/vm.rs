@@ -163,9 +163,12 @@ pub async fn supervise(spec: SupervisorSpec, report: fn(&StartupReport)) -> u8 {
     let (stop_tx, mut stop_rx) = mpsc::channel::<StopTicket>(4);
     let (detached_tx, detached_rx) = tokio::sync::watch::channel(false);
     let ctx = Ctx { router: router.clone(), to_agent: to_agent.clone(), info: info.clone(), stop: stop_tx, detached: detached_tx };
-    tokio::spawn(control::serve(control_listener, ctx));
     let router_for_idle = router.clone();
-    let pump = tokio::spawn(agent_link::pump_from_agent(rd, router));
+    let pump = tokio::spawn(agent_link::pump_from_agent(rd, router.clone()));
+    tokio::spawn(control::serve(control_listener, ctx));
+    if let Some(req) = spec.main.clone() {
+        crate::main_process::start(router, &to_agent, req).await;
+    }
 
     report(&StartupReport::Ready(info));
     // Nothing more goes to the engine's pipe; keep fd 1 valid but detached from it.

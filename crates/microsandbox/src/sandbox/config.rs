@@ -70,6 +70,12 @@ pub struct SandboxConfig {
     /// Supervisor binary override (`Microsandbox.runtime_path=` / `MSB_PATH`).
     #[serde(default)]
     pub supervisor: Option<PathBuf>,
+    // --- what runs in the sandbox (entrypoint, shell, scripts, patches) ---
+    /// argv of the main process started after every boot. `None` on input: the image's
+    /// Entrypoint + Cmd; `create` stores the resolved argv, so `start` runs the same.
+    /// An empty list runs nothing.
+    #[serde(default)]
+    pub entrypoint: Option<Vec<String>>,
 }
 
 /// `registry_auth: {username:, password:}`; the password never appears in Debug output.
@@ -148,6 +154,17 @@ pub fn validate_guest_path(what: &str, p: &str) -> Result<()> {
     Ok(())
 }
 
+/// Checks a main-process argv: no NUL bytes, and a program name when not empty.
+pub fn validate_entrypoint(argv: &[String]) -> Result<()> {
+    if argv.first().is_some_and(|p| p.is_empty()) {
+        return Err(Error::InvalidConfig("entrypoint: the program (first element) must not be empty".into()));
+    }
+    if let Some(i) = argv.iter().position(|a| a.contains('\0')) {
+        return Err(Error::InvalidConfig(format!("entrypoint[{i}] contains a NUL byte")));
+    }
+    Ok(())
+}
+
 impl SandboxConfig {
     pub fn validate(&self) -> Result<()> {
         validate_name(&self.name)?;
@@ -184,6 +201,9 @@ impl SandboxConfig {
             return Err(Error::InvalidConfig("image must be a non-empty path or image reference".into()));
         }
         self.pull_options()?;
+        if let Some(argv) = &self.entrypoint {
+            validate_entrypoint(argv)?;
+        }
         Ok(())
     }
 
@@ -249,6 +269,19 @@ mod tests {
         assert!(validate_env(&[("A=B".into(), "b".into())]).is_err());
         assert!(validate_env(&[("A".into(), "b\0".into())]).is_err());
         assert!(validate_env(&[("A".into(), "x".repeat(MAX_ENV_VALUE + 1))]).is_err());
+    }
+
+    #[test]
+    fn entrypoints() {
+        let mut c = cfg();
+        c.entrypoint = Some(vec![]);
+        assert!(c.validate().is_ok());
+        c.entrypoint = Some(vec!["/bin/app".into(), "--x".into()]);
+        assert!(c.validate().is_ok());
+        c.entrypoint = Some(vec!["".into()]);
+        assert!(c.validate().is_err());
+        c.entrypoint = Some(vec!["a".into(), "b\0".into()]);
+        assert!(c.validate().is_err());
     }
 
     #[test]

@@ -124,6 +124,8 @@ impl Sandbox {
                 .map_err(|e| Error::InvalidConfig(format!("the image's environment is unusable: {e}")))?;
             Some(image)
         };
+        // Checked now so a bad entrypoint fails before anything starts.
+        main_request(&cfg)?;
         if place.replace {
             Sandbox::replace_existing(&home, &cfg.name, place.replace_timeout_ms).await?;
         }
@@ -221,6 +223,7 @@ impl Sandbox {
             remove_dir_on_exit: false,
             max_duration_ms: cfg.max_duration_ms,
             idle_timeout_ms: cfg.idle_timeout_ms,
+            main: main_request(&cfg)?,
         };
         let spec_path = dir.join(spec::SPEC_FILE);
         std::fs::write(&spec_path, serde_json::to_vec_pretty(&spec).unwrap())
@@ -619,6 +622,22 @@ fn apply_image_config(cfg: &mut SandboxConfig, image: &crate::image::ImageConfig
     if cfg.user.is_none() {
         cfg.user = image.user.clone().filter(|u| !u.is_empty());
     }
+    // `entrypoint:` replaces Entrypoint and drops Cmd, like `docker run --entrypoint`.
+    if cfg.entrypoint.is_none() {
+        cfg.entrypoint = Some(image.default_command());
+    }
+}
+
+/// The main process's exec request (sandbox env, workdir and user; stdin at EOF), or
+/// `None` when there is nothing to run.
+fn main_request(cfg: &SandboxConfig) -> Result<Option<microsandbox_protocol::ExecRequest>> {
+    let Some((program, args)) = cfg.entrypoint.as_deref().and_then(<[String]>::split_first) else {
+        return Ok(None);
+    };
+    let call = ExecCall { program: program.clone(), args: args.to_vec(), ..Default::default() };
+    call.into_request(&cfg.env, cfg.workdir.as_deref(), cfg.user.as_deref())
+        .map(Some)
+        .map_err(|e| Error::InvalidConfig(format!("entrypoint: {e}")))
 }
 
 fn load_runtime(home: &Home) -> Result<runtime::Runtime> {

@@ -32,6 +32,10 @@ pub struct SupervisorSpec {
     /// Stop the sandbox by itself after this long with no session and no client traffic.
     #[serde(default)]
     pub idle_timeout_ms: Option<u64>,
+    /// The sandbox's main process (image Entrypoint + Cmd or `entrypoint:`), started once
+    /// the guest is ready; its output goes to the sandbox log.
+    #[serde(default)]
+    pub main: Option<microsandbox_protocol::ExecRequest>,
 }
 
 /// First line the supervisor prints on stdout: it booted, or why it did not.
