@@ -37,7 +37,8 @@ module Microsandbox
       # @param memory [Integer] guest memory in MiB (128 and up)
       # @param env [Hash{String=>String}] environment for every command
       # @param workdir [String, nil] default working directory of commands (absolute)
-      # @param shell [String] shell used by {#shell}
+      # @param shell [String] absolute guest path of the shell used by {#shell} and
+      #   {#shell_stream}, kept for {Sandbox.get}/{Sandbox.start} (default "/bin/sh")
       # @param accel [String, Symbol, nil] "auto" (default; also MICROSANDBOX_ACCEL), "kvm", "hvf" or "tcg"
       # @param boot_timeout [Numeric, nil] seconds to wait for the guest agent (default 180)
       # @param max_duration [Numeric, nil] seconds after which the sandbox stops by itself
@@ -76,14 +77,14 @@ module Microsandbox
             seconds = Validate.timeout!(label, value)
             config[key] = (seconds * 1000).ceil if seconds
           end
-        Validate.string!("shell", shell)
+        config["shell"] = Validate.guest_path!("shell", shell)
         placement = build_placement(labels, detached, replace, replace_with_timeout)
         Microsandbox.ensure_runtime!
         config["supervisor"] = Microsandbox.runtime_path
         native = Instrumentation.instrument("create.microsandbox", name: name) do
           Native::Sandbox.create(JSON.generate(config), JSON.generate(placement))
         end
-        scoped(new(native, shell: shell), &block)
+        scoped(new(native), &block)
       end
 
       # Boots a stopped sandbox again, with its root disk and its create options (the
@@ -91,10 +92,12 @@ module Microsandbox
       # Takes a block like {create}.
       # @param name [String]
       # @param detached [Boolean]
+      # @param shell [String, nil] overrides the `shell:` given at create for this handle
       # @return [Sandbox, Object]
       # @raise [SandboxNotFoundError, SandboxStillRunningError]
-      def start(name, detached: false, shell: "/bin/sh", &block)
+      def start(name, detached: false, shell: nil, &block)
         Validate.string!("name", name)
+        shell = Validate.guest_path!("shell", shell) if shell
         Microsandbox.ensure_runtime!
         scoped(new(Native::Sandbox.start(Microsandbox.home, name, detached ? true : false), shell: shell), &block)
       end
@@ -102,9 +105,11 @@ module Microsandbox
       # A handle on an existing sandbox, running or stopped — also one created by another
       # process. It does not own the sandbox: dropping it or exiting leaves the VM alone.
       # @param name [String]
+      # @param shell [String, nil] overrides the `shell:` given at create for this handle
       # @return [Sandbox]
       # @raise [SandboxNotFoundError]
-      def get(name, shell: "/bin/sh")
+      def get(name, shell: nil)
+        shell = Validate.guest_path!("shell", shell) if shell
         new(Native::Sandbox.get(Microsandbox.home, Validate.string!("name", name)), shell: shell)
       end
 
@@ -178,9 +183,9 @@ module Microsandbox
     end
 
     # @api private
-    def initialize(native, shell:)
+    def initialize(native, shell: nil)
       @native = native
-      @shell = shell
+      @shell = shell || native.shell
       @owner_pid = Process.pid
       @info = JSON.parse(native.info_json, symbolize_names: true).freeze
     end

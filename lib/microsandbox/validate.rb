@@ -13,6 +13,15 @@ module Microsandbox
       raise TypeError, "#{name} must be a String (got #{value.class})"
     end
 
+    # An absolute guest path without NUL bytes (InvalidConfigError otherwise).
+    def guest_path!(name, value)
+      string!(name, value)
+      raise InvalidConfigError, "#{name} must be an absolute guest path (got #{value.inspect})" unless value.start_with?("/")
+      raise InvalidConfigError, "#{name} must not contain NUL bytes" if value.include?("\0")
+
+      utf8!(name, value)
+    end
+
     def optional_string!(name, value)
       value.nil? ? nil : string!(name, value)
     end

@@ -38,6 +38,7 @@ fn init(ruby: &Ruby) -> Result<(), Error> {
     class.define_method("metrics_json", method!(metrics::metrics_json, 0))?;
     class.define_method("logs_json", method!(logs::logs_json, 2))?;
     class.define_method("name", method!(sandbox::RbSandbox::name, 0))?;
+    class.define_method("shell", method!(sandbox::RbSandbox::shell, 0))?;
     class.define_method("info_json", method!(sandbox::RbSandbox::info_json, 0))?;
     class.define_method("running?", method!(sandbox::RbSandbox::is_running, 0))?;
     class.define_method("exec", method!(sandbox::RbSandbox::exec, 9))?;

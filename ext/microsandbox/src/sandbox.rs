@@ -95,6 +95,10 @@ impl RbSandbox {
         self.inner.name().to_string()
     }
 
+    pub fn shell(&self) -> String {
+        self.inner.shell().to_string()
+    }
+
     pub fn info_json(&self) -> String {
         serde_json::to_string(self.inner.info()).unwrap()
     }

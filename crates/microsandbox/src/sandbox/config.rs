@@ -17,6 +17,10 @@ pub const MAX_ENV_TOTAL: usize = 512 * 1024;
 pub const MIN_MEMORY_MIB: u64 = 128;
 pub const MAX_MEMORY_MIB: u64 = 1 << 20;
 pub const MAX_CPUS: u64 = 255;
+/// Longest guest path accepted in options (the kernel's PATH_MAX).
+pub const MAX_GUEST_PATH: usize = 4096;
+/// Default shell of `Sandbox#shell`.
+pub const DEFAULT_SHELL: &str = "/bin/sh";
 
 /// Options of `Sandbox.create`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -76,6 +80,9 @@ pub struct SandboxConfig {
     /// An empty list runs nothing.
     #[serde(default)]
     pub entrypoint: Option<Vec<String>>,
+    /// Shell of `Sandbox#shell` (an absolute guest path); `/bin/sh` when unset.
+    #[serde(default)]
+    pub shell: Option<String>,
 }
 
 /// `registry_auth: {username:, password:}`; the password never appears in Debug output.
@@ -204,6 +211,12 @@ impl SandboxConfig {
         if let Some(argv) = &self.entrypoint {
             validate_entrypoint(argv)?;
         }
+        if let Some(sh) = &self.shell {
+            validate_guest_path("shell", sh)?;
+            if sh.len() > MAX_GUEST_PATH {
+                return Err(Error::InvalidConfig(format!("shell is longer than {MAX_GUEST_PATH} bytes")));
+            }
+        }
         Ok(())
     }
 
@@ -281,6 +294,19 @@ mod tests {
         c.entrypoint = Some(vec!["".into()]);
         assert!(c.validate().is_err());
         c.entrypoint = Some(vec!["a".into(), "b\0".into()]);
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn shells() {
+        let mut c = cfg();
+        c.shell = Some("/bin/bash".into());
+        assert!(c.validate().is_ok());
+        for bad in ["bash", "", "/bin/a\0"] {
+            c.shell = Some(bad.into());
+            assert!(c.validate().is_err(), "{bad:?}");
+        }
+        c.shell = Some(format!("/{}", "a".repeat(MAX_GUEST_PATH)));
         assert!(c.validate().is_err());
     }
 

@@ -49,6 +49,8 @@ pub struct Sandbox {
     labels: BTreeMap<String, String>,
     /// Default guest user of commands.
     user: Option<String>,
+    /// Shell of `Sandbox#shell`.
+    shell: String,
     memory_mib: u64,
     info: Info,
     supervisor: Mutex<Option<tokio::process::Child>>,
@@ -257,6 +259,7 @@ impl Sandbox {
             workdir: cfg.workdir,
             labels,
             user: cfg.user.clone(),
+            shell: cfg.shell.clone().unwrap_or_else(|| config::DEFAULT_SHELL.into()),
             memory_mib: cfg.memory_mib,
             info,
             supervisor: Mutex::new(child),
@@ -307,6 +310,7 @@ impl Sandbox {
             workdir: cfg.workdir,
             labels: rec.labels,
             user: cfg.user.clone(),
+            shell: cfg.shell.clone().unwrap_or_else(|| config::DEFAULT_SHELL.into()),
             memory_mib: cfg.memory_mib,
             info,
             supervisor: Mutex::new(None),
@@ -393,6 +397,11 @@ impl Sandbox {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Shell of `Sandbox#shell` (the `shell:` create option, default `/bin/sh`).
+    pub fn shell(&self) -> &str {
+        &self.shell
     }
 
     /// What runs this sandbox (VMM, accelerator, pids, kernel, boot time).
