@@ -17,6 +17,7 @@ rescue LoadError => e
 end
 
 require_relative "microsandbox/fs"
+require_relative "microsandbox/patch"
 require_relative "microsandbox/sandbox"
 require_relative "microsandbox/sandbox_info"
 require_relative "microsandbox/image"

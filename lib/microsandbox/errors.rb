@@ -52,6 +52,9 @@ module Microsandbox
     # @return [Integer, nil] the guest errno behind a {Sandbox#fs} failure (e.g. 2 for ENOENT)
     attr_reader :errno
   end
+  # A `patches:` entry or script could not be applied at create; the message names it.
+  # Nothing was kept (no sandbox record, VM or directory).
+  class PatchFailedError < FilesystemError; CODE = "patch-failed"; end
   # The image (a root directory for now) does not exist.
   class ImageNotFoundError < Error; CODE = "image-not-found"; end
   # Metrics collection is disabled for the sandbox.
@@ -92,7 +95,7 @@ module Microsandbox
   ERRORS_BY_CODE = [
     Error, InvalidConfigError, SandboxNotFoundError, SandboxAlreadyExistsError,
     SandboxStillRunningError, SandboxNotRunningError, SandboxDrainingError, ExecTimeoutError, ExecFailedError,
-    FilesystemError, ImageNotFoundError, MetricsDisabledError, MetricsUnavailableError,
+    FilesystemError, PatchFailedError, ImageNotFoundError, MetricsDisabledError, MetricsUnavailableError,
     RegistryError, RegistryAuthError, PlatformNotFoundError,
     RuntimeUnavailableError, BootFailedError, ProtocolError, HostIOError, CancelledError
   ].to_h { |c| [c::CODE, c] }.freeze

@@ -56,15 +56,20 @@ module Microsandbox
       #   (also by {Sandbox.start}); replaces the image's Entrypoint and drops its Cmd, like
       #   `docker run --entrypoint`. Default: the image's Entrypoint + Cmd. `[]` runs nothing.
       #   Its output goes to {#logs}; its exit does not stop the sandbox.
+      # @param scripts [Hash{String=>String}] `name => source`, written to
+      #   `/.msb/scripts/<name>` (mode 0755) at create; that directory is appended to PATH,
+      #   so `sb.shell("name")` runs one. Names are file names (no "/", not "." or "..")
+      # @param patches [Array<Patch::Change>] root filesystem changes made at create, in
+      #   order, before `create` returns (see {Patch})
       # @yieldparam sandbox [Sandbox]
       # @return [Sandbox, Object] the sandbox, or the block's value
       # @raise [InvalidConfigError, ImageNotFoundError, SandboxAlreadyExistsError,
-      #   RuntimeUnavailableError, BootFailedError]
+      #   RuntimeUnavailableError, BootFailedError, PatchFailedError]
       def create(name, image:, cpus: 1, memory: 512, env: {}, workdir: nil, shell: "/bin/sh",
                  accel: nil, boot_timeout: nil, max_duration: nil, idle_timeout: nil, hostname: nil, user: nil, labels: {},
                  detached: false, replace: false, replace_with_timeout: nil, pull_policy: nil,
                  registry_auth: nil, registry_insecure: false, registry_ca_certs: nil,
-                 entrypoint: nil, &block)
+                 entrypoint: nil, scripts: {}, patches: [], &block)
         config = build_config(name, image, cpus, memory, env, workdir, accel, boot_timeout)
         config["hostname"] = Validate.string!("hostname", hostname) if hostname
         config["user"] = Validate.string!("user", user) if user
@@ -78,6 +83,8 @@ module Microsandbox
             config[key] = (seconds * 1000).ceil if seconds
           end
         config["shell"] = Validate.guest_path!("shell", shell)
+        config["scripts"] = Validate.scripts!("scripts", scripts)
+        config["patches"] = Patch.validate_list!(patches).map(&:to_config)
         placement = build_placement(labels, detached, replace, replace_with_timeout)
         Microsandbox.ensure_runtime!
         config["supervisor"] = Microsandbox.runtime_path
@@ -88,7 +95,7 @@ module Microsandbox
       end
 
       # Boots a stopped sandbox again, with its root disk and its create options (the
-      # main process runs again).
+      # main process runs again; patches and scripts are already in its root).
       # Takes a block like {create}.
       # @param name [String]
       # @param detached [Boolean]

@@ -54,6 +54,23 @@ module Microsandbox
       end
     end
 
+    # `{ "name" => source }` → `{ "name" => base64 source }` (sources are binary-safe).
+    def scripts!(name, value)
+      raise TypeError, "#{name} must be a Hash of name => source String (got #{value.class})" unless value.is_a?(Hash)
+
+      value.to_h do |k, v|
+        raise TypeError, "#{name} keys must be Strings or Symbols (got #{k.class})" unless k.is_a?(String) || k.is_a?(Symbol)
+        raise TypeError, "#{name}[#{k.inspect}] must be a String (got #{v.class})" unless v.is_a?(String)
+
+        key = utf8!(name, k.to_s)
+        if key.empty? || key.bytesize > 255 || key.include?("/") || key.include?("\0") || %w[. ..].include?(key)
+          raise InvalidConfigError, "invalid script name #{key.inspect}: use 1-255 bytes without '/' or NUL, not '.' or '..'"
+        end
+
+        [key, [v].pack("m0")]
+      end
+    end
+
     # `{ nofile: 256, nproc: [64, 128] }` → [["nofile", 256, 256], ["nproc", 64, 128]].
     def rlimits!(name, value)
       return [] if value.nil?

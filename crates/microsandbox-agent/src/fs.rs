@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
@@ -139,7 +139,7 @@ impl FsSessions {
             return;
         }
         let cancel = Arc::new(AtomicBool::new(false));
-        let (upload, rx) = if req.op == FsOp::Write {
+        let (upload, rx) = if matches!(req.op, FsOp::Write | FsOp::Append) {
             let (tx, rx) = sync_channel(UPLOAD_QUEUE);
             (Some(tx), Some(rx))
         } else {
@@ -217,15 +217,24 @@ impl FsSessions {
                 }
                 Ok(FsDone { size: Some(total), ..Default::default() })
             }
-            FsOp::Write => {
-                let rx = rx.expect("write sessions have a queue");
-                let mut f = OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .mode(req.mode.unwrap_or(0o644))
-                    .open(path)
-                    .map_err(|e| Failure::io("write", path, &e))?;
+            FsOp::Write | FsOp::Append => {
+                let rx = rx.expect("upload sessions have a queue");
+                let mut f = if req.op == FsOp::Append {
+                    OpenOptions::new().append(true).open(path).map_err(|e| Failure::io("append", path, &e))?
+                } else {
+                    OpenOptions::new()
+                        .write(true)
+                        .create(true)
+                        .truncate(true)
+                        .mode(req.mode.unwrap_or(0o644))
+                        .open(path)
+                        .map_err(|e| Failure::io("write", path, &e))?
+                };
+                if let (FsOp::Write, Some(mode)) = (req.op, req.mode) {
+                    // Exact bits: creation above is subject to the umask and skips existing files.
+                    f.set_permissions(fs::Permissions::from_mode(mode & 0o7777))
+                        .map_err(|e| Failure::io("write", path, &e))?;
+                }
                 let mut total = 0u64;
                 loop {
                     match rx.recv() {
@@ -261,6 +270,10 @@ impl FsSessions {
                     }
                 }
                 b.create(path).map_err(|e| Failure::io("mkdir", path, &e))?;
+                if let Some(mode) = req.mode {
+                    fs::set_permissions(path, fs::Permissions::from_mode(mode & 0o7777))
+                        .map_err(|e| Failure::io("mkdir", path, &e))?;
+                }
                 Ok(FsDone::default())
             }
             FsOp::Remove => {
@@ -318,6 +331,20 @@ impl FsSessions {
                     batch.push(b']');
                     self.sink.send(&Frame::data(id, Kind::FsData, batch));
                 }
+                Ok(FsDone::default())
+            }
+            FsOp::Symlink => {
+                // The target is stored as given: relative targets are legitimate.
+                let target = match req.path2.as_deref() {
+                    Some(t) if !t.is_empty() && !t.contains('\0') => t,
+                    _ => {
+                        return Err(Failure {
+                            errno: libc::EINVAL,
+                            message: format!("symlink {path}: the target must be a non-empty string without NUL bytes"),
+                        })
+                    }
+                };
+                std::os::unix::fs::symlink(target, path).map_err(|e| Failure::io("symlink", path, &e))?;
                 Ok(FsDone::default())
             }
             FsOp::Stat => {

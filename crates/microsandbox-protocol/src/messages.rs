@@ -160,6 +160,10 @@ pub enum FsOp {
     List,
     /// `lstat(2)`: `FsDone{stat}`.
     Stat,
+    /// Like `write`, but appends to an existing file (never creates one).
+    Append,
+    /// Create the symlink `path` pointing at `path2` (which may be relative).
+    Symlink,
 }
 
 /// `FsRequest`: one filesystem operation; the session id is the frame id. Paths are
@@ -175,7 +179,9 @@ pub struct FsRequest {
     pub recursive: bool,
     #[serde(default)]
     pub parents: bool,
-    /// Permission bits for `write` (new files) and `mkdir`; the agent's defaults when absent.
+    /// Exact permission bits (no umask) for `write` (also of an existing file) and
+    /// `mkdir` (the last component); when absent, new files get 0644 and directories
+    /// 0755 less the umask, and an existing file keeps its mode.
     #[serde(default)]
     pub mode: Option<u32>,
 }

@@ -10,6 +10,7 @@ mod control;
 mod liveness;
 mod logbook;
 mod main_process;
+mod patches;
 mod router;
 mod vm;
 

@@ -164,7 +164,26 @@ pub async fn supervise(spec: SupervisorSpec, report: fn(&StartupReport)) -> u8 {
     let (detached_tx, detached_rx) = tokio::sync::watch::channel(false);
     let ctx = Ctx { router: router.clone(), to_agent: to_agent.clone(), info: info.clone(), stop: stop_tx, detached: detached_tx };
     let router_for_idle = router.clone();
-    let pump = tokio::spawn(agent_link::pump_from_agent(rd, router.clone()));
+    let mut pump = tokio::spawn(agent_link::pump_from_agent(rd, router.clone()));
+    // Scripts and patches (create only) go in before anything else runs or connects.
+    if let Some(file) = spec.patches_file.clone() {
+        let guest = crate::patches::Guest { router: router.clone(), to_agent: to_agent.clone() };
+        let within = boot_timeout.saturating_sub(started.elapsed());
+        let applied = tokio::select! {
+            r = crate::patches::apply_file(&guest, &file) => r.map_err(|why| ("patch-failed", why)),
+            why = &mut pump => Err(("boot-failed", format!("the agent channel ended while patching: {}", why.unwrap_or_default()))),
+            status = qemu.wait() => Err(("boot-failed", format!("QEMU exited while patching ({})", status.map(|s| s.to_string()).unwrap_or_default()))),
+            _ = tokio::time::sleep(within) => Err(("boot-failed", format!("boot and patches did not finish within {}s (boot_timeout)", boot_timeout.as_secs()))),
+            _ = liveness::owner_gone(owner.clone()) => Err(("boot-failed", "the owner process exited during boot".into())),
+        };
+        if let Err((code, why)) = applied {
+            let _ = qemu.start_kill();
+            let _ = qemu.wait().await;
+            cleanup(&spec);
+            report(&StartupReport::Failed { code: code.into(), message: format!("sandbox {:?}: {why}", spec.name) });
+            return 1;
+        }
+    }
     tokio::spawn(control::serve(control_listener, ctx));
     if let Some(req) = spec.main.clone() {
         crate::main_process::start(router, &to_agent, req).await;
@@ -186,7 +205,7 @@ pub async fn supervise(spec: SupervisorSpec, report: fn(&StartupReport)) -> u8 {
         _ = qemu.wait() => None,
         _ = liveness::owner_gone_unless_detached(owner.clone(), detached_rx) => None,
         _ = sigterm.recv() => None,
-        why = pump => { eprintln!("msb: {}", why.unwrap_or_default()); None }
+        why = &mut pump => { eprintln!("msb: {}", why.unwrap_or_default()); None }
     };
 
     let clean_within = match &stop_ticket {

@@ -49,6 +49,9 @@ pub enum Error {
     /// The root filesystem could not be prepared.
     #[error("{0}")]
     Filesystem(String),
+    /// A create's patch or script could not be applied; nothing was kept.
+    #[error("{0}")]
+    Patch(String),
     /// A registry refused or broke a request, or sent content that failed verification.
     #[error("{0}")]
     Registry(String),
@@ -93,6 +96,7 @@ impl Error {
             Error::Boot(_) => "boot-failed",
             Error::Protocol(_) => "protocol-error",
             Error::Filesystem(_) => "filesystem-error",
+            Error::Patch(_) => "patch-failed",
             Error::Registry(_) => "registry-error",
             Error::Auth(_) => "registry-auth-failed",
             Error::PlatformNotFound(_) => "platform-not-found",

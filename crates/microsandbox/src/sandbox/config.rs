@@ -83,6 +83,13 @@ pub struct SandboxConfig {
     /// Shell of `Sandbox#shell` (an absolute guest path); `/bin/sh` when unset.
     #[serde(default)]
     pub shell: Option<String>,
+    /// `name => source`, written to `/.msb/scripts/<name>` (0755) at create. Applied once
+    /// (the root keeps them), so not stored.
+    #[serde(default, skip_serializing)]
+    pub scripts: std::collections::BTreeMap<String, super::patch::Bytes>,
+    /// Root filesystem changes applied at create, after the scripts. Not stored.
+    #[serde(default, skip_serializing)]
+    pub patches: Vec<super::patch::Patch>,
 }
 
 /// `registry_auth: {username:, password:}`; the password never appears in Debug output.
@@ -211,6 +218,7 @@ impl SandboxConfig {
         if let Some(argv) = &self.entrypoint {
             validate_entrypoint(argv)?;
         }
+        super::patch::validate(&self.scripts, &self.patches)?;
         if let Some(sh) = &self.shell {
             validate_guest_path("shell", sh)?;
             if sh.len() > MAX_GUEST_PATH {

@@ -18,7 +18,7 @@ pub const MAX_COLLECTED_OUTPUT: usize = 256 << 20;
 /// How long past the guest-side timeout the host waits before giving up on the agent.
 const TIMEOUT_GRACE: Duration = Duration::from_secs(10);
 
-const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub(crate) const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// One command to run.
 #[derive(Debug, Clone, Default)]

@@ -11,6 +11,7 @@ mod exec;
 pub mod logs;
 pub mod metrics;
 mod fs;
+pub mod patch;
 mod owner;
 pub mod spec;
 mod stream;
@@ -126,8 +127,12 @@ impl Sandbox {
                 .map_err(|e| Error::InvalidConfig(format!("the image's environment is unusable: {e}")))?;
             Some(image)
         };
+        if !cfg.scripts.is_empty() {
+            add_scripts_to_path(&mut cfg.env);
+        }
         // Checked now so a bad entrypoint fails before anything starts.
         main_request(&cfg)?;
+        let patches = patch::steps(&cfg.scripts, &cfg.patches);
         if place.replace {
             Sandbox::replace_existing(&home, &cfg.name, place.replace_timeout_ms).await?;
         }
@@ -148,7 +153,7 @@ impl Sandbox {
                     .map_err(|e| Error::Runtime(format!("root disk task failed: {e}")))??;
             }
         }
-        let sb = Sandbox::boot(&home, &rt, cfg, place.labels, place.detached).await?;
+        let sb = Sandbox::boot(&home, &rt, cfg, place.labels, place.detached, &patches).await?;
         guard.armed = false;
         Ok(sb)
     }
@@ -168,18 +173,20 @@ impl Sandbox {
                 "the root disk of sandbox {name:?} is missing; remove it (Sandbox.remove) and create it again"
             )));
         }
-        let sb = Sandbox::boot(&home, &rt, cfg, rec.labels, detached || rec.detached).await?;
+        let sb = Sandbox::boot(&home, &rt, cfg, rec.labels, detached || rec.detached, &[]).await?;
         guard.armed = false;
         Ok(sb)
     }
 
     /// Starts the supervisor for a claimed record whose disk exists, and records it.
+    /// `patches` (create only) are applied by the supervisor before it reports ready.
     async fn boot(
         home: &Home,
         rt: &runtime::Runtime,
         cfg: SandboxConfig,
         labels: BTreeMap<String, String>,
         detached: bool,
+        patches: &[patch::PatchStep],
     ) -> Result<Sandbox> {
         let accel = Accel::resolve(cfg.accel.as_deref())?;
         let qemu = vmm::qemu::binary()?;
@@ -226,6 +233,7 @@ impl Sandbox {
             max_duration_ms: cfg.max_duration_ms,
             idle_timeout_ms: cfg.idle_timeout_ms,
             main: main_request(&cfg)?,
+            patches_file: write_patches(&dir, patches)?,
         };
         let spec_path = dir.join(spec::SPEC_FILE);
         std::fs::write(&spec_path, serde_json::to_vec_pretty(&spec).unwrap())
@@ -635,6 +643,34 @@ fn apply_image_config(cfg: &mut SandboxConfig, image: &crate::image::ImageConfig
     if cfg.entrypoint.is_none() {
         cfg.entrypoint = Some(image.default_command());
     }
+}
+
+/// Appends the scripts directory to the sandbox's PATH (the default PATH if unset).
+fn add_scripts_to_path(env: &mut Vec<(String, String)>) {
+    match env.iter_mut().find(|(k, _)| k == "PATH") {
+        Some((_, v)) => *v = patch::path_with_scripts(v),
+        None => env.push(("PATH".into(), patch::path_with_scripts(exec::DEFAULT_PATH))),
+    }
+}
+
+/// Writes the patch steps for the supervisor (owner-only: contents may be private).
+fn write_patches(dir: &std::path::Path, patches: &[patch::PatchStep]) -> Result<Option<PathBuf>> {
+    if patches.is_empty() {
+        return Ok(None);
+    }
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(patch::PATCHES_FILE);
+    let json = serde_json::to_vec(patches).expect("patches serialize");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .and_then(|mut f| f.write_all(&json))
+        .context(|| format!("writing {}", path.display()))?;
+    Ok(Some(path))
 }
 
 /// The main process's exec request (sandbox env, workdir and user; stdin at EOF), or

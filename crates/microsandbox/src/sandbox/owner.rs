@@ -107,6 +107,7 @@ pub fn error_from_code(code: &str, message: String) -> Error {
         "runtime-error" => Error::Runtime(message),
         "protocol-error" => Error::Protocol(message),
         "filesystem-error" => Error::Filesystem(message),
+        "patch-failed" => Error::Patch(message),
         _ => Error::Boot(message),
     }
 }

@@ -36,6 +36,10 @@ pub struct SupervisorSpec {
     /// the guest is ready; its output goes to the sandbox log.
     #[serde(default)]
     pub main: Option<microsandbox_protocol::ExecRequest>,
+    /// JSON list of [`PatchStep`](super::patch::PatchStep)s to apply before the main
+    /// process and before reporting ready (create only). The supervisor deletes it.
+    #[serde(default)]
+    pub patches_file: Option<PathBuf>,
 }
 
 /// First line the supervisor prints on stdout: it booted, or why it did not.
