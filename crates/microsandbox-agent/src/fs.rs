@@ -10,7 +10,8 @@
 //! - every session ends with exactly one `FsDone` or `Error{code: "fs-error", errno}`,
 //!   sent after the session left the table;
 //! - the host giving up (it sends `Signal` when a client disconnects) cancels the session
-//!   between chunks. A cancelled upload leaves the partly written file.
+//!   between chunks. A cancelled upload leaves the partly written file;
+//! - downloads and `list` send within the session's flow-control window (flow.rs).
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -26,13 +27,15 @@ use microsandbox_protocol::{
     FsDone, FsEntry, FsKind, FsOp, FsRequest, FsStat, Frame, Kind, MAX_CHUNK,
 };
 
+use crate::flow::{self, Window, Windows};
 use crate::util::{self, lock};
 use crate::wire::Sink;
 
 /// Upload frames buffered per session before the port reader waits for the disk.
 const UPLOAD_QUEUE: usize = 64;
-/// Serialized `FsEntry` bytes per `list` frame (well under `MAX_PAYLOAD`).
-const LIST_BATCH: usize = 256 * 1024;
+/// Serialized `FsEntry` bytes per `list` frame: one data chunk, like every output frame
+/// (a frame must fit the flow-control window).
+const LIST_BATCH: usize = MAX_CHUNK;
 
 enum Chunk {
     Data(Vec<u8>),
@@ -47,6 +50,7 @@ struct Handle {
 /// All live filesystem sessions.
 pub struct FsSessions {
     table: Mutex<HashMap<u32, Handle>>,
+    windows: Windows,
     sink: Sink,
 }
 
@@ -129,7 +133,7 @@ fn kind_of(ft: fs::FileType) -> FsKind {
 
 impl FsSessions {
     pub fn new(sink: Sink) -> Arc<FsSessions> {
-        Arc::new(FsSessions { table: Mutex::new(HashMap::new()), sink })
+        Arc::new(FsSessions { table: Mutex::new(HashMap::new()), windows: Windows::default(), sink })
     }
 
     /// Starts session `id`. Failures are answered with one `Error` frame.
@@ -146,10 +150,12 @@ impl FsSessions {
             (None, None)
         };
         lock(&self.table).insert(id, Handle { cancel: cancel.clone(), upload });
+        let window = self.windows.open(id);
         let this = self.clone();
         let started = util::spawn(&format!("fs-{id}"), move || {
-            let res = this.run(id, &req, rx, &cancel);
+            let res = this.run(id, &req, rx, &cancel, &window);
             lock(&this.table).remove(&id);
+            this.windows.close(id);
             match res {
                 Ok(done) => this.sink.send(&Frame::json(id, Kind::FsDone, &done)),
                 Err(f) => this.sink.error(id, "fs-error", f.message, Some(f.errno)),
@@ -157,6 +163,7 @@ impl FsSessions {
         });
         if let Err(e) = started {
             lock(&self.table).remove(&id);
+            self.windows.close(id);
             self.sink.error(id, "fs-error", format!("cannot start a session thread: {e}"), e.raw_os_error());
         }
     }
@@ -183,10 +190,26 @@ impl FsSessions {
         if let Some(h) = lock(&self.table).get_mut(&id) {
             h.cancel.store(true, Ordering::SeqCst);
             h.upload = None;
+            // A download waiting for credit that will never come gives up now.
+            self.windows.close(id);
         }
     }
 
-    fn run(&self, id: u32, req: &FsRequest, rx: Option<Receiver<Chunk>>, cancel: &AtomicBool) -> Result<FsDone, Failure> {
+    /// The host consumed `bytes` of session `id`'s data.
+    pub fn credit(&self, id: u32, bytes: usize) {
+        self.windows.credit(id, bytes);
+    }
+
+    /// Sends one `FsData` frame within the window; false when the session was cancelled.
+    fn send_data(&self, id: u32, window: &Window, bytes: Vec<u8>) -> bool {
+        if !window.acquire(flow::cost(bytes.len())) {
+            return false;
+        }
+        self.sink.send(&Frame::data(id, Kind::FsData, bytes));
+        true
+    }
+
+    fn run(&self, id: u32, req: &FsRequest, rx: Option<Receiver<Chunk>>, cancel: &AtomicBool, window: &Window) -> Result<FsDone, Failure> {
         let op = format!("{:?}", req.op).to_lowercase();
         let path = checked(&op, &req.path)?;
         let path2 = || match &req.path2 {
@@ -212,7 +235,9 @@ impl FsSessions {
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                         Err(e) => return Err(Failure::io("read", path, &e)),
                     };
-                    self.sink.send(&Frame::data(id, Kind::FsData, &buf[..n]));
+                    if !self.send_data(id, window, buf[..n].to_vec()) {
+                        return Err(cancelled());
+                    }
                     total += n as u64;
                 }
                 Ok(FsDone { size: Some(total), ..Default::default() })
@@ -318,18 +343,25 @@ impl FsSessions {
                         size: m.len(),
                         mode: m.mode() & 0o7777,
                     };
+                    let json = serde_json::to_vec(&e).expect("entries serialize");
+                    // Flush before an entry would take the frame past LIST_BATCH (`,` and `]`
+                    // included); one entry (a name of at most 255 bytes) always fits.
+                    if batch.len() > 1 && batch.len() + json.len() + 2 > LIST_BATCH {
+                        batch.push(b']');
+                        if !self.send_data(id, window, std::mem::replace(&mut batch, b"[".to_vec())) {
+                            return Err(cancelled());
+                        }
+                    }
                     if batch.len() > 1 {
                         batch.push(b',');
                     }
-                    batch.extend(serde_json::to_vec(&e).expect("entries serialize"));
-                    if batch.len() >= LIST_BATCH {
-                        batch.push(b']');
-                        self.sink.send(&Frame::data(id, Kind::FsData, std::mem::replace(&mut batch, b"[".to_vec())));
-                    }
+                    batch.extend(json);
                 }
                 if batch.len() > 1 {
                     batch.push(b']');
-                    self.sink.send(&Frame::data(id, Kind::FsData, batch));
+                    if !self.send_data(id, window, batch) {
+                        return Err(cancelled());
+                    }
                 }
                 Ok(FsDone::default())
             }

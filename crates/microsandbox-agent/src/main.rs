@@ -6,6 +6,7 @@
 
 mod boot;
 mod command;
+mod flow;
 mod fs;
 mod identity;
 mod port;

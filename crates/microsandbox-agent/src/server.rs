@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::thread::sleep;
 use std::time::Duration;
 
-use microsandbox_protocol::{ExecRequest, Frame, FsRequest, Kind, SignalMsg, WinSize, HEADER_LEN, MAX_CHUNK};
+use microsandbox_protocol::{Credit, ExecRequest, Frame, FsRequest, Kind, SignalMsg, WinSize, HEADER_LEN, MAX_CHUNK};
 
 use crate::fs::FsSessions;
 
@@ -58,6 +58,15 @@ fn dispatch(f: Frame, sink: &Sink, sessions: &Arc<Sessions>, fs: &Arc<FsSessions
             Ok(s) => {
                 fs.cancel(f.id);
                 sessions.signal(f.id, s.signal)
+            }
+            Err(e) => sink.error(f.id, "protocol", e.to_string(), None),
+        },
+        // Session ids are unique across exec and fs sessions: at most one of them knows it.
+        Kind::Credit => match f.parse::<Credit>() {
+            Ok(c) => {
+                let bytes = usize::try_from(c.bytes).unwrap_or(usize::MAX);
+                sessions.credit(f.id, bytes);
+                fs.credit(f.id, bytes);
             }
             Err(e) => sink.error(f.id, "protocol", e.to_string(), None),
         },

@@ -2,7 +2,9 @@
 //! that sends the final frame.
 //!
 //! Per session there are up to four threads: stdout and stderr pumps, a stdin feeder (only
-//! with `stdin: true`) and the monitor. Invariants:
+//! with `stdin: true`) and the monitor. Pumps send only within the session's flow-control
+//! window (flow.rs), so a host that stops reading one session stalls just that one.
+//! Invariants:
 //! - the final frame (`Exited`, or `Error` when the agent gave up on the session) is sent
 //!   exactly once, after every output frame; [`Output`] enforces it by closing a gate
 //!   that pumps check under the same lock they send with;
@@ -22,13 +24,16 @@ use std::time::{Duration, Instant};
 use microsandbox_protocol::{ExecRequest, Exited, Frame, Kind, WinSize, MAX_CHUNK};
 
 use crate::command::{self, Failure};
+use crate::flow::{self, Window, Windows};
 use crate::reaper::{ExitStatus, Reaper};
 use crate::spawn;
 use crate::util::{self, lock, log};
 use crate::wire::Sink;
 
 /// After the process exits, how long to wait for its output pipes to reach EOF. A
-/// background grandchild may hold them open forever; the session ends regardless.
+/// background grandchild may hold them open forever; the session ends regardless. Time
+/// in which output waits for the host's credit does not count: a slow reader still gets
+/// everything the process wrote.
 const EOF_GRACE: Duration = Duration::from_secs(1);
 
 /// Stdin bytes queued for a child that is not reading. Past this the session fails with
@@ -41,6 +46,8 @@ struct Output {
     id: u32,
     sink: Sink,
     state: Mutex<OutState>,
+    /// The session's flow-control window; pumps acquire before they send.
+    window: Arc<Window>,
 }
 
 struct OutState {
@@ -61,6 +68,8 @@ impl Output {
 
     /// Closes the gate and sends the final frame.
     fn finish(&self, status: Option<ExitStatus>, timed_out: bool) {
+        // Pumps still waiting for credit give up (their output can no longer be sent).
+        self.window.close();
         let mut state = lock(&self.state);
         state.open = false;
         match state.failure.take() {
@@ -98,6 +107,7 @@ struct Handle {
 /// All live sessions.
 pub struct Sessions {
     table: Mutex<HashMap<u32, Handle>>,
+    windows: Windows,
     sink: Sink,
     reaper: Arc<Reaper>,
 }
@@ -112,6 +122,7 @@ impl Sessions {
     pub fn new(sink: Sink, reaper: Arc<Reaper>) -> Arc<Sessions> {
         Arc::new(Sessions {
             table: Mutex::new(HashMap::new()),
+            windows: Windows::default(),
             sink,
             reaper,
         })
@@ -154,6 +165,7 @@ impl Sessions {
                 open: true,
                 failure: None,
             }),
+            window: self.windows.open(id),
         });
         let tty = pipes.pty.is_some();
         let stdin = pipes.stdin.and_then(|pipe| {
@@ -199,7 +211,7 @@ impl Sessions {
         if let Err(e) = started {
             // Without a monitor nobody would ever end the session: end it here.
             kill_group(pid, libc::SIGKILL);
-            lock(&self.table).remove(&id);
+            self.forget(id);
             lock(&out.state).failure =
                 Some(("exec-failed", format!("cannot start session thread: {e}")));
             out.finish(None, false);
@@ -231,14 +243,32 @@ impl Sessions {
                 }
             },
         };
-        let deadline = Instant::now() + EOF_GRACE;
-        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-            if let Err(_disconnected_or_timeout) = eof_rx.recv_timeout(left) {
+        // The grace counts only time in which output is not waiting for credit.
+        let start = Instant::now();
+        let stalled_before = out.window.stalled_time();
+        loop {
+            let stalled = out.window.stalled_time().saturating_sub(stalled_before);
+            let Some(left) = EOF_GRACE.checked_sub(start.elapsed().saturating_sub(stalled)) else {
                 break;
+            };
+            if let Err(RecvTimeoutError::Disconnected) = eof_rx.recv_timeout(left.max(Duration::from_millis(50))) {
+                break; // both pumps hit EOF
             }
         }
-        lock(&self.table).remove(&id);
+        self.forget(id);
         out.finish(status, timed_out);
+    }
+
+    /// Removes session `id` from the tables (before its final frame, so the host may
+    /// reuse the id as soon as it sees that frame).
+    fn forget(&self, id: u32) {
+        lock(&self.table).remove(&id);
+        self.windows.close(id);
+    }
+
+    /// The host consumed `bytes` of session `id`'s output.
+    pub fn credit(&self, id: u32, bytes: usize) {
+        self.windows.credit(id, bytes);
     }
 
     /// Queues stdin bytes for session `id`; unknown sessions and closed stdin drop them.
@@ -293,12 +323,20 @@ impl Sessions {
 /// Streams one output pipe to the host, a chunk per read so output arrives as produced.
 /// The `_eof` sender drops on return, telling the monitor this stream is done. A terminal
 /// master reports EIO instead of EOF once the last slave holder has gone.
+///
+/// Credit is acquired after the read, outside the output lock: at most one chunk per
+/// pump is held while the host is behind, and `finish` is never blocked by a waiting pump.
 fn pump(mut pipe: File, kind: Kind, out: &Output, _eof: Sender<()>) {
     let mut buf = vec![0u8; MAX_CHUNK];
     loop {
         match pipe.read(&mut buf) {
             Ok(0) => return,
-            Ok(n) => out.data(kind, &buf[..n]),
+            Ok(n) => {
+                if !out.window.acquire(flow::cost(n)) {
+                    return; // the session is over
+                }
+                out.data(kind, &buf[..n])
+            }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(_) => return,
         }

@@ -56,6 +56,9 @@ pub enum Kind {
     /// host → agent: set the terminal size of a `tty` session ([`crate::WinSize`]); the
     /// guest kernel sends `SIGWINCH` to the terminal's foreground process group.
     Resize = 19,
+    /// host → agent: the host has consumed this many bytes of the session's output
+    /// ([`crate::Credit`]); reopens its flow-control window ([`crate::WINDOW`]).
+    Credit = 20,
 }
 
 impl Kind {
@@ -82,6 +85,7 @@ impl Kind {
             17 => FsEof,
             18 => FsDone,
             19 => Resize,
+            20 => Credit,
             _ => return None,
         })
     }

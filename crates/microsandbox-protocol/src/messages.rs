@@ -97,6 +97,13 @@ pub struct ErrorMsg {
     pub errno: Option<i32>,
 }
 
+/// `Credit`: the host consumed `bytes` of a session's output frames (each counted as
+/// header + payload); the agent may send that much more.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Credit {
+    pub bytes: u64,
+}
+
 /// `Signal`: deliver `signal` to the session's process group.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SignalMsg {

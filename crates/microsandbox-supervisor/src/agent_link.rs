@@ -2,18 +2,21 @@
 //!
 //! Everything read here comes from the guest and is untrusted: the codec bounds frame
 //! sizes, kinds are checked against what an agent may send, payloads are parsed before
-//! they are forwarded, and frames for sessions that are not open are dropped.
+//! they are forwarded, frames for sessions that are not open are dropped, and a session
+//! that exceeds its flow-control window is failed (flow.rs).
 
 use std::sync::Arc;
 
 use microsandbox_protocol::{
-    read_frame_async, write_frame_async, ErrorMsg, Exited, Frame, FsDone, Kind, Ready, PROTOCOL_VERSION,
+    read_frame_async, write_frame_async, ErrorMsg, Exited, Frame, FsDone, Kind, Ready, SignalMsg, PROTOCOL_VERSION,
+    WINDOW,
 };
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 
-use crate::router::Router;
+use crate::flow::{self, Overrun};
+use crate::router::{Routed, Router};
 
 /// Frames queued toward the agent before senders wait.
 const TO_AGENT_QUEUE: usize = 256;
@@ -51,8 +54,10 @@ pub fn spawn_writer(mut wr: OwnedWriteHalf) -> mpsc::Sender<Frame> {
 }
 
 /// Forwards agent frames to their sessions until the channel ends or the agent breaks
-/// the protocol. Returns why it stopped.
-pub async fn pump_from_agent(mut rd: OwnedReadHalf, router: Arc<Router>) -> String {
+/// the protocol. Returns why it stopped. Never waits on a client: frames are charged to
+/// their session's window and queued (see flow.rs); `to_agent` carries the kill of a
+/// session whose agent overran its window.
+pub async fn pump_from_agent(mut rd: OwnedReadHalf, router: Arc<Router>, to_agent: mpsc::Sender<Frame>) -> String {
     loop {
         let frame = match read_frame_async(&mut rd).await {
             Ok(Some(f)) => f,
@@ -86,20 +91,37 @@ pub async fn pump_from_agent(mut rd: OwnedReadHalf, router: Arc<Router>) -> Stri
         if !router.is_background(frame.id) {
             router.touch();
         }
+        let global = frame.id;
+        let cost = flow::cost(frame.kind, frame.payload.len());
+        if let Err(Overrun(queued)) = route.flow.charge(cost) {
+            // Only an agent ignoring the window gets here: fail this session, keep the rest.
+            router.close(global);
+            let msg = ErrorMsg {
+                code: "protocol".into(),
+                message: format!(
+                    "the guest overran the session's flow-control window ({queued} bytes queued, {WINDOW} allowed); the command was killed"
+                ),
+                errno: None,
+            };
+            let frame = Frame::json(route.local_id, Kind::Error, &msg);
+            let _ = route.client.send(Routed { frame, global, cost: 0, flow: route.flow.clone() });
+            let _ = to_agent.try_send(Frame::json(global, Kind::Signal, &SignalMsg { signal: libc::SIGKILL }));
+            continue;
+        }
         match frame.kind {
             Kind::Stdout => router.log("stdout", &frame.payload),
             Kind::Stderr => router.log("stderr", &frame.payload),
             _ => {}
         }
         if ends_session {
-            router.close(frame.id);
+            router.close(global);
         }
-        let local = Frame { id: route.local_id, ..frame };
-        // A slow client applies back-pressure here (bounded memory, no dropped output);
-        // a vanished client's queue is closed, so the send fails at once.
-        // Known limit: until the protocol has per-session flow control, a client that
-        // stops reading without disconnecting stalls the other sessions of this sandbox.
-        let _ = route.client.send(local).await;
+        let frame = Frame { id: route.local_id, ..frame };
+        // Unbounded queue, bounded by the window; a vanished client's writer discards
+        // (and credits) so the session can still end.
+        if let Err(e) = route.client.send(Routed { frame, global, cost, flow: route.flow.clone() }) {
+            route.flow.release(e.0.cost);
+        }
     }
 }
 
@@ -112,17 +134,34 @@ mod tests {
     use tokio::io::AsyncWriteExt;
 
     async fn pump_with(bytes: Vec<u8>, router: Arc<Router>) -> String {
+        pump_with_agent_queue(bytes, router, mpsc::channel(16).0).await
+    }
+
+    async fn pump_with_agent_queue(bytes: Vec<u8>, router: Arc<Router>, to_agent: mpsc::Sender<Frame>) -> String {
         let (host, mut guest) = UnixStream::pair().unwrap();
         let (rd, _wr) = host.into_split();
-        let pump = tokio::spawn(pump_from_agent(rd, router));
+        let pump = tokio::spawn(pump_from_agent(rd, router, to_agent));
         guest.write_all(&bytes).await.unwrap();
         drop(guest);
         tokio::time::timeout(Duration::from_secs(5), pump).await.unwrap().unwrap()
     }
 
-    fn open_session(router: &Router) -> (u32, mpsc::Receiver<Frame>) {
-        let (tx, rx) = mpsc::channel(16);
-        (router.open(Route { client: tx, local_id: 7 }).unwrap(), rx)
+    /// A client's end of a session: routed frames, with their local ids.
+    struct Client(mpsc::UnboundedReceiver<Routed>);
+
+    impl Client {
+        async fn recv(&mut self) -> Option<Frame> {
+            self.0.recv().await.map(|r| r.frame)
+        }
+
+        fn try_recv(&mut self) -> Result<Frame, mpsc::error::TryRecvError> {
+            self.0.try_recv().map(|r| r.frame)
+        }
+    }
+
+    fn open_session(router: &Router) -> (u32, Client) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (router.open(Route { client: tx, local_id: 7, flow: Default::default() }).unwrap(), Client(rx))
     }
 
     #[tokio::test]
@@ -198,6 +237,56 @@ mod tests {
         assert_eq!(done.parse::<FsDone>().unwrap().size, Some(4));
         assert!(rx.try_recv().is_err());
         assert!(router.get(id).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_client_that_does_not_read_never_stalls_other_sessions() {
+        let router = Arc::new(Router::default());
+        let (stalled, _never_read) = open_session(&router);
+        let (other, mut rx) = open_session(&router);
+        // Exactly a window's worth for the stalled session, then output for the other.
+        let chunk = vec![b'y'; microsandbox_protocol::MAX_CHUNK];
+        let mut bytes = Vec::new();
+        let mut sent = 0;
+        while sent + flow::cost(Kind::Stdout, chunk.len()) <= WINDOW as usize {
+            bytes.extend(Frame::data(stalled, Kind::Stdout, chunk.clone()).encode());
+            sent += flow::cost(Kind::Stdout, chunk.len());
+        }
+        bytes.extend(Frame::data(other, Kind::Stdout, b"hi".to_vec()).encode());
+        pump_with(bytes, router.clone()).await;
+        assert_eq!(rx.recv().await.unwrap().payload, b"hi");
+        assert!(router.get(stalled).is_some(), "a session within its window stays open");
+    }
+
+    #[tokio::test]
+    async fn a_window_overrun_fails_only_that_session_and_kills_it() {
+        let router = Arc::new(Router::default());
+        let (greedy, mut greedy_rx) = open_session(&router);
+        let (other, mut other_rx) = open_session(&router);
+        let chunk = vec![b'y'; microsandbox_protocol::MAX_CHUNK];
+        let mut bytes = Vec::new();
+        // One frame more than the window holds; nobody reads, so nothing is credited.
+        for _ in 0..=(WINDOW as usize / flow::cost(Kind::Stdout, chunk.len())) {
+            bytes.extend(Frame::data(greedy, Kind::Stdout, chunk.clone()).encode());
+        }
+        bytes.extend(Frame::data(greedy, Kind::Stdout, b"late".to_vec()).encode());
+        bytes.extend(Frame::data(other, Kind::Stdout, b"fine".to_vec()).encode());
+        let (to_agent, mut agent_rx) = mpsc::channel(16);
+        let why = pump_with_agent_queue(bytes, router.clone(), to_agent).await;
+        assert!(why.contains("closed"), "the link survives: {why}");
+        let mut frames = Vec::new();
+        while let Ok(f) = greedy_rx.try_recv() {
+            frames.push(f);
+        }
+        let last = frames.pop().unwrap();
+        assert_eq!(last.kind, Kind::Error);
+        assert_eq!(last.parse::<ErrorMsg>().unwrap().code, "protocol");
+        assert!(frames.iter().all(|f| f.kind == Kind::Stdout && f.payload.len() == chunk.len()));
+        assert!(router.get(greedy).is_none());
+        let kill = agent_rx.recv().await.unwrap();
+        assert_eq!((kill.id, kill.kind), (greedy, Kind::Signal));
+        assert_eq!(kill.parse::<SignalMsg>().unwrap().signal, libc::SIGKILL);
+        assert_eq!(other_rx.recv().await.unwrap().payload, b"fine");
     }
 
     #[tokio::test]

@@ -5,14 +5,20 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use microsandbox_protocol::{read_frame_async, write_frame_async, ErrorMsg, DRAINING, Frame, FsRequest, Info, Kind, SignalMsg, StopRequest, Stopped};
+use microsandbox_protocol::{
+    read_frame_async, write_frame_async, ErrorMsg, Frame, FsRequest, Info, Kind, SignalMsg, StopRequest, Stopped,
+    DRAINING,
+};
+use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::router::{Route, Router};
+use crate::flow::Credits;
+use crate::router::{Route, Routed, Router};
 
-/// Frames queued toward one client before the agent pump waits for it.
-const TO_CLIENT_QUEUE: usize = 64;
+/// Answers to a client's own requests (info, errors…) queued before its reader waits.
+/// Session output does not go through here but through the routed queue (flow.rs).
+const REPLY_QUEUE: usize = 64;
 
 /// A stop request and where to answer it.
 pub type StopTicket = (StopRequest, oneshot::Sender<Stopped>);
@@ -65,16 +71,48 @@ async fn drain_then_stop(ctx: Ctx, req: StopRequest, tx: mpsc::Sender<Frame>, id
     }
 }
 
-async fn client(stream: UnixStream, ctx: Ctx) {
-    let (mut rd, mut wr) = stream.into_split();
-    let (tx, mut rx) = mpsc::channel::<Frame>(TO_CLIENT_QUEUE);
-    let writer = tokio::spawn(async move {
-        while let Some(f) = rx.recv().await {
-            if write_frame_async(&mut wr, &f).await.is_err() {
-                break;
+/// Writes to one client: its replies and its sessions' output. Returns credit to the
+/// agent as output is written. Once the client is gone, output is discarded (and still
+/// credited) until its sessions end, so a killed session can drain to its final frame.
+/// Ends when the client and all its sessions are done.
+async fn client_writer(
+    mut wr: OwnedWriteHalf,
+    mut replies: mpsc::Receiver<Frame>,
+    mut routed: mpsc::UnboundedReceiver<Routed>,
+    to_agent: mpsc::Sender<Frame>,
+) {
+    let mut writable = true;
+    let (mut routed_open, mut replies_open) = (true, true);
+    let mut credits = Credits::new(to_agent);
+    while routed_open || replies_open {
+        tokio::select! {
+            r = routed.recv(), if routed_open => {
+                let Some(r) = r else {
+                    routed_open = false;
+                    continue;
+                };
+                if writable && write_frame_async(&mut wr, &r.frame).await.is_err() {
+                    writable = false;
+                }
+                credits.consumed(&r).await;
             }
+            f = replies.recv(), if replies_open => match f {
+                Some(f) => {
+                    if writable && write_frame_async(&mut wr, &f).await.is_err() {
+                        writable = false;
+                    }
+                }
+                None => replies_open = false,
+            },
         }
-    });
+    }
+}
+
+async fn client(stream: UnixStream, ctx: Ctx) {
+    let (mut rd, wr) = stream.into_split();
+    let (tx, replies) = mpsc::channel::<Frame>(REPLY_QUEUE);
+    let (routed_tx, routed) = mpsc::unbounded_channel::<Routed>();
+    tokio::spawn(client_writer(wr, replies, routed, ctx.to_agent.clone()));
     // local id → global id, for this connection's sessions.
     let mut sessions: HashMap<u32, u32> = HashMap::new();
     while let Ok(Some(frame)) = read_frame_async(&mut rd).await {
@@ -91,7 +129,8 @@ async fn client(stream: UnixStream, ctx: Ctx) {
                     let _ = tx.send(protocol_error(frame.id, "session id already in use")).await;
                     continue;
                 }
-                let Some(global) = ctx.router.open(Route { client: tx.clone(), local_id: frame.id }) else {
+                let route = Route { client: routed_tx.clone(), local_id: frame.id, flow: Default::default() };
+                let Some(global) = ctx.router.open(route) else {
                     let _ = tx.send(draining_error(frame.id, &ctx.info.name)).await;
                     continue;
                 };
@@ -134,14 +173,13 @@ async fn client(stream: UnixStream, ctx: Ctx) {
             }
         }
     }
-    // The client went away: kill whatever it still had running.
+    // The client went away: kill whatever it still had running. The routes stay open
+    // until the final frames, which the writer discards while returning credit, so
+    // output waiting for credit in the guest drains and the sessions can end.
     for (_, global) in sessions {
         if ctx.router.get(global).is_some() {
-            ctx.router.close(global);
             let kill = Frame::json(global, Kind::Signal, &SignalMsg { signal: libc::SIGKILL });
             let _ = ctx.to_agent.send(kill).await;
         }
     }
-    drop(tx);
-    let _ = writer.await;
 }

@@ -7,6 +7,7 @@
 
 mod agent_link;
 mod control;
+mod flow;
 mod liveness;
 mod logbook;
 mod main_process;

@@ -12,11 +12,8 @@ use std::sync::Arc;
 use microsandbox_protocol::{ErrorMsg, ExecRequest, Exited, Frame, Kind};
 use tokio::sync::mpsc;
 
-use crate::router::{Route, Router};
-
-/// Frames of the main session queued before the agent pump waits (only the last one,
-/// `Exited`/`Error`, is of interest; output is logged by the pump).
-const QUEUE: usize = 16;
+use crate::flow::session_channel;
+use crate::router::Router;
 
 /// How the main process ended, as one log line.
 fn describe_end(program: &str, frame: &Frame) -> Option<String> {
@@ -39,9 +36,11 @@ fn describe_end(program: &str, frame: &Frame) -> Option<String> {
 
 /// Starts `req` in the guest and records its end in the log. Returns at once.
 pub async fn start(router: Arc<Router>, to_agent: &mpsc::Sender<Frame>, req: ExecRequest) {
-    let (tx, mut rx) = mpsc::channel::<Frame>(QUEUE);
+    // Only the last frame (`Exited`/`Error`) is of interest; output is logged by the pump
+    // and credited as it is read here, so a chatty main process is never held back.
+    let (route, mut rx) = session_channel(0, to_agent.clone());
     // Only a drain refuses it, and none can have started before the ready report.
-    let Some(id) = router.open_background(Route { client: tx, local_id: 0 }) else { return };
+    let Some(id) = router.open_background(route) else { return };
     let program = req.program.clone();
     router.log("system", format!("starting main process {program}").as_bytes());
     if to_agent.send(Frame::json(id, Kind::Exec, &req)).await.is_err() {

@@ -16,10 +16,8 @@ use microsandbox_protocol::{ErrorMsg, Frame, FsDone, FsOp, FsRequest, Kind, MAX_
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 
-use crate::router::{Route, Router};
-
-/// Frames of one session queued toward the supervisor (only the answer matters).
-const QUEUE: usize = 4;
+use crate::flow::{session_channel, SessionRx};
+use crate::router::Router;
 
 /// A failed operation: the agent's message and errno, or a host-side reason.
 #[derive(Debug)]
@@ -58,10 +56,10 @@ fn vm_gone() -> Failure {
 impl Guest {
     /// Runs one filesystem session to its answer.
     async fn op(&self, request: FsRequest, upload: Upload<'_>) -> Result<FsDone, Failure> {
-        let (tx, mut rx) = mpsc::channel::<Frame>(QUEUE);
+        let (route, mut rx) = session_channel(0, self.to_agent.clone());
         let id = self
             .router
-            .open_background(Route { client: tx, local_id: 0 })
+            .open_background(route)
             .ok_or_else(|| Failure::host("the sandbox is draining".into()))?;
         let res = self.session(id, &request, upload, &mut rx).await;
         self.router.close(id);
@@ -73,7 +71,7 @@ impl Guest {
         id: u32,
         request: &FsRequest,
         upload: Upload<'_>,
-        rx: &mut mpsc::Receiver<Frame>,
+        rx: &mut SessionRx,
     ) -> Result<FsDone, Failure> {
         let send = |f: Frame| async { self.to_agent.send(f).await.map_err(|_| vm_gone()) };
         send(Frame::json(id, Kind::FsRequest, request)).await?;
@@ -303,7 +301,8 @@ mod tests {
                 };
                 let route = router.get(id).unwrap();
                 router.close(id);
-                route.client.send(frame).await.unwrap();
+                let routed = crate::router::Routed { frame, global: id, cost: 0, flow: route.flow.clone() };
+                route.client.send(routed).unwrap();
             }
             seen
         });

@@ -5,16 +5,31 @@
 //! forwarded, and a session ends at its `Exited`/`Error` frame.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use microsandbox_protocol::Frame;
 use tokio::sync::mpsc;
 
-/// Where a session's frames go.
+use crate::flow::SessionFlow;
+
+/// One frame from the agent on its way to a client's writer.
+pub struct Routed {
+    /// The frame, already carrying the client's session id.
+    pub frame: Frame,
+    /// The session's id on the agent channel (for credit).
+    pub global: u32,
+    /// Window bytes the frame holds (0 for final frames).
+    pub cost: usize,
+    pub flow: Arc<SessionFlow>,
+}
+
+/// Where a session's frames go. The queue is unbounded so the agent pump never waits on
+/// a client; the session's flow window bounds what it holds.
 #[derive(Clone)]
 pub struct Route {
-    pub client: mpsc::Sender<Frame>,
+    pub client: mpsc::UnboundedSender<Routed>,
     pub local_id: u32,
+    pub flow: Arc<SessionFlow>,
 }
 
 pub struct Router {
@@ -132,9 +147,9 @@ mod tests {
     #[test]
     fn ids_are_unique_and_nonzero() {
         let r = Router::default();
-        let (tx, _rx) = mpsc::channel(1);
-        let a = r.open(Route { client: tx.clone(), local_id: 1 }).unwrap();
-        let b = r.open(Route { client: tx, local_id: 1 }).unwrap();
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let a = r.open(Route { client: tx.clone(), local_id: 1, flow: Default::default() }).unwrap();
+        let b = r.open(Route { client: tx, local_id: 1, flow: Default::default() }).unwrap();
         assert_ne!(a, b);
         assert!(a != 0 && b != 0);
         r.close(a);
@@ -145,10 +160,10 @@ mod tests {
     #[test]
     fn a_drain_refuses_new_sessions_and_keeps_running_ones() {
         let r = Router::default();
-        let (tx, _rx) = mpsc::channel(1);
-        let a = r.open(Route { client: tx.clone(), local_id: 1 }).unwrap();
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let a = r.open(Route { client: tx.clone(), local_id: 1, flow: Default::default() }).unwrap();
         r.start_drain();
-        assert!(r.open(Route { client: tx, local_id: 2 }).is_none());
+        assert!(r.open(Route { client: tx, local_id: 2, flow: Default::default() }).is_none());
         assert_eq!(r.session_count(), 1);
         r.close(a);
         assert_eq!(r.session_count(), 0);
@@ -157,13 +172,13 @@ mod tests {
     #[test]
     fn background_sessions_are_neither_activity_nor_drained() {
         let r = Router::default();
-        let (tx, _rx) = mpsc::channel(1);
-        let bg = r.open_background(Route { client: tx.clone(), local_id: 1 }).unwrap();
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let bg = r.open_background(Route { client: tx.clone(), local_id: 1, flow: Default::default() }).unwrap();
         assert!(r.is_background(bg));
         assert_eq!(r.session_count(), 0);
         std::thread::sleep(std::time::Duration::from_millis(20));
         assert!(r.idle_for() >= std::time::Duration::from_millis(20));
-        let fg = r.open(Route { client: tx, local_id: 2 }).unwrap();
+        let fg = r.open(Route { client: tx, local_id: 2, flow: Default::default() }).unwrap();
         assert_eq!(r.idle_for(), std::time::Duration::ZERO);
         assert_eq!(r.session_count(), 1);
         r.close(fg);

@@ -164,7 +164,7 @@ pub async fn supervise(spec: SupervisorSpec, report: fn(&StartupReport)) -> u8 {
     let (detached_tx, detached_rx) = tokio::sync::watch::channel(false);
     let ctx = Ctx { router: router.clone(), to_agent: to_agent.clone(), info: info.clone(), stop: stop_tx, detached: detached_tx };
     let router_for_idle = router.clone();
-    let mut pump = tokio::spawn(agent_link::pump_from_agent(rd, router.clone()));
+    let mut pump = tokio::spawn(agent_link::pump_from_agent(rd, router.clone(), to_agent.clone()));
     // Scripts and patches (create only) go in before anything else runs or connects.
     if let Some(file) = spec.patches_file.clone() {
         let guest = crate::patches::Guest { router: router.clone(), to_agent: to_agent.clone() };
