@@ -543,12 +543,27 @@ impl Sandbox {
             if gone {
                 self.stopped.store(true, Ordering::SeqCst);
                 self.reap().await;
+                self.wait_for_vmm_exit().await;
                 return Ok(true);
             }
             if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
                 return Ok(false);
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// QEMU dies with its supervisor (SIGKILL or PDEATHSIG), but a many-threaded process
+    /// takes a moment to go; "stopped" must mean the VM is gone too. Bounded, because a
+    /// recycled pid could otherwise keep us here (zombies count as gone).
+    async fn wait_for_vmm_exit(&self) {
+        let pid = self.info.vmm_pid;
+        let deadline = tokio::time::Instant::now() + VMM_EXIT_GRACE;
+        while pid > 0
+            && crate::state::process_start_time(pid).is_some()
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
@@ -623,6 +638,8 @@ impl Drop for Sandbox {
 const PRIVATE_DISK: &str = "root.ext4";
 /// Root disk of a sandbox made from a registry image: overlay on the shared image root.
 const OVERLAY_DISK: &str = "root.qcow2";
+/// How long [`Sandbox::wait_until_stopped`] waits for QEMU after its supervisor is gone.
+const VMM_EXIT_GRACE: Duration = Duration::from_secs(5);
 
 /// Image defaults under the caller's options: image env first (caller wins), image
 /// working directory unless `workdir:` was given.
