@@ -32,6 +32,13 @@ module Microsandbox
       raise TypeError, "#{name} must be an Integer (got #{value.class})"
     end
 
+    # An Integer above zero (sizes); the engine checks the upper bound.
+    def positive_integer!(name, value)
+      raise InvalidConfigError, "#{name} must be positive (got #{value})" unless integer!(name, value).positive?
+
+      value
+    end
+
     def string_array!(name, value)
       raise TypeError, "#{name} must be an Array of Strings (got #{value.class})" unless value.is_a?(Array)
 

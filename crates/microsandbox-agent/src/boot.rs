@@ -1,6 +1,6 @@
 //! Early boot of PID 1: pseudo filesystems, kernel modules, waiting for devices, switching
-//! into the root disk. Every step returns a message naming what failed; the caller turns it
-//! into a console line and a reboot (PID 1 must never exit).
+//! into the root disk (grown to fill it). Every step returns a message naming what failed;
+//! the caller turns it into a console line and a reboot (PID 1 must never exit).
 
 use std::ffi::CString;
 use std::fs::{self, File};
@@ -22,6 +22,8 @@ const MODULE_LIST: &str = "/lib/modules.order";
 const MODULE_DIR: &str = "/lib/modules";
 /// The root disk: the first virtio-blk device.
 const ROOT_DEV: &str = "/dev/vda";
+/// Size of the root disk in 512-byte sectors.
+const ROOT_SECTORS: &str = "/sys/block/vda/size";
 const NEW_ROOT: &str = "/newroot";
 const DEVICE_WAIT: Duration = Duration::from_secs(15);
 const DEVICE_POLL: Duration = Duration::from_millis(5);
@@ -44,6 +46,8 @@ pub fn boot() -> Step<File> {
     let _ = fs::write("/sys/block/vda/queue/read_ahead_kb", ROOT_READ_AHEAD_KB);
     mount_root()?;
     switch_root()?;
+    // The overlay of a registry image is larger than its filesystem by oci_upper_size.
+    crate::growfs::grow_to_device(ROOT_DEV, ROOT_SECTORS, "/")?;
     set_hostname()?;
     Ok(port)
 }

@@ -8,6 +8,7 @@ mod boot;
 mod command;
 mod flow;
 mod fs;
+mod growfs;
 mod identity;
 mod port;
 mod procfs;

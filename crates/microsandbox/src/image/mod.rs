@@ -399,7 +399,7 @@ pub async fn prune(home: &Home) -> Result<u64> {
             }
         }
         if let Ok(h) = digest_hex(&rec.manifest_digest) {
-            live_roots.insert(format!("{h}.ext4"));
+            live_roots.insert(store::root_file_name(&h));
         }
         if let Ok(Some(m)) = read_manifest(&store, &rec.manifest_digest) {
             for l in m.layers.iter().chain(std::iter::once(&m.config)) {

@@ -4,7 +4,11 @@
 //! <home>/images/
 //!   blobs/sha256/<hex>     content-addressed manifests, indexes, configs, layers (shared by all images)
 //!   refs/<key>.json        one per reference pulled: reference → manifest digest (+ index digest)
-//!   roots/<hex>.ext4       prepared read-only root disk of manifest sha256:<hex> (mode 0444)
+//!   roots/<hex>.v2.ext4    prepared read-only root disk of manifest sha256:<hex> (mode 0444);
+//!                          `.v2`: shrunk to its content, grown per sandbox in the guest.
+//!                          Older `<hex>.ext4` roots (1 GiB free space built in) are no
+//!                          longer used for new sandboxes; prune deletes them once no
+//!                          overlay is backed by them.
 //!   tmp/                   partial downloads and builds (same filesystem, so rename is atomic)
 //!   locks/                 flock files
 //! ```
@@ -63,6 +67,12 @@ static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 pub fn now_unix() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// File name under `roots/` of the root disk of manifest `<hex>`. The `v2` marks the
+/// format (shrunk base, grown in the guest); bump it when roots must be rebuilt.
+pub fn root_file_name(hex: &str) -> String {
+    format!("{hex}.v2.ext4")
 }
 
 /// `sha256:<hex>` → `<hex>`, validated.
@@ -152,7 +162,7 @@ impl Store {
     }
 
     pub fn root_path(&self, manifest_digest: &str) -> Result<PathBuf> {
-        Ok(self.root.join("roots").join(format!("{}.ext4", digest_hex(manifest_digest)?)))
+        Ok(self.root.join("roots").join(root_file_name(&digest_hex(manifest_digest)?)))
     }
 
     /// Takes an inter-process lock (blocking; call from a blocking context or via [`Store::lock_async`]).

@@ -21,6 +21,11 @@ pub const MAX_CPUS: u64 = 255;
 pub const MAX_GUEST_PATH: usize = 4096;
 /// Default shell of `Sandbox#shell`.
 pub const DEFAULT_SHELL: &str = "/bin/sh";
+/// Default writable space of a sandbox on a registry image (`oci_upper_size`), MiB.
+pub const DEFAULT_OCI_UPPER_SIZE_MIB: u64 = 4096;
+/// Largest `oci_upper_size`, MiB (1 TiB; growing the root to it takes seconds at first
+/// boot under TCG, and ext4 without `64bit` ends at 16 TiB).
+pub const MAX_OCI_UPPER_SIZE_MIB: u64 = 1 << 20;
 
 /// Options of `Sandbox.create`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -68,6 +73,11 @@ pub struct SandboxConfig {
     /// Stop by itself after this long without sessions or client traffic (milliseconds).
     #[serde(default)]
     pub idle_timeout_ms: Option<u64>,
+    /// Writable space of a sandbox on a registry image, MiB (default
+    /// [`DEFAULT_OCI_UPPER_SIZE_MIB`]): its overlay is the image root plus this much, and
+    /// the guest grows the root filesystem into it. Local directory roots ignore it.
+    #[serde(default)]
+    pub oci_upper_size_mib: Option<u64>,
     /// Engine home; defaults to `$MICROSANDBOX_HOME` or `~/.microsandbox`.
     #[serde(default)]
     pub home: Option<PathBuf>,
@@ -206,6 +216,13 @@ impl SandboxConfig {
                 )));
             }
         }
+        if let Some(upper) = self.oci_upper_size_mib {
+            if !(1..=MAX_OCI_UPPER_SIZE_MIB).contains(&upper) {
+                return Err(Error::InvalidConfig(format!(
+                    "oci_upper_size must be between 1 and {MAX_OCI_UPPER_SIZE_MIB} MiB, got {upper}"
+                )));
+            }
+        }
         for (what, v) in [("max_duration", self.max_duration_ms), ("idle_timeout", self.idle_timeout_ms)] {
             if v == Some(0) {
                 return Err(Error::InvalidConfig(format!("{what} must be positive")));
@@ -250,6 +267,11 @@ impl SandboxConfig {
         })
     }
 
+    /// Bytes a sandbox on a registry image may write beyond its image.
+    pub fn oci_upper_size_bytes(&self) -> u64 {
+        self.oci_upper_size_mib.unwrap_or(DEFAULT_OCI_UPPER_SIZE_MIB) << 20
+    }
+
     pub fn boot_timeout(&self) -> Duration {
         Duration::from_millis(self.boot_timeout_ms.unwrap_or(180_000))
     }
@@ -282,6 +304,11 @@ mod tests {
         c.cpus = 1;
         c.memory_mib = 64;
         assert!(c.validate().is_err());
+        c.memory_mib = 512;
+        for (upper, ok) in [(0, false), (1, true), (MAX_OCI_UPPER_SIZE_MIB, true), (MAX_OCI_UPPER_SIZE_MIB + 1, false)] {
+            c.oci_upper_size_mib = Some(upper);
+            assert_eq!(c.validate().is_ok(), ok, "{upper}");
+        }
     }
 
     #[test]

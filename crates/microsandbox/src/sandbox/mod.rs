@@ -144,7 +144,13 @@ impl Sandbox {
         std::fs::create_dir_all(&dir).context(|| format!("creating {}", dir.display()))?;
         match &prepared {
             // Copy-on-write overlay on the image's shared, read-only root.
-            Some(image) => crate::image::create_overlay(&image.root_disk, &dir.join(OVERLAY_DISK), None)?,
+            Some(image) => {
+                let base = std::fs::metadata(&image.root_disk)
+                    .context(|| format!("root disk {}", image.root_disk.display()))?
+                    .len();
+                let size = base + cfg.oci_upper_size_bytes();
+                crate::image::create_overlay(&image.root_disk, &dir.join(OVERLAY_DISK), Some(size))?
+            }
             None => {
                 let image = PathBuf::from(&cfg.image);
                 let disk = dir.join(PRIVATE_DISK);

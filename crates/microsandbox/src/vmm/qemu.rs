@@ -49,7 +49,9 @@ pub fn args(spec: &VmSpec) -> Vec<String> {
         "-append".into(), spec.cmdline.clone(),
         "-chardev".into(), format!("file,id=console,path={}", p(&spec.console_log)),
         "-serial".into(), "chardev:console".into(),
-        "-drive".into(), format!("file={},if=none,id=root,format={},cache=unsafe,discard=unmap", p(&spec.root_disk), spec.root_format),
+        // werror/rerror=report: a host-side I/O failure (e.g. the host disk is full) is an
+        // I/O error in the guest; QEMU's default would pause the VM on ENOSPC.
+        "-drive".into(), format!("file={},if=none,id=root,format={},cache=unsafe,discard=unmap,werror=report,rerror=report", p(&spec.root_disk), spec.root_format),
         "-device".into(), "virtio-blk-pci,drive=root".into(),
         "-device".into(), "virtio-serial-pci".into(),
         "-chardev".into(), format!("socket,id=agent,path={}", p(&spec.agent_socket)),
@@ -100,5 +102,6 @@ mod tests {
         assert!(a.contains("-smp 2") && a.contains("-m 256M"));
         assert!(a.contains("socket,id=agent,path=/a.sock"));
         assert!(a.contains("name=msb.agent"));
+        assert!(a.contains("werror=report,rerror=report"), "a full host disk must not pause the VM");
     }
 }
