@@ -1,10 +1,14 @@
 //! Running engine work without the GVL, interruptibly.
 //!
-//! [`run`] releases the GVL with `rb_thread_call_without_gvl` and passes an unblock
+//! [`run`] releases the GVL with `rb_thread_call_without_gvl2` and passes an unblock
 //! function that cancels the future, so `Thread#kill`, `Timeout.timeout` and Ctrl-C stop
 //! a blocked call: the future is dropped (its sockets close, children are killed) and
-//! the pending Ruby interrupt is raised once the GVL is back. A panic inside is caught
-//! and returned as an error; it never unwinds through Ruby's C frames.
+//! the call returns [`Error::Cancelled`]; `errors::to_ruby` then raises the pending Ruby
+//! interrupt through magnus (`thread_check_ints`, protected), once every Rust frame has
+//! returned. The `2` variant matters: plain `rb_thread_call_without_gvl` checks
+//! interrupts itself before and after the body and would `longjmp` straight over this
+//! frame and the magnus method above it, skipping their destructors. A panic inside is
+//! caught and returned as an error; it never unwinds through Ruby's C frames.
 
 use std::ffi::c_void;
 use std::future::Future;
@@ -53,7 +57,7 @@ where
     let token = CancellationToken::new();
     let mut call = Call { fut: Some(fut), token: token.clone(), out: None };
     unsafe {
-        rb_sys::rb_thread_call_without_gvl(
+        rb_sys::rb_thread_call_without_gvl2(
             Some(body::<T, F>),
             &mut call as *mut Call<F> as *mut c_void,
             Some(unblock),
@@ -63,7 +67,7 @@ where
     match call.out {
         Some(Ok(r)) => r,
         Some(Err(panic)) => Err(Error::Runtime(format!("internal error (a bug in microsandbox, please report it): {panic}"))),
-        // Ruby skipped the body because an interrupt was already pending.
+        // An interrupt was already pending, so Ruby skipped the body; `to_ruby` raises it.
         None => Err(Error::Cancelled),
     }
 }
