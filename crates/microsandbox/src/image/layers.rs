@@ -28,22 +28,22 @@
 //! Layer semantics: `.wh.<name>` deletes `<name>` from lower layers; `.wh..wh..opq` hides
 //! everything lower layers put in its directory (entries of the same layer survive, in
 //! whatever order the tar lists them). Compression is detected by magic bytes (gzip, zstd,
-//! or none), whatever the media type claims. The compressed bytes are checked against the
-//! layer digest and the uncompressed bytes against the config's `diff_id`; a mismatch is
-//! reported as [`ApplyError::Corrupt`] so the caller can discard and re-fetch the blob.
+//! or none), whatever the media type claims; [`super::decode`] decompresses on a second
+//! thread. The uncompressed bytes are checked against the config's `diff_id`; the compressed
+//! bytes against the layer digest when there is no `diff_id` or anything failed — a stored
+//! blob that no longer matches its digest is reported as [`ApplyError::Corrupt`] so the
+//! caller can discard and re-fetch it.
 
-use std::cell::RefCell;
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Read};
+use std::io::{self, Read};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::rc::Rc;
 
-use sha2::{Digest, Sha256};
-
+use super::decode;
+pub use super::decode::{detect_compression, Compression};
 use super::targuard::{pax_records, CurrentPax, TarGuard};
 use crate::error::Error;
 
@@ -191,57 +191,6 @@ pub struct Tree {
     xattr_totals: (usize, usize),
 }
 
-/// Hashes everything read through it; the hasher is shared so it can be read after the
-/// reader was moved into a decoder.
-struct HashReader<R> {
-    inner: R,
-    state: Rc<RefCell<(Sha256, u64)>>,
-}
-
-impl<R: Read> Read for HashReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        let mut s = self.state.borrow_mut();
-        s.0.update(&buf[..n]);
-        s.1 += n as u64;
-        Ok(n)
-    }
-}
-
-fn new_hash_state() -> Rc<RefCell<(Sha256, u64)>> {
-    Rc::new(RefCell::new((Sha256::new(), 0)))
-}
-
-fn finish_hash(state: &Rc<RefCell<(Sha256, u64)>>) -> String {
-    let h = std::mem::take(&mut state.borrow_mut().0);
-    format!("sha256:{}", hex::encode(h.finalize()))
-}
-
-/// Which decompressor a blob needs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Compression {
-    None,
-    Gzip,
-    Zstd,
-}
-
-/// Detects compression from the first bytes (magic numbers beat media types, which lie).
-pub fn detect_compression(head: &[u8], media_type: &str) -> Compression {
-    if head.starts_with(&[0x1f, 0x8b]) {
-        Compression::Gzip
-    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-        Compression::Zstd
-    } else if head.len() >= 4 {
-        Compression::None
-    } else if media_type.ends_with("+zstd") || media_type.ends_with(".zstd") {
-        Compression::Zstd
-    } else if media_type.ends_with("gzip") {
-        Compression::Gzip
-    } else {
-        Compression::None
-    }
-}
-
 impl Tree {
     /// An empty tree in `staging` (created if missing; must be empty).
     pub fn new(staging: &Path) -> Result<Tree, Error> {
@@ -264,54 +213,36 @@ impl Tree {
         if layer.size != 0 && len != layer.size {
             return Err(corrupt(format!("{len} bytes stored, {} declared", layer.size)));
         }
-        let outer = new_hash_state();
-        let mut buffered = BufReader::with_capacity(256 << 10, HashReader { inner: file, state: outer.clone() });
-        let head = buffered.fill_buf().map_err(fs_err(format!("reading {}", layer.path.display())))?.to_vec();
-        let decoded: Box<dyn Read> = match detect_compression(&head, &layer.media_type) {
-            Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(buffered)),
-            Compression::Zstd => Box::new(
-                zstd::stream::read::Decoder::with_buffer(buffered)
-                    .map_err(fs_err(format!("starting zstd for {}", layer.path.display())))?,
-            ),
-            Compression::None => Box::new(buffered),
-        };
-        let inner = new_hash_state();
-        let guard = TarGuard::new(HashReader { inner: decoded, state: inner.clone() });
+        let (stream, decoder) = decode::spawn(file, &layer.media_type)
+            .map_err(fs_err(format!("starting the decoder of layer {}", layer.digest)))?;
+        let guard = TarGuard::new(stream);
         let pax = guard.pax();
         let mut archive = tar::Archive::new(guard);
 
         let result = self.apply_entries(&mut archive, &layer.digest, &pax);
 
-        // Verify whatever happened: a corrupt blob explains any tar or decoder error.
-        let mut rest = archive.into_inner().into_inner(); // past the guard: it may have failed
-        let drained = io::copy(&mut rest, &mut io::sink());
-        drop(rest);
-        let read = outer.borrow().1;
-        if read < len {
-            // Bytes the decoder never asked for (e.g. after the end of the stream).
-            let mut f = File::open(&layer.path).map_err(fs_err(format!("opening layer {}", layer.path.display())))?;
-            io::copy(&mut (&mut f).take(read), &mut io::sink()).map_err(fs_err("skipping".into()))?;
-            let mut tail = HashReader { inner: f, state: outer.clone() };
-            io::copy(&mut tail, &mut io::sink()).map_err(fs_err(format!("reading {}", layer.path.display())))?;
-        }
-        let actual = finish_hash(&outer);
-        if actual != layer.digest {
-            return Err(corrupt(format!("its content hashes to {actual}")));
-        }
-        if let Err(e) = drained {
-            return Err(ApplyError::Other(Error::Filesystem(format!(
-                "layer {} cannot be decompressed: {e}",
-                layer.digest
-            ))));
-        }
-        if let Some(expected) = &layer.diff_id {
-            let actual = finish_hash(&inner);
-            if &actual != expected {
-                return Err(ApplyError::Other(Error::Filesystem(format!(
-                    "layer {} decompresses to {actual}, but the image config says {expected}",
-                    layer.digest
-                ))));
+        drop(archive); // the decoder finishes the blob without sending it
+        let decoded = decoder
+            .join()
+            .map_err(|_| ApplyError::Other(Error::Runtime(format!("the decoder of layer {} panicked", layer.digest))))?;
+        let diff_ok = layer.diff_id.as_ref().map(|want| *want == decoded.diff_id);
+        // A matching diff_id authenticates the content, so the compressed bytes (checked at
+        // download) are hashed again only without one, or to tell a corrupt stored blob
+        // (discard, re-fetch) from a broken image when something failed.
+        if diff_ok != Some(true) || decoded.error.is_some() || result.is_err() {
+            let actual = decode::sha256_file(&layer.path).map_err(fs_err(format!("reading {}", layer.path.display())))?;
+            if actual != layer.digest {
+                return Err(corrupt(format!("its content hashes to {actual}")));
             }
+        }
+        if let Some(e) = decoded.error {
+            return Err(ApplyError::Other(Error::Filesystem(format!("layer {} cannot be decompressed: {e}", layer.digest))));
+        }
+        if let (Some(false), Some(expected)) = (diff_ok, &layer.diff_id) {
+            return Err(ApplyError::Other(Error::Filesystem(format!(
+                "layer {} decompresses to {}, but the image config says {expected}",
+                layer.digest, decoded.diff_id
+            ))));
         }
         result
     }
@@ -932,5 +863,14 @@ pub(crate) mod tests {
         assert!(matches!(tree.apply_layer(&l), Err(ApplyError::Corrupt { .. })));
         let l = LayerInput { size: 0, ..l };
         assert!(matches!(tree.apply_layer(&l), Err(ApplyError::Corrupt { .. })));
+
+        // With a diff_id: a damaged stored blob is still corrupt (discard, re-fetch) ...
+        let l = LayerInput { diff_id: Some(crate::image::store::sha256_digest(&tar)), ..l };
+        fs::write(&p, &bad).unwrap();
+        assert!(matches!(tree.apply_layer(&l), Err(ApplyError::Corrupt { .. })));
+        // ... while an intact blob that does not match its config is a broken image.
+        fs::write(&p, &gz).unwrap();
+        let l = LayerInput { diff_id: Some(crate::image::store::sha256_digest(b"other")), ..l };
+        assert!(matches!(tree.apply_layer(&l), Err(ApplyError::Other(Error::Filesystem(m))) if m.contains("decompresses to")));
     }
 }

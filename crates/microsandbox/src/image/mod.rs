@@ -5,6 +5,7 @@
 //! - [`store`]: the content-addressed store under `<home>/images` and its locks.
 //! - [`pull`]: registry access (auth, platform selection, verified streaming downloads).
 //! - [`layers`]: applying layer tars (whiteouts, hardlinks, safe paths, xattrs) without root.
+//! - [`decode`]: decompression of a layer blob on its own thread, with its `diff_id`.
 //! - [`targuard`]: bounds the tar extension headers a layer can make the host buffer.
 //! - [`disk`]: ext4 build (`mke2fs -d` + `debugfs` for owners/modes/devices) and qcow2 overlays.
 //! - [`config`]: manifest/index/config JSON and the [`ImageConfig`] a sandbox applies.
@@ -12,6 +13,7 @@
 //! Entry point: [`ensure_image`]. Store management: [`list`], [`inspect`], [`remove`], [`prune`].
 
 pub mod config;
+pub mod decode;
 pub mod disk;
 pub mod layers;
 pub mod pull;
@@ -248,16 +250,16 @@ async fn build_root(
     }
 }
 
-/// Removes a directory tree on drop.
-struct TmpDir(PathBuf);
+/// A build directory, discarded (in the background) on drop.
+struct TmpDir(PathBuf, Store);
 impl Drop for TmpDir {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        self.1.discard_later(&self.0);
     }
 }
 
 fn build_root_blocking(store: &Store, layers: &[LayerInput], dest: &Path) -> std::result::Result<(), ApplyError> {
-    let work = TmpDir(store.tmp_path("build"));
+    let work = TmpDir(store.tmp_path("build"), store.clone());
     std::fs::create_dir_all(&work.0).context(|| format!("creating {}", work.0.display()))?;
     let mut tree = Tree::new(&work.0.join("rootfs"))?;
     for l in layers {

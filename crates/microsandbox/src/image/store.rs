@@ -10,6 +10,7 @@
 //!                          longer used for new sandboxes; prune deletes them once no
 //!                          overlay is backed by them.
 //!   tmp/                   partial downloads and builds (same filesystem, so rename is atomic)
+//!   trash/                 finished build directories, deleted by a background thread
 //!   locks/                 flock files
 //! ```
 //!
@@ -85,7 +86,7 @@ impl Store {
     /// Opens (creating the directories of) the store of `home`.
     pub fn open(home: &Home) -> Result<Store> {
         let root = home.root().join("images");
-        for d in ["blobs/sha256", "refs", "roots", "tmp", "locks"] {
+        for d in ["blobs/sha256", "refs", "roots", "tmp", "trash", "locks"] {
             let p = root.join(d);
             fs::create_dir_all(&p).context(|| format!("creating {}", p.display()))?;
         }
@@ -107,6 +108,27 @@ impl Store {
         let n = TMP_COUNTER.fetch_add(1, Ordering::SeqCst);
         let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
         self.tmp_dir().join(format!("{what}-{}-{n}-{nanos}", std::process::id()))
+    }
+
+    /// Deletes the directory `path` (under `tmp/`) without making the caller wait: it is
+    /// renamed into `trash/` and removed by a background thread, which also sweeps what an
+    /// earlier process left there (everything in `trash/` is garbage). Unpacked images have
+    /// thousands of files; deleting them took as long as building the disk.
+    pub fn discard_later(&self, path: &Path) {
+        let trash = self.root.join("trash");
+        let dest = trash.join(path.file_name().unwrap_or_default());
+        if fs::rename(path, &dest).is_err() {
+            let _ = fs::remove_dir_all(path);
+            return;
+        }
+        let spawned = std::thread::Builder::new().name("msb-image-trash".into()).spawn(move || {
+            for e in fs::read_dir(&trash).into_iter().flatten().flatten() {
+                let _ = fs::remove_dir_all(e.path());
+            }
+        });
+        if spawned.is_err() {
+            let _ = fs::remove_dir_all(&dest);
+        }
     }
 
     pub fn blob_path(&self, digest: &str) -> Result<PathBuf> {
@@ -402,6 +424,23 @@ mod tests {
         let (_t, s) = store();
         for d in ["sha256:../../etc/passwd", "sha512:00", "sha256:", "../x"] {
             assert!(s.blob_path(d).is_err(), "{d}");
+        }
+    }
+
+    #[test]
+    fn discarded_build_dirs_leave_tmp_at_once_and_are_deleted() {
+        let (_t, s) = store();
+        let build = s.tmp_path("build");
+        fs::create_dir_all(build.join("rootfs/usr/bin")).unwrap();
+        fs::write(build.join("rootfs/usr/bin/x"), b"x").unwrap();
+        s.discard_later(&build);
+        assert!(!build.exists());
+        assert_eq!(fs::read_dir(s.tmp_dir()).unwrap().count(), 0);
+        let trash = s.root().join("trash");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while fs::read_dir(&trash).unwrap().count() > 0 {
+            assert!(std::time::Instant::now() < deadline, "trash not emptied");
+            std::thread::sleep(std::time::Duration::from_millis(10));
         }
     }
 
