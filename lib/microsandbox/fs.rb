@@ -77,7 +77,7 @@ module Microsandbox
   end
 
   # A guest file being downloaded in chunks (see {FS#read_stream}). Enumerable over
-  # binary String chunks of at most 64 KiB; single consumer. Leaving `each` early or
+  # binary String chunks of at most 4 MiB; single consumer. Leaving `each` early or
   # calling {#close} cancels the transfer.
   class FsReadStream
     include Enumerable
@@ -136,7 +136,7 @@ module Microsandbox
     # @raise [FilesystemError] the guest failed (e.g. disk full)
     def write(data)
       data = Validate.string!("data", data)
-      @native.write(data.b)
+      @native.write(data) # the native side copies the bytes, whatever the encoding
       @written += data.bytesize
       data.bytesize
     end
@@ -202,7 +202,7 @@ module Microsandbox
     def write(path, data)
       path = guest_path!(path)
       data = Validate.string!("data", data)
-      @native.fs_write(path, data.b)
+      @native.fs_write(path, data) # the native side copies the bytes
     end
 
     # @param path [String]
@@ -280,7 +280,7 @@ module Microsandbox
       @native.fs_copy_to_host(guest_path!(guest_path, "guest_path"), host)
     end
 
-    # Reads a file in chunks (at most 64 KiB each), for files larger than memory.
+    # Reads a file in chunks (at most 4 MiB each), for files larger than memory.
     # With a block, yields each chunk and returns the byte count; without, returns an
     # Enumerable {FsReadStream}.
     # @param path [String]

@@ -182,14 +182,67 @@ RSpec.describe "Sandbox#fs in a real VM" do
     end
     expect(total).to eq(size)
     expect(got.hexdigest).to eq(sent.hexdigest)
-    expect(max_chunk).to be <= 64 * 1024
+    expect(max_chunk).to be <= 4 << 20
     # Reading 64 MiB must never have held much of it in memory.
     expect(peak).to be < 24 * 1024
 
     stream = fs.read_stream("#{dir}/big")
     expect(stream).to be_a(Enumerable)
-    expect(stream.first.bytesize).to be <= 64 * 1024 # leaving early cancels the transfer
+    expect(stream.first.bytesize).to be <= 4 << 20 # leaving early cancels the transfer
     expect(sb.exec("true").success?).to be(true)
+    # The cancelled stream gave its transfer window back: big transfers still work.
+    expect(fs.read("#{dir}/big").bytesize).to eq(size)
+  end
+
+  # Bytes the guest read from / wrote to the transfer disk so far (/sys/block/*/stat
+  # counts 512-byte sectors).
+  def transfer_disk_bytes
+    out = sb.exec("sh", ["-c", <<~SH]).stdout
+      for b in /sys/block/*; do [ "$(cat $b/serial 2>/dev/null)" = msb.transfer ] && cat $b/stat; done
+    SH
+    fields = out.split.map(&:to_i)
+    raise "no transfer disk in the guest: #{out.inspect}" if fields.size < 7
+
+    { read: fields[2] * 512, written: fields[6] * 512 }
+  end
+
+  it "moves a 64 MiB random file through the transfer disk byte-exact each way" do
+    data = Random.bytes((64 << 20) + 4321) # an unaligned tail too
+    before = transfer_disk_bytes
+    expect(fs.write("#{dir}/rand", data)).to eq(data.bytesize)
+    after_write = transfer_disk_bytes
+    # The guest took the bytes from the transfer disk, not from frames.
+    expect(after_write[:read] - before[:read]).to be >= data.bytesize
+    expect(sb.exec("sha256sum", ["#{dir}/rand"]).stdout.split.first).to eq(Digest::SHA256.hexdigest(data))
+
+    expect(fs.read("#{dir}/rand") == data).to be(true)
+    expect(transfer_disk_bytes[:written] - after_write[:written]).to be >= data.bytesize
+
+    Dir.mktmpdir do |tmp|
+      back = File.join(tmp, "back.bin")
+      expect(fs.copy_to_host("#{dir}/rand", back)).to eq(data.bytesize)
+      expect(File.binread(back) == data).to be(true)
+      flipped = data.reverse
+      File.binwrite(back, flipped)
+      expect(fs.copy_from_host(back, "#{dir}/rand")).to eq(data.bytesize)
+      expect(sb.exec("sha256sum", ["#{dir}/rand"]).stdout.split.first).to eq(Digest::SHA256.hexdigest(flipped))
+    end
+
+    # Small files stay on frames.
+    quiet = transfer_disk_bytes
+    fs.write("#{dir}/small", "x" * 1000)
+    expect(fs.read("#{dir}/small")).to eq("x" * 1000)
+    expect(transfer_disk_bytes).to eq(quiet)
+  end
+
+  it "keeps concurrent large transfers apart, more of them than transfer windows" do
+    files = Array.new(6) { |i| ["#{dir}/c#{i}", Random.bytes((6 << 20) + (i * 1000))] }
+    files.map { |path, data| Thread.new { fs.write(path, data) } }.each(&:join)
+    files.each do |path, data|
+      expect(sb.exec("sha256sum", [path]).stdout.split.first).to eq(Digest::SHA256.hexdigest(data))
+    end
+    got = files.map { |path, _| Thread.new { fs.read(path) } }.map(&:value)
+    expect(got.zip(files).all? { |g, (_, data)| g == data }).to be(true)
   end
 
   it "abandons a write_stream whose block raises, and refuses writes after it" do

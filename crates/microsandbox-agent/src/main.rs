@@ -5,6 +5,7 @@
 //! path ends in a console message and a reboot, which stops the VM.
 
 mod boot;
+mod bulk;
 mod command;
 mod flow;
 mod fs;

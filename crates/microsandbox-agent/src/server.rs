@@ -43,6 +43,14 @@ fn dispatch(f: Frame, sink: &Sink, sessions: &Arc<Sessions>, fs: &Arc<FsSessions
             Err(e) => sink.error(f.id, "protocol", e.to_string(), None),
         },
         Kind::FsData => fs.data(f.id, f.payload),
+        Kind::FsBulk => match f.parse() {
+            Ok(b) => fs.bulk(f.id, b),
+            Err(e) => sink.error(f.id, "protocol", e.to_string(), None),
+        },
+        Kind::FsAck => match f.parse() {
+            Ok(a) => fs.ack(f.id, a),
+            Err(e) => sink.error(f.id, "protocol", e.to_string(), None),
+        },
         Kind::FsEof => fs.eof(f.id),
         Kind::Exec => match f.parse::<ExecRequest>() {
             Ok(req) => sessions.exec(f.id, req),

@@ -59,6 +59,15 @@ pub enum Kind {
     /// host → agent: the host has consumed this many bytes of the session's output
     /// ([`crate::Credit`]); reopens its flow-control window ([`crate::WINDOW`]).
     Credit = 20,
+    /// supervisor → client: the answer to an `FsRequest` with `bulk: true`
+    /// ([`crate::FsWindow`]); the client's first frame of that session.
+    FsWindow = 21,
+    /// either way: `len` bytes of a filesystem session are in one slot of its transfer-disk
+    /// window ([`crate::FsBulk`]); the slot now belongs to the receiver.
+    FsBulk = 22,
+    /// either way: the receiver of an `FsBulk` is done with that slot ([`crate::FsAck`]);
+    /// it belongs to the sender again.
+    FsAck = 23,
 }
 
 impl Kind {
@@ -86,6 +95,9 @@ impl Kind {
             18 => FsDone,
             19 => Resize,
             20 => Credit,
+            21 => FsWindow,
+            22 => FsBulk,
+            23 => FsAck,
             _ => return None,
         })
     }

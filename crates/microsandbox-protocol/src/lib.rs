@@ -35,10 +35,12 @@ pub use messages::*;
 
 /// Version of this protocol; the agent reports it in [`Ready`] and the host refuses others.
 /// 2: per-session flow control (`Credit`, [`WINDOW`]).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// 3: bulk transfers through the transfer disk (`FsWindow`, `FsBulk`, `FsAck`,
+/// `FsRequest.window`).
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Per-session flow-control window: the agent never has more than this many bytes of a
-/// session's `Stdout`/`Stderr`/`FsData` frames (header + payload each) outstanding, i.e.
+/// session's `Stdout`/`Stderr`/`FsData`/`FsBulk`/`FsAck` frames (header + payload each) outstanding, i.e.
 /// sent and not yet returned by `Credit`. The host relies on it to bound what it buffers
 /// per session and treats a session that exceeds it as a protocol violation. 1 MiB: credit
 /// takes a round trip through the VMM, and a smaller window measurably cut throughput
@@ -47,6 +49,13 @@ pub const WINDOW: u32 = 1024 * 1024;
 
 /// Largest data chunk a writer puts in one `Stdout`/`Stderr`/`Stdin` frame.
 pub const MAX_CHUNK: usize = 64 * 1024;
+
+/// Filesystem transfers smaller than this move as `FsData` frames even when the session
+/// has a transfer-disk window: a few frames cost less than slot round trips.
+pub const BULK_MIN: u64 = 1 << 20;
+
+/// Serial number of the bulk-transfer virtio-blk disk; the agent finds it by this name.
+pub const TRANSFER_DISK_SERIAL: &str = "msb.transfer";
 
 /// Name of the virtio-serial port the agent listens on.
 pub const AGENT_PORT_NAME: &str = "msb.agent";

@@ -191,6 +191,77 @@ pub struct FsRequest {
     /// 0755 less the umask, and an existing file keeps its mode.
     #[serde(default)]
     pub mode: Option<u32>,
+    /// client → supervisor: move the data of this `read`/`write` through the transfer
+    /// disk if a window is free. The supervisor always answers it with `FsWindow`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub bulk: bool,
+    /// supervisor → agent: the window lent to this session. Set only by the supervisor,
+    /// which discards any value a client sends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<BulkWindow>,
+}
+
+/// Alignment of every offset and length on the transfer disk: the guest reads and writes
+/// it with `O_DIRECT`, which needs logical-block alignment (4096 covers any block size).
+/// A power of two.
+pub const BULK_ALIGN: u64 = 4096;
+
+/// A share of the transfer disk (a raw virtio-blk disk backed by a sparse host file) lent
+/// to one filesystem session: `slots` consecutive slots of `slot_size` bytes from byte
+/// `offset`. Data moves one slot at a time: the sender fills a slot it owns and sends
+/// `FsBulk`, which hands the slot to the receiver; the receiver copies the bytes out and
+/// answers `FsAck`, which hands it back. For a `write` the host owns every slot at the
+/// start, for a `read` the guest does.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BulkWindow {
+    pub offset: u64,
+    pub slot_size: u32,
+    pub slots: u32,
+}
+
+impl BulkWindow {
+    /// Byte offset on the transfer disk of `len` bytes in `slot`, or `None` when the slot
+    /// or the length is out of this window. Everything read from a peer goes through here.
+    pub fn locate(&self, slot: u32, len: u32) -> Option<u64> {
+        if slot >= self.slots || len > self.slot_size {
+            return None;
+        }
+        Some(self.offset + slot as u64 * self.slot_size as u64)
+    }
+
+    /// Bytes the window spans.
+    pub fn span(&self) -> u64 {
+        self.slots as u64 * self.slot_size as u64
+    }
+
+    /// True when the window is non-empty, aligned, and ends within `disk_size` bytes.
+    pub fn fits(&self, disk_size: u64) -> bool {
+        self.slots > 0
+            && self.slot_size > 0
+            && self.offset & (BULK_ALIGN - 1) == 0
+            && self.slot_size as u64 & (BULK_ALIGN - 1) == 0
+            && self.offset.checked_add(self.span()).is_some_and(|end| end <= disk_size)
+    }
+}
+
+/// `FsWindow`: the window lent to a bulk session, or `None` (no transfer disk, or every
+/// window is in use): then the data moves as `FsData` frames.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FsWindow {
+    pub window: Option<BulkWindow>,
+}
+
+/// `FsBulk`: the next `len` bytes of the session's data are in `slot` of its window.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FsBulk {
+    pub slot: u32,
+    pub len: u32,
+}
+
+/// `FsAck`: the receiver of `FsBulk{slot}` is done with the slot.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FsAck {
+    pub slot: u32,
 }
 
 /// File type as reported by `list` and `stat`.
@@ -241,4 +312,32 @@ pub struct FsDone {
     /// Answer of `stat`.
     #[serde(default)]
     pub stat: Option<FsStat>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_locates_only_inside_itself() {
+        let w = BulkWindow { offset: 8 << 20, slot_size: 4 << 20, slots: 4 };
+        assert_eq!(w.locate(0, 0), Some(8 << 20));
+        assert_eq!(w.locate(3, 4 << 20), Some((8 << 20) + 3 * (4 << 20)));
+        assert_eq!(w.locate(4, 1), None);
+        assert_eq!(w.locate(0, (4 << 20) + 1), None);
+        assert_eq!(w.locate(u32::MAX, u32::MAX), None);
+        assert!(w.fits(24 << 20));
+        assert!(!w.fits((24 << 20) - 1));
+        assert!(!BulkWindow { offset: 512, ..w }.fits(u64::MAX));
+        assert!(!BulkWindow { offset: u64::MAX - 4095, ..w }.fits(u64::MAX));
+        assert!(!BulkWindow { slots: 0, ..w }.fits(u64::MAX));
+    }
+
+    #[test]
+    fn bulk_fields_are_optional_on_the_wire() {
+        let req: FsRequest = serde_json::from_str(r#"{"op":"read","path":"/x"}"#).unwrap();
+        assert!(!req.bulk && req.window.is_none());
+        let json = serde_json::to_string(&req).unwrap();
+        assert!(!json.contains("bulk") && !json.contains("window"), "{json}");
+    }
 }

@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 
 use crate::flow::{self, Overrun};
 use crate::router::{Routed, Router};
+use crate::transfer::{check_bulk, Windows};
 
 /// Frames queued toward the agent before senders wait.
 const TO_AGENT_QUEUE: usize = 256;
@@ -56,8 +57,14 @@ pub fn spawn_writer(mut wr: OwnedWriteHalf) -> mpsc::Sender<Frame> {
 /// Forwards agent frames to their sessions until the channel ends or the agent breaks
 /// the protocol. Returns why it stopped. Never waits on a client: frames are charged to
 /// their session's window and queued (see flow.rs); `to_agent` carries the kill of a
-/// session whose agent overran its window.
-pub async fn pump_from_agent(mut rd: OwnedReadHalf, router: Arc<Router>, to_agent: mpsc::Sender<Frame>) -> String {
+/// session whose agent overran its window. `windows` learns when the agent is done with a
+/// session's transfer-disk window.
+pub async fn pump_from_agent(
+    mut rd: OwnedReadHalf,
+    router: Arc<Router>,
+    to_agent: mpsc::Sender<Frame>,
+    windows: Arc<Windows>,
+) -> String {
     loop {
         let frame = match read_frame_async(&mut rd).await {
             Ok(Some(f)) => f,
@@ -65,7 +72,7 @@ pub async fn pump_from_agent(mut rd: OwnedReadHalf, router: Arc<Router>, to_agen
             Err(e) => return format!("the guest broke the agent protocol: {e}"),
         };
         let ends_session = match frame.kind {
-            Kind::Stdout | Kind::Stderr | Kind::FsData => false,
+            Kind::Stdout | Kind::Stderr | Kind::FsData | Kind::FsBulk | Kind::FsAck => false,
             Kind::FsDone => {
                 if frame.parse::<FsDone>().is_err() {
                     return "the guest sent a malformed FsDone frame".into();
@@ -87,7 +94,18 @@ pub async fn pump_from_agent(mut rd: OwnedReadHalf, router: Arc<Router>, to_agen
             // Anything else is not the agent's to send; ignore it rather than trust it.
             _ => continue,
         };
+        if ends_session {
+            // The agent is done with the session's window even if its client is gone.
+            windows.agent_done(frame.id);
+        }
         let Some(route) = router.get(frame.id) else { continue };
+        if matches!(frame.kind, Kind::FsBulk | Kind::FsAck) {
+            // The client would refuse a slot outside the window too; a guest that names
+            // one is broken or hostile either way.
+            if let Err(why) = check_bulk(&frame, router.window(frame.id)) {
+                return format!("the guest broke the transfer protocol: {why}");
+            }
+        }
         if !router.is_background(frame.id) {
             router.touch();
         }
@@ -130,6 +148,7 @@ mod tests {
     //! The guest is hostile: these feed the pump what a malicious agent could send.
     use super::*;
     use crate::router::Route;
+    use microsandbox_protocol::{BulkWindow, FsAck, FsBulk};
     use std::time::Duration;
     use tokio::io::AsyncWriteExt;
 
@@ -140,7 +159,7 @@ mod tests {
     async fn pump_with_agent_queue(bytes: Vec<u8>, router: Arc<Router>, to_agent: mpsc::Sender<Frame>) -> String {
         let (host, mut guest) = UnixStream::pair().unwrap();
         let (rd, _wr) = host.into_split();
-        let pump = tokio::spawn(pump_from_agent(rd, router, to_agent));
+        let pump = tokio::spawn(pump_from_agent(rd, router, to_agent, Arc::new(Windows::none())));
         guest.write_all(&bytes).await.unwrap();
         drop(guest);
         tokio::time::timeout(Duration::from_secs(5), pump).await.unwrap().unwrap()
@@ -287,6 +306,78 @@ mod tests {
         assert_eq!((kill.id, kill.kind), (greedy, Kind::Signal));
         assert_eq!(kill.parse::<SignalMsg>().unwrap().signal, libc::SIGKILL);
         assert_eq!(other_rx.recv().await.unwrap().payload, b"fine");
+    }
+
+    fn bulk_session(router: &Router) -> (u32, Client, BulkWindow) {
+        let window = BulkWindow { offset: 1 << 20, slot_size: 64 << 10, slots: 2 };
+        let (id, rx) = open_session(router);
+        router.set_window(id, window);
+        (id, rx, window)
+    }
+
+    #[tokio::test]
+    async fn bulk_frames_inside_the_window_are_forwarded() {
+        let router = Arc::new(Router::default());
+        let (id, mut rx, w) = bulk_session(&router);
+        let mut bytes = Frame::json(id, Kind::FsBulk, &FsBulk { slot: 1, len: w.slot_size }).encode();
+        bytes.extend(Frame::json(id, Kind::FsAck, &FsAck { slot: 0 }).encode());
+        let why = pump_with(bytes, router).await;
+        assert!(why.contains("closed"), "{why}");
+        let got = rx.recv().await.unwrap();
+        assert_eq!((got.id, got.kind), (7, Kind::FsBulk));
+        assert_eq!(got.parse::<FsBulk>().unwrap(), FsBulk { slot: 1, len: w.slot_size });
+        assert_eq!(rx.recv().await.unwrap().kind, Kind::FsAck);
+    }
+
+    #[tokio::test]
+    async fn a_guest_lying_about_slots_or_lengths_ends_the_link() {
+        let lies: Vec<(&str, Frame)> = vec![
+            ("length past the slot", Frame::json(0, Kind::FsBulk, &FsBulk { slot: 0, len: (64 << 10) + 1 })),
+            ("slot past the window", Frame::json(0, Kind::FsBulk, &FsBulk { slot: 2, len: 1 })),
+            ("huge slot", Frame::json(0, Kind::FsBulk, &FsBulk { slot: u32::MAX, len: u32::MAX })),
+            ("ack past the window", Frame::json(0, Kind::FsAck, &FsAck { slot: 9 })),
+            ("malformed", Frame::data(0, Kind::FsBulk, b"{\"slot\":-1}".to_vec())),
+        ];
+        for (what, lie) in lies {
+            let router = Arc::new(Router::default());
+            let (id, mut rx, _) = bulk_session(&router);
+            let why = pump_with(Frame { id, ..lie }.encode(), router).await;
+            assert!(why.contains("transfer protocol"), "{what}: {why}");
+            assert!(rx.try_recv().is_err(), "{what}: nothing forwarded");
+        }
+        // A session that was lent no window gets no bulk frames at all.
+        let router = Arc::new(Router::default());
+        let (id, _rx) = open_session(&router);
+        let why = pump_with(Frame::json(id, Kind::FsBulk, &FsBulk { slot: 0, len: 1 }).encode(), router).await;
+        assert!(why.contains("without a transfer window"), "{why}");
+    }
+
+    #[tokio::test]
+    async fn the_agent_ending_a_session_returns_its_window_once_the_client_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = microsandbox::sandbox::transfer::TransferSpec {
+            path: dir.path().join("t.raw"),
+            windows: 1,
+            slots: 2,
+            slot_size: 64 << 10,
+        };
+        std::fs::File::create(&spec.path).unwrap().set_len(spec.size()).unwrap();
+        let windows = Arc::new(Windows::new(Some(spec)));
+        let router = Arc::new(Router::default());
+        let (id, _rx) = open_session(&router);
+        let w = windows.lend(id);
+        router.set_window(id, w.expect("a free window"));
+        // The client left first (its route is closed); the agent's answer still counts.
+        router.close(id);
+        windows.client_done(id);
+        assert!(windows.lend(id + 1).is_none());
+        let (host, mut guest) = UnixStream::pair().unwrap();
+        let (rd, _wr) = host.into_split();
+        let pump = tokio::spawn(pump_from_agent(rd, router, mpsc::channel(16).0, windows.clone()));
+        guest.write_all(&Frame::json(id, Kind::FsDone, &FsDone::default()).encode()).await.unwrap();
+        drop(guest);
+        tokio::time::timeout(Duration::from_secs(5), pump).await.unwrap().unwrap();
+        assert_eq!(windows.lend(id + 1), w);
     }
 
     #[tokio::test]

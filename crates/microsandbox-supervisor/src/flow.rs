@@ -30,10 +30,11 @@ pub const CREDIT_BATCH: usize = WINDOW as usize / 4;
 const _: () = assert!(CREDIT_BATCH + HEADER_LEN + MAX_CHUNK <= WINDOW as usize);
 
 /// What a frame from the agent costs against its session's window: header + payload for
-/// data frames, nothing for the final frames.
+/// data frames (transfer-disk `FsBulk`/`FsAck` included, so a guest flooding them is
+/// bounded too), nothing for the final frames.
 pub fn cost(kind: Kind, payload: usize) -> usize {
     match kind {
-        Kind::Stdout | Kind::Stderr | Kind::FsData => HEADER_LEN + payload,
+        Kind::Stdout | Kind::Stderr | Kind::FsData | Kind::FsBulk | Kind::FsAck => HEADER_LEN + payload,
         _ => 0,
     }
 }
@@ -173,6 +174,8 @@ mod tests {
         assert_eq!(cost(Kind::Error, 100), 0);
         assert_eq!(cost(Kind::FsDone, 100), 0);
         assert_eq!(cost(Kind::FsData, 100), 100 + HEADER_LEN);
+        assert_eq!(cost(Kind::FsBulk, 20), 20 + HEADER_LEN);
+        assert_eq!(cost(Kind::FsAck, 10), 10 + HEADER_LEN);
     }
 
     #[test]

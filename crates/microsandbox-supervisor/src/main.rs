@@ -13,6 +13,7 @@ mod logbook;
 mod main_process;
 mod patches;
 mod router;
+mod transfer;
 mod vm;
 
 use std::io::Write;

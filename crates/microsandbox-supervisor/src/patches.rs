@@ -46,7 +46,7 @@ pub struct Guest {
 }
 
 fn req(op: FsOp, path: &str) -> FsRequest {
-    FsRequest { op, path: path.into(), path2: None, recursive: false, parents: false, mode: None }
+    FsRequest { op, path: path.into(), path2: None, recursive: false, parents: false, mode: None, bulk: false, window: None }
 }
 
 fn vm_gone() -> Failure {

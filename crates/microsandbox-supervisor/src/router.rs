@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use microsandbox_protocol::Frame;
+use microsandbox_protocol::{BulkWindow, Frame};
 use tokio::sync::mpsc;
 
 use crate::flow::SessionFlow;
@@ -55,6 +55,8 @@ struct Inner {
     /// Sessions the supervisor runs itself (the main process): they are not client
     /// activity, so they neither keep an `idle_timeout` sandbox alive nor hold up a drain.
     background: std::collections::HashSet<u32>,
+    /// Transfer-disk windows lent to open filesystem sessions (transfer.rs).
+    windows: HashMap<u32, BulkWindow>,
 }
 
 impl Router {
@@ -137,6 +139,20 @@ impl Router {
         let mut g = self.inner.lock().unwrap();
         g.routes.remove(&id);
         g.background.remove(&id);
+        g.windows.remove(&id);
+    }
+
+    /// Records the transfer-disk window lent to open session `id`.
+    pub fn set_window(&self, id: u32, window: BulkWindow) {
+        let mut g = self.inner.lock().unwrap();
+        if g.routes.contains_key(&id) {
+            g.windows.insert(id, window);
+        }
+    }
+
+    /// The window lent to open session `id`, if any.
+    pub fn window(&self, id: u32) -> Option<BulkWindow> {
+        self.inner.lock().unwrap().windows.get(&id).copied()
     }
 }
 
@@ -155,6 +171,20 @@ mod tests {
         r.close(a);
         assert!(r.get(a).is_none());
         assert_eq!(r.get(b).unwrap().local_id, 1);
+    }
+
+    #[test]
+    fn windows_belong_to_open_sessions_only() {
+        let r = Router::default();
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let a = r.open(Route { client: tx, local_id: 1, flow: Default::default() }).unwrap();
+        let w = BulkWindow { offset: 0, slot_size: 4096, slots: 1 };
+        r.set_window(a, w);
+        assert_eq!(r.window(a), Some(w));
+        r.close(a);
+        assert_eq!(r.window(a), None);
+        r.set_window(a, w);
+        assert_eq!(r.window(a), None, "a closed session gets no window");
     }
 
     #[test]

@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 
 use crate::control::{self, Ctx, StopTicket};
 use crate::{agent_link, liveness, router::Router};
+use crate::transfer::Windows;
 
 const SUPERVISOR_PID_FILE: &str = "supervisor.pid";
 /// How long a sandbox stopping by itself (max_duration, idle_timeout) waits for a clean shutdown.
@@ -81,6 +82,10 @@ fn console_tail(spec: &SupervisorSpec) -> String {
 fn cleanup(spec: &SupervisorSpec) {
     let _ = std::fs::remove_file(&spec.control_socket);
     let _ = std::fs::remove_file(&spec.agent_socket);
+    // Scratch data of the VM that just ended; the engine creates it afresh at each boot.
+    if let Some(t) = &spec.transfer {
+        let _ = std::fs::remove_file(&t.path);
+    }
     if spec.remove_dir_on_exit {
         let _ = std::fs::remove_dir_all(&spec.sandbox_dir);
     } else {
@@ -162,9 +167,17 @@ pub async fn supervise(spec: SupervisorSpec, report: fn(&StartupReport)) -> u8 {
     let to_agent = agent_link::spawn_writer(wr);
     let (stop_tx, mut stop_rx) = mpsc::channel::<StopTicket>(4);
     let (detached_tx, detached_rx) = tokio::sync::watch::channel(false);
-    let ctx = Ctx { router: router.clone(), to_agent: to_agent.clone(), info: info.clone(), stop: stop_tx, detached: detached_tx };
+    let windows = Arc::new(Windows::new(spec.transfer.clone()));
+    let ctx = Ctx {
+        router: router.clone(),
+        windows: windows.clone(),
+        to_agent: to_agent.clone(),
+        info: info.clone(),
+        stop: stop_tx,
+        detached: detached_tx,
+    };
     let router_for_idle = router.clone();
-    let mut pump = tokio::spawn(agent_link::pump_from_agent(rd, router.clone(), to_agent.clone()));
+    let mut pump = tokio::spawn(agent_link::pump_from_agent(rd, router.clone(), to_agent.clone(), windows));
     // Scripts and patches (create only) go in before anything else runs or connects.
     if let Some(file) = spec.patches_file.clone() {
         let guest = crate::patches::Guest { router: router.clone(), to_agent: to_agent.clone() };

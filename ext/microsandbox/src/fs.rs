@@ -206,7 +206,7 @@ impl RbFsWriteSink {
         run(ruby, async move {
             let mut guard = inner.lock().await;
             let sink = guard.as_mut().ok_or_else(Self::closed)?;
-            let r = sink.write(&data).await;
+            let r = sink.write_owned(data).await;
             if r.is_err() {
                 guard.take();
             }

@@ -15,6 +15,7 @@ pub mod patch;
 mod owner;
 pub mod spec;
 mod stream;
+pub mod transfer;
 
 use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
@@ -212,6 +213,7 @@ impl Sandbox {
         } else {
             (dir.join(PRIVATE_DISK), "raw")
         };
+        let transfer = transfer::prepare(&dir)?;
         let vm = VmSpec {
             accel,
             cpus: cfg.cpus as u32,
@@ -223,6 +225,7 @@ impl Sandbox {
             root_format,
             agent_socket: agent_socket.clone(),
             console_log: dir.join("console.log"),
+            transfer_disk: Some(transfer.path.clone()),
         };
         let spec = SupervisorSpec {
             name: cfg.name.clone(),
@@ -240,6 +243,7 @@ impl Sandbox {
             idle_timeout_ms: cfg.idle_timeout_ms,
             main: main_request(&cfg)?,
             patches_file: write_patches(&dir, patches)?,
+            transfer: Some(transfer),
         };
         let spec_path = dir.join(spec::SPEC_FILE);
         std::fs::write(&spec_path, serde_json::to_vec_pretty(&spec).unwrap())

@@ -40,6 +40,10 @@ pub struct SupervisorSpec {
     /// process and before reporting ready (create only). The supervisor deletes it.
     #[serde(default)]
     pub patches_file: Option<PathBuf>,
+    /// The bulk-transfer disk QEMU attaches, whose windows the supervisor lends to
+    /// filesystem sessions; `None`: every transfer moves as frames.
+    #[serde(default)]
+    pub transfer: Option<super::transfer::TransferSpec>,
 }
 
 /// First line the supervisor prints on stdout: it booted, or why it did not.

@@ -22,4 +22,7 @@ pub struct VmSpec {
     pub root_format: &'static str,
     pub agent_socket: PathBuf,
     pub console_log: PathBuf,
+    /// Raw sparse file attached as the bulk-transfer virtio-blk disk (serial
+    /// [`microsandbox_protocol::TRANSFER_DISK_SERIAL`]), if any.
+    pub transfer_disk: Option<PathBuf>,
 }

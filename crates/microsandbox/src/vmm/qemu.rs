@@ -57,8 +57,25 @@ pub fn args(spec: &VmSpec) -> Vec<String> {
         "-chardev".into(), format!("socket,id=agent,path={}", p(&spec.agent_socket)),
         "-device".into(), format!("virtserialport,chardev=agent,name={}", microsandbox_protocol::AGENT_PORT_NAME),
     ];
+    a.extend(transfer_disk_args(spec));
     a.shrink_to_fit();
     a
+}
+
+/// The bulk-transfer disk (see `sandbox::transfer`): last on the PCI bus, so the root
+/// stays `/dev/vda`; the agent finds it by its serial. `cache=unsafe`: QEMU reads and
+/// writes the host file through the host page cache, which the engine uses too, so both
+/// see the same bytes; flushes are pointless for scratch data that no one keeps.
+fn transfer_disk_args(spec: &VmSpec) -> Vec<String> {
+    let Some(disk) = &spec.transfer_disk else { return Vec::new() };
+    vec![
+        "-drive".into(),
+        // A full host disk fails the guest's request (the agent reports it) instead of
+        // pausing the VM, as for the root disk.
+        format!("file={},if=none,id=transfer,format=raw,cache=unsafe,werror=report,rerror=report", disk.to_string_lossy()),
+        "-device".into(),
+        format!("virtio-blk-pci,drive=transfer,serial={}", microsandbox_protocol::TRANSFER_DISK_SERIAL),
+    ]
 }
 
 /// Kernel command line for a sandbox named `hostname`.
@@ -96,6 +113,7 @@ mod tests {
             root_format: "raw",
             agent_socket: "/a.sock".into(),
             console_log: "/c.log".into(),
+            transfer_disk: None,
         };
         let a = args(&spec).join(" ");
         assert!(a.contains("-accel tcg,thread=multi"));
@@ -103,5 +121,8 @@ mod tests {
         assert!(a.contains("socket,id=agent,path=/a.sock"));
         assert!(a.contains("name=msb.agent"));
         assert!(a.contains("werror=report,rerror=report"), "a full host disk must not pause the VM");
+        assert!(!a.contains("transfer"));
+        let a = args(&VmSpec { transfer_disk: Some("/t.raw".into()), ..spec }).join(" ");
+        assert!(a.ends_with("-drive file=/t.raw,if=none,id=transfer,format=raw,cache=unsafe,werror=report,rerror=report -device virtio-blk-pci,drive=transfer,serial=msb.transfer"), "{a}");
     }
 }
