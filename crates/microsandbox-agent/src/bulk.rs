@@ -37,7 +37,7 @@ pub struct Disk {
 }
 
 /// Opened on first use (it may probe after the root disk at boot) and kept for the agent's
-/// life; `None` until found.
+/// life; unset until found, so a VM without the disk looks again at the next bulk request.
 static DISK: OnceLock<Disk> = OnceLock::new();
 static OPENING: Mutex<()> = Mutex::new(());
 
