@@ -7,6 +7,9 @@ use magnus::{exception::ExceptionClass, prelude::*, Error, Exception, RModule, R
 /// Ruby interrupt (Thread#kill, Timeout, Ctrl-C) is raised instead.
 pub fn to_ruby(ruby: &Ruby, err: microsandbox::Error) -> Error {
     if matches!(err, microsandbox::Error::Cancelled) {
+        if let Some(interrupt) = crate::gvl::take_pending_interrupt() {
+            return interrupt;
+        }
         if let Err(interrupt) = ruby.thread_check_ints() {
             return interrupt;
         }
