@@ -99,6 +99,22 @@ pub struct StateDb {
     conn: Connection,
 }
 
+/// Run at every open: idempotent.
+const SCHEMA: &str = "PRAGMA journal_mode=WAL;
+     CREATE TABLE IF NOT EXISTS sandboxes (
+       name TEXT PRIMARY KEY,
+       status TEXT NOT NULL,
+       config TEXT NOT NULL,
+       labels TEXT NOT NULL DEFAULT '{}',
+       detached INTEGER NOT NULL DEFAULT 0,
+       owner_pid INTEGER,
+       supervisor_pid INTEGER,
+       supervisor_start INTEGER,
+       info TEXT,
+       created_at INTEGER NOT NULL,
+       updated_at INTEGER NOT NULL
+     );";
+
 const COLUMNS: &str =
     "name, status, config, labels, detached, owner_pid, supervisor_pid, supervisor_start, info, created_at, updated_at";
 
@@ -113,23 +129,22 @@ impl StateDb {
     pub fn open_at(path: &Path) -> Result<StateDb> {
         let conn = Connection::open(path).map_err(db_err)?;
         conn.busy_timeout(Duration::from_secs(10)).map_err(db_err)?;
-        conn.execute_batch(
-            "PRAGMA journal_mode=WAL;
-             CREATE TABLE IF NOT EXISTS sandboxes (
-               name TEXT PRIMARY KEY,
-               status TEXT NOT NULL,
-               config TEXT NOT NULL,
-               labels TEXT NOT NULL DEFAULT '{}',
-               detached INTEGER NOT NULL DEFAULT 0,
-               owner_pid INTEGER,
-               supervisor_pid INTEGER,
-               supervisor_start INTEGER,
-               info TEXT,
-               created_at INTEGER NOT NULL,
-               updated_at INTEGER NOT NULL
-             );",
-        )
-        .map_err(db_err)?;
+        // Switching a fresh database to WAL needs an exclusive lock, and SQLite reports
+        // SQLITE_BUSY for it at once, without the busy handler, while another process opens
+        // the same new file (seen: two processes creating their first sandboxes together).
+        // The mode is persistent, so only the first opens can collide; retry them briefly.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match conn.execute_batch(SCHEMA) {
+                Err(rusqlite::Error::SqliteFailure(e, _))
+                    if matches!(e.code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                r => break r.map_err(db_err)?,
+            }
+        }
         Ok(StateDb { conn })
     }
 
@@ -284,6 +299,29 @@ impl StateDb {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Several first opens of a new database at once (threads stand in for processes:
+    /// each has its own connection) must all succeed.
+    #[test]
+    fn concurrent_first_opens_of_a_new_database() {
+        for _ in 0..20 {
+            let d = tempfile::tempdir().unwrap();
+            let path = d.path().join("s.db");
+            let gate = std::sync::Arc::new(std::sync::Barrier::new(6));
+            let opens: Vec<_> = (0..6)
+                .map(|_| {
+                    let (p, g) = (path.clone(), gate.clone());
+                    std::thread::spawn(move || {
+                        g.wait();
+                        StateDb::open_at(&p).map(|db| db.list().unwrap().len())
+                    })
+                })
+                .collect();
+            for t in opens {
+                assert_eq!(t.join().unwrap().unwrap(), 0);
+            }
+        }
+    }
 
     fn db() -> (tempfile::TempDir, StateDb) {
         let d = tempfile::tempdir().unwrap();
