@@ -114,8 +114,10 @@ puts format("  ratio to floor: %.2fx wall, %.2fx cpu (target ≤ %.1fx)  %s", ra
 # resolve the reference (ref record, manifest and config read back and verified, root
 # present) and make the sandbox's qcow2 overlay — timed alone, then whole creates for context.
 Microsandbox::Image.pull(ref, registry_insecure: true)
-root = File.join(Microsandbox.home, "images/roots", "#{Microsandbox::Image.get(ref).manifest_digest.delete_prefix('sha256:')}.ext4")
-raise "no root disk at #{root}" unless File.file?(root)
+# The store names roots `<hex>.<format version>.ext4` (see image/store.rs).
+hex = Microsandbox::Image.get(ref).manifest_digest.delete_prefix("sha256:")
+root = Dir.glob(File.join(Microsandbox.home, "images/roots", "#{hex}.*ext4")).max_by { |f| File.mtime(f) }
+raise "no root disk for #{hex} under #{Microsandbox.home}/images/roots" unless root && File.file?(root)
 
 resolves = []
 overlays = []
