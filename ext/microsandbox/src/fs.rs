@@ -15,6 +15,17 @@ use tokio::sync::Mutex;
 use crate::errors::to_ruby;
 use crate::sandbox::RbSandbox;
 
+/// Drops an open transfer (download or upload), which cancels it; a no-op once closed.
+/// The lock is taken without the GVL: a transfer call may hold it while it waits.
+fn drop_transfer<T: Send + 'static>(ruby: &Ruby, slot: &Arc<Mutex<Option<T>>>) -> Result<Value, Error> {
+    let slot = slot.clone();
+    run(ruby, async move {
+        drop(slot.lock().await.take());
+        Ok(())
+    })?;
+    Ok(nil(ruby))
+}
+
 /// Runs an fs future without the GVL; errors become Ruby exceptions with `@errno`.
 fn run<T, F>(ruby: &Ruby, fut: F) -> Result<T, Error>
 where
@@ -180,12 +191,7 @@ impl RbFsReadStream {
 
     /// Cancels the download if it is still running. Idempotent.
     pub fn close(ruby: &Ruby, rb_self: &Self) -> Result<Value, Error> {
-        let inner = rb_self.inner.clone();
-        run(ruby, async move {
-            inner.lock().await.take();
-            Ok(())
-        })?;
-        Ok(nil(ruby))
+        drop_transfer(ruby, &rb_self.inner)
     }
 }
 
@@ -227,11 +233,6 @@ impl RbFsWriteSink {
 
     /// Abandons the upload if it is still open. Idempotent.
     pub fn close(ruby: &Ruby, rb_self: &Self) -> Result<Value, Error> {
-        let inner = rb_self.inner.clone();
-        run(ruby, async move {
-            inner.lock().await.take();
-            Ok(())
-        })?;
-        Ok(nil(ruby))
+        drop_transfer(ruby, &rb_self.inner)
     }
 }
