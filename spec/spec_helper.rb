@@ -1,6 +1,9 @@
 # frozen_string_literal: true
 
 $LOAD_PATH.unshift File.expand_path("../lib", __dir__)
+# Specs never fill or prune the user's ~/.microsandbox: without an explicit
+# MICROSANDBOX_HOME they use their own under the checkout (bin/test sets the same).
+ENV["MICROSANDBOX_HOME"] ||= File.expand_path("../tmp/home", __dir__)
 require "microsandbox"
 require "timeout"
 require "tmpdir"

@@ -1,0 +1,14 @@
+//! Guest networking for microsandbox: the main host/guest trust boundary.
+//!
+//! Every byte the guest puts on its NIC ends up in this crate. The layout keeps the
+//! *decisions* (pure code, no sockets: testable and fuzzable) apart from the *data path*
+//! (the smoltcp stack the supervisor drives):
+//!
+//! - [`flow`]: the shared vocabulary — a connection attempt ([`flow::Flow`]) and the
+//!   verdict on it ([`flow::Verdict`]). The policy engine produces verdicts; the stack
+//!   asks for them and enforces them.
+//!
+//! Invariant: nothing read from the guest is trusted; every parser here is bounded and
+//! every decision defaults to deny when its input is malformed.
+
+pub mod flow;
