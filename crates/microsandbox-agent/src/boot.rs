@@ -48,7 +48,9 @@ pub fn boot() -> Step<File> {
     switch_root()?;
     // The overlay of a registry image is larger than its filesystem by oci_upper_size.
     crate::growfs::grow_to_device(ROOT_DEV, ROOT_SECTORS, "/")?;
-    set_hostname()?;
+    let hostname = set_hostname()?;
+    crate::net::loopback_up()?;
+    network(&hostname)?;
     Ok(port)
 }
 
@@ -213,13 +215,36 @@ fn switch_root() -> Step {
     chdir("/").map_err(|e| fail("chdir /", e))
 }
 
-fn set_hostname() -> Step {
+fn set_hostname() -> Step<String> {
     let cmdline = fs::read_to_string("/proc/cmdline")
         .map_err(|e| format!("cannot read /proc/cmdline: {e}"))?;
     let name = procfs::hostname(&cmdline);
     // sethostname takes bytes; a NUL would silently truncate, so refuse it.
     CString::new(name).map_err(|_| format!("invalid hostname {name:?}"))?;
-    sethostname(name).map_err(|e| format!("cannot set hostname {name:?}: {e}"))
+    sethostname(name).map_err(|e| format!("cannot set hostname {name:?}: {e}"))?;
+    Ok(name.to_string())
+}
+
+/// Configures `eth0` when the host gave the sandbox a NIC (`msb.net=` on the command
+/// line; the host loaded `virtio_net` through the module list then). A NIC that does not
+/// appear or cannot be configured fails the boot: the user asked for a network. The name
+/// files are best effort (an odd root only loses name resolution; the console says why).
+fn network(hostname: &str) -> Step {
+    let cmdline = fs::read_to_string("/proc/cmdline")
+        .map_err(|e| format!("cannot read /proc/cmdline: {e}"))?;
+    let Some(cfg) = procfs::net(&cmdline) else { return Ok(()) };
+    let deadline = Instant::now() + DEVICE_WAIT;
+    while !Path::new("/sys/class/net/eth0").exists() {
+        if Instant::now() >= deadline {
+            return Err(format!("the network interface eth0 did not appear within {}s", DEVICE_WAIT.as_secs()));
+        }
+        sleep(DEVICE_POLL);
+    }
+    crate::net::configure_eth0(&cfg)?;
+    if let Err(e) = crate::net::write_name_files(&cfg, hostname) {
+        eprintln!("msb-agent: {e}");
+    }
+    Ok(())
 }
 
 #[cfg(test)]

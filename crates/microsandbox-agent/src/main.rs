@@ -11,6 +11,7 @@ mod flow;
 mod fs;
 mod growfs;
 mod identity;
+mod net;
 mod port;
 mod procfs;
 mod reaper;

@@ -14,6 +14,22 @@ pub fn hostname(cmdline: &str) -> &str {
         .unwrap_or(DEFAULT_HOSTNAME)
 }
 
+/// `msb.net=<ip>/<prefix>,<gateway>,<mtu>` from a kernel command line (last one wins);
+/// `None` when absent or malformed (then the guest keeps only `lo`). The MTU is clamped to
+/// what virtio-net and the host's stream framing carry (68..=65520).
+pub fn net(cmdline: &str) -> Option<crate::net::NetConfig> {
+    let value = cmdline.split_whitespace().rev().find_map(|w| w.strip_prefix("msb.net="))?;
+    let mut parts = value.split(',');
+    let (addr, prefix) = parts.next()?.split_once('/')?;
+    let gateway = parts.next()?.parse().ok()?;
+    let mtu: u32 = parts.next()?.parse().ok()?;
+    if parts.next().is_some() {
+        return None;
+    }
+    let prefix: u8 = prefix.parse().ok().filter(|p| (1..=30).contains(p))?;
+    Some(crate::net::NetConfig { addr: addr.parse().ok()?, prefix, gateway, mtu: mtu.clamp(68, 65520) })
+}
+
 /// Milliseconds of uptime from `/proc/uptime` ("12.34 5.67"). Parsed as decimal text, not
 /// a float, so the value is exact.
 pub fn uptime_ms(text: &str) -> Option<u64> {
@@ -41,6 +57,19 @@ mod tests {
         assert_eq!(hostname("console=ttyS0"), DEFAULT_HOSTNAME);
         assert_eq!(hostname("msb.hostname="), DEFAULT_HOSTNAME);
         assert_eq!(hostname("xmsb.hostname=no"), DEFAULT_HOSTNAME);
+    }
+
+    #[test]
+    fn net_from_cmdline() {
+        let c = net("quiet msb.net=100.96.0.2/30,100.96.0.1,65520 x").unwrap();
+        assert_eq!(c.addr.to_string(), "100.96.0.2");
+        assert_eq!((c.prefix, c.gateway.to_string(), c.mtu), (30, "100.96.0.1".to_string(), 65520));
+        assert_eq!(net("msb.net=10.0.0.2/24,10.0.0.1,9000000").unwrap().mtu, 65520);
+        assert!(net("console=ttyS0").is_none());
+        assert!(net("msb.net=10.0.0.2,10.0.0.1,1500").is_none());
+        assert!(net("msb.net=10.0.0.2/31,10.0.0.1,1500").is_none());
+        assert!(net("msb.net=10.0.0.2/24,10.0.0.1,1500,x").is_none());
+        assert!(net("msb.net=10.0.0.2/24,nope,1500").is_none());
     }
 
     #[test]
