@@ -18,6 +18,7 @@ end
 
 require_relative "microsandbox/fs"
 require_relative "microsandbox/patch"
+require_relative "microsandbox/network"
 require_relative "microsandbox/sandbox"
 require_relative "microsandbox/sandbox_info"
 require_relative "microsandbox/image"

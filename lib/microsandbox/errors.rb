@@ -30,6 +30,10 @@ module Microsandbox
 
   # An option passed to create/exec is invalid (bad name, out-of-range size, NUL bytes…).
   class InvalidConfigError < Error; CODE = "invalid-config"; end
+  # A `network:` policy (or a {Rule}/{Destination} for one) is malformed: bad CIDR or
+  # address, port `"10-5"`, unknown group, preset, protocol or key… The message names the
+  # key (e.g. `network.rules[2].ports[0]`) and what it expects, never the value.
+  class NetworkPolicyError < InvalidConfigError; CODE = "network-policy-error"; end
   # No sandbox with that name exists.
   class SandboxNotFoundError < Error; CODE = "sandbox-not-found"; end
   # A running sandbox already has that name.
@@ -93,7 +97,7 @@ module Microsandbox
 
   # Every error class by its code.
   ERRORS_BY_CODE = [
-    Error, InvalidConfigError, SandboxNotFoundError, SandboxAlreadyExistsError,
+    Error, InvalidConfigError, NetworkPolicyError, SandboxNotFoundError, SandboxAlreadyExistsError,
     SandboxStillRunningError, SandboxNotRunningError, SandboxDrainingError, ExecTimeoutError, ExecFailedError,
     FilesystemError, PatchFailedError, ImageNotFoundError, MetricsDisabledError, MetricsUnavailableError,
     RegistryError, RegistryAuthError, PlatformNotFoundError,

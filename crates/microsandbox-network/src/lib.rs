@@ -7,8 +7,16 @@
 //! - [`flow`]: the shared vocabulary — a connection attempt ([`flow::Flow`]) and the
 //!   verdict on it ([`flow::Verdict`]). The policy engine produces verdicts; the stack
 //!   asks for them and enforces them.
+//! - [`policy`]: the network policy — destination classification into groups
+//!   ([`policy::classify`]), rules, presets, the wire-format parser
+//!   ([`policy::NetworkPolicy::from_wire`]) and the decision
+//!   ([`policy::NetworkPolicy::decide`]).
+//! - [`dns`]: DNS decisions — the pin set ([`dns::PinSet`]) that ties domain rules to the
+//!   addresses this sandbox resolved.
 //!
 //! Invariant: nothing read from the guest is trusted; every parser here is bounded and
 //! every decision defaults to deny when its input is malformed.
 
+pub mod dns;
 pub mod flow;
+pub mod policy;

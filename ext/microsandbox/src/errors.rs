@@ -14,8 +14,11 @@ pub fn to_ruby(ruby: &Ruby, err: microsandbox::Error) -> Error {
             return interrupt;
         }
     }
-    let code = err.code();
-    let message = err.to_string();
+    build(ruby, err.code(), err.to_string())
+}
+
+/// The `Microsandbox::Error` subclass for `code`, carrying `message`.
+pub fn build(ruby: &Ruby, code: &str, message: String) -> Error {
     let built = ruby
         .define_module("Microsandbox")
         .and_then(|m: RModule| m.const_get::<_, ExceptionClass>("Error"))

@@ -13,6 +13,7 @@ mod image;
 mod install;
 mod logs;
 mod metrics;
+mod network;
 mod runtime;
 mod sandbox;
 
@@ -25,6 +26,7 @@ fn init(ruby: &Ruby) -> Result<(), Error> {
     native.define_singleton_method("version", function!(native_version, 0))?;
     native.define_singleton_method("install", function!(install::install, 4))?;
     native.define_singleton_method("installed?", function!(install::installed, 3))?;
+    native.define_singleton_method("check_network_policy", function!(network::check_network_policy, 1))?;
 
     let class = native.define_class("Sandbox", ruby.class_object())?;
     class.define_singleton_method("create", function!(sandbox::RbSandbox::create, 2))?;
