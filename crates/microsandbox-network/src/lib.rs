@@ -11,7 +11,9 @@
 //!   ([`policy::classify`]), rules, presets, the wire-format parser
 //!   ([`policy::NetworkPolicy::from_wire`]) and the decision
 //!   ([`policy::NetworkPolicy::decide`]).
-//! - [`dns`]: DNS decisions — the pin set ([`dns::PinSet`]) that ties domain rules to the
+//! - [`dns`]: DNS decisions — the query/answer filter ([`dns::DnsFilter`]: NXDOMAIN for
+//!   denied names, refusal of malformed messages, rebind protection), the `dns:` options
+//!   ([`dns::DnsConfig`]) and the pin set ([`dns::PinSet`]) that ties domain rules to the
 //!   addresses this sandbox resolved.
 //!
 //! Invariant: nothing read from the guest is trusted; every parser here is bounded and

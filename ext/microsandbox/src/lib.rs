@@ -27,6 +27,7 @@ fn init(ruby: &Ruby) -> Result<(), Error> {
     native.define_singleton_method("install", function!(install::install, 4))?;
     native.define_singleton_method("installed?", function!(install::installed, 3))?;
     native.define_singleton_method("check_network_policy", function!(network::check_network_policy, 1))?;
+    native.define_singleton_method("check_dns_config", function!(network::check_dns_config, 1))?;
 
     let class = native.define_class("Sandbox", ruby.class_object())?;
     class.define_singleton_method("create", function!(sandbox::RbSandbox::create, 2))?;

@@ -401,13 +401,16 @@ impl NetworkPolicy {
         Verdict { action: self.default_egress, rule: None, reason: format!("default egress {}", self.default_egress) }
     }
 
-    /// Whether any connection to `addr` could be allowed by its address alone (domain
-    /// rules ignored). DNS rebind protection keeps a non-public answer only then, so a
-    /// domain rule can never open the way to an address the policy otherwise refuses.
+    /// Whether the policy allows `addr` by its address alone, on every port (domain rules
+    /// ignored). DNS rebind protection keeps a non-public answer only then, so a domain
+    /// rule can never open the way to an address the policy otherwise refuses.
     ///
-    /// Rules are scanned in order: a matching allow (with or without port filters)
-    /// ⇒ yes; a matching deny without filters ⇒ no; a port-limited deny is skipped (other
-    /// ports stay possible). No match ⇒ the default egress action.
+    /// Rules are scanned in order and only rules without protocol/port filters decide: a
+    /// matching unfiltered allow ⇒ yes, a matching unfiltered deny ⇒ no; filtered rules
+    /// are skipped — counting them would let the gateway's DNS rule (`host`, port 53)
+    /// make every host address "reachable", after which a domain rule for a name
+    /// answering with the host's address would open all of the host's ports. No match
+    /// ⇒ the default egress action.
     pub fn may_reach_address(&self, addr: IpAddr, host: &HostContext) -> bool {
         let inner = classify::embedded_ipv4(addr).map(IpAddr::V4);
         let group = classify(addr, host);
@@ -425,10 +428,8 @@ impl NetworkPolicy {
             if !hit {
                 continue;
             }
-            match rule.action {
-                Action::Allow => return true,
-                Action::Deny if rule.protocols.is_empty() && rule.ports.is_empty() => return false,
-                Action::Deny => {}
+            if rule.protocols.is_empty() && rule.ports.is_empty() {
+                return rule.action == Action::Allow;
             }
         }
         self.default_egress == Action::Allow

@@ -293,7 +293,10 @@ fn rebind_view_of_addresses() {
         {"action": "allow", "destination": "private"},
         {"action": "allow", "destination": "evil.test"},
     ]}));
-    assert!(reach(&explicit, "10.0.0.5"));
+    assert!(reach(&explicit, "10.0.0.5")); // filtered rules skipped, "allow private" decides
+    // the gateway's DNS rule does not make the host reachable
+    let gw = HostContext { gateway: vec![GW.parse().unwrap()], host_addrs: vec![] };
+    assert!(!public.may_reach_address(GW.parse().unwrap(), &gw));
     assert!(!reach(&explicit, "10.0.1.5"));
     assert!(reach(&explicit, "10.0.2.5"));
     assert!(!reach(&explicit, "127.0.0.1")); // the domain rule does not count
