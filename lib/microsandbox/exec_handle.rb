@@ -13,11 +13,12 @@ module Microsandbox
     attr_reader :signal
 
     # @api private
-    def initialize(kind, bytes: "".b, exit_code: nil, signal: nil)
+    def initialize(kind, bytes: "".b, exit_code: nil, signal: nil, text: nil)
       @kind = kind
       @bytes = bytes.b.freeze
       @exit_code = exit_code
       @signal = signal
+      @text = text&.freeze
     end
 
     # @return [Boolean]
@@ -27,9 +28,12 @@ module Microsandbox
     # @return [Boolean]
     def exited? = kind == :exited
 
-    # @return [String] the bytes as UTF-8 (not validated)
+    # @return [String] UTF-8, always valid. From {ExecHandle} it is decoded across the
+    #   events of the same stream: a character split between two events appears whole in
+    #   the event holding its last byte ("caf", then "é\n"); invalid bytes are U+FFFD.
+    #   {#bytes} is exactly what the guest wrote.
     def text
-      @bytes.dup.force_encoding(Encoding::UTF_8)
+      @text || @bytes.dup.force_encoding(Encoding::UTF_8).scrub("\uFFFD")
     end
 
     # @return [String]
@@ -87,6 +91,7 @@ module Microsandbox
       @tty = tty
       @done = false
       @exit_code = nil
+      @decoders = { stdout: Utf8Stream.new, stderr: Utf8Stream.new }
     end
 
     # @return [Boolean] true when the command runs on a pseudo-terminal (`tty: true`)
@@ -199,7 +204,7 @@ module Microsandbox
         return nil
       end
       kind, a, b = raw
-      return ExecEvent.new(kind, bytes: a) unless kind == :exited
+      return ExecEvent.new(kind, bytes: a, text: @decoders.fetch(kind).feed(a)) unless kind == :exited
 
       @done = true
       @exit_code = a || (b ? 128 + b : -1)

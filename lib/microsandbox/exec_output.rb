@@ -25,14 +25,15 @@ module Microsandbox
       @exit_code.zero?
     end
 
-    # @return [String] stdout as UTF-8 (not validated: check #valid_encoding? for binary output)
+    # @return [String] stdout as UTF-8, always valid: bytes that are not UTF-8 are U+FFFD
+    #   ({#stdout_bytes} keeps them)
     def stdout
-      @stdout_bytes.dup.force_encoding(Encoding::UTF_8)
+      @stdout_bytes.dup.force_encoding(Encoding::UTF_8).scrub("\uFFFD")
     end
 
-    # @return [String] stderr as UTF-8
+    # @return [String] stderr as UTF-8, always valid (see {#stdout})
     def stderr
-      @stderr_bytes.dup.force_encoding(Encoding::UTF_8)
+      @stderr_bytes.dup.force_encoding(Encoding::UTF_8).scrub("\uFFFD")
     end
 
     # @return [Hash{Symbol => Object}]

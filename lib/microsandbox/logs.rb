@@ -3,12 +3,17 @@
 require "json"
 
 module Microsandbox
-  # One line of a sandbox's log.
+  # One entry of a sandbox's log: one chunk of a command's output as the guest wrote it,
+  # or one line of the guest console / the supervisor.
   class LogEntry
     # @return [String] "stdout", "stderr" or "system" (the guest console)
     attr_reader :source
-    # @return [String]
+    # @return [String] {#data} as UTF-8, always valid: decoded across the chunks of the
+    #   same command and stream, so a character the guest wrote in two pieces appears whole
+    #   in the entry holding its last byte ("caf", then "é\n"); invalid bytes are U+FFFD
     attr_reader :text
+    # @return [String] the exact bytes (ASCII-8BIT), nothing replaced
+    attr_reader :data
     # @return [Time, nil] when it was recorded (nil for console lines)
     attr_reader :timestamp
 
@@ -16,6 +21,7 @@ module Microsandbox
     def initialize(h)
       @source = h.fetch("source")
       @text = h.fetch("text")
+      @data = (h["data"] ? h["data"].unpack1("m0") : @text.b).freeze
       @timestamp = h["timestamp_ms"] && Time.at(h["timestamp_ms"] / 1000.0)
     end
 

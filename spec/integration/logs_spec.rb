@@ -29,4 +29,46 @@ RSpec.describe "logs" do
     # Still readable once stopped.
     expect(Microsandbox::Sandbox.get(name).logs(sources: ["stdout"]).map(&:text).join).to include("to-out")
   end
+
+  it "keeps every byte and decodes characters split across writes, in logs, exec output and events" do
+    Microsandbox::Sandbox.create(unique_name("logutf"), image: rootfs) do |sb|
+      # 'é' split over two writes on stdout, '€' on stderr, an emoji in three writes, and
+      # bytes that are not UTF-8 at all (\377, and \342\202 cut short by "z").
+      script = [
+        %q{printf 'caf\303'; sleep 0.3; printf '\251\n'},
+        %q{printf 'x\342\202' >&2; sleep 0.3; printf '\254\n' >&2},
+        %q{printf '\360'; sleep 0.3; printf '\237\230'; sleep 0.3; printf '\200!\377\342\202z\n'}
+      ].join("; ")
+      out = sb.exec("sh", ["-c", script])
+      expect(out.stdout).to eq("café\n😀!\uFFFD\uFFFDz\n")
+      expect(out.stdout_bytes).to eq("caf\xC3\xA9\n\xF0\x9F\x98\x80!\xFF\xE2\x82z\n".b)
+      expect(out.stderr).to eq("x€\n")
+
+      entries = nil
+      expect(wait_until(timeout: 10) do
+        entries = sb.logs(sources: %w[stdout stderr])
+        entries.map(&:data).join.include?("z\n")
+      end).to be(true)
+      stdout = entries.select { |e| e.source == "stdout" }
+      stderr = entries.select { |e| e.source == "stderr" }
+      # The chunks stay separate entries; no byte is lost and the text is whole.
+      expect(stdout.size).to be >= 2
+      expect(stdout.map(&:data).join).to eq(out.stdout_bytes)
+      expect(stdout.map(&:text).join).to eq("café\n😀!\uFFFD\uFFFDz\n")
+      expect(stdout.first.text).to eq("caf")
+      expect(stdout.first.data).to eq("caf\xC3".b)
+      expect(stdout.first.data.encoding).to eq(Encoding::BINARY)
+      expect(stderr.map(&:text).join).to eq("x€\n")
+      expect(stderr.map(&:data).join).to eq("x\xE2\x82\xAC\n".b)
+      expect(entries.map(&:text)).to all(satisfy(&:valid_encoding?))
+      # The second half alone (tail) still decodes with the first.
+      expect(sb.logs(tail: 1, sources: ["stderr"]).first.text).to eq("€\n")
+
+      # Streamed events: decoded across events of the same stream.
+      events = sb.exec_stream("sh", ["-c", script]).to_a
+      expect(events.select(&:stdout?).map(&:text).join).to eq("café\n😀!\uFFFD\uFFFDz\n")
+      expect(events.select(&:stderr?).map(&:text).join).to eq("x€\n")
+      expect(events.select(&:stdout?).map(&:bytes).join).to eq(out.stdout_bytes)
+    end
+  end
 end

@@ -16,7 +16,9 @@ RSpec.describe Microsandbox::ExecOutput do
     expect(o.stdout.encoding).to eq(Encoding::UTF_8)
     expect(o.stdout_bytes.encoding).to eq(Encoding::BINARY)
     expect(o.stderr_bytes).to eq("\xFF".b)
-    expect(o.stderr.valid_encoding?).to be(false)
+    # Invalid bytes are U+FFFD in the text only; the bytes keep them.
+    expect(o.stderr).to eq("\uFFFD")
+    expect(o.stderr.valid_encoding?).to be(true)
   end
 
   it "maps death by signal to 128 + signal" do

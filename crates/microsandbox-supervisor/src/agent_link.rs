@@ -127,8 +127,8 @@ pub async fn pump_from_agent(
             continue;
         }
         match frame.kind {
-            Kind::Stdout => router.log("stdout", &frame.payload),
-            Kind::Stderr => router.log("stderr", &frame.payload),
+            Kind::Stdout => router.log("stdout", Some(global), &frame.payload),
+            Kind::Stderr => router.log("stderr", Some(global), &frame.payload),
             _ => {}
         }
         if ends_session {

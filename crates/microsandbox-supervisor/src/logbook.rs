@@ -1,5 +1,6 @@
 //! The sandbox log: every session's stdout and stderr, as JSON lines in
-//! `<sandbox>/logs.jsonl` (`{"t": unix_ms, "source": "stdout", "text": "..."}`).
+//! `<sandbox>/logs.jsonl` with the raw bytes and the session id (format and decoding:
+//! `microsandbox::sandbox::logs`).
 //!
 //! Written by one task fed through a bounded queue: relaying output never waits for the
 //! log. Under a flood the queue fills and entries are dropped (counted in a marker line)
@@ -11,6 +12,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use microsandbox::sandbox::logs;
 use tokio::sync::mpsc;
 
 pub const LOG_FILE: &str = "logs.jsonl";
@@ -20,7 +22,9 @@ const QUEUE: usize = 1024;
 struct Entry {
     at_ms: u64,
     source: &'static str,
-    text: String,
+    /// The guest session that wrote `bytes`; `None` for the supervisor's own messages.
+    session: Option<u32>,
+    bytes: Vec<u8>,
 }
 
 /// Cheap to clone; `record` never blocks.
@@ -49,11 +53,13 @@ impl LogSink {
                 let mut line = String::new();
                 let n = lost.swap(0, Ordering::Relaxed);
                 if n > 0 {
-                    line.push_str(&serde_json::json!({"t": e.at_ms, "source": "system", "text": format!("[{n} log entries dropped: output arrived faster than the log could keep]")}).to_string());
-                    line.push('\n');
+                    let why = format!("[{n} log entries dropped: output arrived faster than the log could keep]");
+                    line.push_str(&logs::text_line(e.at_ms, "system", &why));
                 }
-                line.push_str(&serde_json::json!({"t": e.at_ms, "source": e.source, "text": e.text}).to_string());
-                line.push('\n');
+                line.push_str(&match e.session {
+                    Some(id) => logs::output_line(e.at_ms, e.source, id, &e.bytes),
+                    None => logs::text_line(e.at_ms, e.source, &String::from_utf8_lossy(&e.bytes)),
+                });
                 if size + line.len() as u64 > MAX_LOG_BYTES {
                     let _ = std::fs::rename(&path, dir.join(format!("{LOG_FILE}.1")));
                     file = open(&path);
@@ -69,9 +75,10 @@ impl LogSink {
         LogSink { tx, dropped }
     }
 
-    /// Queues `bytes` from `source` ("stdout"/"stderr"); drops it if the queue is full.
-    pub fn record(&self, source: &'static str, bytes: &[u8]) {
-        let e = Entry { at_ms: now_ms(), source, text: String::from_utf8_lossy(bytes).into_owned() };
+    /// Queues `bytes` that `session` wrote to `source` ("stdout"/"stderr"), or a message of
+    /// the supervisor's own (`session` `None`, UTF-8); drops it if the queue is full.
+    pub fn record(&self, source: &'static str, session: Option<u32>, bytes: &[u8]) {
+        let e = Entry { at_ms: now_ms(), source, session, bytes: bytes.to_vec() };
         if self.tx.try_send(e).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }

@@ -42,7 +42,7 @@ pub async fn start(router: Arc<Router>, to_agent: &mpsc::Sender<Frame>, req: Exe
     // Only a drain refuses it, and none can have started before the ready report.
     let Some(id) = router.open_background(route) else { return };
     let program = req.program.clone();
-    router.log("system", format!("starting main process {program}").as_bytes());
+    router.log("system", None, format!("starting main process {program}").as_bytes());
     if to_agent.send(Frame::json(id, Kind::Exec, &req)).await.is_err() {
         router.close(id);
         return;
@@ -50,7 +50,7 @@ pub async fn start(router: Arc<Router>, to_agent: &mpsc::Sender<Frame>, req: Exe
     tokio::spawn(async move {
         while let Some(f) = rx.recv().await {
             if let Some(line) = describe_end(&program, &f) {
-                router.log("system", line.as_bytes());
+                router.log("system", None, line.as_bytes());
                 break;
             }
         }

@@ -65,10 +65,11 @@ impl Router {
         let _ = self.log.set(sink);
     }
 
-    /// Logs session output, if a log is set.
-    pub fn log(&self, source: &'static str, bytes: &[u8]) {
+    /// Logs output of guest session `session` (a global id), or with `None` a message of
+    /// the supervisor's own, if a log is set.
+    pub fn log(&self, source: &'static str, session: Option<u32>, bytes: &[u8]) {
         if let Some(l) = self.log.get() {
-            l.record(source, bytes);
+            l.record(source, session, bytes);
         }
     }
 
