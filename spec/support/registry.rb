@@ -71,7 +71,7 @@ module MicrosandboxSpec
     end
 
     # Pushes `rootfs_dir` as a one-layer image; returns "host/name:tag".
-    def push_dir(name, tag, rootfs_dir, env: [], workdir: nil, cmd: nil, entrypoint: nil)
+    def push_dir(name, tag, rootfs_dir, env: [], workdir: nil, cmd: nil, entrypoint: nil, user: nil)
       tar = IO.popen(["tar", "-C", rootfs_dir, "--numeric-owner", "--owner=0", "--group=0", "-cf", "-", "."], "rb", &:read)
       raise "tar failed" unless $?.success?
 
@@ -79,7 +79,8 @@ module MicrosandboxSpec
       layer = upload(name, gz)
       config_json = JSON.generate(
         "architecture" => "amd64", "os" => "linux",
-        "config" => { "Env" => env, "WorkingDir" => workdir, "Cmd" => cmd, "Entrypoint" => entrypoint }.compact,
+        "config" => { "Env" => env, "WorkingDir" => workdir, "Cmd" => cmd, "Entrypoint" => entrypoint,
+                       "User" => user }.compact,
         "rootfs" => { "type" => "layers", "diff_ids" => ["sha256:#{Digest::SHA256.hexdigest(tar)}"] }
       )
       config = upload(name, config_json)

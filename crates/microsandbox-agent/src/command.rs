@@ -99,12 +99,51 @@ fn cstring(what: &str, s: impl Into<Vec<u8>>) -> Result<CString, Failure> {
     CString::new(s).map_err(|_| Failure::invalid(format!("{what} contains a NUL byte")))
 }
 
+/// Creates `dir` and its missing parents (mode 0755), each new one owned by `owner`, the
+/// way Docker creates a container's missing working directory. Existing components are
+/// left alone; one that is not a directory fails with ENOTDIR.
+pub fn create_workdir(dir: &Path, owner: crate::identity::Ids) -> Result<(), i32> {
+    use std::os::unix::fs::DirBuilderExt;
+    let mut at = PathBuf::from("/");
+    for part in dir.components().skip_while(|c| matches!(c, std::path::Component::RootDir)) {
+        at.push(part);
+        match std::fs::symlink_metadata(&at) {
+            Ok(m) if m.is_dir() => continue,
+            // A symlink component is followed, as the kernel does for the final chdir.
+            Ok(m) if m.file_type().is_symlink() => match std::fs::metadata(&at) {
+                Ok(t) if t.is_dir() => continue,
+                Ok(_) => return Err(libc::ENOTDIR),
+                Err(e) => return Err(e.raw_os_error().unwrap_or(libc::EIO)),
+            },
+            Ok(_) => return Err(libc::ENOTDIR),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e.raw_os_error().unwrap_or(libc::EIO)),
+        }
+        match std::fs::DirBuilder::new().mode(0o755).create(&at) {
+            Ok(()) => {
+                // Exact mode whatever the umask, then the owner.
+                std::fs::set_permissions(&at, std::fs::Permissions::from_mode(0o755)).map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
+                std::os::unix::fs::lchown(&at, Some(owner.uid), Some(owner.gid)).map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
+            }
+            // Another command created it meanwhile.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e.raw_os_error().unwrap_or(libc::EIO)),
+        }
+    }
+    Ok(())
+}
+
 /// Validates `req` and resolves its program.
 pub fn prepare(req: &ExecRequest) -> Result<Prepared, Failure> {
     let cwd = req.cwd.as_deref().unwrap_or("/");
     match std::fs::metadata(cwd) {
         Ok(m) if m.is_dir() => {}
         Ok(_) => return Err(Failure::os(&format!("cwd {cwd}"), libc::ENOTDIR)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && req.create_cwd.is_some() => {
+            let owner = crate::identity::resolve(req.create_cwd.as_deref().unwrap_or("0")).map_err(Failure::invalid)?;
+            create_workdir(Path::new(cwd), owner.ids)
+                .map_err(|errno| Failure::os(&format!("cannot create working directory {cwd}"), errno))?;
+        }
         Err(e) => {
             return Err(Failure::os(
                 &format!("cwd {cwd}"),
@@ -112,7 +151,14 @@ pub fn prepare(req: &ExecRequest) -> Result<Prepared, Failure> {
             ))
         }
     }
-    let env = effective_env(&req.env);
+    // Like `docker exec`: credentials, home and supplementary groups from the guest's
+    // /etc/passwd and /etc/group; root when no user is given.
+    let identity = crate::identity::resolve(req.user.as_deref().unwrap_or("0")).map_err(Failure::invalid)?;
+    let mut env = effective_env(&req.env);
+    // HOME from passwd unless the caller set it (Docker does the same).
+    if !env.iter().any(|(k, _)| *k == "HOME") {
+        env.push(("HOME", identity.home.as_str()));
+    }
     let mut envp = Vec::with_capacity(env.len());
     for (k, v) in &env {
         if k.is_empty() || k.contains('=') {
@@ -138,14 +184,11 @@ pub fn prepare(req: &ExecRequest) -> Result<Prepared, Failure> {
             return Err(Failure::invalid(format!("terminal size {}x{} must be at least 1x1", size.rows, size.cols)));
         }
     }
-    let ids = match &req.user {
-        Some(u) => crate::identity::resolve(u).map_err(Failure::invalid)?,
-        None => crate::identity::Ids { uid: 0, gid: 0 },
-    };
-    if req.user.is_some() || !req.rlimits.is_empty() {
+    if req.user.is_some() || !req.rlimits.is_empty() || !identity.groups.is_empty() {
         // Through the trampoline: it sets limits and credentials, then execs `path`.
+        // (Plain root without supplementary groups needs neither and spawns directly.)
         let limits = crate::identity::encode_limits(&req.rlimits).map_err(Failure::invalid)?;
-        let mut t: Vec<CString> = crate::identity::trampoline_args(ids, &limits)
+        let mut t: Vec<CString> = crate::identity::trampoline_args(&identity, &limits)
             .into_iter()
             .map(|a| cstring("argument", a))
             .collect::<Result<_, _>>()?;
@@ -162,7 +205,7 @@ pub fn prepare(req: &ExecRequest) -> Result<Prepared, Failure> {
         cwd: cstring("cwd", cwd)?,
         stdin: req.stdin,
         tty: req.tty,
-        tty_owner: ids,
+        tty_owner: identity.ids,
     })
 }
 
@@ -221,7 +264,15 @@ mod tests {
         };
         let p = prepare(&req).unwrap();
         assert!(p.path.to_str().unwrap().ends_with("/sh"));
-        assert!(p.envp.is_empty());
+        // Only HOME is added (root's, from this machine's /etc/passwd).
+        assert_eq!(p.envp.len(), 1);
+        assert!(p.envp[0].to_str().unwrap().starts_with("HOME=/"));
+        let req = ExecRequest {
+            program: "sh".into(),
+            env: env(&[("HOME", "/given")]),
+            ..Default::default()
+        };
+        assert_eq!(prepare(&req).unwrap().envp, [CString::new("HOME=/given").unwrap()]);
 
         let req = ExecRequest {
             program: "sh".into(),
@@ -250,5 +301,27 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(prepare(&req).unwrap_err().errno, Some(libc::ENOENT));
+    }
+
+    #[test]
+    fn creates_missing_workdir_components_only() {
+        let dir = tempfile_dir("workdir");
+        let me = crate::identity::Ids { uid: unsafe { libc::getuid() }, gid: unsafe { libc::getgid() } };
+        let target = dir.join("a/b/c");
+        create_workdir(&target, me).unwrap();
+        assert!(target.is_dir());
+        assert_eq!(std::fs::metadata(dir.join("a/b")).unwrap().permissions().mode() & 0o7777, 0o755);
+        // Existing: nothing to do. A file in the way: ENOTDIR.
+        create_workdir(&target, me).unwrap();
+        std::fs::write(dir.join("file"), "").unwrap();
+        assert_eq!(create_workdir(&dir.join("file/x"), me), Err(libc::ENOTDIR));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn tempfile_dir(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("msb-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
     }
 }

@@ -21,41 +21,79 @@ pub struct Ids {
     pub gid: u32,
 }
 
-fn lookup(file: &str, name: &str, field: usize) -> Option<u32> {
-    std::fs::read_to_string(file).ok()?.lines().find_map(|l| {
+/// Who a command runs as, resolved the way `docker exec --user` does (runc's
+/// `GetExecUser`): the user's primary group, home directory and supplementary groups.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub ids: Ids,
+    /// Groups from /etc/group that list the user by name; empty when a group was given
+    /// explicitly (`user:group`) or the uid has no passwd entry.
+    pub groups: Vec<u32>,
+    /// Home from /etc/passwd; `/` for a uid without an entry.
+    pub home: String,
+}
+
+/// One `/etc/passwd` entry: (name, uid, gid, home).
+fn passwd_entry(passwd: &str, matches: impl Fn(&str, u32) -> bool) -> Option<(String, u32, u32, String)> {
+    passwd.lines().find_map(|l| {
         let f: Vec<&str> = l.split(':').collect();
-        (f.first() == Some(&name)).then(|| f.get(field)?.parse().ok()).flatten()
+        let (name, uid, gid) = (*f.first()?, f.get(2)?.parse().ok()?, f.get(3)?.parse().ok()?);
+        matches(name, uid).then(|| (name.to_string(), uid, gid, f.get(5).copied().unwrap_or("").to_string()))
     })
 }
 
-fn passwd_gid_of_uid(uid: u32) -> Option<u32> {
-    std::fs::read_to_string("/etc/passwd").ok()?.lines().find_map(|l| {
+/// `/etc/group` entries as (name, gid, members).
+fn group_entries(group: &str) -> impl Iterator<Item = (&str, u32, Vec<&str>)> {
+    group.lines().filter_map(|l| {
         let f: Vec<&str> = l.split(':').collect();
-        (f.get(2)?.parse::<u32>().ok()? == uid).then(|| f.get(3)?.parse().ok()).flatten()
+        let members = f.get(3).map(|m| m.split(',').filter(|m| !m.is_empty()).collect()).unwrap_or_default();
+        Some((*f.first()?, f.get(2)?.parse().ok()?, members))
     })
 }
 
-/// Resolves `user[:group]` against the guest's /etc/passwd and /etc/group.
-pub fn resolve(spec: &str) -> Result<Ids, String> {
-    let (user, group) = match spec.split_once(':') {
+/// Resolves `user[:group]` against the given /etc/passwd and /etc/group contents.
+pub fn resolve_in(spec: &str, passwd: &str, group: &str) -> Result<Identity, String> {
+    let (user, group_spec) = match spec.split_once(':') {
         Some((u, g)) => (u, Some(g)),
         None => (spec, None),
     };
-    let (uid, default_gid) = match user.parse::<u32>() {
-        Ok(uid) => (uid, passwd_gid_of_uid(uid).unwrap_or(0)),
-        Err(_) => {
-            let uid = lookup("/etc/passwd", user, 2).ok_or_else(|| format!("unknown user {user:?} (not in /etc/passwd)"))?;
-            (uid, lookup("/etc/passwd", user, 3).unwrap_or(0))
+    let entry = match user.parse::<u32>() {
+        Ok(uid) => passwd_entry(passwd, |_, u| u == uid).or(Some((String::new(), uid, 0, String::new()))),
+        Err(_) => passwd_entry(passwd, |n, _| n == user),
+    };
+    let (name, uid, default_gid, home) = entry.ok_or_else(|| format!("unknown user {user:?} (not in /etc/passwd)"))?;
+    let home = if home.is_empty() { "/".to_string() } else { home };
+    let (gid, groups) = match group_spec {
+        Some(g) => {
+            let gid = match g.parse::<u32>() {
+                Ok(gid) => gid,
+                Err(_) => group_entries(group)
+                    .find(|(n, _, _)| *n == g)
+                    .map(|(_, gid, _)| gid)
+                    .ok_or_else(|| format!("unknown group {g:?} (not in /etc/group)"))?,
+            };
+            (gid, Vec::new())
+        }
+        None => {
+            let mut groups: Vec<u32> = Vec::new();
+            if !name.is_empty() {
+                for (_, gid, members) in group_entries(group) {
+                    if members.contains(&name.as_str()) && !groups.contains(&gid) {
+                        groups.push(gid);
+                    }
+                }
+            }
+            (default_gid, groups)
         }
     };
-    let gid = match group {
-        None => default_gid,
-        Some(g) => match g.parse::<u32>() {
-            Ok(gid) => gid,
-            Err(_) => lookup("/etc/group", g, 2).ok_or_else(|| format!("unknown group {g:?} (not in /etc/group)"))?,
-        },
-    };
-    Ok(Ids { uid, gid })
+    Ok(Identity { ids: Ids { uid, gid }, groups, home })
+}
+
+/// Resolves `user[:group]` against the guest's /etc/passwd and /etc/group (missing files
+/// read as empty: a bare root filesystem still runs numeric users).
+pub fn resolve(spec: &str) -> Result<Identity, String> {
+    let read = |p: &str| std::fs::read(p).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+    resolve_in(spec, &read("/etc/passwd"), &read("/etc/group"))
 }
 
 fn resource(name: &str) -> Option<libc::__rlimit_resource_t> {
@@ -97,9 +135,11 @@ pub fn encode_limits(limits: &[Rlimit]) -> Result<String, String> {
     Ok(parts.join(","))
 }
 
-/// Trampoline arguments placed before `-- PATH ARGV...`.
-pub fn trampoline_args(ids: Ids, limits: &str) -> Vec<String> {
-    vec!["msb-agent".into(), TRAMPOLINE_FLAG.into(), ids.uid.to_string(), ids.gid.to_string(), limits.into()]
+/// Trampoline arguments placed before `-- PATH ARGV...`: uid, gid, supplementary groups
+/// (comma-separated, `-` for none) and limits.
+pub fn trampoline_args(id: &Identity, limits: &str) -> Vec<String> {
+    let groups = if id.groups.is_empty() { "-".to_string() } else { id.groups.iter().map(u32::to_string).collect::<Vec<_>>().join(",") };
+    vec!["msb-agent".into(), TRAMPOLINE_FLAG.into(), id.ids.uid.to_string(), id.ids.gid.to_string(), groups, limits.into()]
 }
 
 fn fail(what: &str, err: std::io::Error) -> ! {
@@ -107,15 +147,23 @@ fn fail(what: &str, err: std::io::Error) -> ! {
     std::process::exit(127)
 }
 
-/// Trampoline mode: `args` = [exe, --exec-as, uid, gid, limits, --, path, argv...]. Never returns.
+/// Trampoline mode: `args` = [exe, --exec-as, uid, gid, groups, limits, --, path, argv...].
+/// Never returns.
 pub fn trampoline(args: &[CString]) -> ! {
     let s = |i: usize| args.get(i).and_then(|a| a.to_str().ok()).unwrap_or("");
     let (uid, gid) = match (s(2).parse::<u32>(), s(3).parse::<u32>()) {
         (Ok(u), Ok(g)) => (u, g),
         _ => fail("bad trampoline arguments", std::io::Error::from_raw_os_error(libc::EINVAL)),
     };
-    if s(4) != "-" {
-        for spec in s(4).split(',') {
+    let groups: Vec<libc::gid_t> = match s(4) {
+        "-" => Vec::new(),
+        list => match list.split(',').map(str::parse).collect::<Result<_, _>>() {
+            Ok(g) => g,
+            Err(_) => fail("bad trampoline arguments", std::io::Error::from_raw_os_error(libc::EINVAL)),
+        },
+    };
+    if s(5) != "-" {
+        for spec in s(5).split(',') {
             let parsed = spec.split_once('=').and_then(|(n, v)| {
                 let (soft, hard) = v.split_once(':')?;
                 Some((resource(n)?, soft.parse::<u64>().ok()?, hard.parse::<u64>().ok()?))
@@ -130,13 +178,13 @@ pub fn trampoline(args: &[CString]) -> ! {
             }
         }
     }
-    if s(5) != "--" || args.len() < 8 {
+    if s(6) != "--" || args.len() < 9 {
         fail("bad trampoline arguments", std::io::Error::from_raw_os_error(libc::EINVAL));
     }
     // SAFETY: plain syscalls; group list first, then gid, then uid (after which we could not).
+    // The list is exactly the supplementary groups, as runc sets it for `docker exec`.
     unsafe {
-        let groups = [gid];
-        if libc::setgroups(1, groups.as_ptr()) != 0 {
+        if libc::setgroups(groups.len(), groups.as_ptr()) != 0 {
             fail("setgroups", std::io::Error::last_os_error());
         }
         if libc::setgid(gid) != 0 {
@@ -146,8 +194,8 @@ pub fn trampoline(args: &[CString]) -> ! {
             fail("setuid", std::io::Error::last_os_error());
         }
     }
-    let path: &CStr = &args[6];
-    let mut argv: Vec<*const libc::c_char> = args[7..].iter().map(|a| a.as_ptr()).collect();
+    let path: &CStr = &args[7];
+    let mut argv: Vec<*const libc::c_char> = args[8..].iter().map(|a| a.as_ptr()).collect();
     argv.push(std::ptr::null());
     extern "C" {
         static environ: *const *const libc::c_char;
@@ -162,10 +210,30 @@ pub fn trampoline(args: &[CString]) -> ! {
 mod tests {
     use super::*;
 
+    const PASSWD: &str = "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\nnohome:x:1001:1001::::\n";
+    const GROUP: &str = "root:x:0:\napp:x:1000:\nextra:x:2000:app,other\nmore:x:2001:other,app\nwheel:x:10:root\n";
+
+    fn id(spec: &str) -> Identity {
+        resolve_in(spec, PASSWD, GROUP).unwrap()
+    }
+
     #[test]
-    fn numeric_ids_resolve_without_files() {
-        assert_eq!(resolve("1234:99").unwrap(), Ids { uid: 1234, gid: 99 });
-        assert_eq!(resolve("0").unwrap().uid, 0);
+    fn names_and_uids_get_home_and_supplementary_groups() {
+        let app = Identity { ids: Ids { uid: 1000, gid: 1000 }, groups: vec![2000, 2001], home: "/home/app".into() };
+        assert_eq!(id("app"), app);
+        assert_eq!(id("1000"), app);
+        assert_eq!(id("root"), Identity { ids: Ids { uid: 0, gid: 0 }, groups: vec![10], home: "/root".into() });
+        // An explicit group replaces the supplementary ones, as in Docker.
+        assert_eq!(id("app:extra"), Identity { ids: Ids { uid: 1000, gid: 2000 }, groups: vec![], home: "/home/app".into() });
+        assert_eq!(id("1000:7").ids, Ids { uid: 1000, gid: 7 });
+        // No passwd entry: gid 0, home /, no groups.
+        assert_eq!(id("4242"), Identity { ids: Ids { uid: 4242, gid: 0 }, groups: vec![], home: "/".into() });
+        assert_eq!(id("4242:99").ids, Ids { uid: 4242, gid: 99 });
+        assert_eq!(id("nohome").home, "/");
+        assert!(resolve_in("ghost", PASSWD, GROUP).unwrap_err().contains("unknown user"));
+        assert!(resolve_in("app:ghost", PASSWD, GROUP).unwrap_err().contains("unknown group"));
+        // Without the files, numeric users still resolve.
+        assert_eq!(resolve_in("1234:99", "", "").unwrap().ids, Ids { uid: 1234, gid: 99 });
     }
 
     #[test]

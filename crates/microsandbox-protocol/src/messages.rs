@@ -25,6 +25,12 @@ pub struct ExecRequest {
     /// Working directory; the agent uses `/` when absent.
     #[serde(default)]
     pub cwd: Option<String>,
+    /// Set when `cwd` is the sandbox's working directory rather than one the caller
+    /// asked for: if it does not exist, the agent creates it and its missing parents
+    /// (mode 0755, like Docker) owned by this user (`user[:group]`, resolved like `user`).
+    /// `None`: a missing `cwd` fails the command.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub create_cwd: Option<String>,
     /// Kill the process group after this many milliseconds.
     #[serde(default)]
     pub timeout_ms: Option<u64>,

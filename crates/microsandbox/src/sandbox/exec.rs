@@ -112,6 +112,12 @@ impl ExecCall {
             args: self.args.clone(),
             env,
             cwd: self.cwd.clone().or_else(|| workdir.map(str::to_string)),
+            // The sandbox's workdir is created on first use, owned by the sandbox's user
+            // (as an image's WORKDIR is owned by its USER); a per-call cwd must exist.
+            create_cwd: match (&self.cwd, workdir) {
+                (None, Some(_)) => Some(default_user.unwrap_or("0").to_string()),
+                _ => None,
+            },
             timeout_ms: self.timeout.map(|t| t.as_millis().max(1) as u64),
             // A terminal's input is always open; without data it is closed at once (EOF).
             stdin: self.stdin.is_some() || self.tty.is_some(),
