@@ -16,9 +16,14 @@
 //!   ([`dns::DnsConfig`]) and the pin set ([`dns::PinSet`]) that ties domain rules to the
 //!   addresses this sandbox resolved.
 //!
+//! - `fuzzing` (hidden): the entry points of the `cargo fuzz` targets in `fuzz/`, also
+//!   replayed over the checked-in corpus by `tests/fuzz_corpus.rs` on stable.
+//!
 //! Invariant: nothing read from the guest is trusted; every parser here is bounded and
 //! every decision defaults to deny when its input is malformed.
 
 pub mod dns;
 pub mod flow;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod policy;

@@ -88,6 +88,14 @@ impl DomainName {
     }
 }
 
+/// Lets maps keyed by `DomainName` be searched with a `&str` (the derived `Hash` of the
+/// newtype is the `String`'s, which equals the `str`'s).
+impl std::borrow::Borrow<str> for DomainName {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
 impl std::fmt::Display for DomainName {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.0)

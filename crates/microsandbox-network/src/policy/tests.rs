@@ -225,10 +225,10 @@ fn domain_rules_need_a_live_pin() {
 #[test]
 fn deny_lists_come_before_every_rule() {
     let p = wire(json!({"preset": "public_only", "deny_domains": ["Blocked.Test."], "deny_domain_suffixes": [".ads.test", "*.track.test"]}));
-    assert_eq!(p.rules.len(), 5);
-    assert_eq!(p.rules[0].destination, Destination::Domain(d("blocked.test")));
-    assert_eq!(p.rules[1].destination, Destination::DomainSuffix(d("ads.test")));
-    assert_eq!(p.rules[2].destination, Destination::DomainSuffix(d("track.test")));
+    assert_eq!(p.rules().len(), 5);
+    assert_eq!(p.rules()[0].destination, Destination::Domain(d("blocked.test")));
+    assert_eq!(p.rules()[1].destination, Destination::DomainSuffix(d("ads.test")));
+    assert_eq!(p.rules()[2].destination, Destination::DomainSuffix(d("track.test")));
     let h = host();
     let t0 = Instant::now();
     let mut pins = PinSet::new();
@@ -238,7 +238,7 @@ fn deny_lists_come_before_every_rule() {
 
     // deny lists alone: everything else allowed
     let only = wire(json!({"deny_domains": ["blocked.test"]}));
-    assert_eq!((only.default_egress, only.default_ingress, only.rules.len()), (Allow, Allow, 1));
+    assert_eq!((only.default_egress(), only.default_ingress(), only.rules().len()), (Allow, Allow, 1));
     assert_eq!(only.decide(&tcp("127.0.0.1", 80), &h, &pins, t0).action, Allow);
 }
 
@@ -319,7 +319,7 @@ fn wire_shapes() {
         assert_eq!(wire(v.clone()), want, "{v}");
     }
     let custom = wire(json!({"rules": []}));
-    assert_eq!((custom.preset, custom.default_egress, custom.default_ingress), (None, Deny, Allow));
+    assert_eq!((custom.preset(), custom.default_egress(), custom.default_ingress()), (None, Deny, Allow));
     let p = wire(json!({"default_egress": "ALLOW", "rules": [
         {"action": "deny", "destination_kind": "group", "destination": "link_local"},
         {"action": "deny", "destination_kind": "domain_suffix", "destination": ".internal"},
@@ -330,8 +330,8 @@ fn wire_shapes() {
         {"action": "deny", "destination": "*.corp.test"},
         {"action": "deny"},
     ]}));
-    assert_eq!(p.default_egress, Allow);
-    let dests: Vec<String> = p.rules.iter().map(|r| r.destination.to_string()).collect();
+    assert_eq!(p.default_egress(), Allow);
+    let dests: Vec<String> = p.rules().iter().map(|r| r.destination.to_string()).collect();
     assert_eq!(
         dests,
         [
@@ -339,8 +339,8 @@ fn wire_shapes() {
             "domain suffix .corp.test", "any"
         ]
     );
-    assert_eq!(p.rules[5].protocols, vec![Protocol::Tcp, Protocol::Udp]);
-    assert_eq!(p.rules[5].ports, vec![PortRange::single(443).unwrap(), PortRange::new(1, 2).unwrap()]);
+    assert_eq!(p.rules()[5].protocols, vec![Protocol::Tcp, Protocol::Udp]);
+    assert_eq!(p.rules()[5].ports, vec![PortRange::single(443).unwrap(), PortRange::new(1, 2).unwrap()]);
     // the typed form survives the supervisor spec (serde)
     let back: NetworkPolicy = serde_json::from_str(&serde_json::to_string(&p).unwrap()).unwrap();
     assert_eq!(back, p);

@@ -125,24 +125,21 @@ fn from_object(map: &Map<String, Value>) -> Result<NetworkPolicy> {
             }
             Some(_) => return Err(PolicyError::new("network.rules", "must be an Array of rules")),
         };
-        NetworkPolicy {
-            preset: None,
-            default_egress: action_or("network.default_egress", map.get("default_egress"), Action::Deny)?,
-            default_ingress: action_or("network.default_ingress", map.get("default_ingress"), Action::Allow)?,
+        NetworkPolicy::custom(
+            action_or("network.default_egress", map.get("default_egress"), Action::Deny)?,
+            action_or("network.default_ingress", map.get("default_ingress"), Action::Allow)?,
             rules,
-        }
+        )
     } else if deny.is_empty() {
         NetworkPolicy::public_only()
     } else {
-        NetworkPolicy { preset: None, default_egress: Action::Allow, default_ingress: Action::Allow, rules: Vec::new() }
+        NetworkPolicy::custom(Action::Allow, Action::Allow, Vec::new())
     };
-    if policy.rules.len() + deny.len() > MAX_RULES {
+    if policy.rules().len() + deny.len() > MAX_RULES {
         return Err(PolicyError::new("network", format!("has more than {MAX_RULES} rules and deny-list entries")));
     }
     if !deny.is_empty() {
-        let mut rules = deny;
-        rules.append(&mut policy.rules);
-        policy.rules = rules;
+        policy = policy.prepend(deny);
     }
     Ok(policy)
 }

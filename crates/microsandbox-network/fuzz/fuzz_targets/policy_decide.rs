@@ -1,0 +1,5 @@
+#![no_main]
+//! See `microsandbox_network::fuzzing::policy_decide` for the input format and the invariants.
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| microsandbox_network::fuzzing::policy_decide(data));
