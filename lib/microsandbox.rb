@@ -7,6 +7,8 @@ require_relative "microsandbox/errors"
 require_relative "microsandbox/validate"
 require_relative "microsandbox/instrumentation"
 require_relative "microsandbox/utf8_stream"
+require_relative "microsandbox/text"
+require_relative "microsandbox/exit_status"
 require_relative "microsandbox/exec_output"
 require_relative "microsandbox/exec_handle"
 

@@ -1,7 +1,18 @@
 # frozen_string_literal: true
 
+require "securerandom"
+
 module Microsandbox
   # One piece of output, or the end, of a streaming exec.
+  #
+  # Names of the reference gem 0.9.0 ({#type}, {#data}, {#code}, {#pid}, {#started?},
+  # {#failed?}, {#stdin_error?}) and of this gem ({#kind}, {#bytes}, {#exit_code},
+  # {#signal}) both work. This gem produces `:stdout`, `:stderr` and `:exited` events only:
+  # a command that cannot start, times out or loses its sandbox raises a typed error from
+  # {ExecHandle#each} ({ExecFailedError}, {ExecTimeoutError}, {SandboxNotRunningError})
+  # instead of yielding a `:failed` event, and a stdin write that cannot reach the command
+  # raises from {ExecStdin#write} instead of a `:stdin_error` event. The predicates for
+  # those kinds exist (always false) so code written for the reference keeps running.
   class ExecEvent
     # @return [Symbol] :stdout, :stderr or :exited
     attr_reader :kind
@@ -21,19 +32,41 @@ module Microsandbox
       @text = text&.freeze
     end
 
+    # @return [Symbol] the event kind (the reference's name for {#kind})
+    def type = kind
+
+    # @return [String, nil] raw bytes (ASCII-8BIT) of an output event; nil for :exited
+    def data
+      exited? ? nil : @bytes
+    end
+
+    # @return [Integer, nil] the exit code of an :exited event, else nil
+    def code
+      exited? ? @exit_code : nil
+    end
+
+    # @return [nil] the guest process id is not reported (there is no :started event)
+    def pid = nil
+
     # @return [Boolean]
     def stdout? = kind == :stdout
     # @return [Boolean]
     def stderr? = kind == :stderr
     # @return [Boolean]
     def exited? = kind == :exited
+    # @return [Boolean] always false: no :started event is produced
+    def started? = kind == :started
+    # @return [Boolean] always false: start failures raise {ExecFailedError}
+    def failed? = kind == :failed
+    # @return [Boolean] always false: stdin failures raise from {ExecStdin#write}
+    def stdin_error? = kind == :stdin_error
 
-    # @return [String] UTF-8, always valid. From {ExecHandle} it is decoded across the
-    #   events of the same stream: a character split between two events appears whole in
-    #   the event holding its last byte ("caf", then "é\n"); invalid bytes are U+FFFD.
-    #   {#bytes} is exactly what the guest wrote.
+    # @return [String, nil] UTF-8, always valid; nil for :exited. From {ExecHandle} it is
+    #   decoded across the events of the same stream: a character split between two events
+    #   appears whole in the event holding its last byte ("caf", then "é\n"); invalid bytes
+    #   are U+FFFD. {#bytes}/{#data} is exactly what the guest wrote.
     def text
-      @text || @bytes.dup.force_encoding(Encoding::UTF_8).scrub("\uFFFD")
+      exited? ? nil : (@text || Text.lossy_utf8(@bytes))
     end
 
     # @return [String]
@@ -76,14 +109,19 @@ module Microsandbox
 
   # A running command whose output arrives as it is produced (see {Sandbox#exec_stream}).
   #
-  # Enumerable over {ExecEvent}s, ending with one `exited?` event. Single consumer:
-  # iterate it from one thread at a time. Leaving `each` early (`break`, an exception)
-  # or calling {#close} kills the command.
+  # Enumerable over {ExecEvent}s, ending with one `exited?` event. Single pass and single
+  # consumer: iterate it from one thread at a time. Leaving `each` early (`break`, an
+  # exception) leaves the command running and the rest of its events for a later
+  # {#each}, {#collect} or {#wait}; {#close} (or {#kill}) ends the command.
   class ExecHandle
     include Enumerable
 
     # @return [Integer, nil] exit status once the `exited` event has been read
     attr_reader :exit_code
+
+    # @return [String] an id for this command, unique in this process (for logs and
+    #   correlation; it is not the guest pid)
+    attr_reader :id
 
     # @api private
     def initialize(native, tty: false)
@@ -92,6 +130,8 @@ module Microsandbox
       @done = false
       @exit_code = nil
       @decoders = { stdout: Utf8Stream.new, stderr: Utf8Stream.new }
+      @signal = nil
+      @id = SecureRandom.uuid.freeze
     end
 
     # @return [Boolean] true when the command runs on a pseudo-terminal (`tty: true`)
@@ -106,20 +146,23 @@ module Microsandbox
     def each
       return enum_for(:each) unless block_given?
 
-      finished = false
-      begin
-        while (event = next_event)
-          yield event
-        end
-        finished = true
-      ensure
-        close unless finished
+      while (event = next_event)
+        yield event
       end
       self
     end
 
+    # Waits for the command to finish, discarding the output not read yet.
+    # @return [ExitStatus]
+    # @raise [ExecTimeoutError, ExecFailedError, SandboxNotRunningError]
+    def wait
+      each { |_| nil }
+      ExitStatus.new(exit_code: @exit_code, signal: @signal)
+    end
+
     # With no block: drains the stream and returns an {ExecOutput}. With a block it is
     # Enumerable#collect (map).
+    # After a partial {#each}, only the events not yet read are collected.
     # @return [ExecOutput, Array]
     def collect(&block)
       return super if block
@@ -155,15 +198,16 @@ module Microsandbox
     # terminal's foreground process group.
     # @param rows [Integer] 1..65535
     # @param cols [Integer] 1..65535
+    # Without a terminal (started without `tty: true`) there is nothing to resize and
+    # this does nothing, as in the reference gem.
     # @return [nil]
-    # @raise [InvalidConfigError] the command has no terminal (started without `tty: true`),
-    #   or a size is out of range
+    # @raise [InvalidConfigError] a size is out of range
     # @raise [TypeError] a size is not an Integer
     # @raise [ExecFailedError] the command has finished
     def resize(rows, cols)
       rows = Validate.winsize!("rows", rows)
       cols = Validate.winsize!("cols", cols)
-      raise InvalidConfigError, "resize needs a terminal: start the command with tty: true" unless @tty
+      return nil unless @tty
 
       @native.resize(rows, cols)
       nil
@@ -207,6 +251,7 @@ module Microsandbox
       return ExecEvent.new(kind, bytes: a, text: @decoders.fetch(kind).feed(a)) unless kind == :exited
 
       @done = true
+      @signal = b
       @exit_code = a || (b ? 128 + b : -1)
       ExecEvent.new(:exited, exit_code: @exit_code, signal: b)
     end

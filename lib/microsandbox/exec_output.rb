@@ -25,15 +25,30 @@ module Microsandbox
       @exit_code.zero?
     end
 
-    # @return [String] stdout as UTF-8, always valid: bytes that are not UTF-8 are U+FFFD
-    #   ({#stdout_bytes} keeps them)
-    def stdout
-      @stdout_bytes.dup.force_encoding(Encoding::UTF_8).scrub("\uFFFD")
+    # @return [Boolean] true when the command exited with a non-zero status
+    def failure?
+      !success?
     end
 
-    # @return [String] stderr as UTF-8, always valid (see {#stdout})
+    # @return [String] stdout as valid UTF-8: bytes that are not UTF-8 become U+FFFD
+    #   ({#stdout_bytes} has them unchanged)
+    def stdout
+      Text.lossy_utf8(@stdout_bytes)
+    end
+
+    # @return [String] stderr as valid UTF-8 (see {#stdout})
     def stderr
-      @stderr_bytes.dup.force_encoding(Encoding::UTF_8).scrub("\uFFFD")
+      Text.lossy_utf8(@stderr_bytes)
+    end
+
+    # @return [String] {#stdout}, so `puts sb.exec(...)` prints the output
+    def to_s
+      stdout
+    end
+
+    # @return [ExitStatus] the exit code and signal as an {ExitStatus}
+    def status
+      ExitStatus.new(exit_code: @exit_code, signal: @signal)
     end
 
     # @return [Hash{Symbol => Object}]

@@ -3,6 +3,10 @@
 module Microsandbox
   # Kind predicates shared by {FsEntry} and {FsMetadata} (both have `#kind`).
   module FsKind
+    # @return [Symbol] :file, :directory, :symlink or :other (the reference gem's name
+    #   for `#kind`)
+    def type = kind
+
     # @return [Boolean]
     def file? = kind == :file
     # @return [Boolean]
@@ -23,14 +27,17 @@ module Microsandbox
     attr_reader :size
     # @return [Integer] permission bits (`mode & 07777`)
     attr_reader :mode
+    # @return [Time] modification time
+    attr_reader :modified
 
     # @api private
-    def initialize(name:, path:, kind:, size:, mode:)
+    def initialize(name:, path:, kind:, size:, mode:, modified: nil)
       @name = name
       @path = path
       @kind = kind
       @size = size
       @mode = mode
+      @modified = modified
       freeze
     end
 
@@ -56,19 +63,32 @@ module Microsandbox
     attr_reader :gid
     # @return [Time] modification time
     attr_reader :mtime
+    # @return [Time, nil] creation (birth) time; nil when the guest filesystem does not
+    #   record one
+    attr_reader :created
 
     # @api private
-    def initialize(kind:, size:, mode:, uid:, gid:, mtime:)
+    def initialize(kind:, size:, mode:, uid:, gid:, mtime:, created: nil)
       @kind = kind
       @size = size
       @mode = mode
       @uid = uid
       @gid = gid
       @mtime = mtime
+      @created = created
       freeze
     end
 
     include FsKind
+
+    # @return [Time] modification time (the reference gem's name for {#mtime})
+    def modified = mtime
+
+    # @return [Boolean] true when no write permission bit is set (`mode & 0o222 == 0`),
+    #   as Rust's `Permissions#readonly` and so the reference gem define it
+    def readonly?
+      (mode & 0o222).zero?
+    end
 
     # @return [String]
     def inspect
@@ -104,6 +124,16 @@ module Microsandbox
       self
     end
 
+    # Reads the rest of the file into one String (it must fit in memory: prefer {#each}
+    # for large files).
+    # @return [String] ASCII-8BIT
+    # @raise [FilesystemError]
+    def read
+      out = +"".b
+      each { |chunk| out << chunk }
+      out
+    end
+
     # The next chunk, or nil at the end of the file.
     # @return [String, nil]
     def read_chunk
@@ -124,6 +154,7 @@ module Microsandbox
     def initialize(native)
       @native = native
       @written = 0
+      @closed = false
     end
 
     # @return [Integer] bytes accepted so far
@@ -150,13 +181,26 @@ module Microsandbox
 
     # Completes the upload.
     # @return [Integer] bytes in the file
+    # @raise [FilesystemError] the guest failed, or the sink was already closed or aborted
     def finish
-      @native.finish
+      bytes = @native.finish
+      @closed = true
+      bytes
+    end
+
+    # Completes the upload (the reference gem's name for {#finish}). Idempotent: closing a
+    # sink that is already complete or abandoned does nothing.
+    # @return [nil]
+    # @raise [FilesystemError] the guest failed to complete the file
+    def close
+      finish unless @closed
+      nil
     end
 
     # Abandons the upload (the guest file keeps what was written). Idempotent.
     # @return [nil]
     def abort
+      @closed = true
       @native.close
       nil
     end
@@ -227,6 +271,14 @@ module Microsandbox
       @native.fs_remove(guest_path!(path), recursive ? true : false)
     end
 
+    # Removes a directory and everything in it (`remove(path, recursive: true)`).
+    # @param path [String]
+    # @return [nil]
+    # @raise [FilesystemError] e.g. the path does not exist
+    def remove_dir(path)
+      remove(path, recursive: true)
+    end
+
     # Copies a file inside the guest (contents and permission bits).
     # @param src [String]
     # @param dst [String]
@@ -249,8 +301,9 @@ module Microsandbox
     def list(path)
       dir = guest_path!(path)
       base = dir.end_with?("/") ? dir : "#{dir}/"
-      @native.fs_list(dir).map do |name, kind, size, mode|
-        FsEntry.new(name: name, path: base + name, kind: kind, size: size, mode: mode)
+      @native.fs_list(dir).map do |name, kind, size, mode, sec, nsec|
+        FsEntry.new(name: name, path: base + name, kind: kind, size: size, mode: mode,
+                    modified: Time.at(sec, nsec, :nsec))
       end
     end
 
@@ -258,8 +311,9 @@ module Microsandbox
     # @param path [String]
     # @return [FsMetadata]
     def stat(path)
-      kind, size, mode, uid, gid, sec, nsec = @native.fs_stat(guest_path!(path))
-      FsMetadata.new(kind: kind, size: size, mode: mode, uid: uid, gid: gid, mtime: Time.at(sec, nsec, :nsec))
+      kind, size, mode, uid, gid, sec, nsec, bsec, bnsec = @native.fs_stat(guest_path!(path))
+      FsMetadata.new(kind: kind, size: size, mode: mode, uid: uid, gid: gid, mtime: Time.at(sec, nsec, :nsec),
+                     created: bsec && Time.at(bsec, bnsec || 0, :nsec))
     end
 
     # Uploads a host file, streaming (memory stays bounded whatever its size).
@@ -300,22 +354,25 @@ module Microsandbox
 
     # Creates or truncates a file and uploads what is written to the sink.
     # With a block, yields the {FsWriteSink}, completes the upload when the block returns
-    # (abandons it if the block raises) and returns the byte count. Without a block,
-    # returns the sink: call {FsWriteSink#finish}.
+    # and returns the block's value (as the reference gem does; {FsWriteSink#written} has
+    # the byte count). If the block raises, the upload is abandoned instead of completed
+    # (the file keeps what was written) and the exception propagates. Without a block,
+    # returns the sink: complete it with {FsWriteSink#close} (or {FsWriteSink#finish}).
     # @param path [String]
     # @yieldparam sink [FsWriteSink]
-    # @return [Integer, FsWriteSink]
+    # @return [Object, FsWriteSink] the block's value, or the sink
     def write_stream(path)
       sink = FsWriteSink.new(@native.fs_write_stream(guest_path!(path)))
       return sink unless block_given?
 
       begin
-        yield sink
+        value = yield sink
       rescue Exception # rubocop:disable Lint/RescueException
         sink.abort
         raise
       end
-      sink.finish
+      sink.close
+      value
     end
 
     # @return [String]

@@ -260,7 +260,8 @@ module Microsandbox
     # @param cwd [String, nil] working directory (default: the sandbox workdir, else "/")
     # @param env [Hash{String=>String}, nil] added to the sandbox environment
     # @param stdin [String, nil] bytes fed to the command's stdin (closed afterwards)
-    # @param timeout [Numeric, nil] seconds before the command is killed
+    # @param timeout [Numeric, nil] seconds before the command is killed (nil: no limit;
+    #   0: a deadline already passed, so {ExecTimeoutError} without running the command)
     # @param user [String, nil] guest user: "name", "uid", "name:group" or "uid:gid"
     #   (default: the sandbox's `user:`, else root)
     # @param rlimits [Hash{Symbol=>Integer, Array(Integer, Integer)}, nil] resource limits,
@@ -272,9 +273,10 @@ module Microsandbox
     # @param cols [Integer, nil] terminal width with `tty: true` (1..65535, default 80)
     # @return [ExecOutput]
     # @raise [ExecFailedError] the command could not be started (e.g. not found)
-    # @raise [ExecTimeoutError] the command ran past `timeout`
+    # @raise [ExecTimeoutError] the command ran past `timeout` (or `timeout` is 0)
     # @raise [SandboxNotRunningError] the sandbox is stopped or its VM died
     # @raise [InvalidConfigError] `rows:`/`cols:` out of range or given without `tty: true`
+    # @raise [ArgumentError] `timeout` is negative or NaN
     def exec(cmd, args = [], cwd: nil, env: nil, stdin: nil, timeout: nil, user: nil, rlimits: nil,
              tty: false, rows: nil, cols: nil)
       program, argv, pairs, cwd, seconds = exec_arguments(cmd, args, cwd, env, timeout)
@@ -300,7 +302,9 @@ module Microsandbox
     #   later through {ExecHandle#stdin}, or nil for an empty stdin
     # @param cwd [String, nil]
     # @param env [Hash{String=>String}, nil]
-    # @param timeout [Numeric, nil] seconds before the command is killed
+    # @param timeout [Numeric, nil] seconds before the command is killed: unlike the
+    #   reference gem, which ignores it here, the timeout is applied (the stream ends with
+    #   {ExecTimeoutError}); 0 raises {ExecTimeoutError} at once, negative ArgumentError
     # @param tty [Boolean] run on a pseudo-terminal (the command's stdin, stdout, stderr and
     #   controlling terminal): all output arrives as stdout events, stdin stays open for
     #   {ExecHandle#stdin} (closing it types the EOF character), {ExecHandle#resize}
@@ -373,13 +377,27 @@ module Microsandbox
     private
 
     def exec_arguments(cmd, args, cwd, env, timeout)
-      [
-        Validate.utf8!("cmd", Validate.string!("cmd", cmd)),
-        Validate.string_array!("args", args).map { |a| Validate.utf8!("args", a) },
-        Validate.env!("env", env),
-        Validate.optional_string!("cwd", cwd),
-        Validate.timeout!("timeout", timeout)
-      ]
+      program = Validate.utf8!("cmd", Validate.string!("cmd", cmd))
+      seconds = exec_timeout!(timeout)
+      argv = Validate.string_array!("args", args).map { |a| Validate.utf8!("args", a) }
+      pairs = Validate.env!("env", env)
+      cwd = Validate.optional_string!("cwd", cwd)
+      # As in the reference gem, 0 is a deadline already passed: the command is not started.
+      raise ExecTimeoutError, "#{program} was not run: timeout: 0 is a deadline that has already passed" if seconds&.zero?
+
+      [program, argv, pairs, cwd, seconds]
+    end
+
+    # The reference gem's exec timeout contract: nil (or infinity) means none, 0 an
+    # immediate deadline, negative or NaN is an ArgumentError.
+    def exec_timeout!(timeout)
+      return nil if timeout.nil?
+      raise TypeError, "timeout must be a Numeric number of seconds (got #{timeout.class})" unless timeout.is_a?(Numeric)
+
+      seconds = timeout.to_f
+      raise ArgumentError, "timeout must be zero or a positive number of seconds (got #{timeout})" if seconds.nan? || seconds.negative?
+
+      seconds.infinite? ? nil : seconds
     end
 
     def owner?

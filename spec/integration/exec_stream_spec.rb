@@ -53,11 +53,54 @@ RSpec.describe "Sandbox#exec_stream in a real VM" do
     expect { handle.signal(15) }.to raise_error(Microsandbox::ExecFailedError, /finished/)
   end
 
-  it "kills the command when iteration stops early" do
+  it "leaves the rest of the stream for collect after a partial each (single pass, command keeps running)" do
+    handle = sb.shell_stream("echo one; sleep 1; echo two; echo three >&2; exit 3")
+    first = nil
+    handle.each do |ev|
+      first = ev
+      break
+    end
+    expect(first.text).to eq("one\n")
+    expect(handle).not_to be_done
+    out = handle.collect
+    expect([out.stdout, out.stderr, out.exit_code]).to eq(["two\n", "three\n", 3])
+    expect(handle.to_a).to eq([])
+  end
+
+  it "has an id, waits for an ExitStatus, and uses the reference gem's event names" do
+    handle = sb.shell_stream("printf 'a\\377'; exit 2")
+    other = sb.exec_stream("true")
+    expect(handle.id).to be_a(String)
+    expect(handle.id).not_to eq(other.id)
+    expect(other.wait).to eq(Microsandbox::ExitStatus.new(exit_code: 0))
+    events = handle.to_a
+    out = events.find(&:stdout?)
+    expect([out.type, out.data, out.text, out.code, out.pid]).to eq([:stdout, "a\xFF".b, "a\uFFFD", nil, nil])
+    expect(out.text.valid_encoding?).to be(true)
+    last = events.last
+    expect([last.type, last.code, last.data, last.text]).to eq([:exited, 2, nil, nil])
+    expect(events.map { |e| [e.started?, e.failed?, e.stdin_error?] }.uniq).to eq([[false, false, false]])
+    status = sb.shell_stream("kill -9 $$").wait
+    expect([status.exit_code, status.signal, status.success?, status.failure?]).to eq([137, 9, false, true])
+  end
+
+  it "takes timeout: 0 as a deadline already passed and refuses a negative one" do
+    expect { sb.exec("touch", ["/tmp/zero-timeout"], timeout: 0) }.to raise_error(Microsandbox::ExecTimeoutError, /timeout: 0/)
+    expect { sb.shell_stream("touch /tmp/zero-timeout", timeout: 0) }.to raise_error(Microsandbox::ExecTimeoutError)
+    expect(sb.fs.exists?("/tmp/zero-timeout")).to be(false)
+    expect { sb.exec("true", timeout: -1) }.to raise_error(ArgumentError, /timeout/)
+    expect { sb.exec("true", timeout: Float::NAN) }.to raise_error(ArgumentError, /timeout/)
+    expect(sb.exec("true", timeout: Float::INFINITY).exit_code).to eq(0)
+    expect(sb.exec("echo", ["x"], timeout: 30)).to have_attributes(stdout: "x\n", to_s: "x\n", failure?: false)
+  end
+
+  it "kills the command when the handle is closed after a partial each" do
     marker = "/tmp/stream-#{rand(1 << 30)}"
-    sb.shell_stream("touch #{marker}; while true; do echo tick; sleep 0.1; done").each do |ev|
+    handle = sb.shell_stream("touch #{marker}; while true; do echo tick; sleep 0.1; done")
+    handle.each do |ev|
       break if ev.stdout?
     end
+    handle.close
     expect(wait_until(timeout: 5) { !sb.shell("ps | grep -v grep | grep -q 'touch #{marker}'").success? }).to be(true)
     expect(wait_until(timeout: 5) { !sb.shell("ps").stdout.include?("while true") }).to be(true)
   end

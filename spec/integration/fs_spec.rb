@@ -159,6 +159,7 @@ RSpec.describe "Sandbox#fs in a real VM" do
         sent << piece
         sink.write(piece)
       end
+      sink.written # the block's value is write_stream's value
     end
     expect(written).to eq(size)
     expect(fs.stat("#{dir}/big").size).to eq(size)
@@ -256,6 +257,39 @@ RSpec.describe "Sandbox#fs in a real VM" do
     end.to raise_error(ArgumentError, "boom")
     expect { sink.write("more") }.to raise_error(Microsandbox::FilesystemError, /closed/)
     expect { fs.write_stream("#{dir}/x") { |s| s.write(1) } }.to raise_error(TypeError)
+  end
+
+  it "speaks the reference gem's names: type, modified, readonly?, created, remove_dir, read, close" do
+    fs.write("#{dir}/f", "data")
+    sb.exec("chmod", ["0444", "#{dir}/f"])
+    sb.exec("touch", ["-d", "2001-02-03 04:05:06", "#{dir}/f"])
+    fs.mkdir("#{dir}/sub/deeper")
+    entries = fs.list(dir).to_h { |e| [e.name, e] }
+    expect([entries["f"].type, entries["sub"].type]).to eq(%i[file directory])
+    expect(entries["f"].modified).to eq(Time.utc(2001, 2, 3, 4, 5, 6))
+    meta = fs.stat("#{dir}/f")
+    expect([meta.type, meta.modified, meta.readonly?]).to eq([:file, Time.utc(2001, 2, 3, 4, 5, 6), true])
+    expect(fs.stat(dir).readonly?).to be(false)
+    created = meta.created
+    expect(created).to be_nil.or(be_within(600).of(Time.now))
+
+    expect(fs.read_stream("#{dir}/f").read).to eq("data".b)
+    big = Random.bytes((9 << 20) + 7)
+    fs.write("#{dir}/big", big)
+    expect(fs.read_stream("#{dir}/big").read).to eq(big)
+
+    expect(fs.write_stream("#{dir}/w") { |s| s.write("abc") && :done }).to eq(:done)
+    sink = fs.write_stream("#{dir}/manual")
+    sink.write("12")
+    sink << "34"
+    expect(sink.close).to be_nil
+    expect(sink.close).to be_nil # idempotent
+    expect(fs.read("#{dir}/manual")).to eq("1234")
+    expect(fs.read("#{dir}/w")).to eq("abc")
+
+    expect(fs.remove_dir("#{dir}/sub")).to be_nil
+    expect(fs.exists?("#{dir}/sub")).to be(false)
+    expect { fs.remove_dir("#{dir}/sub") }.to raise_error(Microsandbox::FilesystemError, /ENOENT/)
   end
 
   def rss_kib

@@ -10,15 +10,22 @@ RSpec.describe Microsandbox::ExecOutput do
     expect(output(exit_code: 3).success?).to be(false)
   end
 
-  it "gives UTF-8 text and binary bytes" do
-    o = output(stdout: "h\xC3\xA9".b, stderr: "\xFF".b)
+  it "gives scrubbed UTF-8 text and the exact binary bytes" do
+    o = output(stdout: "h\xC3\xA9".b, stderr: "a\xFFb".b)
     expect(o.stdout).to eq("hé")
     expect(o.stdout.encoding).to eq(Encoding::UTF_8)
     expect(o.stdout_bytes.encoding).to eq(Encoding::BINARY)
-    expect(o.stderr_bytes).to eq("\xFF".b)
-    # Invalid bytes are U+FFFD in the text only; the bytes keep them.
-    expect(o.stderr).to eq("\uFFFD")
+    expect(o.stderr_bytes).to eq("a\xFFb".b)
+    expect(o.stderr).to eq("a\uFFFDb")
     expect(o.stderr.valid_encoding?).to be(true)
+  end
+
+  it "has the reference gem's failure? and to_s (stdout), and an ExitStatus" do
+    expect(output(exit_code: 1).failure?).to be(true)
+    expect(output.failure?).to be(false)
+    expect(output(stdout: "hi\n").to_s).to eq("hi\n")
+    expect("#{output(stdout: "x")}").to eq("x")
+    expect(output(exit_code: nil, signal: 15).status).to eq(Microsandbox::ExitStatus.new(exit_code: 143, signal: 15))
   end
 
   it "maps death by signal to 128 + signal" do
@@ -31,5 +38,31 @@ RSpec.describe Microsandbox::ExecOutput do
   it "has a short inspect and a hash form" do
     expect(output(stdout: "abc").inspect).to include("exit_code=0", "stdout=3B")
     expect(output(stdout: "abc").to_h).to include(exit_code: 0, stdout: "abc")
+  end
+end
+
+RSpec.describe Microsandbox::ExitStatus do
+  it "is a frozen value with success?/failure?" do
+    ok = described_class.new(exit_code: 0)
+    expect([ok.success?, ok.failure?, ok.signal]).to eq([true, false, nil])
+    expect(ok).to be_frozen
+    bad = described_class.new(exit_code: 137, signal: 9)
+    expect([bad.success?, bad.failure?]).to eq([false, true])
+    expect(bad.inspect).to include("exit_code=137", "signal=9")
+    expect(described_class.new(exit_code: nil).success?).to be(false)
+    expect(ok).to eq(described_class.new(exit_code: 0))
+    expect(ok).not_to eq(bad)
+  end
+end
+
+RSpec.describe Microsandbox::ExecEvent do
+  it "answers to both this gem's and the reference gem's names" do
+    out = described_class.new(:stdout, bytes: "ok\xFF".b)
+    expect([out.type, out.kind, out.data, out.bytes, out.code, out.pid]).to eq([:stdout, :stdout, "ok\xFF".b, "ok\xFF".b, nil, nil])
+    expect(out.text).to eq("ok\uFFFD")
+    expect([out.stdout?, out.stderr?, out.exited?, out.started?, out.failed?, out.stdin_error?])
+      .to eq([true, false, false, false, false, false])
+    done = described_class.new(:exited, exit_code: 3)
+    expect([done.type, done.code, done.exit_code, done.data, done.text, done.exited?]).to eq([:exited, 3, 3, nil, nil, true])
   end
 end

@@ -433,6 +433,8 @@ impl FsSessions {
                         kind: kind_of(m.file_type()),
                         size: m.len(),
                         mode: m.mode() & 0o7777,
+                        mtime_sec: m.mtime(),
+                        mtime_nsec: m.mtime_nsec().clamp(0, 999_999_999) as u32,
                     };
                     let json = serde_json::to_vec(&e).expect("entries serialize");
                     // Flush before an entry would take the frame past LIST_BATCH (`,` and `]`
@@ -480,6 +482,17 @@ impl FsSessions {
                     gid: m.gid(),
                     mtime_sec: m.mtime(),
                     mtime_nsec: m.mtime_nsec().clamp(0, 999_999_999) as u32,
+                    // std reads the birth time with statx; filesystems without one give Err.
+                    btime_sec: None,
+                    btime_nsec: None,
+                };
+                let stat = match m.created().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()) {
+                    Some(d) => FsStat {
+                        btime_sec: i64::try_from(d.as_secs()).ok(),
+                        btime_nsec: Some(d.subsec_nanos()),
+                        ..stat
+                    },
+                    None => stat,
                 };
                 Ok(FsDone { stat: Some(stat), ..Default::default() })
             }

@@ -289,6 +289,12 @@ pub struct FsEntry {
     pub size: u64,
     /// `st_mode` permission and special bits (`& 0o7777`).
     pub mode: u32,
+    /// Modification time, seconds and nanoseconds since the Unix epoch (absent from older
+    /// agents: then 0).
+    #[serde(default)]
+    pub mtime_sec: i64,
+    #[serde(default)]
+    pub mtime_nsec: u32,
 }
 
 /// `lstat` of a path.
@@ -304,6 +310,11 @@ pub struct FsStat {
     pub mtime_sec: i64,
     #[serde(default)]
     pub mtime_nsec: u32,
+    /// Creation (birth) time, when the guest filesystem records it (statx `btime`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub btime_sec: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub btime_nsec: Option<u32>,
 }
 
 /// `FsDone`: the operation succeeded; which fields are set depends on the op.

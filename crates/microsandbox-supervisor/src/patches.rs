@@ -293,7 +293,7 @@ mod tests {
                         id,
                         Kind::FsDone,
                         &FsDone {
-                            stat: Some(FsStat { kind: microsandbox_protocol::FsKind::File, size: 0, mode: 0o644, uid: 0, gid: 0, mtime_sec: 0, mtime_nsec: 0 }),
+                            stat: Some(FsStat { kind: microsandbox_protocol::FsKind::File, size: 0, mode: 0o644, uid: 0, gid: 0, mtime_sec: 0, mtime_nsec: 0, btime_sec: None, btime_nsec: None }),
                             ..Default::default()
                         },
                     ),

@@ -110,28 +110,33 @@ impl RbSandbox {
         let entries = run(ruby, async move { sb.fs_list(&path).await })?;
         let out = ruby.ary_new_capa(entries.len());
         for e in entries {
-            let row = ruby.ary_new_capa(4);
+            let row = ruby.ary_new_capa(6);
             row.push(e.name)?;
             row.push(kind_sym(ruby, e.kind))?;
             row.push(e.size)?;
             row.push(e.mode)?;
+            row.push(e.mtime_sec)?;
+            row.push(e.mtime_nsec.min(999_999_999))?;
             out.push(row)?;
         }
         Ok(out)
     }
 
-    /// `fs_stat(path)` → `[kind, size, mode, uid, gid, mtime_sec, mtime_nsec]`.
+    /// `fs_stat(path)` → `[kind, size, mode, uid, gid, mtime_sec, mtime_nsec, btime_sec
+    /// or nil, btime_nsec or nil]`.
     pub fn fs_stat(ruby: &Ruby, rb_self: &Self, path: String) -> Result<RArray, Error> {
         let sb = rb_self.inner.clone();
         let st = run(ruby, async move { sb.fs_stat(&path).await })?;
-        let out = ruby.ary_new_capa(7);
+        let out = ruby.ary_new_capa(9);
         out.push(kind_sym(ruby, st.kind))?;
         out.push(st.size)?;
         out.push(st.mode)?;
         out.push(st.uid)?;
         out.push(st.gid)?;
         out.push(st.mtime_sec)?;
-        out.push(st.mtime_nsec)?;
+        out.push(st.mtime_nsec.min(999_999_999))?;
+        out.push(st.btime_sec)?;
+        out.push(st.btime_nsec.map(|n| n.min(999_999_999)))?;
         Ok(out)
     }
 

@@ -36,8 +36,10 @@ fn exec_call(
     ExecCall { program, args, env, cwd, timeout: timeout.map(secs), stdin, user, rlimits, tty }
 }
 
+/// Seconds from Ruby as a Duration. Ruby validates them, but this must not panic on any
+/// f64: NaN and negatives are 0, values too large for a Duration (infinity) are ~136 years.
 fn secs(t: f64) -> Duration {
-    Duration::from_secs_f64(t.max(0.0))
+    Duration::try_from_secs_f64(t.max(0.0)).unwrap_or(Duration::from_secs(u64::from(u32::MAX)))
 }
 
 impl RbSandbox {

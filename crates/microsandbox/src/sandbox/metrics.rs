@@ -30,6 +30,16 @@ pub struct Metrics {
     pub net_rx_bytes: u64,
     pub net_tx_bytes: u64,
     pub uptime_secs: f64,
+    /// CPU time the VM process has used since boot (user + system, all vCPU and device
+    /// threads), nanoseconds. An upper bound of the vCPUs' own time.
+    pub vcpu_time_ns: u64,
+    /// Resident memory of the VM process, bytes (the same value as `memory_bytes`).
+    pub memory_host_resident_bytes: u64,
+    /// Bytes the host has allocated for the sandbox's writable root disk (its copy-on-write
+    /// overlay, or its private copy of a local root). `None` when the disk is not found.
+    pub upper_host_allocated_bytes: Option<u64>,
+    /// When the sample was taken, Unix milliseconds.
+    pub timestamp_ms: u64,
 }
 
 struct Sample {
@@ -93,9 +103,18 @@ fn process_uptime(pid: u32, ticks_per_sec: f64) -> f64 {
     (host_uptime - start).max(0.0)
 }
 
-/// Measures the VMM process `pid` of a sandbox with `memory_mib` of guest memory.
-pub async fn collect(pid: u32, memory_mib: u64) -> Result<Metrics> {
-    collect_from(Path::new(PROC), pid, memory_mib).await
+/// Measures the VMM process `pid` of a sandbox with `memory_mib` of guest memory whose
+/// writable root disk is `upper_disk` (when known).
+pub async fn collect(pid: u32, memory_mib: u64, upper_disk: Option<&Path>) -> Result<Metrics> {
+    let mut m = collect_from(Path::new(PROC), pid, memory_mib).await?;
+    m.upper_host_allocated_bytes = upper_disk.and_then(allocated_bytes);
+    Ok(m)
+}
+
+/// Bytes of disk the host allocated for `path` (sparse files count only written blocks).
+fn allocated_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| m.blocks().saturating_mul(512))
 }
 
 async fn collect_from(proc: &Path, pid: u32, memory_mib: u64) -> Result<Metrics> {
@@ -113,15 +132,24 @@ async fn collect_from(proc: &Path, pid: u32, memory_mib: u64) -> Result<Metrics>
     let status = read_proc(proc, pid, "status")?;
     // /proc/<pid>/io is readable by the process owner, which we are.
     let io = read_proc(proc, pid, "io").unwrap_or_default();
+    let rss = field(&status, "VmRSS:") * 1024;
+    let timestamp_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
     Ok(Metrics {
         cpu_percent: (cpu_percent * 10.0).round() / 10.0,
-        memory_bytes: field(&status, "VmRSS:") * 1024,
+        memory_bytes: rss,
         memory_limit_bytes: memory_mib << 20,
         disk_read_bytes: field(&io, "read_bytes:"),
         disk_write_bytes: field(&io, "write_bytes:"),
         net_rx_bytes: 0,
         net_tx_bytes: 0,
         uptime_secs: (process_uptime(pid, ticks_per_sec) * 10.0).round() / 10.0,
+        vcpu_time_ns: (b.cpu_ticks as f64 / ticks_per_sec * 1e9) as u64,
+        memory_host_resident_bytes: rss,
+        upper_host_allocated_bytes: None,
+        timestamp_ms,
     })
 }
 
@@ -131,11 +159,15 @@ mod tests {
 
     #[tokio::test]
     async fn measures_a_live_process_and_rejects_a_dead_one() {
-        let m = collect(std::process::id(), 512).await.unwrap();
+        let m = collect(std::process::id(), 512, Some(Path::new("/proc/self/exe"))).await.unwrap();
         assert!(m.memory_bytes > 0);
+        assert_eq!(m.memory_host_resident_bytes, m.memory_bytes);
+        assert!(m.timestamp_ms > 1_600_000_000_000);
+        let exe = std::fs::canonicalize("/proc/self/exe").unwrap();
+        assert!(collect(std::process::id(), 512, Some(&exe)).await.unwrap().upper_host_allocated_bytes.unwrap() > 0);
         assert_eq!(m.memory_limit_bytes, 512 << 20);
         assert!(m.uptime_secs >= 0.0);
-        assert!(matches!(collect(u32::MAX - 1, 512).await, Err(Error::SandboxNotRunning(_))));
+        assert!(matches!(collect(u32::MAX - 1, 512, None).await, Err(Error::SandboxNotRunning(_))));
     }
 
     #[tokio::test]

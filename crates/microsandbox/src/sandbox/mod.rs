@@ -369,7 +369,9 @@ impl Sandbox {
         if !self.is_running() {
             return Err(self.not_running());
         }
-        metrics::collect(self.info.vmm_pid, self.memory_mib).await.map_err(|e| match e {
+        let dir = self.home.sandbox_dir(&self.name);
+        let upper = [OVERLAY_DISK, PRIVATE_DISK].iter().map(|f| dir.join(f)).find(|p| p.is_file());
+        metrics::collect(self.info.vmm_pid, self.memory_mib, upper.as_deref()).await.map_err(|e| match e {
             Error::SandboxNotRunning(_) => {
                 self.stopped.store(true, Ordering::SeqCst);
                 self.not_running()
