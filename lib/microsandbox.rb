@@ -38,15 +38,30 @@ require_relative "microsandbox/stop_control"
 #     puts sb.shell("echo Hello from $(uname -r)").stdout
 #   end
 module Microsandbox
+  # Version of the runtime (supervisor, guest agent, initramfs) this gem installs. The
+  # reference gem downloads an upstream runtime release named by this tag; this gem builds
+  # its own runtime from the same source as the gem, so the tag follows {VERSION}.
+  RUNTIME_VERSION = "v#{VERSION}"
+
+  # Backend kinds {set_default_backend} knows. Only `:local` runs here.
+  BACKEND_KINDS = %i[local cloud].freeze
+
   @install_lock = Mutex.new
   @runtime_ready = nil
   @runtime_path = nil
   @instrumenter = nil
+  @libkrunfw_path = nil
+  @default_backend = :local
 
   class << self
     # @return [String] the gem version
     def version
       VERSION
+    end
+
+    # @return [String] {RUNTIME_VERSION}
+    def runtime_version
+      RUNTIME_VERSION
     end
 
     # Directory holding the runtime and sandbox state: `$MICROSANDBOX_HOME`, else
@@ -66,11 +81,30 @@ module Microsandbox
     # @return [nil]
     # @raise [RuntimeUnavailableError] with what to install when something is missing
     def install(force: false)
-      @install_lock.synchronize do
-        Native.install(home, libexec("msb-agent"), libexec("msb-supervisor"), force ? true : false)
-        @runtime_ready = home
+      install_into(home, force)
+    end
+
+    # The reference gem's installer, for code written against it: installs the runtime
+    # like {install}.
+    #
+    # @param base_dir [String, nil] home to install into (default {home}). Sandboxes use
+    #   {home}, so point `MICROSANDBOX_HOME` at the same directory to use that runtime
+    # @param version [String, nil] nil or {RUNTIME_VERSION} (with or without the "v"):
+    #   this gem builds its own runtime and cannot install another release
+    # @param force [Boolean] rebuild even when the installed runtime is current
+    # @param skip_verify [Boolean] accepted and ignored: nothing is downloaded that a
+    #   checksum here could verify (the kernel package comes through apt-get, which
+    #   verifies it)
+    # @return [nil]
+    # @raise [UnsupportedError] for another `version`
+    # @raise [RuntimeUnavailableError] with what to install when something is missing
+    def setup(base_dir: nil, version: nil, force: false, skip_verify: false) # rubocop:disable Lint/UnusedMethodArgument
+      unless version.nil? || [RUNTIME_VERSION, VERSION].include?(version.to_s)
+        raise UnsupportedError, "this gem installs runtime #{RUNTIME_VERSION} only (it builds the runtime " \
+                                "from its own source); pass version: nil or #{RUNTIME_VERSION.inspect}"
       end
-      nil
+
+      install_into(base_dir.nil? ? home : File.expand_path(base_dir.to_s), force)
     end
 
     # @return [Boolean] whether the runtime in {home} is installed and matches this gem build
@@ -88,10 +122,55 @@ module Microsandbox
       @runtime_path || File.join(home, "bin", "msb")
     end
 
-    # Overrides the supervisor binary (below `$MSB_PATH`).
-    # @param path [String, nil] nil restores the default
+    # Overrides the supervisor binary (below `$MSB_PATH`). Unlike the reference gem's
+    # set-once override, a later call replaces it and nil restores the default.
+    # @param path [String, Pathname, nil] nil restores the default
     def runtime_path=(path)
+      path = path.to_path if path.respond_to?(:to_path)
       @runtime_path = path.nil? ? nil : File.expand_path(Validate.string!("runtime_path", path))
+    end
+
+    # The reference gem's libkrunfw override. This gem's VMs run on QEMU with a guest
+    # kernel from Debian, not on libkrun, so there is nothing to override: the path is
+    # kept (see {libkrunfw_path}) and otherwise ignored. Set-once, like the reference:
+    # later calls are ignored.
+    # @param path [String, Pathname]
+    def libkrunfw_path=(path)
+      @libkrunfw_path ||= path.respond_to?(:to_path) ? path.to_path : path.to_s
+    end
+
+    # @return [String, nil] what {libkrunfw_path=} was given (unused here)
+    attr_reader :libkrunfw_path
+
+    # The backend new sandboxes use. Always `:local`: this gem runs VMs on this host.
+    # @return [Symbol] :local
+    def default_backend_kind
+      @default_backend
+    end
+
+    # Selects the backend, as in the reference gem. `:local` (or "local") is the only one
+    # this gem has; the options of a remote backend are refused with it.
+    # @param kind [String, Symbol] "local" or "cloud"
+    # @param url [String, nil] remote backend only
+    # @param api_key [String, nil] remote backend only (never shown in messages)
+    # @param profile [String, nil] remote backend only
+    # @return [nil]
+    # @raise [UnsupportedError] for "cloud": this gem has no remote backend
+    # @raise [ArgumentError] for an unknown kind, or remote options with "local"
+    def set_default_backend(kind, url: nil, api_key: nil, profile: nil)
+      @default_backend = backend_kind!(kind, url, api_key, profile)
+      nil
+    end
+
+    # Runs the block with `kind` as the backend (see {set_default_backend}) and returns
+    # its value.
+    # @return [Object] the block's value
+    # @raise [UnsupportedError, ArgumentError] as {set_default_backend}
+    def with_backend(kind, url: nil, api_key: nil, profile: nil)
+      raise ArgumentError, "with_backend needs a block" unless block_given?
+
+      backend_kind!(kind, url, api_key, profile)
+      yield
     end
 
     # Installs the runtime on first use unless `MICROSANDBOX_NO_AUTO_INSTALL` is set.
@@ -113,9 +192,11 @@ module Microsandbox
       nil
     end
 
-    # @return [Boolean] true when `MICROSANDBOX_NO_AUTO_INSTALL` is set (non-empty)
+    # @return [Boolean] true when `MICROSANDBOX_NO_AUTO_INSTALL` is set to anything but
+    #   "", "0", "false" or "no" (case-insensitive), as in the reference gem
     def auto_install_disabled?
-      !ENV.fetch("MICROSANDBOX_NO_AUTO_INSTALL", "").empty?
+      value = ENV.fetch("MICROSANDBOX_NO_AUTO_INSTALL", "").strip.downcase
+      !(value.empty? || %w[0 false no].include?(value))
     end
 
     # The instrumenter used for `*.microsandbox` events: the one set with
@@ -130,6 +211,36 @@ module Microsandbox
 
     # @param value [#instrument, nil]
     attr_writer :instrumenter
+
+    private
+
+    def install_into(dir, force)
+      @install_lock.synchronize do
+        Native.install(dir, libexec("msb-agent"), libexec("msb-supervisor"), force ? true : false)
+        @runtime_ready = dir if dir == home
+      end
+      nil
+    end
+
+    def backend_kind!(kind, url, api_key, profile)
+      unless kind.is_a?(String) || kind.is_a?(Symbol)
+        raise TypeError, "backend kind must be a String or Symbol (got #{kind.class})"
+      end
+
+      sym = kind.to_s.downcase.to_sym
+      raise ArgumentError, "unknown backend #{kind.to_s.inspect}; use :local" unless BACKEND_KINDS.include?(sym)
+      if sym == :cloud
+        raise UnsupportedError, "this gem has no remote (cloud) backend: sandboxes run as VMs on this host; " \
+                                "use set_default_backend(:local)"
+      end
+      unless url.nil? && api_key.nil? && profile.nil?
+        raise ArgumentError, "url:, api_key: and profile: configure a remote backend; the local backend takes none"
+      end
+
+      sym
+    end
+
+    public
 
     # Directory of the helper binaries built with the extension.
     # @api private

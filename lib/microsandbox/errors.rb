@@ -4,7 +4,9 @@ module Microsandbox
   # Base class of every error this gem raises. {#code} is a stable kebab-case string
   # that is safe to match on; messages are for humans and may change.
   class Error < StandardError
-    CODE = "error"
+    # The base class's code, as in the reference gem: an error the engine reports with a
+    # code this gem does not know keeps that code instead.
+    CODE = "microsandbox-error"
 
     # @return [String] stable machine-readable code, e.g. "exec-timeout"
     attr_reader :code
@@ -17,6 +19,12 @@ module Microsandbox
     end
 
     class << self
+      # @return [String] the stable code of this class (e.g. `ExecTimeoutError.code`
+      #   is "exec-timeout"); instances built for an unknown engine code report that code
+      def code
+        self::CODE
+      end
+
       # Builds the exception for a code reported by the native engine.
       # @api private
       # @param code [String]
@@ -56,11 +64,22 @@ module Microsandbox
     # @return [Integer, nil] the guest errno behind a {Sandbox#fs} failure (e.g. 2 for ENOENT)
     attr_reader :errno
   end
+  # A {Sandbox#fs} call named a guest path that does not exist (ENOENT). A
+  # {FilesystemError} (with {FilesystemError#errno} 2), so `rescue FilesystemError` still
+  # catches it.
+  class PathNotFoundError < FilesystemError; CODE = "path-not-found"; end
   # A `patches:` entry or script could not be applied at create; the message names it.
   # Nothing was kept (no sandbox record, VM or directory).
   class PatchFailedError < FilesystemError; CODE = "patch-failed"; end
   # The image (a root directory for now) does not exist.
   class ImageNotFoundError < Error; CODE = "image-not-found"; end
+  # {Image.remove} of an image that a sandbox's root disk is built on; the message names
+  # the sandboxes. Stop and remove them, or pass `force: true`.
+  class ImageInUseError < Error; CODE = "image-in-use"; end
+  # Pulling an image failed. Never raised as such: the pull raises one of its subclasses
+  # ({RegistryError}, {RegistryAuthError}, {PlatformNotFoundError}), so
+  # `rescue ImagePullFailedError`, as written for the reference gem, catches every pull failure.
+  class ImagePullFailedError < Error; CODE = "image-pull-failed"; end
   # Metrics collection is disabled for the sandbox.
   #
   # Never raised by this implementation: metrics are read on the host from the VM process
@@ -72,11 +91,11 @@ module Microsandbox
   # (e.g. `hidepid`). The sandbox itself is unaffected.
   class MetricsUnavailableError < Error; CODE = "metrics-unavailable"; end
   # The registry failed or could not be reached (also a malformed manifest or a bad blob).
-  class RegistryError < Error; CODE = "registry-error"; end
+  class RegistryError < ImagePullFailedError; CODE = "registry-error"; end
   # The registry refused the credentials (or demanded some).
-  class RegistryAuthError < Error; CODE = "registry-auth-failed"; end
+  class RegistryAuthError < ImagePullFailedError; CODE = "registry-auth-failed"; end
   # The image has no variant for this host's platform; the message names those offered.
-  class PlatformNotFoundError < Error; CODE = "platform-not-found"; end
+  class PlatformNotFoundError < ImagePullFailedError; CODE = "platform-not-found"; end
   # The runtime (QEMU, guest kernel, agent, supervisor) is missing or cannot be installed.
   class RuntimeUnavailableError < Error; CODE = "runtime-error"; end
   # The VM did not boot, or died while booting.
@@ -87,7 +106,9 @@ module Microsandbox
   class ProtocolError < Error; CODE = "protocol-error"; end
   # A host I/O operation failed (disk full, permissions, a home path that is not a
   # directory…); the message names the path.
-  class HostIOError < Error; CODE = "io-error"; end
+  class IoError < Error; CODE = "io-error"; end
+  # The name this gem used for {IoError} before 0.9.0 compatibility; the same class.
+  HostIOError = IoError
   # A blocked call was interrupted by something that raises no exception of its own:
   # `Thread#wakeup`/`Thread#run` on the waiting thread, or a signal whose `trap` handler
   # returns. What the call started in the sandbox was stopped (an exec's command is
@@ -95,12 +116,43 @@ module Microsandbox
   # exception instead.
   class CancelledError < Error; CODE = "cancelled"; end
 
+  # The operation is not supported by this sandbox or backend (e.g. a raw agent-protocol
+  # operation this engine does not offer).
+  class UnsupportedOperationError < Error; CODE = "unsupported-operation"; end
+  # The feature is not available in this build: a remote ("cloud") backend
+  # ({Microsandbox.set_default_backend}) or another capability the message names.
+  class UnsupportedError < Error; CODE = "unsupported"; end
+  # An HTTP call to a remote backend failed. Never raised: this gem runs sandboxes on the
+  # local host only ({UnsupportedError} for a remote backend); defined so code written
+  # against the reference gem can name it in `rescue`.
+  class CloudHttpError < Error; CODE = "cloud-http"; end
+
+  # Error classes of the reference gem for capabilities this gem does not have yet
+  # (named volumes, snapshots, network policies, secrets, TLS interception). Never raised
+  # today; defined so that `rescue` clauses written against the reference gem resolve,
+  # and raised by those capabilities when they exist.
+  class VolumeNotFoundError < Error; CODE = "volume-not-found"; end
+  class VolumeAlreadyExistsError < Error; CODE = "volume-already-exists"; end
+  class SnapshotNotFoundError < Error; CODE = "snapshot-not-found"; end
+  class SnapshotAlreadyExistsError < Error; CODE = "snapshot-already-exists"; end
+  class SnapshotSandboxRunningError < Error; CODE = "snapshot-sandbox-running"; end
+  class SnapshotImageMissingError < Error; CODE = "snapshot-image-missing"; end
+  class SnapshotIntegrityError < Error; CODE = "snapshot-integrity"; end
+  class NetworkPolicyError < Error; CODE = "network-policy-error"; end
+  class SecretViolationError < Error; CODE = "secret-violation"; end
+  class TlsError < Error; CODE = "tls-error"; end
+
   # Every error class by its code.
   ERRORS_BY_CODE = [
     Error, InvalidConfigError, NetworkPolicyError, SandboxNotFoundError, SandboxAlreadyExistsError,
     SandboxStillRunningError, SandboxNotRunningError, SandboxDrainingError, ExecTimeoutError, ExecFailedError,
-    FilesystemError, PatchFailedError, ImageNotFoundError, MetricsDisabledError, MetricsUnavailableError,
+    FilesystemError, PathNotFoundError, PatchFailedError, ImageNotFoundError, ImageInUseError,
+    ImagePullFailedError, MetricsDisabledError, MetricsUnavailableError,
     RegistryError, RegistryAuthError, PlatformNotFoundError,
-    RuntimeUnavailableError, BootFailedError, ProtocolError, HostIOError, CancelledError
+    RuntimeUnavailableError, BootFailedError, ProtocolError, IoError, CancelledError,
+    UnsupportedOperationError, UnsupportedError, CloudHttpError,
+    VolumeNotFoundError, VolumeAlreadyExistsError, SnapshotNotFoundError, SnapshotAlreadyExistsError,
+    SnapshotSandboxRunningError, SnapshotImageMissingError, SnapshotIntegrityError,
+    NetworkPolicyError, SecretViolationError, TlsError
   ].to_h { |c| [c::CODE, c] }.freeze
 end

@@ -111,8 +111,10 @@ module Microsandbox
       # Pulls an image (if `pull_policy` requires it) and prepares its root disk.
       # With a block, yields {PullProgress} per layer as bytes arrive.
       # @param reference [String] e.g. "alpine", "registry.local:5000/app:1", "app@sha256:…"
-      # @param pull_policy [String, Symbol] "always", "if_missing" (default) or "never"
-      # @param registry_auth [Hash, nil] `{ username:, password: }`
+      # @param pull_policy [String, Symbol] "always", "if_missing" (default; also spelled
+      #   "if-missing") or "never"
+      # @param registry_auth [Hash, nil] `{ username:, password: }` (String or Symbol keys;
+      #   a missing key is ArgumentError, a non-String value TypeError)
       # @param registry_insecure [Boolean] plain HTTP
       # @param registry_ca_certs [String, Array<String>, nil] extra trusted CA certificates (PEM)
       # @yieldparam progress [PullProgress]
@@ -177,6 +179,9 @@ module Microsandbox
           raise TypeError, "registry_auth must be a Hash with :username and :password" unless registry_auth.is_a?(Hash)
 
           auth = registry_auth.transform_keys(&:to_sym)
+          missing = %i[username password].reject { |k| auth.key?(k) }
+          raise ArgumentError, "registry_auth is missing #{missing.map(&:inspect).join(' and ')}" unless missing.empty?
+
           opts["registry_auth"] = {
             "username" => Validate.string!("registry_auth[:username]", auth[:username]),
             "password" => Validate.string!("registry_auth[:password]", auth[:password])

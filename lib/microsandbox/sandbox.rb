@@ -133,7 +133,7 @@ module Microsandbox
       # Sandboxes whose labels include all of `labels`.
       # @param labels [Hash{String=>String}]
       # @return [Array<SandboxInfo>]
-      def list_with(labels:)
+      def list_with(labels: {})
         want = Validate.env!("labels", labels).to_h
         list.select { |info| want.all? { |k, v| info.labels[k] == v } }
       end

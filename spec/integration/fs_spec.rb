@@ -105,14 +105,17 @@ RSpec.describe "Sandbox#fs in a real VM" do
     expect(fs.exists?("#{dir}/t")).to be(false)
   end
 
-  it "raises FilesystemError with the path, errno name and errno" do
-    expect { fs.read("#{dir}/missing") }.to raise_error(Microsandbox::FilesystemError) { |e|
+  it "raises FilesystemError with the path, errno name and errno (PathNotFoundError for ENOENT)" do
+    expect { fs.read("#{dir}/missing") }.to raise_error(Microsandbox::PathNotFoundError) { |e|
+      expect(e).to be_a(Microsandbox::FilesystemError)
       expect(e.message).to include("#{dir}/missing", "ENOENT", "No such file or directory")
-      expect(e.code).to eq("filesystem-error")
+      expect(e.code).to eq("path-not-found")
       expect(e.errno).to eq(Errno::ENOENT::Errno)
     }
     fs.write("#{dir}/plain", "x")
-    expect { fs.mkdir("#{dir}/plain") }.to raise_error(Microsandbox::FilesystemError, /EEXIST/)
+    expect { fs.mkdir("#{dir}/plain") }.to raise_error(Microsandbox::FilesystemError, /EEXIST/) { |e|
+      expect(e.code).to eq("filesystem-error")
+    }
     expect { fs.mkdir("#{dir}/plain", parents: false) }.to raise_error(Microsandbox::FilesystemError, /EEXIST/)
     expect { fs.read(dir) }.to raise_error(Microsandbox::FilesystemError, /EISDIR/)
     expect { fs.list("#{dir}/plain") }.to raise_error(Microsandbox::FilesystemError, /ENOTDIR/)

@@ -32,7 +32,9 @@ RSpec.describe "registry images" do
         expect(b.exec("cat", ["/root/only-a"]).success?).to be(false)
         info = Microsandbox::Image.get(ref)
         expect(info.in_use_by).to include(a.name, b.name)
-        expect { Microsandbox::Image.remove(ref) }.to raise_error(Microsandbox::Error, /use/)
+        expect { Microsandbox::Image.remove(ref) }.to raise_error(Microsandbox::ImageInUseError, /#{a.name}/) { |e|
+          expect(e.code).to eq("image-in-use")
+        }
       end
     end
   end

@@ -29,6 +29,44 @@ RSpec.describe Microsandbox::Error do
     expect(e.code).to eq("brand-new")
   end
 
+  it "has the reference gem's base code and a class-level code on every class" do
+    expect(described_class.code).to eq("microsandbox-error")
+    expect(described_class.new("x").code).to eq("microsandbox-error")
+    Microsandbox::ERRORS_BY_CODE.each { |code, klass| expect(klass.code).to eq(code) }
+  end
+
+  it "defines every error class of the reference gem with its code" do
+    {
+      "InvalidConfigError" => "invalid-config", "SandboxNotFoundError" => "sandbox-not-found",
+      "SandboxNotRunningError" => "sandbox-not-running", "SandboxAlreadyExistsError" => "sandbox-already-exists",
+      "SandboxStillRunningError" => "sandbox-still-running", "ExecTimeoutError" => "exec-timeout",
+      "ExecFailedError" => "exec-failed", "FilesystemError" => "filesystem-error",
+      "PathNotFoundError" => "path-not-found", "VolumeNotFoundError" => "volume-not-found",
+      "VolumeAlreadyExistsError" => "volume-already-exists", "ImageNotFoundError" => "image-not-found",
+      "ImageInUseError" => "image-in-use", "ImagePullFailedError" => "image-pull-failed",
+      "SnapshotNotFoundError" => "snapshot-not-found", "SnapshotAlreadyExistsError" => "snapshot-already-exists",
+      "SnapshotSandboxRunningError" => "snapshot-sandbox-running",
+      "SnapshotImageMissingError" => "snapshot-image-missing", "SnapshotIntegrityError" => "snapshot-integrity",
+      "NetworkPolicyError" => "network-policy-error", "SecretViolationError" => "secret-violation",
+      "TlsError" => "tls-error", "IoError" => "io-error", "MetricsDisabledError" => "metrics-disabled",
+      "MetricsUnavailableError" => "metrics-unavailable", "UnsupportedOperationError" => "unsupported-operation",
+      "CloudHttpError" => "cloud-http", "UnsupportedError" => "unsupported"
+    }.each do |name, code|
+      klass = Microsandbox.const_get(name)
+      expect(klass.ancestors).to include(described_class), name
+      expect(klass.code).to eq(code), name
+      expect(described_class.build(code, "m")).to be_a(klass)
+    end
+  end
+
+  it "keeps this gem's names as compatible supersets" do
+    expect(Microsandbox::HostIOError).to equal(Microsandbox::IoError)
+    expect(Microsandbox::PathNotFoundError.ancestors).to include(Microsandbox::FilesystemError)
+    [Microsandbox::RegistryError, Microsandbox::RegistryAuthError, Microsandbox::PlatformNotFoundError].each do |k|
+      expect(k.ancestors).to include(Microsandbox::ImagePullFailedError)
+    end
+  end
+
   it "is a StandardError so plain rescue catches it" do
     expect(Microsandbox::ExecFailedError.ancestors).to include(StandardError)
   end

@@ -49,6 +49,12 @@ pub enum Error {
     /// The root filesystem could not be prepared.
     #[error("{0}")]
     Filesystem(String),
+    /// A guest filesystem call named a path that does not exist (ENOENT).
+    #[error("{0}")]
+    PathNotFound(String),
+    /// An image cannot be removed because sandbox root disks are built on it.
+    #[error("{0}")]
+    ImageInUse(String),
     /// A create's patch or script could not be applied; nothing was kept.
     #[error("{0}")]
     Patch(String),
@@ -96,6 +102,8 @@ impl Error {
             Error::Boot(_) => "boot-failed",
             Error::Protocol(_) => "protocol-error",
             Error::Filesystem(_) => "filesystem-error",
+            Error::PathNotFound(_) => "path-not-found",
+            Error::ImageInUse(_) => "image-in-use",
             Error::Patch(_) => "patch-failed",
             Error::Registry(_) => "registry-error",
             Error::Auth(_) => "registry-auth-failed",

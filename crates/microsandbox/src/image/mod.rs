@@ -374,7 +374,7 @@ pub async fn remove(home: &Home, reference: &str, force: bool) -> Result<()> {
     if !shared && root.is_file() {
         let users = in_use_by(&store, &root);
         if !users.is_empty() && !force {
-            return Err(Error::InvalidConfig(format!(
+            return Err(Error::ImageInUse(format!(
                 "image {canonical} is used by sandbox(es) {}; stop them first or pass force: true",
                 users.join(", ")
             )));

@@ -249,12 +249,13 @@ impl SandboxConfig {
     pub fn pull_options(&self) -> Result<crate::image::PullOptions> {
         use crate::image::{PullOptions, PullPolicy, RegistryCredentials};
         let policy = match self.pull_policy.as_deref() {
-            None | Some("if_missing") => PullPolicy::IfMissing,
+            // "if-missing" is the reference gem's spelling, "if_missing" this gem's: both work.
+            None | Some("if_missing" | "if-missing") => PullPolicy::IfMissing,
             Some("always") => PullPolicy::Always,
             Some("never") => PullPolicy::Never,
             Some(other) => {
                 return Err(Error::InvalidConfig(format!(
-                    "unknown pull_policy {other:?}; use \"always\", \"if_missing\" or \"never\""
+                    "unknown pull_policy {other:?}; use \"always\", \"if_missing\" (or \"if-missing\") or \"never\""
                 )))
             }
         };
@@ -293,6 +294,17 @@ mod tests {
         for bad in ["", "-a", ".a", "a/b", "a b", "é", &"n".repeat(64), "a\0"] {
             assert!(validate_name(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn pull_policy_spellings() {
+        use crate::image::PullPolicy;
+        for (given, want) in [("if_missing", PullPolicy::IfMissing), ("if-missing", PullPolicy::IfMissing), ("always", PullPolicy::Always), ("never", PullPolicy::Never)] {
+            let c = SandboxConfig { pull_policy: Some(given.into()), ..cfg() };
+            assert!(c.pull_options().unwrap().policy == want, "{given}");
+        }
+        let c = SandboxConfig { pull_policy: Some("sometimes".into()), ..cfg() };
+        assert!(matches!(c.pull_options(), Err(Error::InvalidConfig(_))));
     }
 
     #[test]

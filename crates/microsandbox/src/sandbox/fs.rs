@@ -80,12 +80,16 @@ fn agent_error(e: ErrorMsg) -> FsError {
         return FsError { error, errno: None };
     }
     let error = match e.code.as_str() {
+        "fs-error" if e.errno == Some(GUEST_ENOENT) => Error::PathNotFound(e.message),
         "fs-error" => Error::Filesystem(e.message),
         "invalid-request" => Error::InvalidConfig(e.message),
         _ => Error::Protocol(format!("agent error {}: {}", e.code, e.message)),
     };
     FsError { error, errno: e.errno }
 }
+
+/// The guest's (Linux) ENOENT, whatever the host's libc calls it.
+const GUEST_ENOENT: i32 = 2;
 
 fn host_io(what: String) -> impl FnOnce(std::io::Error) -> FsError {
     move |source| Error::Io { context: what, source }.into()
