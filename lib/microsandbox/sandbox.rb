@@ -21,11 +21,13 @@ module Microsandbox
       # Creates and boots a sandbox.
       #
       # With a block, yields the running sandbox, stops it when the block exits (also on
-      # exception; a `detached:` sandbox is left running) and returns the block's value.
+      # exception, and also when `detached:`, as in the reference gem) and returns the
+      # block's value.
       # Without a block, returns the sandbox and the caller must {#stop} or {#kill} it.
       # Stopped sandboxes keep their root disk until {Sandbox.remove}.
       #
-      # @param name [String] 1-63 characters of letters, digits, '.', '_', '-'
+      # @param name [String, Symbol] 1-128 bytes of UTF-8 without control characters
+      #   (`to_s` of a Symbol)
       # @param image [String] an OCI image reference ("alpine", "registry:5000/app:1",
       #   "app@sha256:…"), pulled as needed; or the path (starting with "/" or ".") of a
       #   local root filesystem directory, of which the guest gets a private copy
@@ -92,7 +94,7 @@ module Microsandbox
         placement = build_placement(labels, detached, replace, replace_with_timeout)
         Microsandbox.ensure_runtime!
         config["supervisor"] = Microsandbox.runtime_path
-        native = Instrumentation.instrument("create.microsandbox", name: name) do
+        native = Instrumentation.instrument("create.microsandbox", name: config["name"]) do
           Native::Sandbox.create(JSON.generate(config), JSON.generate(placement))
         end
         scoped(new(native), &block)
@@ -107,32 +109,36 @@ module Microsandbox
       # @return [Sandbox, Object]
       # @raise [SandboxNotFoundError, SandboxStillRunningError]
       def start(name, detached: false, shell: nil, &block)
-        Validate.string!("name", name)
+        name = Validate.name!(name)
         shell = Validate.guest_path!("shell", shell) if shell
         Microsandbox.ensure_runtime!
         scoped(new(Native::Sandbox.start(Microsandbox.home, name, detached ? true : false), shell: shell), &block)
       end
 
       # A handle on an existing sandbox, running or stopped — also one created by another
-      # process. It does not own the sandbox: dropping it or exiting leaves the VM alone.
-      # @param name [String]
+      # process: its record (status, timestamps, labels, create options) and control
+      # ({SandboxHandle#stop}, {SandboxHandle#kill}, `request_*`, `wait_until_stopped`).
+      # It does not own the sandbox: dropping it or exiting leaves the VM alone. Commands
+      # run through {SandboxHandle#sandbox} (or the calls it forwards, e.g. `#exec`).
+      # @param name [String, Symbol] (`to_s`)
       # @param shell [String, nil] overrides the `shell:` given at create for this handle
-      # @return [Sandbox]
+      # @return [SandboxHandle]
       # @raise [SandboxNotFoundError]
       def get(name, shell: nil)
         shell = Validate.guest_path!("shell", shell) if shell
-        new(Native::Sandbox.get(Microsandbox.home, Validate.string!("name", name)), shell: shell)
+        record = JSON.parse(Native::Sandbox.record_json(Microsandbox.home, Validate.name!(name)))
+        SandboxHandle.new(record, shell: shell)
       end
 
       # Every sandbox known in {Microsandbox.home}, running or stopped.
-      # @return [Array<SandboxInfo>]
+      # @return [Array<SandboxHandle>]
       def list
-        JSON.parse(Native::Sandbox.list_json(Microsandbox.home)).map { |h| SandboxInfo.new(h) }
+        JSON.parse(Native::Sandbox.list_records_json(Microsandbox.home)).map { |h| SandboxHandle.new(h) }
       end
 
-      # Sandboxes whose labels include all of `labels`.
+      # Sandboxes whose labels include all of `labels` (all sandboxes for `{}`).
       # @param labels [Hash{String=>String}]
-      # @return [Array<SandboxInfo>]
+      # @return [Array<SandboxHandle>]
       def list_with(labels: {})
         want = Validate.env!("labels", labels).to_h
         list.select { |info| want.all? { |k, v| info.labels[k] == v } }
@@ -143,11 +149,16 @@ module Microsandbox
       # @return [nil]
       # @raise [SandboxNotFoundError, SandboxStillRunningError]
       def remove(name)
-        Native::Sandbox.remove(Microsandbox.home, Validate.string!("name", name))
+        Native::Sandbox.remove(Microsandbox.home, Validate.name!(name))
         nil
       end
 
       private
+
+      # The live handle {SandboxHandle#sandbox} connects.
+      def connect(name, shell)
+        new(Native::Sandbox.get(Microsandbox.home, Validate.name!(name)), shell: shell)
+      end
 
       def scoped(sandbox)
         return sandbox unless block_given?
@@ -177,7 +188,7 @@ module Microsandbox
 
       def build_config(name, image, cpus, memory, env, workdir, accel, boot_timeout)
         config = {
-          "name" => Validate.string!("name", name),
+          "name" => Validate.name!(name),
           "image" => local_path?(Validate.string!("image", image)) ? File.expand_path(image) : image,
           "cpus" => Validate.integer!("cpus", cpus),
           "memory_mib" => Validate.integer!("memory", memory),
@@ -221,9 +232,20 @@ module Microsandbox
       !running?
     end
 
-    # @return [Symbol] :running or :stopped
+    # The live status: :running, or once it ended :stopped, or :crashed when the run
+    # ended on its own (see {SandboxStopResult#status}).
+    # @return [Symbol]
     def status
-      running? ? :running : :stopped
+      return :running if running?
+
+      last_stop&.crashed? ? :crashed : :stopped
+    end
+
+    # How the last run ended (nil while it runs).
+    # @return [SandboxStopResult, nil]
+    def last_stop
+      json = @native.last_stop_json
+      json && SandboxStopResult.from_record(name, JSON.parse(json))
     end
 
     # @return [Hash{String=>String}] labels given at create
@@ -404,9 +426,10 @@ module Microsandbox
       Process.pid == @owner_pid
     end
 
-    # Block-form cleanup: stop, and kill if stopping itself fails.
+    # Block-form cleanup: stop, and kill if stopping itself fails. As in the reference gem,
+    # a `detached:` sandbox is stopped too: the block form scopes the sandbox's life.
     def release
-      return unless owner? && running? && owns_lifecycle?
+      return unless owner? && running?
 
       begin
         stop

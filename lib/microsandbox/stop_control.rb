@@ -1,12 +1,6 @@
 # frozen_string_literal: true
 
 module Microsandbox
-  # What {Sandbox#wait_until_stopped} observed.
-  SandboxStopResult = Struct.new(:name, :stopped, :waited_secs, keyword_init: true) do
-    # @return [Boolean] true when the sandbox is stopped
-    def stopped? = stopped
-  end
-
   class Sandbox
     # Asks the sandbox to shut down cleanly (killed after `timeout` seconds) and returns
     # at once. Works from any process holding a handle ({Sandbox.get}).
@@ -41,13 +35,49 @@ module Microsandbox
 
     # Waits until the sandbox has stopped, by any cause.
     # @param timeout [Numeric, nil] give up after this many seconds (nil: wait forever)
-    # @return [SandboxStopResult] `stopped?` is false when the wait timed out
+    # @return [SandboxStopResult] how the run ended (status :stopped or :crashed, source,
+    #   exit code or signal of the VM); status :running when `timeout` ran out first
     def wait_until_stopped(timeout: nil)
       seconds = Validate.timeout!("timeout", timeout)
       started = Process.clock_gettime(Process::CLOCK_MONOTONIC)
       stopped = @native.wait_until_stopped(seconds)
-      SandboxStopResult.new(name: name, stopped: stopped,
-                            waited_secs: Process.clock_gettime(Process::CLOCK_MONOTONIC) - started)
+      waited = Process.clock_gettime(Process::CLOCK_MONOTONIC) - started
+      return SandboxStopResult.new(name: name, status: :running, waited_secs: waited) unless stopped
+
+      SandboxStopResult.from_record(name, JSON.parse(@native.last_stop_json), waited_secs: waited)
     end
+
+    # {#stop}, then {#wait}: shuts the guest down cleanly (killed after
+    # {DEFAULT_STOP_TIMEOUT} seconds) and says how the VM ended. In a forked child {#stop}
+    # does nothing (the VM belongs to the parent), so this waits for the parent to stop it.
+    # @return [ExitStatus] exit code 0 after a clean shutdown; 128 + signal when it was
+    #   killed (its {ExitStatus#signal})
+    def stop_and_wait
+      stop
+      wait
+    end
+
+    # Drains the sandbox ({#request_drain} with its defaults) and returns at once; {#wait}
+    # for it to end.
+    # @return [nil]
+    # @raise [SandboxNotRunningError]
+    def drain
+      request_drain
+    end
+
+    # Waits until the sandbox has stopped, by any cause, and says how the VM ended.
+    # @return [ExitStatus] see {#stop_and_wait}
+    def wait
+      exit_status_of(wait_until_stopped)
+    end
+
+    private
+
+    def exit_status_of(result)
+      code = result.exit_code || (128 + result.signal if result.signal)
+      ExitStatus.new(exit_code: code, signal: result.signal)
+    end
+
+    public
   end
 end

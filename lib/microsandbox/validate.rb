@@ -13,6 +13,24 @@ module Microsandbox
       raise TypeError, "#{name} must be a String (got #{value.class})"
     end
 
+    # Longest sandbox name, in UTF-8 bytes (the reference gem's limit).
+    MAX_NAME_BYTES = 128
+
+    # A sandbox name: `to_s` of what was given (so Symbols work), 1-128 bytes of UTF-8
+    # without control characters. The engine checks it again and keeps such names out of
+    # file paths (see DESIGN.md).
+    def name!(value)
+      raise TypeError, "name must be a String or Symbol (got nil)" if value.nil?
+
+      name = utf8!("name", value.to_s)
+      if name.empty? || name.bytesize > MAX_NAME_BYTES || name.match?(/[[:cntrl:]]/)
+        raise InvalidConfigError, "invalid sandbox name #{name.inspect}: use 1-#{MAX_NAME_BYTES} bytes of UTF-8 " \
+                                  "without control characters"
+      end
+
+      name
+    end
+
     # An absolute guest path without NUL bytes (InvalidConfigError otherwise).
     def guest_path!(name, value)
       string!(name, value)

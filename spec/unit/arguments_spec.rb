@@ -4,9 +4,22 @@
 RSpec.describe "argument validation" do
   let(:create) { Microsandbox::Sandbox.method(:create) }
 
-  it "rejects non-String names and images with TypeError" do
-    expect { create.call(123, image: "/x") }.to raise_error(TypeError, /name must be a String/)
+  it "rejects a nil name and non-String images with TypeError" do
+    expect { create.call(nil, image: "/x") }.to raise_error(TypeError, /name must be a String/)
     expect { create.call("a", image: 5) }.to raise_error(TypeError, /image must be a String/)
+  end
+
+  it "takes names as the reference gem does: to_s, 1-128 bytes of UTF-8, no control characters" do
+    v = Microsandbox::Validate
+    expect(v.name!(:box)).to eq("box")
+    expect(v.name!(42)).to eq("42")
+    expect(v.name!("my box é")).to eq("my box é")
+    expect(v.name!("é" * 64).bytesize).to eq(128)
+    ["", "é" * 65, "x" * 129, "a\nb", "a\0b", "tab\there", "\e[31m"].each do |bad|
+      expect { v.name!(bad) }.to raise_error(Microsandbox::InvalidConfigError, /sandbox name/), bad.inspect
+    end
+    expect { v.name!("\xFF".b) }.to raise_error(Microsandbox::InvalidConfigError, /UTF-8/)
+    expect { create.call("a\nb", image: "/x") }.to raise_error(Microsandbox::InvalidConfigError)
   end
 
   it "rejects non-Integer sizes" do

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use microsandbox::sandbox::spec::{StartupReport, SupervisorSpec};
+use microsandbox::sandbox::stop_record::{self, source, StopRecord};
 use microsandbox_protocol::{Frame, Info, Kind, Stopped};
 use tokio::net::UnixListener;
 use tokio::process::{Child, Command};
@@ -17,9 +18,12 @@ use crate::transfer::Windows;
 const SUPERVISOR_PID_FILE: &str = "supervisor.pid";
 /// How long a sandbox stopping by itself (max_duration, idle_timeout) waits for a clean shutdown.
 const SELF_STOP_GRACE: Duration = Duration::from_secs(10);
+/// How long a lost agent link waits to see whether QEMU is exiting (the actual cause).
+const AGENT_LOST_VM_GRACE: Duration = Duration::from_millis(500);
 
-/// Resolves when `max_duration` has passed or the sandbox has been idle for `idle_timeout`.
-async fn self_stop_deadline(spec: &SupervisorSpec, router: Arc<Router>) {
+/// Resolves when `max_duration` has passed or the sandbox has been idle for `idle_timeout`,
+/// with which one ([`source`] name).
+async fn self_stop_deadline(spec: &SupervisorSpec, router: Arc<Router>) -> &'static str {
     let max = spec.max_duration_ms.map(Duration::from_millis);
     let idle = spec.idle_timeout_ms.map(Duration::from_millis);
     if max.is_none() && idle.is_none() {
@@ -27,8 +31,11 @@ async fn self_stop_deadline(spec: &SupervisorSpec, router: Arc<Router>) {
     }
     let started = Instant::now();
     loop {
-        if max.is_some_and(|m| started.elapsed() >= m) || idle.is_some_and(|i| router.idle_for() >= i) {
-            return;
+        if max.is_some_and(|m| started.elapsed() >= m) {
+            return source::MAX_DURATION;
+        }
+        if idle.is_some_and(|i| router.idle_for() >= i) {
+            return source::IDLE_TIMEOUT;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -77,6 +84,17 @@ fn console_tail(spec: &SupervisorSpec) -> String {
         }
     }
     text
+}
+
+/// Records how the run ended: a crash when the VM or the agent link ended unasked.
+fn write_stop_record(spec: &SupervisorSpec, why: &str, vm: Option<std::process::ExitStatus>) {
+    use std::os::unix::process::ExitStatusExt;
+    let status = if matches!(why, source::VM_EXITED | source::AGENT_LOST) { "crashed" } else { "stopped" };
+    let rec = StopRecord::now(status, why, vm.and_then(|s| s.code()), vm.and_then(|s| s.signal()));
+    // Not fatal: without a record the run is reported as crashed ("supervisor-gone").
+    if let Err(e) = stop_record::write(&spec.sandbox_dir, &rec, false) {
+        eprintln!("msb: cannot write the stop record: {e}");
+    }
 }
 
 fn cleanup(spec: &SupervisorSpec) {
@@ -212,14 +230,28 @@ pub async fn supervise(spec: SupervisorSpec, report: fn(&StartupReport)) -> u8 {
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
     let self_stop = self_stop_deadline(&spec, router_for_idle);
     let mut stop_by_itself = false;
+    // Why the run ends, for the stop record; `vm_status` is set when QEMU ended first.
+    let mut why_stop = source::SIGTERM;
+    let mut vm_status = None;
     let stop_ticket = tokio::select! {
-        t = stop_rx.recv() => t,
-        _ = self_stop => { stop_by_itself = true; None }
-        _ = qemu.wait() => None,
-        _ = liveness::owner_gone_unless_detached(owner.clone(), detached_rx) => None,
+        t = stop_rx.recv() => {
+            why_stop = match &t { Some((req, _)) if req.drain => source::DRAIN, _ => source::STOP };
+            t
+        }
+        reason = self_stop => { stop_by_itself = true; why_stop = reason; None }
+        status = qemu.wait() => { why_stop = source::VM_EXITED; vm_status = status.ok(); None }
+        _ = liveness::owner_gone_unless_detached(owner.clone(), detached_rx) => { why_stop = source::OWNER_EXITED; None }
         _ = sigterm.recv() => None,
-        why = &mut pump => { eprintln!("msb: {}", why.unwrap_or_default()); None }
+        why = &mut pump => { eprintln!("msb: {}", why.unwrap_or_default()); why_stop = source::AGENT_LOST; None }
     };
+    // The agent link runs through QEMU, so a dying VM often ends the link first: the
+    // cause is the VM when it exits right after.
+    if why_stop == source::AGENT_LOST {
+        if let Ok(Ok(status)) = tokio::time::timeout(AGENT_LOST_VM_GRACE, qemu.wait()).await {
+            why_stop = source::VM_EXITED;
+            vm_status = Some(status);
+        }
+    }
 
     let clean_within = match &stop_ticket {
         Some((req, _)) => Some(Duration::from_millis(req.timeout_ms)),
@@ -234,7 +266,9 @@ pub async fn supervise(spec: SupervisorSpec, report: fn(&StartupReport)) -> u8 {
         None => false,
     };
     let _ = qemu.start_kill();
-    let _ = qemu.wait().await;
+    let waited = qemu.wait().await.ok();
+    let vm_status = vm_status.or(waited);
+    write_stop_record(&spec, why_stop, vm_status);
     cleanup(&spec);
     if let Some((_, done)) = stop_ticket {
         let _ = done.send(Stopped { graceful });

@@ -63,8 +63,16 @@ impl Home {
     pub fn sandboxes_dir(&self) -> PathBuf {
         self.root.join("sandboxes")
     }
+    /// Directory of sandbox `name`. A name made of `[A-Za-z0-9_.-]` (at most 63, starting
+    /// alphanumeric) is used as is; any other valid name (spaces, non-ASCII, up to 128
+    /// bytes: see `config::validate_name`) becomes `_<sha256 hex>`, which such a plain name
+    /// can never be, so a name never reaches the file system as a path.
     pub fn sandbox_dir(&self, name: &str) -> PathBuf {
-        self.sandboxes_dir().join(name)
+        if is_plain_name(name) {
+            self.sandboxes_dir().join(name)
+        } else {
+            self.sandboxes_dir().join(format!("_{}", hex::encode(Sha256::digest(name.as_bytes()))))
+        }
     }
     pub fn run_dir(&self) -> PathBuf {
         self.root.join("run")
@@ -91,9 +99,51 @@ impl Home {
     }
 }
 
+/// File in a sandbox directory holding the sandbox's name (the directory's own name is a
+/// hash for names that are not plain).
+pub const SANDBOX_NAME_FILE: &str = "name";
+
+/// The sandbox name behind a directory of `<home>/sandboxes`: the directory name for a
+/// plain name, else the name recorded in it (None when that is missing or invalid).
+pub fn sandbox_name_of(dir: &Path) -> Option<String> {
+    let leaf = dir.file_name()?.to_str()?;
+    if is_plain_name(leaf) {
+        return Some(leaf.to_string());
+    }
+    let mut buf = Vec::new();
+    use std::io::Read;
+    std::fs::File::open(dir.join(SANDBOX_NAME_FILE)).ok()?.take(512).read_to_end(&mut buf).ok()?;
+    let name = String::from_utf8(buf).ok()?;
+    (crate::sandbox::config::validate_name(&name).is_ok()
+        && Home::at(dir.parent()?.parent()?).sandbox_dir(&name) == dir)
+        .then_some(name)
+}
+
+/// A name that is safe as a single path component on every file system: 1-63 of
+/// `[A-Za-z0-9_.-]`, starting alphanumeric (so never ".", ".." or hidden).
+pub fn is_plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sandbox_dirs_keep_plain_names_and_hash_the_rest() {
+        let h = Home::at(Path::new("/h"));
+        assert_eq!(h.sandbox_dir("web-1.a_b"), Path::new("/h/sandboxes/web-1.a_b"));
+        for odd in ["my box", "../../etc", "é", ".hidden", "a/b", &"n".repeat(64)] {
+            let d = h.sandbox_dir(odd);
+            assert_eq!(d.parent(), Some(Path::new("/h/sandboxes")), "{odd}");
+            let leaf = d.file_name().unwrap().to_str().unwrap();
+            assert!(leaf.starts_with('_') && leaf.len() == 65, "{odd} -> {leaf}");
+        }
+        assert_ne!(h.sandbox_dir("a b"), h.sandbox_dir("a  b"));
+    }
 
     #[test]
     fn socket_paths_are_short_and_distinct() {

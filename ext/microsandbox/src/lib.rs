@@ -34,6 +34,9 @@ fn init(ruby: &Ruby) -> Result<(), Error> {
     class.define_singleton_method("start", function!(sandbox::RbSandbox::start, 3))?;
     class.define_singleton_method("get", function!(sandbox::RbSandbox::get, 2))?;
     class.define_singleton_method("list_json", function!(sandbox::RbSandbox::list_json, 1))?;
+    class.define_singleton_method("list_records_json", function!(sandbox::RbSandbox::list_records_json, 1))?;
+    class.define_singleton_method("record_json", function!(sandbox::RbSandbox::record_json, 2))?;
+    class.define_method("last_stop_json", method!(sandbox::RbSandbox::last_stop_json, 0))?;
     class.define_singleton_method("remove", function!(sandbox::RbSandbox::remove, 2))?;
     class.define_method("labels_json", method!(sandbox::RbSandbox::labels_json, 0))?;
     class.define_method("owns_lifecycle?", method!(sandbox::RbSandbox::owns_lifecycle, 0))?;

@@ -16,6 +16,15 @@ pub struct RbSandbox {
     pub(crate) inner: Arc<Sandbox>,
 }
 
+fn record_with_stop(
+    rec: microsandbox::sandbox::SandboxRecord,
+    stop: Option<microsandbox::sandbox::stop_record::StopRecord>,
+) -> serde_json::Value {
+    let mut v = serde_json::to_value(&rec).expect("record serializes");
+    v["last_stop"] = serde_json::to_value(stop).expect("stop record serializes");
+    v
+}
+
 #[allow(clippy::too_many_arguments)]
 fn exec_call(
     program: String,
@@ -65,6 +74,24 @@ impl RbSandbox {
     pub fn get(ruby: &Ruby, home: Option<String>, name: String) -> Result<RbSandbox, Error> {
         let sb = Sandbox::get(home.as_deref().map(Path::new), &name).map_err(|e| to_ruby(ruby, e))?;
         Ok(RbSandbox { inner: Arc::new(sb) })
+    }
+
+    /// `record_json(home, name)`: one sandbox record, with `last_stop` (how its last run
+    /// ended, null while it runs).
+    pub fn record_json(ruby: &Ruby, home: Option<String>, name: String) -> Result<String, Error> {
+        let (rec, stop) = Sandbox::record(home.as_deref().map(Path::new), &name).map_err(|e| to_ruby(ruby, e))?;
+        Ok(record_with_stop(rec, stop).to_string())
+    }
+
+    /// `list_records_json(home)`: every sandbox record, each with `last_stop`.
+    pub fn list_records_json(ruby: &Ruby, home: Option<String>) -> Result<String, Error> {
+        let recs = Sandbox::list_with_stops(home.as_deref().map(Path::new)).map_err(|e| to_ruby(ruby, e))?;
+        Ok(serde_json::Value::Array(recs.into_iter().map(|(r, s)| record_with_stop(r, s)).collect()).to_string())
+    }
+
+    /// `last_stop_json`: how the last run ended, as JSON, or nil while running.
+    pub fn last_stop_json(&self) -> Option<String> {
+        self.inner.last_stop().map(|s| serde_json::to_string(&s).unwrap())
     }
 
     /// `list_json(home)`: every sandbox record as JSON.

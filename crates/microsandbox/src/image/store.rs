@@ -259,7 +259,9 @@ impl Store {
             for f in files.flatten() {
                 if f.path().extension().is_some_and(|e| e == "qcow2") {
                     if let Some(b) = qcow2_backing_file(&f.path()) {
-                        out.entry(b).or_default().push(sb.file_name().to_string_lossy().into_owned());
+                        let name = crate::paths::sandbox_name_of(&sb.path())
+                            .unwrap_or_else(|| sb.file_name().to_string_lossy().into_owned());
+                        out.entry(b).or_default().push(name);
                     }
                 }
             }

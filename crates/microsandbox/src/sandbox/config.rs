@@ -127,19 +127,36 @@ fn default_memory() -> u64 {
     512
 }
 
-/// Checks a sandbox name: 1–63 characters of `[A-Za-z0-9_.-]`, starting alphanumeric.
+/// Longest sandbox name, in bytes of UTF-8 (the reference gem's limit).
+pub const MAX_NAME_BYTES: usize = 128;
+
+/// Checks a sandbox name: 1–128 bytes of UTF-8 without control characters. Names are
+/// stored and shown as given, never used as paths as such (see `Home::sandbox_dir`).
 pub fn validate_name(name: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 63
-        && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::InvalidConfig(format!(
-            "invalid sandbox name {name:?}: use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"
-        )))
+    if name.is_empty() || name.len() > MAX_NAME_BYTES || name.chars().any(char::is_control) {
+        return Err(Error::InvalidConfig(format!(
+            "invalid sandbox name {name:?}: use 1-{MAX_NAME_BYTES} bytes of UTF-8 without control characters"
+        )));
     }
+    Ok(())
+}
+
+/// The guest hostname of a sandbox without `hostname:`: its name when it is a plain name
+/// (`paths::is_plain_name`, as every name was before longer names were allowed), else the
+/// name with every other character made '-' (ASCII letters and digits kept, lowercased),
+/// at most 63 bytes, or "sandbox" when nothing is left. It goes on the kernel command
+/// line, so it must never carry spaces.
+pub fn default_hostname(name: &str) -> String {
+    if crate::paths::is_plain_name(name) {
+        return name.to_string();
+    }
+    let mapped: String = name
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
+        .take(63)
+        .collect();
+    let trimmed = mapped.trim_matches('-');
+    if trimmed.is_empty() { "sandbox".into() } else { trimmed.to_string() }
 }
 
 /// Checks environment pairs for characters the kernel cannot pass and for size.
@@ -288,11 +305,23 @@ mod tests {
 
     #[test]
     fn names() {
-        for ok in ["a", "A-1", "x.y_z", &"n".repeat(63)] {
+        for ok in ["a", "A-1", "x.y_z", &"n".repeat(63), "-a", ".a", "a/b", "my box", "é", "..", &"n".repeat(128), &"é".repeat(64)] {
             assert!(validate_name(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "-a", ".a", "a/b", "a b", "é", &"n".repeat(64), "a\0"] {
+        for bad in ["", &"n".repeat(129), &"é".repeat(65), "a\0", "a\nb", "\u{7f}"] {
             assert!(validate_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn default_hostnames_are_valid_hostnames() {
+        assert_eq!(default_hostname("web-1.a"), "web-1.a");
+        assert_eq!(default_hostname("My Box_2"), "my-box-2");
+        assert_eq!(default_hostname("ééé"), "sandbox");
+        assert_eq!(default_hostname(&"x".repeat(128)).len(), 63);
+        for n in ["My Box_2", "ééé", "-x-", &"ab ".repeat(40)] {
+            let c = SandboxConfig { hostname: Some(default_hostname(n)), ..cfg() };
+            assert!(c.validate().is_ok(), "{n}");
         }
     }
 

@@ -14,6 +14,7 @@ mod fs;
 pub mod patch;
 mod owner;
 pub mod spec;
+pub mod stop_record;
 mod stream;
 pub mod transfer;
 
@@ -143,6 +144,8 @@ impl Sandbox {
         let mut guard = ClaimGuard { home: home.clone(), name: cfg.name.clone(), dir: dir.clone(), armed: true, keep: false };
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).context(|| format!("creating {}", dir.display()))?;
+        let name_file = dir.join(crate::paths::SANDBOX_NAME_FILE);
+        std::fs::write(&name_file, &cfg.name).context(|| format!("writing {}", name_file.display()))?;
         match &prepared {
             // Copy-on-write overlay on the image's shared, read-only root.
             Some(image) => {
@@ -220,7 +223,7 @@ impl Sandbox {
             memory_mib: cfg.memory_mib as u32,
             kernel: rt.kernel.clone(),
             initramfs: rt.initramfs.clone(),
-            cmdline: vmm::qemu::cmdline(cfg.hostname.as_deref().unwrap_or(&cfg.name)),
+            cmdline: vmm::qemu::cmdline(&cfg.hostname.clone().unwrap_or_else(|| config::default_hostname(&cfg.name))),
             root_disk: root_disk.clone(),
             root_format,
             agent_socket: agent_socket.clone(),
@@ -248,6 +251,8 @@ impl Sandbox {
         let spec_path = dir.join(spec::SPEC_FILE);
         std::fs::write(&spec_path, serde_json::to_vec_pretty(&spec).unwrap())
             .context(|| format!("writing {}", spec_path.display()))?;
+        // The record of the previous run must not describe this one.
+        stop_record::clear(&dir).context(|| format!("removing {}", stop_record::path(&dir).display()))?;
 
         let (mut child, liveness) = owner::spawn_supervisor(&supervisor_bin, &spec_path, &dir, !detached)?;
         let report = owner::read_startup(&mut child, cfg.boot_timeout() + Duration::from_secs(10)).await;
@@ -300,6 +305,33 @@ impl Sandbox {
     /// Every known sandbox, running or stopped.
     pub fn list(home: Option<&std::path::Path>) -> Result<Vec<Record>> {
         StateDb::open(&Home::resolve(home)?)?.list()
+    }
+
+    /// Every known sandbox with how its last run ended (None while running or starting).
+    pub fn list_with_stops(home: Option<&std::path::Path>) -> Result<Vec<(Record, Option<stop_record::StopRecord>)>> {
+        let home = Home::resolve(home)?;
+        let recs = StateDb::open(&home)?.list()?;
+        Ok(recs.into_iter().map(|r| {
+            let stop = Self::stop_of(&home, &r);
+            (r, stop)
+        }).collect())
+    }
+
+    /// The record named `name` with how its last run ended.
+    pub fn record(home: Option<&std::path::Path>, name: &str) -> Result<(Record, Option<stop_record::StopRecord>)> {
+        config::validate_name(name)?;
+        let home = Home::resolve(home)?;
+        let rec = StateDb::open(&home)?
+            .get(name)?
+            .ok_or_else(|| Error::SandboxNotFound(format!("no sandbox named {name:?}")))?;
+        let stop = Self::stop_of(&home, &rec);
+        Ok((rec, stop))
+    }
+
+    fn stop_of(home: &Home, rec: &Record) -> Option<stop_record::StopRecord> {
+        (rec.status == Status::Stopped).then(|| {
+            stop_record::read(&home.sandbox_dir(&rec.name)).unwrap_or_else(stop_record::StopRecord::missing)
+        })
     }
 
     fn from_record(home: &Home, rec: Record) -> Result<Sandbox> {
@@ -535,11 +567,32 @@ impl Sandbox {
 
     /// Sends SIGKILL to the VM and its supervisor and returns at once.
     pub fn request_kill(&self) {
+        let sup = self.info.supervisor_pid;
+        if sup > 0 && crate::state::process_start_time(sup).is_some() {
+            self.record_kill(stop_record::source::KILL);
+        }
         for pid in [self.info.vmm_pid, self.info.supervisor_pid] {
             if pid > 0 && crate::state::process_start_time(pid).is_some() {
                 let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
             }
         }
+    }
+
+    /// Records a kill before sending it: the supervisor dies without writing, and it must
+    /// not report the VM's death (the first signal) as a crash either. Its own record, if it
+    /// was already stopping, is kept.
+    fn record_kill(&self, why: &str) {
+        let rec = stop_record::StopRecord::now("stopped", why, None, Some(nix::sys::signal::Signal::SIGKILL as i32));
+        let _ = stop_record::write(&self.home.sandbox_dir(&self.name), &rec, false);
+    }
+
+    /// How the last run ended, once it has: the stop record, or a crash when the
+    /// supervisor vanished without one. None while the sandbox runs.
+    pub fn last_stop(&self) -> Option<stop_record::StopRecord> {
+        if self.is_running() {
+            return None;
+        }
+        Some(stop_record::read(&self.home.sandbox_dir(&self.name)).unwrap_or_else(stop_record::StopRecord::missing))
     }
 
     /// Waits until the supervisor is gone (`None`: no limit). Returns false on timeout.
@@ -584,6 +637,9 @@ impl Sandbox {
         let was_running = self.is_running();
         self.stopped.store(true, Ordering::SeqCst);
         if was_running {
+            if self.info.supervisor_pid > 0 && crate::state::process_start_time(self.info.supervisor_pid).is_some() {
+                self.record_kill(stop_record::source::KILL);
+            }
             for pid in [self.info.vmm_pid, self.info.supervisor_pid] {
                 if pid > 0 {
                     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
@@ -638,6 +694,7 @@ impl Drop for Sandbox {
         // An owned sandbox dies with its handle: the child has kill_on_drop and closing the
         // liveness pipe makes the supervisor kill QEMU; this makes it immediate.
         if self.is_running() && self.owns_lifecycle() {
+            self.record_kill(stop_record::source::OWNER_EXITED);
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(self.info.vmm_pid as i32),
                 nix::sys::signal::Signal::SIGKILL,
