@@ -410,7 +410,7 @@ async fn pulls_and_builds_root_with_exact_metadata() {
     assert!(matches!(image::ensure_image(&home, &reference, &always, &mut |_| {}).await, Err(Error::Registry(_))));
 
     // remove refuses while a sandbox overlay uses the root; prune keeps what is referenced.
-    assert!(matches!(image::remove(&home, &reference, false).await, Err(Error::InvalidConfig(_))));
+    assert!(matches!(image::remove(&home, &reference, false).await, Err(Error::ImageInUse(_))));
     assert_eq!(image::prune(&home).await.unwrap(), 0);
     std::fs::remove_dir_all(&sb).unwrap();
     image::remove(&home, &reference, false).await.unwrap();
