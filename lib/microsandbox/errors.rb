@@ -128,7 +128,7 @@ module Microsandbox
   class CloudHttpError < Error; CODE = "cloud-http"; end
 
   # Error classes of the reference gem for capabilities this gem does not have yet
-  # (named volumes, snapshots, network policies, secrets, TLS interception). Never raised
+  # (named volumes, snapshots, secrets, TLS interception). Never raised
   # today; defined so that `rescue` clauses written against the reference gem resolve,
   # and raised by those capabilities when they exist.
   class VolumeNotFoundError < Error; CODE = "volume-not-found"; end
@@ -138,7 +138,6 @@ module Microsandbox
   class SnapshotSandboxRunningError < Error; CODE = "snapshot-sandbox-running"; end
   class SnapshotImageMissingError < Error; CODE = "snapshot-image-missing"; end
   class SnapshotIntegrityError < Error; CODE = "snapshot-integrity"; end
-  class NetworkPolicyError < Error; CODE = "network-policy-error"; end
   class SecretViolationError < Error; CODE = "secret-violation"; end
   class TlsError < Error; CODE = "tls-error"; end
 
@@ -153,6 +152,6 @@ module Microsandbox
     UnsupportedOperationError, UnsupportedError, CloudHttpError,
     VolumeNotFoundError, VolumeAlreadyExistsError, SnapshotNotFoundError, SnapshotAlreadyExistsError,
     SnapshotSandboxRunningError, SnapshotImageMissingError, SnapshotIntegrityError,
-    NetworkPolicyError, SecretViolationError, TlsError
+    SecretViolationError, TlsError
   ].to_h { |c| [c::CODE, c] }.freeze
 end
