@@ -10,7 +10,6 @@ require_relative "microsandbox/utf8_stream"
 require_relative "microsandbox/text"
 require_relative "microsandbox/exit_status"
 require_relative "microsandbox/exec_output"
-require_relative "microsandbox/exit_status"
 require_relative "microsandbox/exec_handle"
 
 begin
