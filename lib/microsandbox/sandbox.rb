@@ -49,6 +49,12 @@ module Microsandbox
       # @param oci_upper_size [Integer, nil] MiB the sandbox may write on top of a registry
       #   image (default 4096): a full disk is ENOSPC in the guest. Local directory roots
       #   ignore it (they get a private disk with 512 MiB free)
+      # @param network [String, Symbol, NetworkPolicy, Hash, nil] the network policy (see
+      #   {NetworkPolicy.coerce}). "allow_all" (aliases "all", "allow-all") gives the guest a
+      #   NIC (eth0, a default route, DNS through the gateway and `host.microsandbox.internal`
+      #   for the host's loopback). "public_only" (the default), the other presets and custom
+      #   policies boot without a NIC until policy enforcement lands
+      # @raise [NetworkPolicyError] for a malformed `network:` (names the key, not the value)
       # @param hostname [String, nil] guest hostname (default: the sandbox name)
       # @param user [String, nil] default guest user of commands (default: the image's
       #   `User`, else root)
@@ -74,12 +80,13 @@ module Microsandbox
                  accel: nil, boot_timeout: nil, max_duration: nil, idle_timeout: nil, hostname: nil, user: nil, labels: {},
                  detached: false, replace: false, replace_with_timeout: nil, pull_policy: nil,
                  registry_auth: nil, registry_insecure: false, registry_ca_certs: nil,
-                 entrypoint: nil, scripts: {}, patches: [], oci_upper_size: nil, &block)
+                 entrypoint: nil, scripts: {}, patches: [], oci_upper_size: nil, network: nil, &block)
         config = build_config(name, image, cpus, memory, env, workdir, accel, boot_timeout)
         config["hostname"] = Validate.string!("hostname", hostname) if hostname
         config["user"] = Validate.string!("user", user) if user
         config["entrypoint"] = Validate.string_array!("entrypoint", entrypoint).map { |a| Validate.utf8!("entrypoint", a) } if entrypoint
         config["oci_upper_size_mib"] = Validate.positive_integer!("oci_upper_size", oci_upper_size) if oci_upper_size
+        config["network"] = NetworkPolicy.coerce(network).to_h unless network.nil?
         config.merge!(Image.registry_options(pull_policy: pull_policy, registry_auth: registry_auth,
                                              registry_insecure: registry_insecure,
                                              registry_ca_certs: registry_ca_certs))

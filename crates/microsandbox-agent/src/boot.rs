@@ -19,6 +19,8 @@ use crate::{port, procfs};
 
 /// Kernel modules to load, one path per line relative to [`MODULE_DIR`], in load order.
 const MODULE_LIST: &str = "/lib/modules.order";
+/// Modules of the guest NIC (same format), loaded only when the sandbox has one.
+const NET_MODULE_LIST: &str = "/lib/modules.net.order";
 const MODULE_DIR: &str = "/lib/modules";
 /// The root disk: the first virtio-blk device.
 const ROOT_DEV: &str = "/dev/vda";
@@ -39,7 +41,10 @@ type Step<T = ()> = Result<T, String>;
 pub fn boot() -> Step<File> {
     mount_pseudo_fs()?;
     ensure_std_fds();
-    load_modules()?;
+    load_modules(MODULE_LIST)?;
+    if has_nic()? {
+        load_modules(NET_MODULE_LIST)?;
+    }
     let dev = wait_for_devices()?;
     let port = port::open(&dev).map_err(|e| format!("cannot open /dev/{dev}: {e}"))?;
     // Best effort: only a tuning knob.
@@ -115,11 +120,17 @@ pub fn module_list(text: &str) -> Vec<&str> {
         .collect()
 }
 
-fn load_modules() -> Step {
-    let text = match fs::read_to_string(MODULE_LIST) {
+/// True when the kernel command line configures a NIC (`msb.net=`).
+fn has_nic() -> Step<bool> {
+    let cmdline = fs::read_to_string("/proc/cmdline").map_err(|e| format!("cannot read /proc/cmdline: {e}"))?;
+    Ok(procfs::net(&cmdline).is_some())
+}
+
+fn load_modules(list: &str) -> Step {
+    let text = match fs::read_to_string(list) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(format!("cannot read {MODULE_LIST}: {e}")),
+        Err(e) => return Err(format!("cannot read {list}: {e}")),
     };
     for name in module_list(&text) {
         let path = Path::new(MODULE_DIR).join(name);

@@ -15,6 +15,14 @@
 //!   denied names, refusal of malformed messages, rebind protection), the `dns:` options
 //!   ([`dns::DnsConfig`]) and the pin set ([`dns::PinSet`]) that ties domain rules to the
 //!   addresses this sandbox resolved.
+//! - [`config`]: what the engine hands the supervisor for a NIC ([`config::NetworkConfig`]:
+//!   addresses, MACs, MTU, limits).
+//! - [`frame`] (pure): QEMU's `-netdev stream` framing, a bounded incremental decoder.
+//! - [`guard`] (pure): the first look at each guest frame — spoofed senders and unknown
+//!   protocols are dropped, TCP SYNs are singled out for the host-side connect.
+//! - [`device`]: the smoltcp device, two bounded frame queues (the back-pressure point).
+//! - [`stack`]: the event loop on its own thread — link, smoltcp, TCP relay to host
+//!   sockets.
 //!
 //! - `fuzzing` (hidden): the entry points of the `cargo fuzz` targets in `fuzz/`, also
 //!   replayed over the checked-in corpus by `tests/fuzz_corpus.rs` on stable.
@@ -22,8 +30,15 @@
 //! Invariant: nothing read from the guest is trusted; every parser here is bounded and
 //! every decision defaults to deny when its input is malformed.
 
+pub mod config;
+pub mod device;
 pub mod dns;
 pub mod flow;
+pub mod frame;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod guard;
 pub mod policy;
+pub mod stack;
+
+pub use config::NetworkConfig;

@@ -11,6 +11,7 @@ mod flow;
 mod liveness;
 mod logbook;
 mod main_process;
+mod net;
 mod patches;
 mod router;
 mod transfer;

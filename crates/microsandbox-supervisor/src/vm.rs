@@ -46,7 +46,10 @@ fn bind(path: &Path) -> std::io::Result<UnixListener> {
     UnixListener::bind(path)
 }
 
-fn spawn_qemu(spec: &SupervisorSpec) -> std::io::Result<Child> {
+/// Spawns QEMU; with `nic`, QEMU inherits that socket at `qemu::NET_FD` (its NIC).
+fn spawn_qemu(spec: &SupervisorSpec, nic: Option<&std::os::unix::net::UnixStream>) -> std::io::Result<Child> {
+    use std::os::fd::AsRawFd;
+    let nic_fd = nic.map(|s| s.as_raw_fd());
     let log = std::fs::File::create(spec.sandbox_dir.join("qemu.log"))?;
     let mut cmd = Command::new(&spec.qemu);
     cmd.args(&spec.qemu_args)
@@ -64,6 +67,14 @@ fn spawn_qemu(spec: &SupervisorSpec) -> std::io::Result<Child> {
             }
             if libc::getppid() != parent {
                 libc::_exit(1); // the supervisor already died
+            }
+            if let Some(fd) = nic_fd {
+                let target = microsandbox::vmm::qemu::NET_FD;
+                // dup2 onto the same number would keep close-on-exec: clear it instead.
+                let r = if fd == target { libc::fcntl(fd, libc::F_SETFD, 0) } else { libc::dup2(fd, target) };
+                if r < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             Ok(())
         });
@@ -127,7 +138,22 @@ pub async fn supervise(spec: SupervisorSpec, report: fn(&StartupReport)) -> u8 {
         }
     };
     let started = Instant::now();
-    let mut qemu = match spawn_qemu(&spec) {
+    // The NIC: one end of a socketpair goes to QEMU, the other to the stack's thread.
+    let nic = match spec.network.as_ref().map(|_| std::os::unix::net::UnixStream::pair()).transpose() {
+        Ok(pair) => pair,
+        Err(e) => {
+            cleanup(&spec);
+            return fail(format!("cannot create the NIC socketpair: {e}"));
+        }
+    };
+    let spawned = spawn_qemu(&spec, nic.as_ref().map(|(_, qemu_end)| qemu_end));
+    if let (Some((stack_end, qemu_end)), Some(cfg)) = (nic, spec.network.clone()) {
+        drop(qemu_end);
+        if spawned.is_ok() {
+            crate::net::start(stack_end, cfg);
+        }
+    }
+    let mut qemu = match spawned {
         Ok(c) => c,
         Err(e) => {
             cleanup(&spec);

@@ -12,6 +12,9 @@ pub enum Error {
     /// A create/exec option is invalid; nothing was started.
     #[error("{0}")]
     InvalidConfig(String),
+    /// A malformed `network:` or `dns:` value (the message names the key, never a value).
+    #[error("{0}")]
+    NetworkPolicy(String),
     /// No sandbox of that name exists (or it is stopped).
     #[error("{0}")]
     SandboxNotFound(String),
@@ -90,6 +93,7 @@ impl Error {
     pub fn code(&self) -> &'static str {
         match self {
             Error::InvalidConfig(_) => "invalid-config",
+            Error::NetworkPolicy(_) => "network-policy-error",
             Error::SandboxNotFound(_) => "sandbox-not-found",
             Error::SandboxAlreadyExists(_) => "sandbox-already-exists",
             Error::SandboxStillRunning(_) => "sandbox-still-running",

@@ -114,12 +114,19 @@ pub fn install(home: &Home, bundle: &Bundle, force: bool, progress: &mut dyn FnM
     progress("building initramfs");
     let index = modules::index(&kernel.modules_dir)?;
     let mut mods = Vec::new();
-    for path in modules::load_order(modules::REQUIRED, &index)? {
+    let required = modules::load_order(modules::REQUIRED, &index)?;
+    for path in &required {
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
-        mods.push((name, std::fs::read(&path).context(|| format!("reading {}", path.display()))?));
+        mods.push((name, std::fs::read(path).context(|| format!("reading {}", path.display()))?));
+    }
+    // The NIC's modules, minus those every sandbox loads anyway (virtio_ring, virtio).
+    let mut net_mods = Vec::new();
+    for path in modules::load_order(modules::NETWORK, &index)?.into_iter().filter(|p| !required.contains(p)) {
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        net_mods.push((name, std::fs::read(&path).context(|| format!("reading {}", path.display()))?));
     }
     let agent = std::fs::read(&bundle.agent).context(|| format!("reading {}", bundle.agent.display()))?;
-    initramfs::build(&agent, &mods, &runtime_dir.join("initramfs.cpio"))?;
+    initramfs::build(&agent, &mods, &net_mods, &runtime_dir.join("initramfs.cpio"))?;
 
     let supervisor = std::fs::read(&bundle.supervisor).context(|| format!("reading {}", bundle.supervisor.display()))?;
     write_atomic(&home.supervisor_path(), &supervisor)?;

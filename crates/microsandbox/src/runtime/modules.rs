@@ -12,6 +12,9 @@ use crate::error::{Error, IoContext, Result};
 
 /// Modules the guest needs: PCI transport, the agent's serial port and the root disk.
 pub const REQUIRED: &[&str] = &["virtio_pci", "virtio_console", "virtio_blk"];
+/// Modules for the guest NIC (with their dependencies, e.g. `net_failover`), loaded only
+/// by sandboxes that have one.
+pub const NETWORK: &[&str] = &["virtio_net"];
 
 /// Module names treat `-` and `_` alike.
 fn normalize(name: &str) -> String {

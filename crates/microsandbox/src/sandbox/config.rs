@@ -78,6 +78,9 @@ pub struct SandboxConfig {
     /// the guest grows the root filesystem into it. Local directory roots ignore it.
     #[serde(default)]
     pub oci_upper_size_mib: Option<u64>,
+    /// `network:` as Ruby sends it (a preset name for now; see `sandbox::network`).
+    #[serde(default)]
+    pub network: Option<serde_json::Value>,
     /// Engine home; defaults to `$MICROSANDBOX_HOME` or `~/.microsandbox`.
     #[serde(default)]
     pub home: Option<PathBuf>,
@@ -219,6 +222,7 @@ impl SandboxConfig {
             )));
         }
         validate_env(&self.env)?;
+        super::network::validate(self.network.as_ref())?;
         if let Some(w) = &self.workdir {
             validate_guest_path("workdir", w)?;
         }

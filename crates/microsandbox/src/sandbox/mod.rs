@@ -10,6 +10,7 @@ pub mod config;
 mod exec;
 pub mod logs;
 pub mod metrics;
+pub mod network;
 mod fs;
 pub mod patch;
 mod owner;
@@ -217,18 +218,25 @@ impl Sandbox {
             (dir.join(PRIVATE_DISK), "raw")
         };
         let transfer = transfer::prepare(&dir)?;
+        let network = network::nic(cfg.network.as_ref())?;
+        let mut cmdline = vmm::qemu::cmdline(&cfg.hostname.clone().unwrap_or_else(|| config::default_hostname(&cfg.name)));
+        if let Some(n) = &network {
+            cmdline.push(' ');
+            cmdline.push_str(&n.kernel_param());
+        }
         let vm = VmSpec {
             accel,
             cpus: cfg.cpus as u32,
             memory_mib: cfg.memory_mib as u32,
             kernel: rt.kernel.clone(),
             initramfs: rt.initramfs.clone(),
-            cmdline: vmm::qemu::cmdline(&cfg.hostname.clone().unwrap_or_else(|| config::default_hostname(&cfg.name))),
+            cmdline,
             root_disk: root_disk.clone(),
             root_format,
             agent_socket: agent_socket.clone(),
             console_log: dir.join("console.log"),
             transfer_disk: Some(transfer.path.clone()),
+            nic: network.as_ref().map(|n| vmm::Nic { mac: n.guest_mac_string(), mtu: n.mtu }),
         };
         let spec = SupervisorSpec {
             name: cfg.name.clone(),
@@ -247,6 +255,7 @@ impl Sandbox {
             main: main_request(&cfg)?,
             patches_file: write_patches(&dir, patches)?,
             transfer: Some(transfer),
+            network,
         };
         let spec_path = dir.join(spec::SPEC_FILE);
         std::fs::write(&spec_path, serde_json::to_vec_pretty(&spec).unwrap())

@@ -44,6 +44,9 @@ pub struct SupervisorSpec {
     /// filesystem sessions; `None`: every transfer moves as frames.
     #[serde(default)]
     pub transfer: Option<super::transfer::TransferSpec>,
+    /// The guest NIC's stack; `None`: no NIC.
+    #[serde(default)]
+    pub network: Option<microsandbox_network::NetworkConfig>,
 }
 
 /// First line the supervisor prints on stdout: it booted, or why it did not.

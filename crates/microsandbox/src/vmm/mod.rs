@@ -25,4 +25,14 @@ pub struct VmSpec {
     /// Raw sparse file attached as the bulk-transfer virtio-blk disk (serial
     /// [`microsandbox_protocol::TRANSFER_DISK_SERIAL`]), if any.
     pub transfer_disk: Option<PathBuf>,
+    /// The guest NIC, if any: QEMU finds its end of the stream socketpair at
+    /// [`qemu::NET_FD`] (the supervisor puts it there).
+    pub nic: Option<Nic>,
+}
+
+/// The virtio-net device of a sandbox with a network.
+#[derive(Debug, Clone)]
+pub struct Nic {
+    pub mac: String,
+    pub mtu: u32,
 }

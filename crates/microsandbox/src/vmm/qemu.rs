@@ -57,9 +57,28 @@ pub fn args(spec: &VmSpec) -> Vec<String> {
         "-chardev".into(), format!("socket,id=agent,path={}", p(&spec.agent_socket)),
         "-device".into(), format!("virtserialport,chardev=agent,name={}", microsandbox_protocol::AGENT_PORT_NAME),
     ];
+    a.extend(nic_args(spec));
     a.extend(transfer_disk_args(spec));
     a.shrink_to_fit();
     a
+}
+
+/// The descriptor number at which QEMU inherits its end of the NIC's stream socketpair.
+/// High enough that nothing else the supervisor opens before spawning QEMU sits there.
+pub const NET_FD: i32 = 100;
+
+/// The guest NIC: `-netdev stream` on an inherited, already connected socket (no socket
+/// path anyone else could connect to), as a client (`server=off`: the fd is the
+/// connection). `host_mtu` tells the guest driver the MTU; no offloads exist on this
+/// back-end, so large frames are what keeps the guest's packet count down.
+fn nic_args(spec: &VmSpec) -> Vec<String> {
+    let Some(nic) = &spec.nic else { return Vec::new() };
+    vec![
+        "-netdev".into(),
+        format!("stream,id=net0,server=off,addr.type=fd,addr.str={NET_FD}"),
+        "-device".into(),
+        format!("virtio-net-pci,netdev=net0,mac={},host_mtu={}", nic.mac, nic.mtu),
+    ]
 }
 
 /// The bulk-transfer disk (see `sandbox::transfer`): last on the PCI bus, so the root
@@ -114,6 +133,7 @@ mod tests {
             agent_socket: "/a.sock".into(),
             console_log: "/c.log".into(),
             transfer_disk: None,
+            nic: None,
         };
         let a = args(&spec).join(" ");
         assert!(a.contains("-accel tcg,thread=multi"));
@@ -122,6 +142,9 @@ mod tests {
         assert!(a.contains("name=msb.agent"));
         assert!(a.contains("werror=report,rerror=report"), "a full host disk must not pause the VM");
         assert!(!a.contains("transfer"));
+        assert!(!a.contains("netdev"), "no NIC unless asked");
+        let with_nic = args(&VmSpec { nic: Some(super::super::Nic { mac: "02:00:00:00:00:02".into(), mtu: 9000 }), ..spec.clone() }).join(" ");
+        assert!(with_nic.contains("-netdev stream,id=net0,server=off,addr.type=fd,addr.str=100 -device virtio-net-pci,netdev=net0,mac=02:00:00:00:00:02,host_mtu=9000"), "{with_nic}");
         let a = args(&VmSpec { transfer_disk: Some("/t.raw".into()), ..spec }).join(" ");
         assert!(a.ends_with("-drive file=/t.raw,if=none,id=transfer,format=raw,cache=unsafe,werror=report,rerror=report -device virtio-blk-pci,drive=transfer,serial=msb.transfer"), "{a}");
     }

@@ -1,0 +1,186 @@
+//! The first look at every frame the guest sends: who may speak, and what needs the
+//! stack's attention before smoltcp sees it. Pure code (bytes in, verdict out), so it is
+//! unit-tested and fuzzed without sockets.
+//!
+//! Invariants: a frame passes only if it carries the guest's own MAC and (for IPv4 and
+//! ARP) the guest's own IPv4 address as the sender — a guest cannot spoof another host on
+//! the link or claim the gateway. Everything not understood (IPv6 for now, VLAN tags,
+//! other ethertypes) is dropped, never forwarded.
+
+use std::net::Ipv4Addr;
+
+use smoltcp::wire::{ArpPacket, EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet, TcpPacket};
+
+/// A new TCP connection attempt: the stack connects to the host side first and only then
+/// lets smoltcp answer the SYN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Syn {
+    pub src_port: u16,
+    pub dst: Ipv4Addr,
+    pub dst_port: u16,
+}
+
+/// What to do with one frame from the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ingress {
+    /// Hand it to smoltcp.
+    Stack,
+    /// A TCP SYN (without ACK) from the guest.
+    Syn(Syn),
+    /// Drop it; the reason is for counters and logs.
+    Drop(DropReason),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    Malformed,
+    SpoofedMac,
+    SpoofedIp,
+    UnsupportedProtocol,
+}
+
+/// The guest's identity on the link.
+#[derive(Debug, Clone, Copy)]
+pub struct Identity {
+    pub guest_mac: [u8; 6],
+    pub guest_ip: Ipv4Addr,
+}
+
+/// Classifies one Ethernet frame from the guest.
+pub fn inspect(frame: &[u8], me: &Identity) -> Ingress {
+    let Ok(eth) = EthernetFrame::new_checked(frame) else { return Ingress::Drop(DropReason::Malformed) };
+    if eth.src_addr().0 != me.guest_mac {
+        return Ingress::Drop(DropReason::SpoofedMac);
+    }
+    match eth.ethertype() {
+        EthernetProtocol::Arp => {
+            let Ok(arp) = ArpPacket::new_checked(eth.payload()) else { return Ingress::Drop(DropReason::Malformed) };
+            // The sender must be the guest (0.0.0.0 is an address probe, RFC 5227).
+            let spa = arp.source_protocol_addr();
+            if arp.source_hardware_addr() != me.guest_mac
+                || (spa != me.guest_ip.octets() && spa != [0, 0, 0, 0])
+            {
+                return Ingress::Drop(DropReason::SpoofedIp);
+            }
+            Ingress::Stack
+        }
+        EthernetProtocol::Ipv4 => {
+            let Ok(ip) = Ipv4Packet::new_checked(eth.payload()) else { return Ingress::Drop(DropReason::Malformed) };
+            if ip.src_addr() != me.guest_ip {
+                return Ingress::Drop(DropReason::SpoofedIp);
+            }
+            if ip.next_header() != IpProtocol::Tcp || ip.more_frags() || ip.frag_offset() != 0 {
+                return Ingress::Stack;
+            }
+            let Ok(tcp) = TcpPacket::new_checked(ip.payload()) else { return Ingress::Drop(DropReason::Malformed) };
+            if tcp.syn() && !tcp.ack() && !tcp.rst() && !tcp.fin() {
+                return Ingress::Syn(Syn { src_port: tcp.src_port(), dst: ip.dst_addr(), dst_port: tcp.dst_port() });
+            }
+            Ingress::Stack
+        }
+        _ => Ingress::Drop(DropReason::UnsupportedProtocol),
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use smoltcp::phy::ChecksumCapabilities;
+    use smoltcp::wire::{
+        ArpOperation, ArpRepr, EthernetAddress, EthernetRepr, IpAddress, Ipv4Repr, TcpControl, TcpRepr, TcpSeqNumber,
+    };
+
+    pub const GUEST_MAC: [u8; 6] = [2, 0, 0, 0, 0, 2];
+    pub const GUEST_IP: Ipv4Addr = Ipv4Addr::new(172, 16, 0, 2);
+
+    pub fn me() -> Identity {
+        Identity { guest_mac: GUEST_MAC, guest_ip: GUEST_IP }
+    }
+
+    /// An Ethernet frame from `mac`/`src` carrying a TCP segment with `control`.
+    pub fn tcp_frame(mac: [u8; 6], src: Ipv4Addr, dst: Ipv4Addr, control: TcpControl, ack: bool) -> Vec<u8> {
+        let tcp = TcpRepr {
+            src_port: 40000,
+            dst_port: 80,
+            control,
+            seq_number: TcpSeqNumber(1),
+            ack_number: ack.then_some(TcpSeqNumber(1)),
+            window_len: 1000,
+            window_scale: None,
+            max_seg_size: None,
+            sack_permitted: false,
+            sack_ranges: [None, None, None],
+            timestamp: None,
+            payload: &[],
+        };
+        let ip = Ipv4Repr { src_addr: src, dst_addr: dst, next_header: IpProtocol::Tcp, payload_len: tcp.buffer_len(), hop_limit: 64 };
+        let eth = EthernetRepr { src_addr: EthernetAddress(mac), dst_addr: EthernetAddress([2, 0, 0, 0, 0, 1]), ethertype: EthernetProtocol::Ipv4 };
+        let mut buf = vec![0u8; eth.buffer_len() + ip.buffer_len() + tcp.buffer_len()];
+        let mut f = EthernetFrame::new_unchecked(&mut buf);
+        eth.emit(&mut f);
+        let mut p = Ipv4Packet::new_unchecked(f.payload_mut());
+        let caps = ChecksumCapabilities::default();
+        ip.emit(&mut p, &caps);
+        let mut t = TcpPacket::new_unchecked(p.payload_mut());
+        tcp.emit(&mut t, &IpAddress::Ipv4(src), &IpAddress::Ipv4(dst), &caps);
+        buf
+    }
+
+    fn arp_frame(mac: [u8; 6], spa: Ipv4Addr) -> Vec<u8> {
+        let arp = ArpRepr::EthernetIpv4 {
+            operation: ArpOperation::Request,
+            source_hardware_addr: EthernetAddress(mac),
+            source_protocol_addr: spa,
+            target_hardware_addr: EthernetAddress([0; 6]),
+            target_protocol_addr: Ipv4Addr::new(172, 16, 0, 1),
+        };
+        let eth = EthernetRepr { src_addr: EthernetAddress(mac), dst_addr: EthernetAddress::BROADCAST, ethertype: EthernetProtocol::Arp };
+        let mut buf = vec![0u8; eth.buffer_len() + arp.buffer_len()];
+        let mut f = EthernetFrame::new_unchecked(&mut buf);
+        eth.emit(&mut f);
+        arp.emit(&mut ArpPacket::new_unchecked(f.payload_mut()));
+        buf
+    }
+
+    #[test]
+    fn syn_is_singled_out() {
+        let dst = Ipv4Addr::new(203, 0, 113, 10);
+        let f = tcp_frame(GUEST_MAC, GUEST_IP, dst, TcpControl::Syn, false);
+        assert_eq!(inspect(&f, &me()), Ingress::Syn(Syn { src_port: 40000, dst, dst_port: 80 }));
+        // SYN-ACK, plain ACK, FIN: ordinary segments for smoltcp.
+        assert_eq!(inspect(&tcp_frame(GUEST_MAC, GUEST_IP, dst, TcpControl::Syn, true), &me()), Ingress::Stack);
+        assert_eq!(inspect(&tcp_frame(GUEST_MAC, GUEST_IP, dst, TcpControl::None, true), &me()), Ingress::Stack);
+        assert_eq!(inspect(&tcp_frame(GUEST_MAC, GUEST_IP, dst, TcpControl::Fin, true), &me()), Ingress::Stack);
+    }
+
+    #[test]
+    fn spoofed_senders_are_dropped() {
+        let dst = Ipv4Addr::new(203, 0, 113, 10);
+        let other_mac = [2, 0, 0, 0, 0, 9];
+        assert_eq!(inspect(&tcp_frame(other_mac, GUEST_IP, dst, TcpControl::Syn, false), &me()), Ingress::Drop(DropReason::SpoofedMac));
+        let gw = Ipv4Addr::new(172, 16, 0, 1);
+        assert_eq!(inspect(&tcp_frame(GUEST_MAC, gw, dst, TcpControl::Syn, false), &me()), Ingress::Drop(DropReason::SpoofedIp));
+        assert_eq!(inspect(&arp_frame(GUEST_MAC, GUEST_IP), &me()), Ingress::Stack);
+        assert_eq!(inspect(&arp_frame(GUEST_MAC, Ipv4Addr::UNSPECIFIED), &me()), Ingress::Stack);
+        assert_eq!(inspect(&arp_frame(GUEST_MAC, gw), &me()), Ingress::Drop(DropReason::SpoofedIp), "ARP claiming the gateway");
+    }
+
+    #[test]
+    fn junk_is_dropped() {
+        assert_eq!(inspect(&[], &me()), Ingress::Drop(DropReason::Malformed));
+        assert_eq!(inspect(&[0u8; 13], &me()), Ingress::Drop(DropReason::Malformed));
+        let mut f = tcp_frame(GUEST_MAC, GUEST_IP, Ipv4Addr::new(1, 2, 3, 4), TcpControl::Syn, false);
+        f[12..14].copy_from_slice(&[0x86, 0xdd]);
+        assert_eq!(inspect(&f, &me()), Ingress::Drop(DropReason::UnsupportedProtocol));
+        f[12..14].copy_from_slice(&[0x81, 0x00]);
+        assert_eq!(inspect(&f, &me()), Ingress::Drop(DropReason::UnsupportedProtocol), "VLAN tags");
+        let mut f = tcp_frame(GUEST_MAC, GUEST_IP, Ipv4Addr::new(1, 2, 3, 4), TcpControl::Syn, false);
+        f[14] = 0x4f; // IHL 15: header longer than the packet
+        assert_eq!(inspect(&f, &me()), Ingress::Drop(DropReason::Malformed));
+        // Every truncation of a valid frame is handled without panicking.
+        let f = tcp_frame(GUEST_MAC, GUEST_IP, Ipv4Addr::new(1, 2, 3, 4), TcpControl::Syn, false);
+        for n in 0..f.len() {
+            let _ = inspect(&f[..n], &me());
+        }
+    }
+}

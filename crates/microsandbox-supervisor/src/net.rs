@@ -1,0 +1,26 @@
+//! Drives the sandbox's network stack (`microsandbox_network::stack`) on its own thread.
+//!
+//! The thread ends by itself when QEMU closes its end of the NIC socketpair (the VM
+//! ended), so the supervisor never has to stop it.
+
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+
+use microsandbox_network::stack::{Counters, Stack};
+use microsandbox_network::NetworkConfig;
+
+/// Starts the stack for `link`; failures are reported on stderr (the supervisor log).
+pub fn start(link: UnixStream, cfg: NetworkConfig) -> Arc<Counters> {
+    let counters = Arc::new(Counters::default());
+    let c = counters.clone();
+    let spawned = std::thread::Builder::new().name("msb-net".into()).spawn(move || {
+        let result = Stack::new(link, cfg, c).and_then(Stack::run);
+        if let Err(e) = result {
+            eprintln!("msb: the network stack stopped: {e}");
+        }
+    });
+    if let Err(e) = spawned {
+        eprintln!("msb: cannot start the network stack thread: {e}");
+    }
+    counters
+}
