@@ -23,7 +23,11 @@
 //! - [`device`]: the smoltcp device, two bounded frame queues (the back-pressure point).
 //! - [`stack`]: the event loop on its own thread — link, smoltcp, TCP relay to host
 //!   sockets.
-//!
+//! - [`secrets`]: the placeholder substitution engine ([`secrets::Substituter`]) over one
+//!   decrypted guest→upstream HTTP/1.x stream, the validated secret set and the streaming
+//!   placeholder scanner (every encoding a guest can hide one in).
+//! - [`tls`]: TLS interception — the per-sandbox CA, leaf certificates by SNI (bounded
+//!   cache, the rustls resolver), the guest-facing and upstream rustls configurations.
 //! - `fuzzing` (hidden): the entry points of the `cargo fuzz` targets in `fuzz/`, also
 //!   replayed over the checked-in corpus by `tests/fuzz_corpus.rs` on stable.
 //!
@@ -40,5 +44,7 @@ pub mod fuzzing;
 pub mod guard;
 pub mod policy;
 pub mod stack;
+pub mod secrets;
+pub mod tls;
 
 pub use config::NetworkConfig;
