@@ -472,10 +472,8 @@ impl Substituter {
                 }
             } else if n.eq_ignore_ascii_case("upgrade") {
                 upgrade = true;
-            } else if n.eq_ignore_ascii_case("content-encoding") {
-                if encoding.replace(h.value).is_some() {
-                    return Err(Refusal::Unsupported("more than one Content-Encoding header"));
-                }
+            } else if n.eq_ignore_ascii_case("content-encoding") && encoding.replace(h.value).is_some() {
+                return Err(Refusal::Unsupported("more than one Content-Encoding header"));
             }
         }
         let host = match host_hdr {
@@ -578,7 +576,7 @@ impl Substituter {
         new_head.extend_from_slice(b"\r\n");
 
         // Body.
-        let identity = encoding.map_or(true, |e| trim(e).eq_ignore_ascii_case(b"identity"));
+        let identity = encoding.is_none_or(|e| trim(e).eq_ignore_ascii_case(b"identity"));
         let body_subs: Vec<usize> = if identity { subs_where(|j| j.body) } else { Vec::new() };
         let inflater = if !identity && !violators.is_empty() {
             let sink = InflateScan { scanner: Scanner::new(vpats.clone()), hit: None, total: 0 };

@@ -152,7 +152,7 @@ fn hostile_table() {
         ("CONNECT inside the tunnel", "", allowed,
          b(&format!("CONNECT {evil}:443 HTTP/1.1\r\nHost: {evil}:443\r\n\r\n")), Want::Unsupported),
         ("head over 64 KiB", "", allowed,
-         { let mut r = format!("GET / HTTP/1.1\r\nHost: {allowed}\r\nX: ").into_bytes(); r.extend(std::iter::repeat(b'a').take(70_000)); r.extend_from_slice(b"\r\n\r\n"); r }, Want::TooLarge),
+         { let mut r = format!("GET / HTTP/1.1\r\nHost: {allowed}\r\nX: ").into_bytes(); r.extend(std::iter::repeat_n(b'a', 70_000)); r.extend_from_slice(b"\r\n\r\n"); r }, Want::TooLarge),
         ("the other secret to its own host is fine, this one is not", "", "other.example.com",
          b(&format!("GET / HTTP/1.1\r\nHost: other.example.com\r\nA: $MSB_OTHER\r\nB: {p}\r\n\r\n")), Want::Violation("API_KEY", Part::Header)),
         ("clean request to other host passes untouched", "", evil,
