@@ -17,9 +17,10 @@ module Microsandbox
 
   # One entry of {FS#list}.
   class FsEntry
-    # @return [String] file name
+    # @return [String] file name, exactly: UTF-8 when its bytes are UTF-8, else a binary
+    #   (ASCII-8BIT) String with the raw bytes. Either form names the file when passed back.
     attr_reader :name
-    # @return [String] absolute guest path
+    # @return [String] absolute guest path (UTF-8 or binary, like {#name})
     attr_reader :path
     # @return [Symbol] :file, :directory, :symlink or :other (symlinks are not followed)
     attr_reader :kind
@@ -207,7 +208,8 @@ module Microsandbox
   end
 
   # The guest filesystem of a running sandbox ({Sandbox#fs}). Paths are absolute guest
-  # paths; data is binary-safe. Each call is its own session: calls may run concurrently
+  # paths and, like Linux names, bytes: any String works, UTF-8 or binary (`"/tmp/a\xFF".b`);
+  # only NUL is refused. Names from {#list} come back exact. Data is binary-safe. Each call is its own session: calls may run concurrently
   # from several threads, and `Thread#kill`/`Timeout.timeout` cancel them.
   #
   # Errors in the guest raise {FilesystemError} whose message names the path and the
@@ -302,7 +304,7 @@ module Microsandbox
       dir = guest_path!(path)
       base = dir.end_with?("/") ? dir : "#{dir}/"
       @native.fs_list(dir).map do |name, kind, size, mode, sec, nsec|
-        FsEntry.new(name: name, path: base + name, kind: kind, size: size, mode: mode,
+        FsEntry.new(name: name, path: FS.join_bytes(base, name), kind: kind, size: size, mode: mode,
                     modified: Time.at(sec, nsec, :nsec))
       end
     end
@@ -321,8 +323,7 @@ module Microsandbox
     # @param guest_path [String]
     # @return [Integer] bytes copied
     def copy_from_host(host_path, guest_path)
-      host = File.expand_path(Validate.string!("host_path", host_path.respond_to?(:to_path) ? host_path.to_path : host_path))
-      @native.fs_copy_from_host(host, guest_path!(guest_path, "guest_path"))
+      @native.fs_copy_from_host(host_path!(host_path), guest_path!(guest_path, "guest_path"))
     end
 
     # Downloads a guest file to the host, streaming. A failed download leaves no file.
@@ -330,8 +331,7 @@ module Microsandbox
     # @param host_path [String]
     # @return [Integer] bytes copied
     def copy_to_host(guest_path, host_path)
-      host = File.expand_path(Validate.string!("host_path", host_path.respond_to?(:to_path) ? host_path.to_path : host_path))
-      @native.fs_copy_to_host(guest_path!(guest_path, "guest_path"), host)
+      @native.fs_copy_to_host(guest_path!(guest_path, "guest_path"), host_path!(host_path))
     end
 
     # Reads a file in chunks (at most 4 MiB each), for files larger than memory.
@@ -382,12 +382,39 @@ module Microsandbox
 
     private
 
+    # The path's bytes (a binary String): guest names are bytes, so any encoding is
+    # accepted (an encoding that is not ASCII-compatible, like UTF-16, is converted to
+    # UTF-8 first, as the name's characters are meant).
     def guest_path!(path, name = "path")
-      path = Validate.utf8!(name, Validate.string!(name, path))
-      raise InvalidConfigError, "#{name} must not contain NUL bytes" if path.include?("\0")
-      raise InvalidConfigError, "#{name} must be an absolute guest path (got #{path.inspect})" unless path.start_with?("/")
+      path = Validate.string!(name, path)
+      path = path.encode(Encoding::UTF_8) unless path.encoding.ascii_compatible?
+      raw = path.b
+      raise InvalidConfigError, "#{name} must not contain NUL bytes" if raw.include?("\0")
+      raise InvalidConfigError, "#{name} must be an absolute guest path (got #{path.inspect})" unless raw.start_with?("/")
 
-      path
+      raw
+    end
+
+    # An absolute host path as bytes (host names are bytes too).
+    def host_path!(path)
+      path = Validate.string!("host_path", path.respond_to?(:to_path) ? path.to_path : path)
+      raise InvalidConfigError, "host_path must not contain NUL bytes" if path.b.include?("\0")
+
+      return path.b if path.b.start_with?("/")
+
+      begin
+        File.expand_path(path).b # relative and "~" forms, as before
+      rescue EncodingError
+        FS.join_bytes("#{Dir.pwd}/", path).b
+      end
+    end
+
+    # @api private
+    # `a` + `b` by bytes: UTF-8 when the result is valid UTF-8, else binary.
+    def self.join_bytes(a, b)
+      raw = a.b + b.b
+      utf8 = raw.dup.force_encoding(Encoding::UTF_8)
+      utf8.valid_encoding? ? utf8 : raw
     end
   end
 end

@@ -11,6 +11,8 @@ RSpec.describe "Sandbox#fs in a real VM" do
 
   after(:all) { @sb&.kill }
 
+  FS_JOIN = ->(dir, name) { "#{dir.b}/".b + name.b }
+
   let(:sb) { @sb }
   let(:fs) { @sb.fs }
   let(:dir) { "/tmp/#{SecureRandom.hex(4)}" }
@@ -120,6 +122,57 @@ RSpec.describe "Sandbox#fs in a real VM" do
     expect { fs.read(dir) }.to raise_error(Microsandbox::FilesystemError, /EISDIR/)
     expect { fs.list("#{dir}/plain") }.to raise_error(Microsandbox::FilesystemError, /ENOTDIR/)
     expect { fs.write("#{dir}/no/such/dir/f", "x") }.to raise_error(Microsandbox::FilesystemError, /ENOENT/)
+  end
+
+  it "treats names and paths as bytes end to end: \\xFF, newlines, spaces, non-UTF-8 directories" do
+    odd = ["a\xFF".b, "new\nline", "with space", "caf\xC3\xA9", "\xFE\xFF".b]
+    sub = "#{dir}/d\xFFir".b # a directory whose name is not UTF-8
+    fs.mkdir(sub)
+    odd.each_with_index { |name, i| fs.write(FS_JOIN.call(sub, name), "content #{i}") }
+    entries = fs.list(sub)
+    expect(entries.map { |e| e.name.b }).to match_array(odd.map(&:b))
+    by_name = entries.to_h { |e| [e.name.b, e] }
+    expect(by_name["a\xFF".b].name.encoding).to eq(Encoding::BINARY)
+    expect(by_name["with space"].name).to eq("with space")
+    expect(by_name["with space"].name.encoding).to eq(Encoding::UTF_8)
+    expect(by_name["caf\xC3\xA9".b].name).to eq("café")
+    # Each listed path reads back its own file (no U+FFFD, no ENOENT).
+    odd.each_with_index do |name, i|
+      e = by_name[name.b]
+      expect(e.path.b).to eq(FS_JOIN.call(sub, name).b)
+      expect(fs.read(e.path)).to eq("content #{i}")
+      expect(fs.stat(e.path).size).to eq("content #{i}".bytesize)
+      expect(fs.exists?(e.path)).to be(true)
+    end
+    # The guest sees the same bytes.
+    seen = sb.exec("sh", ["-c", "cd #{dir}/d*ir && find . -type f -print0"]).stdout_bytes.split("\0")
+    expect(seen.map { |f| f.delete_prefix("./") }).to match_array(odd.map(&:b))
+    # Rename, copy, remove and host copies of such names.
+    src = FS_JOIN.call(sub, "a\xFF".b)
+    fs.rename(src, FS_JOIN.call(sub, "b\xFF\n".b))
+    expect(fs.exists?(src)).to be(false)
+    fs.copy(FS_JOIN.call(sub, "b\xFF\n".b), FS_JOIN.call(sub, "c\xFF".b))
+    expect(fs.read(FS_JOIN.call(sub, "c\xFF".b))).to eq("content 0")
+    Dir.mktmpdir do |host|
+      host_file = File.join(host.b, "h\xFF".b)
+      expect(fs.copy_to_host(FS_JOIN.call(sub, "c\xFF".b), host_file)).to eq(9)
+      expect(File.binread(host_file)).to eq("content 0")
+      expect(Dir.children(host.b).map(&:b)).to eq(["h\xFF".b])
+      fs.copy_from_host(host_file, FS_JOIN.call(sub, "up\xFF".b))
+      expect(fs.read(FS_JOIN.call(sub, "up\xFF".b))).to eq("content 0")
+    end
+    fs.remove(FS_JOIN.call(sub, "c\xFF".b))
+    expect(fs.exists?(FS_JOIN.call(sub, "c\xFF".b))).to be(false)
+    # Streams take such paths too.
+    fs.write_stream(FS_JOIN.call(sub, "s\xFF".b)) { |w| w.write("streamed") }
+    expect(fs.read_stream(FS_JOIN.call(sub, "s\xFF".b)).to_a.join).to eq("streamed")
+    # Errors name the exact path, escaped, in a valid UTF-8 message.
+    expect { fs.read(FS_JOIN.call(sub, "gone\xFF\n".b)) }.to raise_error(Microsandbox::FilesystemError) { |e|
+      expect(e.message).to include("d\\xFFir/gone\\xFF\\n", "ENOENT")
+      expect(e.message.valid_encoding?).to be(true)
+    }
+    fs.remove(sub, recursive: true)
+    expect(fs.exists?(sub)).to be(false)
   end
 
   it "rejects bad paths and data before sending anything" do

@@ -26,6 +26,8 @@ use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::ffi::OsStr;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
@@ -33,8 +35,8 @@ use std::sync::Arc;
 use std::sync::Mutex;
 
 use microsandbox_protocol::{
-    BulkWindow, FsAck, FsBulk, FsDone, FsEntry, FsKind, FsOp, FsRequest, FsStat, Frame, Kind, BULK_ALIGN, BULK_MIN,
-    MAX_CHUNK,
+    BulkWindow, FsAck, FsBulk, FsDone, FsEntry, FsKind, FsOp, FsRequest, FsStat, Frame, Kind, PathBytes, BULK_ALIGN,
+    BULK_MIN, MAX_CHUNK,
 };
 
 use crate::bulk::{self, AlignedBuf};
@@ -81,13 +83,25 @@ struct Failure {
 }
 
 impl Failure {
-    fn new(what: &str, path: &str, errno: i32) -> Failure {
-        Failure { errno, message: format!("{what} {path}: {}", describe(errno)) }
+    /// "<what> <path>: <errno>", the path escaped (`\xFF`, `\n`) so it is exact.
+    fn new(what: &str, path: &Path, errno: i32) -> Failure {
+        Failure { errno, message: format!("{what} {}: {}", show(path), describe(errno)) }
     }
 
-    fn io(what: &str, path: &str, e: &io::Error) -> Failure {
+    fn io(what: &str, path: &Path, e: &io::Error) -> Failure {
         Failure::new(what, path, e.raw_os_error().unwrap_or(libc::EIO))
     }
+
+    /// Like [`io`](Self::io) for an operation on two paths.
+    fn io2(what: &str, from: &Path, to: &Path, e: &io::Error) -> Failure {
+        let errno = e.raw_os_error().unwrap_or(libc::EIO);
+        Failure { errno, message: format!("{what} {} to {}: {}", show(from), show(to), describe(errno)) }
+    }
+}
+
+/// A path for a message, exact whatever its bytes.
+fn show(p: &Path) -> String {
+    microsandbox_protocol::escape(p.as_os_str().as_bytes())
 }
 
 /// `ENOENT (No such file or directory)`.
@@ -277,7 +291,7 @@ impl FsSessions {
         let path = checked(&op, &req.path)?;
         let path2 = || match &req.path2 {
             Some(p) => checked(&op, p),
-            None => Err(Failure { errno: libc::EINVAL, message: format!("{op} {path}: a destination path is required") }),
+            None => Err(Failure { errno: libc::EINVAL, message: format!("{op} {}: a destination path is required", show(path)) }),
         };
         let cancelled = || Failure::new(&op, path, libc::ECANCELED);
         match req.op {
@@ -410,12 +424,12 @@ impl FsSessions {
                 if m.is_dir() {
                     return Err(Failure::new("copy", path, libc::EISDIR));
                 }
-                let n = fs::copy(path, dst).map_err(|e| Failure::io("copy", &format!("{path} to {dst}"), &e))?;
+                let n = fs::copy(path, dst).map_err(|e| Failure::io2("copy", path, dst, &e))?;
                 Ok(FsDone { size: Some(n), ..Default::default() })
             }
             FsOp::Rename => {
                 let dst = path2()?;
-                fs::rename(path, dst).map_err(|e| Failure::io("rename", &format!("{path} to {dst}"), &e))?;
+                fs::rename(path, dst).map_err(|e| Failure::io2("rename", path, dst, &e))?;
                 Ok(FsDone::default())
             }
             FsOp::List => {
@@ -429,7 +443,7 @@ impl FsSessions {
                     // An entry removed meanwhile is skipped.
                     let Ok(m) = entry.metadata() else { continue };
                     let e = FsEntry {
-                        name: entry.file_name().to_string_lossy().into_owned(),
+                        name: entry.file_name().into_vec().into(),
                         kind: kind_of(m.file_type()),
                         size: m.len(),
                         mode: m.mode() & 0o7777,
@@ -460,12 +474,12 @@ impl FsSessions {
             }
             FsOp::Symlink => {
                 // The target is stored as given: relative targets are legitimate.
-                let target = match req.path2.as_deref() {
-                    Some(t) if !t.is_empty() && !t.contains('\0') => t,
+                let target = match req.path2.as_ref().map(|t| t.as_bytes()) {
+                    Some(t) if !t.is_empty() && !t.contains(&0) => Path::new(OsStr::from_bytes(t)),
                     _ => {
                         return Err(Failure {
                             errno: libc::EINVAL,
-                            message: format!("symlink {path}: the target must be a non-empty string without NUL bytes"),
+                            message: format!("symlink {}: the target must be a non-empty string without NUL bytes", show(path)),
                         })
                     }
                 };
@@ -514,7 +528,7 @@ impl FsSessions {
         &self,
         id: u32,
         mut f: &File,
-        path: &str,
+        path: &Path,
         w: &BulkWindow,
         disk: &bulk::Disk,
         acks: &Receiver<u32>,
@@ -588,7 +602,7 @@ struct Upload {
 }
 
 impl Upload {
-    fn new(f: &File, window: BulkWindow, disk: &'static bulk::Disk, path: &str) -> Result<Upload, Failure> {
+    fn new(f: &File, window: BulkWindow, disk: &'static bulk::Disk, path: &Path) -> Result<Upload, Failure> {
         let buf = AlignedBuf::new(window.slot_size as usize).ok_or_else(|| Failure::new("write", path, libc::ENOMEM))?;
         Ok(Upload { buf, window, disk, direct: bulk::set_direct(f, true).is_ok() })
     }
@@ -599,7 +613,7 @@ impl Upload {
     }
 
     /// Copies one slot into the file at byte `pos`.
-    fn write(&mut self, f: &File, b: FsBulk, pos: u64, path: &str) -> Result<(), Failure> {
+    fn write(&mut self, f: &File, b: FsBulk, pos: u64, path: &Path) -> Result<(), Failure> {
         self.disk
             .read_slot(&self.window, b.slot, b.len, &mut self.buf)
             .map_err(|e| Failure::io("write (transfer disk)", path, &e))?;
@@ -633,11 +647,13 @@ fn go_buffered(direct: &mut bool, f: &File) {
 }
 
 /// Paths must be absolute and free of NUL bytes (the host checks too).
-fn checked<'a>(op: &str, p: &'a str) -> Result<&'a str, Failure> {
-    if !Path::new(p).is_absolute() || p.contains('\0') {
+/// The request's path as a `Path` (bytes as they are), if absolute and without NUL.
+fn checked<'a>(op: &str, p: &'a PathBytes) -> Result<&'a Path, Failure> {
+    let bytes = p.as_bytes();
+    if bytes.first() != Some(&b'/') || bytes.contains(&0) {
         return Err(Failure { errno: libc::EINVAL, message: format!("{op} {p:?}: not an absolute path without NUL bytes") });
     }
-    Ok(p)
+    Ok(Path::new(OsStr::from_bytes(bytes)))
 }
 
 #[cfg(test)]
@@ -695,7 +711,7 @@ mod tests {
         let cancel = AtomicBool::new(false);
         // Five slots of data, three slots, one return: the fifth slot never comes back.
         drop(tx);
-        let err = s.download(7, &f, "/src", &W, disk, &acks, &cancel, &Window::default()).unwrap_err();
+        let err = s.download(7, &f, Path::new("/src"), &W, disk, &acks, &cancel, &Window::default()).unwrap_err();
         assert_eq!(err.errno, libc::ECANCELED);
         let sent: Vec<FsBulk> = frames(&port).iter().map(|f| f.parse().unwrap()).collect();
         assert_eq!(sent.iter().map(|b| b.slot).collect::<Vec<_>>(), [0, 1, 2, 0]);
@@ -719,7 +735,7 @@ mod tests {
         tx.send(7).unwrap();
         drop(tx);
         let flow = Window::default();
-        let err = s.download(7, &File::open(&src).unwrap(), "/src", &W, disk, &acks, &AtomicBool::new(false), &flow).unwrap_err();
+        let err = s.download(7, &File::open(&src).unwrap(), Path::new("/src"), &W, disk, &acks, &AtomicBool::new(false), &flow).unwrap_err();
         assert_eq!(err.errno, libc::EPROTO);
         let _ = fs::remove_file(&src);
         let _ = fs::remove_file(&port);
@@ -730,20 +746,20 @@ mod tests {
         let disk = disk();
         let dst = tmp("dst");
         let f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&dst).unwrap();
-        let mut up = Upload::new(&f, W, disk, "/dst").unwrap();
+        let mut up = Upload::new(&f, W, disk, Path::new("/dst")).unwrap();
         let mut buf = AlignedBuf::new(8192).unwrap();
         buf.fill(5);
         disk.write_slot(&W, 1, 8192, &buf).unwrap();
         buf[..3].copy_from_slice(b"end");
         disk.write_slot(&W, 2, 3, &buf).unwrap();
-        up.write(&f, FsBulk { slot: 1, len: 8192 }, 0, "/dst").unwrap();
-        up.write(&f, FsBulk { slot: 2, len: 3 }, 8192, "/dst").unwrap();
+        up.write(&f, FsBulk { slot: 1, len: 8192 }, 0, Path::new("/dst")).unwrap();
+        up.write(&f, FsBulk { slot: 2, len: 3 }, 8192, Path::new("/dst")).unwrap();
         let got = fs::read(&dst).unwrap();
         assert_eq!(got.len(), 8195);
         assert!(got[..8192].iter().all(|&b| b == 5));
         assert_eq!(&got[8192..], b"end");
         for (slot, len) in [(3, 1), (0, 8193), (u32::MAX, u32::MAX)] {
-            let e = up.write(&f, FsBulk { slot, len }, 0, "/dst").unwrap_err();
+            let e = up.write(&f, FsBulk { slot, len }, 0, Path::new("/dst")).unwrap_err();
             assert_eq!(e.errno, libc::EPROTO, "slot {slot} len {len}");
         }
         let _ = fs::remove_file(&dst);

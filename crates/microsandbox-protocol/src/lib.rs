@@ -27,17 +27,19 @@
 
 mod frame;
 mod messages;
+mod path_bytes;
 
 pub use frame::{read_frame, write_frame, Frame, FrameError, Kind, HEADER_LEN, MAX_PAYLOAD};
 #[cfg(feature = "tokio")]
 pub use frame::{read_frame_async, write_frame_async};
 pub use messages::*;
+pub use path_bytes::{escape, PathBytes};
 
 /// Version of this protocol; the agent reports it in [`Ready`] and the host refuses others.
 /// 2: per-session flow control (`Credit`, [`WINDOW`]).
 /// 3: bulk transfers through the transfer disk (`FsWindow`, `FsBulk`, `FsAck`,
 /// `FsRequest.window`).
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Per-session flow-control window: the agent never has more than this many bytes of a
 /// session's `Stdout`/`Stderr`/`FsData`/`FsBulk`/`FsAck` frames (header + payload each) outstanding, i.e.

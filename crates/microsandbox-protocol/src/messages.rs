@@ -184,10 +184,11 @@ pub enum FsOp {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct FsRequest {
     pub op: FsOp,
-    pub path: String,
-    /// Destination of `copy` and `rename`.
+    /// Bytes, not necessarily UTF-8 (see [`PathBytes`]).
+    pub path: crate::PathBytes,
+    /// Destination of `copy` and `rename`; the target of `symlink`.
     #[serde(default)]
-    pub path2: Option<String>,
+    pub path2: Option<crate::PathBytes>,
     #[serde(default)]
     pub recursive: bool,
     #[serde(default)]
@@ -283,8 +284,8 @@ pub enum FsKind {
 /// One directory entry of `list` (not following symlinks).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct FsEntry {
-    /// File name (lossily converted when it is not UTF-8).
-    pub name: String,
+    /// File name, exactly (see [`PathBytes`]).
+    pub name: crate::PathBytes,
     pub kind: FsKind,
     pub size: u64,
     /// `st_mode` permission and special bits (`& 0o7777`).

@@ -254,7 +254,7 @@ mod tests {
     use microsandbox_protocol::FsStat;
 
     /// Runs `patch` against a fake agent that records requests and fails `fail_op`.
-    async fn run(patch: Patch, fail: Option<(FsOp, i32)>) -> (Result<(), Failure>, Vec<(FsOp, String, Option<u32>, usize)>) {
+    async fn run(patch: Patch, fail: Option<(FsOp, i32)>) -> (Result<(), Failure>, Vec<(FsOp, microsandbox_protocol::PathBytes, Option<u32>, usize)>) {
         let router = Arc::new(Router::default());
         let (to_agent, mut agent_rx) = mpsc::channel::<Frame>(64);
         let guest = Guest { router: router.clone(), to_agent };
@@ -345,11 +345,11 @@ mod tests {
         std::os::unix::fs::symlink("sub/f", d.path().join("link")).unwrap();
         let (res, seen) = run(Patch::CopyDir { src: d.path().into(), dst: "/opt/t".into() }, None).await;
         res.unwrap();
-        let paths: Vec<(FsOp, &str)> = seen.iter().map(|s| (s.0, s.1.as_str())).collect();
+        let paths: Vec<(FsOp, &str)> = seen.iter().map(|s| (s.0, std::str::from_utf8(s.1.as_bytes()).unwrap())).collect();
         assert_eq!(paths[0], (FsOp::Mkdir, "/opt/t"));
         assert!(paths.contains(&(FsOp::Symlink, "/opt/t/link")));
         let mk = paths.iter().position(|p| *p == (FsOp::Mkdir, "/opt/t/sub")).unwrap();
-        let wr = seen.iter().position(|s| s.0 == FsOp::Write && s.1 == "/opt/t/sub/f").unwrap();
+        let wr = seen.iter().position(|s| s.0 == FsOp::Write && s.1.as_bytes() == b"/opt/t/sub/f").unwrap();
         assert!(mk < wr);
         assert_eq!((seen[wr].2, seen[wr].3), (Some(0o750), 5));
     }

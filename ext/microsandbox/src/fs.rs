@@ -55,63 +55,94 @@ fn kind_sym(ruby: &Ruby, k: FsKind) -> magnus::Symbol {
     })
 }
 
+/// A copy of a Ruby String's bytes (paths are bytes: any encoding, not only UTF-8). Taken
+/// with the GVL held, before the call releases it.
+fn bytes(s: RString) -> Vec<u8> {
+    // SAFETY: the slice is copied at once, while the GVL is held.
+    unsafe { s.as_slice() }.to_vec()
+}
+
+fn host_path(s: RString) -> PathBuf {
+    use std::os::unix::ffi::OsStringExt;
+    PathBuf::from(std::ffi::OsString::from_vec(bytes(s)))
+}
+
+/// A guest name for Ruby: a UTF-8 String when its bytes are UTF-8, else a binary String
+/// with the exact bytes (which names the same file when passed back).
+fn name_to_ruby(ruby: &Ruby, name: &[u8]) -> RString {
+    match std::str::from_utf8(name) {
+        Ok(text) => ruby.str_new(text),
+        Err(_) => ruby.str_from_slice(name),
+    }
+}
+
 fn nil(ruby: &Ruby) -> Value {
     ruby.qnil().as_value()
 }
 
 impl RbSandbox {
     /// `fs_read(path)` → binary String.
-    pub fn fs_read(ruby: &Ruby, rb_self: &Self, path: String) -> Result<RString, Error> {
+    pub fn fs_read(ruby: &Ruby, rb_self: &Self, path: RString) -> Result<RString, Error> {
+        let path = bytes(path);
         let sb = rb_self.inner.clone();
         let bytes = run(ruby, async move { sb.fs_read(&path).await })?;
         Ok(ruby.str_from_slice(&bytes))
     }
 
     /// `fs_write(path, data)` → bytes written.
-    pub fn fs_write(ruby: &Ruby, rb_self: &Self, path: String, data: RString) -> Result<u64, Error> {
+    pub fn fs_write(ruby: &Ruby, rb_self: &Self, path: RString, data: RString) -> Result<u64, Error> {
+        let path = bytes(path);
         // Copy before the GVL is released: GC may move the string.
         let data = unsafe { data.as_slice() }.to_vec();
         let sb = rb_self.inner.clone();
         run(ruby, async move { sb.fs_write(&path, data).await })
     }
 
-    pub fn fs_exists(ruby: &Ruby, rb_self: &Self, path: String) -> Result<bool, Error> {
+    pub fn fs_exists(ruby: &Ruby, rb_self: &Self, path: RString) -> Result<bool, Error> {
+        let path = bytes(path);
         let sb = rb_self.inner.clone();
         run(ruby, async move { sb.fs_exists(&path).await })
     }
 
-    pub fn fs_mkdir(ruby: &Ruby, rb_self: &Self, path: String, parents: bool) -> Result<Value, Error> {
+    pub fn fs_mkdir(ruby: &Ruby, rb_self: &Self, path: RString, parents: bool) -> Result<Value, Error> {
+        let path = bytes(path);
         let sb = rb_self.inner.clone();
         run(ruby, async move { sb.fs_mkdir(&path, parents).await })?;
         Ok(nil(ruby))
     }
 
-    pub fn fs_remove(ruby: &Ruby, rb_self: &Self, path: String, recursive: bool) -> Result<Value, Error> {
+    pub fn fs_remove(ruby: &Ruby, rb_self: &Self, path: RString, recursive: bool) -> Result<Value, Error> {
+        let path = bytes(path);
         let sb = rb_self.inner.clone();
         run(ruby, async move { sb.fs_remove(&path, recursive).await })?;
         Ok(nil(ruby))
     }
 
-    pub fn fs_copy(ruby: &Ruby, rb_self: &Self, src: String, dst: String) -> Result<Value, Error> {
+    pub fn fs_copy(ruby: &Ruby, rb_self: &Self, src: RString, dst: RString) -> Result<Value, Error> {
+        let src = bytes(src);
+        let dst = bytes(dst);
         let sb = rb_self.inner.clone();
         run(ruby, async move { sb.fs_copy(&src, &dst).await })?;
         Ok(nil(ruby))
     }
 
-    pub fn fs_rename(ruby: &Ruby, rb_self: &Self, src: String, dst: String) -> Result<Value, Error> {
+    pub fn fs_rename(ruby: &Ruby, rb_self: &Self, src: RString, dst: RString) -> Result<Value, Error> {
+        let src = bytes(src);
+        let dst = bytes(dst);
         let sb = rb_self.inner.clone();
         run(ruby, async move { sb.fs_rename(&src, &dst).await })?;
         Ok(nil(ruby))
     }
 
     /// `fs_list(path)` → `[[name, kind, size, mode], ...]` sorted by name.
-    pub fn fs_list(ruby: &Ruby, rb_self: &Self, path: String) -> Result<RArray, Error> {
+    pub fn fs_list(ruby: &Ruby, rb_self: &Self, path: RString) -> Result<RArray, Error> {
+        let path = bytes(path);
         let sb = rb_self.inner.clone();
         let entries = run(ruby, async move { sb.fs_list(&path).await })?;
         let out = ruby.ary_new_capa(entries.len());
         for e in entries {
             let row = ruby.ary_new_capa(6);
-            row.push(e.name)?;
+            row.push(name_to_ruby(ruby, e.name.as_bytes()))?;
             row.push(kind_sym(ruby, e.kind))?;
             row.push(e.size)?;
             row.push(e.mode)?;
@@ -124,7 +155,8 @@ impl RbSandbox {
 
     /// `fs_stat(path)` → `[kind, size, mode, uid, gid, mtime_sec, mtime_nsec, btime_sec
     /// or nil, btime_nsec or nil]`.
-    pub fn fs_stat(ruby: &Ruby, rb_self: &Self, path: String) -> Result<RArray, Error> {
+    pub fn fs_stat(ruby: &Ruby, rb_self: &Self, path: RString) -> Result<RArray, Error> {
+        let path = bytes(path);
         let sb = rb_self.inner.clone();
         let st = run(ruby, async move { sb.fs_stat(&path).await })?;
         let out = ruby.ary_new_capa(9);
@@ -141,24 +173,30 @@ impl RbSandbox {
     }
 
     /// `fs_copy_from_host(host_path, guest_path)` → bytes copied.
-    pub fn fs_copy_from_host(ruby: &Ruby, rb_self: &Self, host: String, guest: String) -> Result<u64, Error> {
+    pub fn fs_copy_from_host(ruby: &Ruby, rb_self: &Self, host: RString, guest: RString) -> Result<u64, Error> {
+        let host = host_path(host);
+        let guest = bytes(guest);
         let sb = rb_self.inner.clone();
-        run(ruby, async move { sb.fs_copy_from_host(&PathBuf::from(host), &guest).await })
+        run(ruby, async move { sb.fs_copy_from_host(&host, &guest).await })
     }
 
     /// `fs_copy_to_host(guest_path, host_path)` → bytes copied.
-    pub fn fs_copy_to_host(ruby: &Ruby, rb_self: &Self, guest: String, host: String) -> Result<u64, Error> {
+    pub fn fs_copy_to_host(ruby: &Ruby, rb_self: &Self, guest: RString, host: RString) -> Result<u64, Error> {
+        let guest = bytes(guest);
+        let host = host_path(host);
         let sb = rb_self.inner.clone();
-        run(ruby, async move { sb.fs_copy_to_host(&guest, &PathBuf::from(host)).await })
+        run(ruby, async move { sb.fs_copy_to_host(&guest, &host).await })
     }
 
-    pub fn fs_read_stream(ruby: &Ruby, rb_self: &Self, path: String) -> Result<RbFsReadStream, Error> {
+    pub fn fs_read_stream(ruby: &Ruby, rb_self: &Self, path: RString) -> Result<RbFsReadStream, Error> {
+        let path = bytes(path);
         let sb = rb_self.inner.clone();
         let s = run(ruby, async move { sb.fs_read_stream(&path).await })?;
         Ok(RbFsReadStream { inner: Arc::new(Mutex::new(Some(s))) })
     }
 
-    pub fn fs_write_stream(ruby: &Ruby, rb_self: &Self, path: String) -> Result<RbFsWriteSink, Error> {
+    pub fn fs_write_stream(ruby: &Ruby, rb_self: &Self, path: RString) -> Result<RbFsWriteSink, Error> {
+        let path = bytes(path);
         let sb = rb_self.inner.clone();
         let s = run(ruby, async move { sb.fs_write_stream(&path).await })?;
         Ok(RbFsWriteSink { inner: Arc::new(Mutex::new(Some(s))) })

@@ -13,9 +13,11 @@
 //! window (the disk is busy with other transfers) the same calls move `FsData` frames.
 
 use std::io::{Read, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use microsandbox_protocol::{
+    escape, PathBytes,
     read_frame_async, write_frame_async, ErrorMsg, Frame, FsAck, FsBulk, FsDone, FsOp, FsRequest, FsWindow, Kind,
     BULK_MIN, MAX_CHUNK,
 };
@@ -23,10 +25,9 @@ pub use microsandbox_protocol::{FsEntry, FsKind, FsStat};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::task::JoinHandle;
 
-use super::config::validate_guest_path;
 use super::transfer::{WindowFile, TRANSFER_DISK};
 use super::Sandbox;
-use crate::error::Error;
+use crate::error::{Error, Result};
 
 const SESSION: u32 = 1;
 /// Largest file [`Sandbox::fs_read`] loads into memory.
@@ -126,7 +127,22 @@ async fn final_event(rd: &mut OwnedReadHalf) -> FsResult<FsDone> {
     }
 }
 
-fn request(op: FsOp, path: &str) -> FsRequest {
+/// Checks a guest path: absolute and without NUL bytes (any other bytes are fine:
+/// Linux names are bytes).
+fn validate_path(p: &PathBytes) -> Result<()> {
+    let b = p.as_bytes();
+    if b.first() != Some(&b'/') || b.contains(&0) {
+        return Err(Error::InvalidConfig(format!("path {p:?} must be an absolute guest path without NUL bytes")));
+    }
+    Ok(())
+}
+
+/// A host path for a message, exact whatever its bytes.
+fn show_host(p: &Path) -> String {
+    escape(p.as_os_str().as_bytes())
+}
+
+fn request(op: FsOp, path: &[u8]) -> FsRequest {
     FsRequest { op, path: path.into(), path2: None, recursive: false, parents: false, mode: None, bulk: false, window: None }
 }
 
@@ -141,9 +157,9 @@ impl Sandbox {
     /// Opens a connection and sends `req` after validating its paths. With `req.bulk`,
     /// also waits for the supervisor's `FsWindow` and opens the transfer disk.
     async fn fs_open(&self, req: &FsRequest) -> FsResult<Conn> {
-        validate_guest_path("path", &req.path)?;
+        validate_path(&req.path)?;
         if let Some(p) = &req.path2 {
-            validate_guest_path("path", p)?;
+            validate_path(p)?;
         }
         let mut req = req.clone();
         req.window = None;
@@ -190,13 +206,14 @@ impl Sandbox {
 
     /// The whole content of a guest file. Files over [`MAX_READ`] are refused: stream
     /// them with [`fs_read_stream`](Self::fs_read_stream).
-    pub async fn fs_read(&self, path: &str) -> FsResult<Vec<u8>> {
+    pub async fn fs_read(&self, path: &[u8]) -> FsResult<Vec<u8>> {
         let mut s = self.fs_read_stream(path).await?;
         let mut out = Vec::new();
         while let Some(chunk) = s.next().await? {
             if out.len() as u64 + chunk.len() as u64 > MAX_READ {
                 return Err(Error::Filesystem(format!(
-                    "{path} is larger than {} MiB; read it in chunks with read_stream",
+                    "{} is larger than {} MiB; read it in chunks with read_stream",
+                    escape(path),
                     MAX_READ >> 20
                 ))
                 .into());
@@ -207,39 +224,39 @@ impl Sandbox {
     }
 
     /// Creates or truncates a guest file and writes `data` to it.
-    pub async fn fs_write(&self, path: &str, data: Vec<u8>) -> FsResult<u64> {
+    pub async fn fs_write(&self, path: &[u8], data: Vec<u8>) -> FsResult<u64> {
         let mut sink = self.fs_upload(path, data.len() as u64 >= BULK_MIN).await?;
         sink.write_owned(data).await?;
         sink.finish().await
     }
 
     /// True when `path` exists in the guest (following symlinks).
-    pub async fn fs_exists(&self, path: &str) -> FsResult<bool> {
+    pub async fn fs_exists(&self, path: &[u8]) -> FsResult<bool> {
         Ok(self.fs_simple(request(FsOp::Exists, path)).await?.exists.unwrap_or(false))
     }
 
     /// Creates a directory; with `parents`, missing parents too and an existing directory is fine.
-    pub async fn fs_mkdir(&self, path: &str, parents: bool) -> FsResult<()> {
+    pub async fn fs_mkdir(&self, path: &[u8], parents: bool) -> FsResult<()> {
         self.fs_simple(FsRequest { parents, ..request(FsOp::Mkdir, path) }).await.map(drop)
     }
 
     /// Removes a file, symlink or empty directory; with `recursive`, a whole tree.
-    pub async fn fs_remove(&self, path: &str, recursive: bool) -> FsResult<()> {
+    pub async fn fs_remove(&self, path: &[u8], recursive: bool) -> FsResult<()> {
         self.fs_simple(FsRequest { recursive, ..request(FsOp::Remove, path) }).await.map(drop)
     }
 
     /// Copies a guest file to another guest path (inside the guest).
-    pub async fn fs_copy(&self, src: &str, dst: &str) -> FsResult<()> {
+    pub async fn fs_copy(&self, src: &[u8], dst: &[u8]) -> FsResult<()> {
         self.fs_simple(FsRequest { path2: Some(dst.into()), ..request(FsOp::Copy, src) }).await.map(drop)
     }
 
     /// Renames (moves) a guest path.
-    pub async fn fs_rename(&self, src: &str, dst: &str) -> FsResult<()> {
+    pub async fn fs_rename(&self, src: &[u8], dst: &[u8]) -> FsResult<()> {
         self.fs_simple(FsRequest { path2: Some(dst.into()), ..request(FsOp::Rename, src) }).await.map(drop)
     }
 
     /// Entries of a guest directory, sorted by name (at most [`MAX_LIST_ENTRIES`]).
-    pub async fn fs_list(&self, path: &str) -> FsResult<Vec<FsEntry>> {
+    pub async fn fs_list(&self, path: &[u8]) -> FsResult<Vec<FsEntry>> {
         let mut c = self.fs_open(&request(FsOp::List, path)).await?;
         let mut out: Vec<FsEntry> = Vec::new();
         loop {
@@ -249,7 +266,8 @@ impl Sandbox {
                         .map_err(|e| Error::Protocol(format!("malformed directory listing from the guest: {e}")))?;
                     if out.len() + entries.len() > MAX_LIST_ENTRIES {
                         return Err(Error::Filesystem(format!(
-                            "{path} has more than {MAX_LIST_ENTRIES} entries; list it with a command instead"
+                            "{} has more than {MAX_LIST_ENTRIES} entries; list it with a command instead",
+                            escape(path)
                         ))
                         .into());
                     }
@@ -264,7 +282,7 @@ impl Sandbox {
     }
 
     /// `lstat` of a guest path.
-    pub async fn fs_stat(&self, path: &str) -> FsResult<FsStat> {
+    pub async fn fs_stat(&self, path: &[u8]) -> FsResult<FsStat> {
         self.fs_simple(request(FsOp::Stat, path))
             .await?
             .stat
@@ -274,23 +292,23 @@ impl Sandbox {
     /// Streams a guest file in chunks: transfer-disk slots (at most
     /// [`SLOT_SIZE`](super::transfer::SLOT_SIZE) bytes), or `MAX_CHUNK`-byte frames when
     /// no window was free or the file is small.
-    pub async fn fs_read_stream(&self, path: &str) -> FsResult<FsReadStream> {
+    pub async fn fs_read_stream(&self, path: &[u8]) -> FsResult<FsReadStream> {
         let c = self.fs_open(&FsRequest { bulk: true, ..request(FsOp::Read, path) }).await?;
         Ok(FsReadStream { conn: Some(c), done: false })
     }
 
     /// Creates or truncates a guest file and returns a sink that uploads to it.
-    pub async fn fs_write_stream(&self, path: &str) -> FsResult<FsWriteSink> {
+    pub async fn fs_write_stream(&self, path: &[u8]) -> FsResult<FsWriteSink> {
         self.fs_upload(path, true).await
     }
 
-    async fn fs_upload(&self, path: &str, bulk: bool) -> FsResult<FsWriteSink> {
+    async fn fs_upload(&self, path: &[u8], bulk: bool) -> FsResult<FsWriteSink> {
         Ok(FsWriteSink::start(self.fs_open(&FsRequest { bulk, ..request(FsOp::Write, path) }).await?))
     }
 
     /// Uploads a host file to the guest, streaming (memory stays bounded).
-    pub async fn fs_copy_from_host(&self, host: &Path, guest: &str) -> FsResult<u64> {
-        let file = std::fs::File::open(host).map_err(host_io(format!("opening {}", host.display())))?;
+    pub async fn fs_copy_from_host(&self, host: &Path, guest: &[u8]) -> FsResult<u64> {
+        let file = std::fs::File::open(host).map_err(host_io(format!("opening {}", show_host(&host))))?;
         let file = std::sync::Arc::new(file);
         let mut sink = self.fs_write_stream(guest).await?;
         if sink.bulk.is_some() && file.metadata().map(|m| m.is_file()).unwrap_or(false) {
@@ -316,7 +334,7 @@ impl Sandbox {
             })
             .await
             .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
-            .map_err(host_io(format!("reading {}", host.display())))?;
+            .map_err(host_io(format!("reading {}", show_host(&host))))?;
             if buf.is_empty() {
                 break;
             }
@@ -327,10 +345,10 @@ impl Sandbox {
 
     /// Downloads a guest file to a host path, streaming. A failed download removes the
     /// partial host file.
-    pub async fn fs_copy_to_host(&self, guest: &str, host: &Path) -> FsResult<u64> {
+    pub async fn fs_copy_to_host(&self, guest: &[u8], host: &Path) -> FsResult<u64> {
         let mut s = self.fs_read_stream(guest).await?;
         let host: PathBuf = host.to_path_buf();
-        let file = std::fs::File::create(&host).map_err(host_io(format!("creating {}", host.display())))?;
+        let file = std::fs::File::create(&host).map_err(host_io(format!("creating {}", show_host(&host))))?;
         let file = std::sync::Arc::new(file);
         // Positional writes (and in-kernel copies) need a regular file; anything else
         // (a FIFO, a device) is written in order.
@@ -348,7 +366,7 @@ impl Sandbox {
                     tokio::task::spawn_blocking(move || (&*f).write_all(&chunk))
                         .await
                         .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
-                        .map_err(host_io(format!("writing {}", host.display())))?;
+                        .map_err(host_io(format!("writing {}", show_host(&host))))?;
                 }
             }
             Ok(total)
