@@ -32,12 +32,14 @@ RSpec.describe "logs" do
 
   it "keeps every byte and decodes characters split across writes, in logs, exec output and events" do
     Microsandbox::Sandbox.create(unique_name("logutf"), image: rootfs) do |sb|
+      # The sleeps make each printf its own chunk (the guest's pump reads as soon as data
+      # arrives), so characters really are split between chunks.
       # 'é' split over two writes on stdout, '€' on stderr, an emoji in three writes, and
       # bytes that are not UTF-8 at all (\377, and \342\202 cut short by "z").
       script = [
-        %q{printf 'caf\303'; sleep 0.3; printf '\251\n'},
-        %q{printf 'x\342\202' >&2; sleep 0.3; printf '\254\n' >&2},
-        %q{printf '\360'; sleep 0.3; printf '\237\230'; sleep 0.3; printf '\200!\377\342\202z\n'}
+        %q{printf 'caf\303'; sleep 0.5; printf '\251\n'},
+        %q{printf 'x\342\202' >&2; sleep 0.5; printf '\254\n' >&2},
+        %q{printf '\360'; sleep 0.5; printf '\237\230'; sleep 0.5; printf '\200!\377\342\202z\n'}
       ].join("; ")
       out = sb.exec("sh", ["-c", script])
       expect(out.stdout).to eq("café\n😀!\uFFFD\uFFFDz\n")
