@@ -141,6 +141,12 @@ module Microsandbox
   class SecretViolationError < Error; CODE = "secret-violation"; end
   class TlsError < Error; CODE = "tls-error"; end
 
+  # A forked child called an object its parent opened before `fork` — an exec stream
+  # ({ExecHandle}), a file stream ({FsReadStream}/{FsWriteSink}) or an image pull. Its
+  # connection belongs to the parent, which keeps using it; the child must open its own.
+  # (`close` on such an object does nothing in the child.)
+  class InheritedHandleError < Error; CODE = "inherited-handle"; end
+
   # Every error class by its code.
   ERRORS_BY_CODE = [
     Error, InvalidConfigError, NetworkPolicyError, SandboxNotFoundError, SandboxAlreadyExistsError,
@@ -152,6 +158,7 @@ module Microsandbox
     UnsupportedOperationError, UnsupportedError, CloudHttpError,
     VolumeNotFoundError, VolumeAlreadyExistsError, SnapshotNotFoundError, SnapshotAlreadyExistsError,
     SnapshotSandboxRunningError, SnapshotImageMissingError, SnapshotIntegrityError,
-    SecretViolationError, TlsError
+    SecretViolationError, TlsError,
+    InheritedHandleError
   ].to_h { |c| [c::CODE, c] }.freeze
 end

@@ -113,6 +113,9 @@ module Microsandbox
   # consumer: iterate it from one thread at a time. Leaving `each` early (`break`, an
   # exception) leaves the command running and the rest of its events for a later
   # {#each}, {#collect} or {#wait}; {#close} (or {#kill}) ends the command.
+  #
+  # A handle belongs to the process that opened it: in a forked child every call raises
+  # {InheritedHandleError} except {#close}, which does nothing there.
   class ExecHandle
     include Enumerable
 

@@ -100,6 +100,9 @@ module Microsandbox
   # A guest file being downloaded in chunks (see {FS#read_stream}). Enumerable over
   # binary String chunks of at most 4 MiB; single consumer. Leaving `each` early or
   # calling {#close} cancels the transfer.
+  #
+  # Belongs to the process that opened it: in a forked child, reading raises
+  # {InheritedHandleError} and {#close} does nothing.
   class FsReadStream
     include Enumerable
 
@@ -150,6 +153,8 @@ module Microsandbox
   end
 
   # The writing end of {FS#write_stream}: bytes written here are uploaded as they come.
+  # Belongs to the process that opened it: in a forked child, {#write} and {#finish} raise
+  # {InheritedHandleError} and {#abort} does nothing.
   class FsWriteSink
     # @api private
     def initialize(native)

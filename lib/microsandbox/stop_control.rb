@@ -3,7 +3,8 @@
 module Microsandbox
   class Sandbox
     # Asks the sandbox to shut down cleanly (killed after `timeout` seconds) and returns
-    # at once. Works from any process holding a handle ({Sandbox.get}).
+    # at once. Works from any process holding a handle ({Sandbox.get}); does nothing on a
+    # handle inherited through `fork` (the VM is the parent's).
     # @param timeout [Numeric]
     # @return [nil]
     # @raise [SandboxNotRunningError]
@@ -16,6 +17,7 @@ module Microsandbox
     # filesystem calls ({SandboxDrainingError}), lets those already running finish, then
     # shuts the guest down cleanly (killed after `stop_timeout` seconds). Works from any
     # process holding a handle ({Sandbox.get}); follow it with {#wait_until_stopped}.
+    # Does nothing on a handle inherited through `fork`.
     # @param timeout [Numeric, nil] most seconds to wait for running commands (nil: no
     #   limit); those still running then are killed by the shutdown
     # @param stop_timeout [Numeric] seconds the shutdown itself may take
@@ -26,7 +28,8 @@ module Microsandbox
       nil
     end
 
-    # Kills the VM (SIGKILL) and returns at once.
+    # Kills the VM (SIGKILL) and returns at once. Does nothing on a handle inherited
+    # through `fork`.
     # @return [nil]
     def request_kill
       @native.request_kill

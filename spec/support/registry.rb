@@ -49,7 +49,9 @@ module MicrosandboxSpec
 
         sleep 0.1
       end
-      at_exit { stop }
+      # Only the process that started it stops it (a spec's forked child exits too).
+      owner = Process.pid
+      at_exit { stop if Process.pid == owner }
       self
     end
 

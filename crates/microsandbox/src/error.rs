@@ -75,6 +75,10 @@ pub enum Error {
     /// returns), Ruby sees this error itself.
     #[error("the call was interrupted before it finished (Thread#wakeup/#run, or a signal handled by a trap) and anything it started in the sandbox was stopped; call it again")]
     Cancelled,
+    /// A forked child called an object (exec stream, upload, download, pull) that its
+    /// parent opened; its connection and task belong to the parent.
+    #[error("{0}")]
+    InheritedHandle(String),
     /// Metrics cannot be read on this host for a running sandbox (no procfs, or the VM
     /// process's statistics are not readable).
     #[error("{0}")]
@@ -113,6 +117,7 @@ impl Error {
             Error::Auth(_) => "registry-auth-failed",
             Error::PlatformNotFound(_) => "platform-not-found",
             Error::Cancelled => "cancelled",
+            Error::InheritedHandle(_) => "inherited-handle",
             Error::MetricsUnavailable(_) => "metrics-unavailable",
             Error::Io { .. } => "io-error",
         }

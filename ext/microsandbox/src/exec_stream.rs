@@ -12,22 +12,29 @@ use microsandbox::sandbox::{ExecEvent, ExecStream};
 use tokio::sync::Mutex;
 
 use crate::errors::to_ruby;
+use crate::fork::{inherited_error, ProcessLocal};
 
+/// Both fields are the parent's in a forked child: never used or dropped there
+/// (fork.rs); every call but `close` raises `InheritedHandleError`.
 #[magnus::wrap(class = "Microsandbox::Native::ExecStream", free_immediately, size)]
 pub struct RbExecStream {
-    stream: Arc<Mutex<Option<ExecStream>>>,
-    control: ExecControl,
+    stream: ProcessLocal<Arc<Mutex<Option<ExecStream>>>>,
+    control: ProcessLocal<ExecControl>,
 }
 
 impl RbExecStream {
     pub fn new(stream: ExecStream) -> RbExecStream {
         let control = stream.control();
-        RbExecStream { stream: Arc::new(Mutex::new(Some(stream))), control }
+        RbExecStream { stream: ProcessLocal::new(Arc::new(Mutex::new(Some(stream)))), control: ProcessLocal::new(control) }
+    }
+
+    fn control(&self, ruby: &Ruby) -> Result<ExecControl, Error> {
+        self.control.get().cloned().ok_or_else(|| to_ruby(ruby, inherited_error("exec stream")))
     }
 
     /// `nil` at the end, else `[:stdout, bytes]`, `[:stderr, bytes]` or `[:exited, code, signal]`.
     pub fn next_event(ruby: &Ruby, rb_self: &Self) -> Result<Value, Error> {
-        let stream = rb_self.stream.clone();
+        let stream = rb_self.stream.get().cloned().ok_or_else(|| to_ruby(ruby, inherited_error("exec stream")))?;
         let ev = crate::gvl::run(async move {
             let mut guard = stream.lock().await;
             match guard.as_mut() {
@@ -59,33 +66,34 @@ impl RbExecStream {
     pub fn write_stdin(ruby: &Ruby, rb_self: &Self, data: RString) -> Result<Value, Error> {
         // Copy before the GVL is released.
         let bytes = unsafe { data.as_slice() }.to_vec();
-        let control = rb_self.control.clone();
+        let control = rb_self.control(ruby)?;
         crate::gvl::run(async move { control.write_stdin(bytes).await }).map_err(|e| to_ruby(ruby, e))?;
         Ok(ruby.qnil().as_value())
     }
 
     pub fn close_stdin(ruby: &Ruby, rb_self: &Self) -> Result<Value, Error> {
-        let control = rb_self.control.clone();
+        let control = rb_self.control(ruby)?;
         crate::gvl::run(async move { control.close_stdin().await }).map_err(|e| to_ruby(ruby, e))?;
         Ok(ruby.qnil().as_value())
     }
 
     pub fn signal(ruby: &Ruby, rb_self: &Self, signal: i32) -> Result<Value, Error> {
-        let control = rb_self.control.clone();
+        let control = rb_self.control(ruby)?;
         crate::gvl::run(async move { control.signal(signal).await }).map_err(|e| to_ruby(ruby, e))?;
         Ok(ruby.qnil().as_value())
     }
 
     /// Ruby has checked both are Integers in 1..=65535.
     pub fn resize(ruby: &Ruby, rb_self: &Self, rows: u16, cols: u16) -> Result<Value, Error> {
-        let control = rb_self.control.clone();
+        let control = rb_self.control(ruby)?;
         crate::gvl::run(async move { control.resize(rows, cols).await }).map_err(|e| to_ruby(ruby, e))?;
         Ok(ruby.qnil().as_value())
     }
 
-    /// Drops the stream: the command is killed if it still runs. Idempotent.
+    /// Drops the stream: the command is killed if it still runs. Idempotent. In a forked
+    /// child it does nothing (the stream is the parent's).
     pub fn close(ruby: &Ruby, rb_self: &Self) -> Result<Value, Error> {
-        let stream = rb_self.stream.clone();
+        let Some(stream) = rb_self.stream.get().cloned() else { return Ok(ruby.qnil().as_value()) };
         crate::gvl::run(async move {
             stream.lock().await.take();
             Ok(())

@@ -13,17 +13,24 @@ use microsandbox::sandbox::{FsError, FsKind, FsReadStream, FsWriteSink};
 use tokio::sync::Mutex;
 
 use crate::errors::to_ruby;
+use crate::fork::ProcessLocal;
 use crate::sandbox::RbSandbox;
 
 /// Drops an open transfer (download or upload), which cancels it; a no-op once closed.
 /// The lock is taken without the GVL: a transfer call may hold it while it waits.
-fn drop_transfer<T: Send + 'static>(ruby: &Ruby, slot: &Arc<Mutex<Option<T>>>) -> Result<Value, Error> {
-    let slot = slot.clone();
+/// In a forked child (the transfer is the parent's) it does nothing.
+fn drop_transfer<T: Send + 'static>(ruby: &Ruby, slot: &ProcessLocal<Arc<Mutex<Option<T>>>>) -> Result<Value, Error> {
+    let Some(slot) = slot.get().cloned() else { return Ok(nil(ruby)) };
     run(ruby, async move {
         drop(slot.lock().await.take());
         Ok(())
     })?;
     Ok(nil(ruby))
+}
+
+/// The transfer behind a stream, unless this process inherited it through `fork`.
+fn local<T: Clone>(ruby: &Ruby, slot: &ProcessLocal<T>, what: &str) -> Result<T, Error> {
+    slot.get().cloned().ok_or_else(|| to_ruby(ruby, crate::fork::inherited_error(what)))
 }
 
 /// Runs an fs future without the GVL; errors become Ruby exceptions with `@errno`.
@@ -84,7 +91,7 @@ impl RbSandbox {
     /// `fs_read(path)` → binary String.
     pub fn fs_read(ruby: &Ruby, rb_self: &Self, path: RString) -> Result<RString, Error> {
         let path = bytes(path);
-        let sb = rb_self.inner.clone();
+        let sb = rb_self.handle();
         let bytes = run(ruby, async move { sb.fs_read(&path).await })?;
         Ok(ruby.str_from_slice(&bytes))
     }
@@ -94,26 +101,26 @@ impl RbSandbox {
         let path = bytes(path);
         // Copy before the GVL is released: GC may move the string.
         let data = unsafe { data.as_slice() }.to_vec();
-        let sb = rb_self.inner.clone();
+        let sb = rb_self.handle();
         run(ruby, async move { sb.fs_write(&path, data).await })
     }
 
     pub fn fs_exists(ruby: &Ruby, rb_self: &Self, path: RString) -> Result<bool, Error> {
         let path = bytes(path);
-        let sb = rb_self.inner.clone();
+        let sb = rb_self.handle();
         run(ruby, async move { sb.fs_exists(&path).await })
     }
 
     pub fn fs_mkdir(ruby: &Ruby, rb_self: &Self, path: RString, parents: bool) -> Result<Value, Error> {
         let path = bytes(path);
-        let sb = rb_self.inner.clone();
+        let sb = rb_self.handle();
         run(ruby, async move { sb.fs_mkdir(&path, parents).await })?;
         Ok(nil(ruby))
     }
 
     pub fn fs_remove(ruby: &Ruby, rb_self: &Self, path: RString, recursive: bool) -> Result<Value, Error> {
         let path = bytes(path);
-        let sb = rb_self.inner.clone();
+        let sb = rb_self.handle();
         run(ruby, async move { sb.fs_remove(&path, recursive).await })?;
         Ok(nil(ruby))
     }
@@ -121,7 +128,7 @@ impl RbSandbox {
     pub fn fs_copy(ruby: &Ruby, rb_self: &Self, src: RString, dst: RString) -> Result<Value, Error> {
         let src = bytes(src);
         let dst = bytes(dst);
-        let sb = rb_self.inner.clone();
+        let sb = rb_self.handle();
         run(ruby, async move { sb.fs_copy(&src, &dst).await })?;
         Ok(nil(ruby))
     }
@@ -129,7 +136,7 @@ impl RbSandbox {
     pub fn fs_rename(ruby: &Ruby, rb_self: &Self, src: RString, dst: RString) -> Result<Value, Error> {
         let src = bytes(src);
         let dst = bytes(dst);
-        let sb = rb_self.inner.clone();
+        let sb = rb_self.handle();
         run(ruby, async move { sb.fs_rename(&src, &dst).await })?;
         Ok(nil(ruby))
     }
@@ -137,7 +144,7 @@ impl RbSandbox {
     /// `fs_list(path)` → `[[name, kind, size, mode], ...]` sorted by name.
     pub fn fs_list(ruby: &Ruby, rb_self: &Self, path: RString) -> Result<RArray, Error> {
         let path = bytes(path);
-        let sb = rb_self.inner.clone();
+        let sb = rb_self.handle();
         let entries = run(ruby, async move { sb.fs_list(&path).await })?;
         let out = ruby.ary_new_capa(entries.len());
         for e in entries {
@@ -157,7 +164,7 @@ impl RbSandbox {
     /// or nil, btime_nsec or nil]`.
     pub fn fs_stat(ruby: &Ruby, rb_self: &Self, path: RString) -> Result<RArray, Error> {
         let path = bytes(path);
-        let sb = rb_self.inner.clone();
+        let sb = rb_self.handle();
         let st = run(ruby, async move { sb.fs_stat(&path).await })?;
         let out = ruby.ary_new_capa(9);
         out.push(kind_sym(ruby, st.kind))?;
@@ -176,7 +183,7 @@ impl RbSandbox {
     pub fn fs_copy_from_host(ruby: &Ruby, rb_self: &Self, host: RString, guest: RString) -> Result<u64, Error> {
         let host = host_path(host);
         let guest = bytes(guest);
-        let sb = rb_self.inner.clone();
+        let sb = rb_self.handle();
         run(ruby, async move { sb.fs_copy_from_host(&host, &guest).await })
     }
 
@@ -184,35 +191,36 @@ impl RbSandbox {
     pub fn fs_copy_to_host(ruby: &Ruby, rb_self: &Self, guest: RString, host: RString) -> Result<u64, Error> {
         let guest = bytes(guest);
         let host = host_path(host);
-        let sb = rb_self.inner.clone();
+        let sb = rb_self.handle();
         run(ruby, async move { sb.fs_copy_to_host(&guest, &host).await })
     }
 
     pub fn fs_read_stream(ruby: &Ruby, rb_self: &Self, path: RString) -> Result<RbFsReadStream, Error> {
         let path = bytes(path);
-        let sb = rb_self.inner.clone();
+        let sb = rb_self.handle();
         let s = run(ruby, async move { sb.fs_read_stream(&path).await })?;
-        Ok(RbFsReadStream { inner: Arc::new(Mutex::new(Some(s))) })
+        Ok(RbFsReadStream { inner: ProcessLocal::new(Arc::new(Mutex::new(Some(s)))) })
     }
 
     pub fn fs_write_stream(ruby: &Ruby, rb_self: &Self, path: RString) -> Result<RbFsWriteSink, Error> {
         let path = bytes(path);
-        let sb = rb_self.inner.clone();
+        let sb = rb_self.handle();
         let s = run(ruby, async move { sb.fs_write_stream(&path).await })?;
-        Ok(RbFsWriteSink { inner: Arc::new(Mutex::new(Some(s))) })
+        Ok(RbFsWriteSink { inner: ProcessLocal::new(Arc::new(Mutex::new(Some(s)))) })
     }
 }
 
 /// `Microsandbox::Native::FsReadStream`: a download in progress.
 #[magnus::wrap(class = "Microsandbox::Native::FsReadStream", free_immediately, size)]
 pub struct RbFsReadStream {
-    inner: Arc<Mutex<Option<FsReadStream>>>,
+    /// Never touched or dropped in a forked child (see fork.rs).
+    inner: ProcessLocal<Arc<Mutex<Option<FsReadStream>>>>,
 }
 
 impl RbFsReadStream {
     /// The next chunk (binary String), or nil at the end of the file.
     pub fn next_chunk(ruby: &Ruby, rb_self: &Self) -> Result<Value, Error> {
-        let inner = rb_self.inner.clone();
+        let inner = local(ruby, &rb_self.inner, "file read stream")?;
         let chunk = run(ruby, async move {
             let mut guard = inner.lock().await;
             match guard.as_mut() {
@@ -241,7 +249,8 @@ impl RbFsReadStream {
 /// `Microsandbox::Native::FsWriteSink`: an upload in progress.
 #[magnus::wrap(class = "Microsandbox::Native::FsWriteSink", free_immediately, size)]
 pub struct RbFsWriteSink {
-    inner: Arc<Mutex<Option<FsWriteSink>>>,
+    /// Never touched or dropped in a forked child (see fork.rs).
+    inner: ProcessLocal<Arc<Mutex<Option<FsWriteSink>>>>,
 }
 
 impl RbFsWriteSink {
@@ -250,8 +259,8 @@ impl RbFsWriteSink {
     }
 
     pub fn write(ruby: &Ruby, rb_self: &Self, data: RString) -> Result<Value, Error> {
+        let inner = local(ruby, &rb_self.inner, "file write stream")?;
         let data = unsafe { data.as_slice() }.to_vec();
-        let inner = rb_self.inner.clone();
         run(ruby, async move {
             let mut guard = inner.lock().await;
             let sink = guard.as_mut().ok_or_else(Self::closed)?;
@@ -266,7 +275,7 @@ impl RbFsWriteSink {
 
     /// Completes the upload → bytes written.
     pub fn finish(ruby: &Ruby, rb_self: &Self) -> Result<u64, Error> {
-        let inner = rb_self.inner.clone();
+        let inner = local(ruby, &rb_self.inner, "file write stream")?;
         run(ruby, async move {
             let mut guard = inner.lock().await;
             let mut sink = guard.take().ok_or_else(Self::closed)?;

@@ -9,6 +9,7 @@ use microsandbox::SandboxConfig;
 use tokio::sync::{mpsc, Mutex};
 
 use crate::errors::to_ruby;
+use crate::fork::ProcessLocal;
 
 fn home(ruby: &Ruby, dir: Option<String>) -> Result<Home, Error> {
     Home::resolve(dir.as_deref().map(std::path::Path::new)).map_err(|e| to_ruby(ruby, e))
@@ -45,13 +46,16 @@ enum PullEvent {
 /// A pull running on the engine runtime; Ruby polls it for progress without the GVL.
 #[magnus::wrap(class = "Microsandbox::Native::PullSession", free_immediately, size)]
 pub struct RbPullSession {
-    events: Arc<Mutex<mpsc::UnboundedReceiver<PullEvent>>>,
-    task: tokio::task::JoinHandle<()>,
+    /// Both are the parent's in a forked child: never used or dropped there (fork.rs).
+    events: ProcessLocal<Arc<Mutex<mpsc::UnboundedReceiver<PullEvent>>>>,
+    task: ProcessLocal<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for RbPullSession {
     fn drop(&mut self) {
-        self.task.abort();
+        if let Some(task) = self.task.get() {
+            task.abort();
+        }
     }
 }
 
@@ -79,12 +83,16 @@ impl RbPullSession {
                 .map(|img| serde_json::json!({"reference": img.reference, "manifest_digest": img.manifest_digest}).to_string());
             let _ = tx.send(PullEvent::Done(res));
         });
-        Ok(RbPullSession { events: Arc::new(Mutex::new(rx)), task })
+        Ok(RbPullSession { events: ProcessLocal::new(Arc::new(Mutex::new(rx))), task: ProcessLocal::new(task) })
     }
 
     /// `[digest, done, total]` for progress, `[:done, json]` at the end (raises on failure).
     pub fn next_event(ruby: &Ruby, rb_self: &Self) -> Result<RArray, Error> {
-        let events = rb_self.events.clone();
+        let events = rb_self
+            .events
+            .get()
+            .cloned()
+            .ok_or_else(|| to_ruby(ruby, crate::fork::inherited_error("image pull")))?;
         let ev = crate::gvl::run(async move {
             Ok(events.lock().await.recv().await)
         })

@@ -7,6 +7,7 @@
 
 mod errors;
 mod exec_stream;
+mod fork;
 mod fs;
 mod gvl;
 mod image;

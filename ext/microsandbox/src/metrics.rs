@@ -8,7 +8,7 @@ use crate::errors::to_ruby;
 use crate::sandbox::RbSandbox;
 
 pub fn metrics_json(ruby: &Ruby, rb_self: &RbSandbox) -> Result<String, Error> {
-    let sb = rb_self.inner.clone();
+    let sb = rb_self.handle();
     let m = crate::gvl::run(async move { sb.metrics().await }).map_err(|e| to_ruby(ruby, e))?;
     Ok(serde_json::to_string(&m).unwrap())
 }

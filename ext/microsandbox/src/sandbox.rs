@@ -10,10 +10,46 @@ use microsandbox::sandbox::Placement;
 use microsandbox::{ExecCall, Sandbox, SandboxConfig};
 
 use crate::errors::to_ruby;
+use crate::fork::ProcessLocal;
 
 #[magnus::wrap(class = "Microsandbox::Native::Sandbox", free_immediately, size)]
 pub struct RbSandbox {
-    pub(crate) inner: Arc<Sandbox>,
+    /// The handle this process made. In a forked child it is never used or dropped.
+    made: ProcessLocal<Arc<Sandbox>>,
+    /// In a forked child: its own non-owning handle on the same sandbox
+    /// ([`Sandbox::fork_view`]), made on first use. Itself process-local, so a
+    /// grandchild makes its own. Locked only with the GVL held, so no thread can hold it
+    /// at the moment of a Ruby `fork`.
+    view: std::sync::Mutex<Option<ProcessLocal<Arc<Sandbox>>>>,
+}
+
+impl RbSandbox {
+    fn wrap(sb: Sandbox) -> RbSandbox {
+        RbSandbox { made: ProcessLocal::new(Arc::new(sb)), view: std::sync::Mutex::new(None) }
+    }
+
+    /// The engine handle for calls from this process: the one it made, or in a forked
+    /// child a view that owns nothing of the parent's.
+    pub(crate) fn handle(&self) -> Arc<Sandbox> {
+        if let Some(sb) = self.made.get() {
+            return sb.clone();
+        }
+        let mut view = self.view.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(sb) = view.as_ref().and_then(ProcessLocal::get) {
+            return sb.clone();
+        }
+        let fresh = Arc::new(self.made.inherited().fork_view());
+        // An inherited view (from a parent that was itself a child) is leaked by
+        // ProcessLocal when replaced here.
+        *view = Some(ProcessLocal::new(fresh.clone()));
+        fresh
+    }
+
+    /// True in a forked child on a sandbox its parent made or opened: lifecycle calls
+    /// (stop, kill, request_*, detach) do nothing there; the VM is the parent's.
+    pub(crate) fn is_inherited(&self) -> bool {
+        self.made.is_inherited()
+    }
 }
 
 fn record_with_stop(
@@ -60,20 +96,20 @@ impl RbSandbox {
         let cfg: SandboxConfig = serde_json::from_str(&config_json).map_err(bad)?;
         let place: Placement = serde_json::from_str(&placement_json).map_err(bad)?;
         let sb = crate::gvl::run(Sandbox::create(cfg, place)).map_err(|e| to_ruby(ruby, e))?;
-        Ok(RbSandbox { inner: Arc::new(sb) })
+        Ok(RbSandbox::wrap(sb))
     }
 
     /// `start(home, name, detached)`: boots a stopped sandbox again.
     pub fn start(ruby: &Ruby, home: Option<String>, name: String, detached: bool) -> Result<RbSandbox, Error> {
         let sb = crate::gvl::run(async move { Sandbox::start(home.as_deref().map(Path::new), &name, detached).await })
             .map_err(|e| to_ruby(ruby, e))?;
-        Ok(RbSandbox { inner: Arc::new(sb) })
+        Ok(RbSandbox::wrap(sb))
     }
 
     /// `get(home, name)`: a handle on an existing sandbox.
     pub fn get(ruby: &Ruby, home: Option<String>, name: String) -> Result<RbSandbox, Error> {
         let sb = Sandbox::get(home.as_deref().map(Path::new), &name).map_err(|e| to_ruby(ruby, e))?;
-        Ok(RbSandbox { inner: Arc::new(sb) })
+        Ok(RbSandbox::wrap(sb))
     }
 
     /// `record_json(home, name)`: one sandbox record, with `last_stop` (how its last run
@@ -107,33 +143,36 @@ impl RbSandbox {
     }
 
     pub fn labels_json(&self) -> String {
-        serde_json::to_string(self.inner.labels()).unwrap()
+        serde_json::to_string(self.handle().labels()).unwrap()
     }
 
     pub fn owns_lifecycle(&self) -> bool {
-        self.inner.owns_lifecycle()
+        self.handle().owns_lifecycle()
     }
 
     pub fn detach(ruby: &Ruby, rb_self: &Self) -> Result<Value, Error> {
-        let sb = rb_self.inner.clone();
+        if rb_self.is_inherited() {
+            return Ok(ruby.qnil().as_value());
+        }
+        let sb = rb_self.handle();
         crate::gvl::run(async move { sb.detach().await }).map_err(|e| to_ruby(ruby, e))?;
         Ok(ruby.qnil().as_value())
     }
 
     pub fn name(&self) -> String {
-        self.inner.name().to_string()
+        self.handle().name().to_string()
     }
 
     pub fn shell(&self) -> String {
-        self.inner.shell().to_string()
+        self.handle().shell().to_string()
     }
 
     pub fn info_json(&self) -> String {
-        serde_json::to_string(self.inner.info()).unwrap()
+        serde_json::to_string(self.handle().info()).unwrap()
     }
 
     pub fn is_running(&self) -> bool {
-        self.inner.is_running()
+        self.handle().is_running()
     }
 
     /// `exec(program, args, env_pairs, cwd, timeout_secs, stdin, user, rlimits, tty)` →
@@ -156,7 +195,7 @@ impl RbSandbox {
         // Copy Ruby bytes out before the GVL is released: GC may move them.
         let stdin = stdin.map(|s| unsafe { s.as_slice() }.to_vec());
         let call = exec_call(program, args, env, cwd, timeout, stdin, user, rlimits, tty);
-        let sb = rb_self.inner.clone();
+        let sb = rb_self.handle();
         let res = crate::gvl::run(async move { sb.exec(call).await }).map_err(|e| to_ruby(ruby, e))?;
         let out = ruby.ary_new_capa(4);
         out.push(res.code)?;
@@ -185,44 +224,61 @@ impl RbSandbox {
     ) -> Result<crate::exec_stream::RbExecStream, Error> {
         let stdin = stdin.map(|s| unsafe { s.as_slice() }.to_vec());
         let call = exec_call(program, args, env, cwd, timeout, stdin, user, rlimits, tty);
-        let sb = rb_self.inner.clone();
+        let sb = rb_self.handle();
         let stream = crate::gvl::run(async move { sb.exec_stream(call, stdin_pipe).await }).map_err(|e| to_ruby(ruby, e))?;
         Ok(crate::exec_stream::RbExecStream::new(stream))
     }
 
+    // Lifecycle calls (stop, kill, request_*, detach) do nothing in a forked child on a
+    // sandbox its parent made or opened: the VM belongs to the parent.
+
     /// `stop(timeout_secs)` → true when the guest shut down cleanly.
     pub fn stop(ruby: &Ruby, rb_self: &Self, timeout: f64) -> Result<bool, Error> {
-        let sb = rb_self.inner.clone();
+        if rb_self.is_inherited() {
+            return Ok(false);
+        }
+        let sb = rb_self.handle();
         crate::gvl::run(async move { sb.stop(secs(timeout)).await }).map_err(|e| to_ruby(ruby, e))
     }
 
     pub fn request_stop(ruby: &Ruby, rb_self: &Self, timeout: f64) -> Result<Value, Error> {
-        let sb = rb_self.inner.clone();
+        if rb_self.is_inherited() {
+            return Ok(ruby.qnil().as_value());
+        }
+        let sb = rb_self.handle();
         crate::gvl::run(async move { sb.request_stop(secs(timeout)).await }).map_err(|e| to_ruby(ruby, e))?;
         Ok(ruby.qnil().as_value())
     }
 
     /// `request_drain(drain_timeout_secs_or_nil, stop_timeout_secs)`.
     pub fn request_drain(ruby: &Ruby, rb_self: &Self, drain_timeout: Option<f64>, stop_timeout: f64) -> Result<Value, Error> {
-        let sb = rb_self.inner.clone();
+        if rb_self.is_inherited() {
+            return Ok(ruby.qnil().as_value());
+        }
+        let sb = rb_self.handle();
         crate::gvl::run(async move { sb.request_drain(drain_timeout.map(secs), secs(stop_timeout)).await })
             .map_err(|e| to_ruby(ruby, e))?;
         Ok(ruby.qnil().as_value())
     }
 
     pub fn request_kill(ruby: &Ruby, rb_self: &Self) -> Value {
-        rb_self.inner.request_kill();
+        if !rb_self.is_inherited() {
+            rb_self.handle().request_kill();
+        }
         ruby.qnil().as_value()
     }
 
     /// `wait_until_stopped(timeout_secs_or_nil)` → true once stopped, false on timeout.
     pub fn wait_until_stopped(ruby: &Ruby, rb_self: &Self, timeout: Option<f64>) -> Result<bool, Error> {
-        let sb = rb_self.inner.clone();
+        let sb = rb_self.handle();
         crate::gvl::run(async move { sb.wait_until_stopped(timeout.map(secs)).await }).map_err(|e| to_ruby(ruby, e))
     }
 
     pub fn kill(ruby: &Ruby, rb_self: &Self) -> Result<Value, Error> {
-        let sb = rb_self.inner.clone();
+        if rb_self.is_inherited() {
+            return Ok(ruby.qnil().as_value());
+        }
+        let sb = rb_self.handle();
         crate::gvl::run(async move { sb.kill().await }).map_err(|e| to_ruby(ruby, e))?;
         Ok(ruby.qnil().as_value())
     }

@@ -12,6 +12,7 @@ pub mod logs;
 pub mod metrics;
 pub mod network;
 mod fs;
+pub mod liveness;
 pub mod patch;
 mod owner;
 pub mod spec;
@@ -20,7 +21,6 @@ mod stream;
 pub mod transfer;
 
 use std::collections::BTreeMap;
-use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -59,10 +59,13 @@ pub struct Sandbox {
     info: Info,
     supervisor: Mutex<Option<tokio::process::Child>>,
     /// Closing this (drop) tells the supervisor its owner is gone.
-    liveness: std::sync::Mutex<Option<OwnedFd>>,
+    liveness: std::sync::Mutex<Option<liveness::Liveness>>,
     stopped: AtomicBool,
     /// True when this process started the VM and it dies with this process.
     owns: AtomicBool,
+    /// The process that made this handle. A forked child that inherits it must never
+    /// drop its supervisor handle or kill its VM (see `Drop` and [`Sandbox::fork_view`]).
+    pid: u32,
 }
 
 /// Deletes a claimed record (and its directory) unless disarmed: a failed create leaves
@@ -298,6 +301,7 @@ impl Sandbox {
             liveness: std::sync::Mutex::new(liveness),
             stopped: AtomicBool::new(false),
             owns: AtomicBool::new(!detached),
+            pid: std::process::id(),
         })
     }
 
@@ -376,6 +380,7 @@ impl Sandbox {
             liveness: std::sync::Mutex::new(None),
             stopped: AtomicBool::new(!running),
             owns: AtomicBool::new(false),
+            pid: std::process::id(),
         })
     }
 
@@ -458,6 +463,36 @@ impl Sandbox {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// A handle for a forked child on the sandbox this (inherited) handle names: it can
+    /// run commands and use the filesystem over its own connections, but owns nothing —
+    /// no supervisor handle, no liveness pipe — so dropping it, or the child exiting,
+    /// leaves the parent's VM alone. Reads only plain fields and atomics, never a lock
+    /// another thread of the parent might have held at `fork`.
+    pub fn fork_view(&self) -> Sandbox {
+        Sandbox {
+            name: self.name.clone(),
+            home: self.home.clone(),
+            control: self.control.clone(),
+            env: self.env.clone(),
+            workdir: self.workdir.clone(),
+            labels: self.labels.clone(),
+            user: self.user.clone(),
+            shell: self.shell.clone(),
+            memory_mib: self.memory_mib,
+            info: self.info.clone(),
+            supervisor: Mutex::new(None),
+            liveness: std::sync::Mutex::new(None),
+            stopped: AtomicBool::new(self.stopped.load(Ordering::SeqCst)),
+            owns: AtomicBool::new(false),
+            pid: std::process::id(),
+        }
+    }
+
+    /// True when this handle was made in another process (inherited through `fork`).
+    pub fn is_inherited(&self) -> bool {
+        self.pid != std::process::id()
     }
 
     /// Shell of `Sandbox#shell` (the `shell:` create option, default `/bin/sh`).
@@ -665,8 +700,10 @@ impl Sandbox {
         let child = self.supervisor.lock().await.take();
         match child {
             Some(mut child) => {
+                // Bounded in every branch: a call on a dead sandbox must fail fast.
                 if tokio::time::timeout(Duration::from_secs(5), child.wait()).await.is_err() {
-                    let _ = child.kill().await;
+                    let _ = child.start_kill();
+                    let _ = tokio::time::timeout(Duration::from_secs(2), child.wait()).await;
                 }
             }
             // Not our child (looked up by name): poll until the pid is gone.
@@ -700,6 +737,15 @@ fn call_stdin(call: &ExecCall) -> Option<Vec<u8>> {
 
 impl Drop for Sandbox {
     fn drop(&mut self) {
+        if self.pid != std::process::id() {
+            // Inherited through fork: the VM belongs to the parent. Dropping the supervisor
+            // handle would SIGKILL it (kill_on_drop) and deregister its pidfd from the
+            // parent's epoll instance, which the child shares; forget it instead.
+            if let Some(child) = self.supervisor.get_mut().take() {
+                std::mem::forget(child);
+            }
+            return;
+        }
         // An owned sandbox dies with its handle: the child has kill_on_drop and closing the
         // liveness pipe makes the supervisor kill QEMU; this makes it immediate.
         if self.is_running() && self.owns_lifecycle() {

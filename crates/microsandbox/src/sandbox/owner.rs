@@ -1,22 +1,25 @@
 //! Owning a sandbox: claiming its directory, spawning its supervisor, reading the
 //! supervisor's startup report.
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
 use tokio::io::AsyncBufReadExt;
 
+use super::liveness::Liveness;
 use super::spec::{StartupReport, LIVENESS_FD_ENV};
 use crate::error::{Error, IoContext, Result};
 
 /// Starts the supervisor in its own session. With `owned`, the read end of a liveness
 /// pipe becomes its fd 3 and the write end is returned: the caller keeps it for as long
 /// as the sandbox may live. A detached sandbox gets no pipe and outlives its creator.
-pub fn spawn_supervisor(bin: &Path, spec: &Path, dir: &Path, owned: bool) -> Result<(tokio::process::Child, Option<OwnedFd>)> {
+pub fn spawn_supervisor(bin: &Path, spec: &Path, dir: &Path, owned: bool) -> Result<(tokio::process::Child, Option<Liveness>)> {
     let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| Error::Runtime(format!("cannot create the liveness pipe: {e}")))?;
+    // Recorded at once, so a fork during the boot does not keep a copy either.
+    let write_end = Liveness::new(write_end);
     let log = std::fs::File::create(dir.join("supervisor.log")).context(|| "creating supervisor.log".into())?;
     let rfd = read_end.as_raw_fd();
     let mut cmd = tokio::process::Command::new(bin);
