@@ -127,7 +127,7 @@ impl RbSandbox {
 
     /// `last_stop_json`: how the last run ended, as JSON, or nil while running.
     pub fn last_stop_json(&self) -> Option<String> {
-        self.inner.last_stop().map(|s| serde_json::to_string(&s).unwrap())
+        self.handle().last_stop().map(|s| serde_json::to_string(&s).unwrap())
     }
 
     /// `list_json(home)`: every sandbox record as JSON.
