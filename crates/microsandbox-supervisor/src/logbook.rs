@@ -44,6 +44,8 @@ impl LogSink {
         let (tx, mut rx) = mpsc::channel::<Entry>(QUEUE);
         let dropped = Arc::new(AtomicU64::new(0));
         let lost = dropped.clone();
+        // Session ids restart with every boot: the boot's start time tells streams apart.
+        let boot_ms = now_ms();
         tokio::task::spawn_blocking(move || {
             let path = dir.join(LOG_FILE);
             let open = |p: &PathBuf| std::fs::OpenOptions::new().create(true).append(true).open(p).ok();
@@ -57,7 +59,7 @@ impl LogSink {
                     line.push_str(&logs::text_line(e.at_ms, "system", &why));
                 }
                 line.push_str(&match e.session {
-                    Some(id) => logs::output_line(e.at_ms, e.source, id, &e.bytes),
+                    Some(id) => logs::output_line(e.at_ms, e.source, boot_ms, id, &e.bytes),
                     None => logs::text_line(e.at_ms, e.source, &String::from_utf8_lossy(&e.bytes)),
                 });
                 if size + line.len() as u64 > MAX_LOG_BYTES {

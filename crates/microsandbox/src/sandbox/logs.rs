@@ -14,7 +14,7 @@
 //!
 //! The guest writes bytes, not characters: one UTF-8 character may be split across two
 //! or more chunks (`printf 'caf\303'; printf '\251'`). Each chunk stays its own entry with
-//! its exact bytes, and text is decoded per stream (same session and source) across
+//! its exact bytes, and text is decoded per stream (same boot, session and source) across
 //! entries: a chunk ending in the first bytes of a character leaves them to the next chunk
 //! of its stream ("caf" then "é\n"). Bytes that are invalid UTF-8 become U+FFFD in
 //! the text only. A character still incomplete at the last chunk of its stream that was
@@ -60,6 +60,8 @@ struct Line {
     t: u64,
     source: String,
     #[serde(default)]
+    boot: Option<u64>,
+    #[serde(default)]
     session: Option<u32>,
     #[serde(default)]
     data: Option<String>,
@@ -67,10 +69,12 @@ struct Line {
     text: Option<String>,
 }
 
-/// The log line for `bytes` a guest session wrote to `source` (newline included).
-pub fn output_line(at_ms: u64, source: &str, session: u32, bytes: &[u8]) -> String {
+/// The log line for `bytes` that guest session `session` of the boot started at
+/// `boot_ms` wrote to `source` (newline included).
+pub fn output_line(at_ms: u64, source: &str, boot_ms: u64, session: u32, bytes: &[u8]) -> String {
     let data = base64::engine::general_purpose::STANDARD.encode(bytes);
-    let mut line = serde_json::json!({"t": at_ms, "source": source, "session": session, "data": data}).to_string();
+    let mut line =
+        serde_json::json!({"t": at_ms, "source": source, "boot": boot_ms, "session": session, "data": data}).to_string();
     line.push('\n');
     line
 }
@@ -116,20 +120,21 @@ pub fn decode_chunk(buf: &[u8], hold: bool) -> (String, usize) {
 /// Fills in `text` of session entries (whose `data` is set), decoding each stream
 /// (session, source) across its entries in order. Entries without a session keep their
 /// text.
-fn decode_streams(entries: &mut [LogEntry], raw: &[bool]) {
-    let key = |e: &LogEntry| (e.session_id, e.source.clone());
-    let mut last: HashMap<(Option<u32>, String), usize> = HashMap::new();
+fn decode_streams(entries: &mut [LogEntry], raw: &[bool], boots: &[Option<u64>]) {
+    type Key = (Option<u64>, Option<u32>, String);
+    let key = |i: usize, e: &LogEntry| -> Key { (boots[i], e.session_id, e.source.clone()) };
+    let mut last: HashMap<Key, usize> = HashMap::new();
     for (i, e) in entries.iter().enumerate() {
         if raw[i] && e.session_id.is_some() {
-            last.insert(key(e), i);
+            last.insert(key(i, e), i);
         }
     }
-    let mut carry: HashMap<(Option<u32>, String), Vec<u8>> = HashMap::new();
+    let mut carry: HashMap<Key, Vec<u8>> = HashMap::new();
     for i in 0..entries.len() {
         if !raw[i] {
             continue;
         }
-        let k = key(&entries[i]);
+        let k = key(i, &entries[i]);
         let hold = entries[i].session_id.is_some() && last.get(&k) != Some(&i);
         let mut buf = carry.remove(&k).unwrap_or_default();
         buf.extend_from_slice(&entries[i].data);
@@ -167,8 +172,9 @@ pub fn read(dir: &Path, tail: usize, sources: &[String]) -> Result<Vec<LogEntry>
     }
     let want = |s: &str| sources.is_empty() || sources.iter().any(|x| x == s);
     let mut out = Vec::new();
-    // Whether an entry's text is still to be decoded from its data.
+    // Whether an entry's text is still to be decoded from its data, and its boot.
     let mut raw = Vec::new();
+    let mut boots = Vec::new();
     if want("system") {
         let console = tail_of(&dir.join("console.log"));
         for l in console.split(|&b| b == b'\n').filter(|l| !l.iter().all(u8::is_ascii_whitespace)) {
@@ -180,6 +186,7 @@ pub fn read(dir: &Path, tail: usize, sources: &[String]) -> Result<Vec<LogEntry>
                 timestamp_ms: None,
             });
             raw.push(false);
+            boots.push(None);
         }
     }
     let b64 = base64::engine::general_purpose::STANDARD;
@@ -200,9 +207,10 @@ pub fn read(dir: &Path, tail: usize, sources: &[String]) -> Result<Vec<LogEntry>
             };
             out.push(LogEntry { source: line.source, text, data, session_id: line.session, timestamp_ms: Some(line.t) });
             raw.push(is_raw);
+            boots.push(line.boot);
         }
     }
-    decode_streams(&mut out, &raw);
+    decode_streams(&mut out, &raw, &boots);
     let skip = out.len().saturating_sub(tail);
     Ok(out.split_off(skip))
 }
@@ -230,9 +238,13 @@ mod tests {
     }
 
     fn write_chunks(dir: &Path, chunks: &[(&str, u32, &[u8])]) {
+        write_boots(dir, &chunks.iter().map(|&(src, session, bytes)| (src, 1, session, bytes)).collect::<Vec<_>>());
+    }
+
+    fn write_boots(dir: &Path, chunks: &[(&str, u64, u32, &[u8])]) {
         let mut s = String::new();
-        for (i, (src, session, bytes)) in chunks.iter().enumerate() {
-            s.push_str(&output_line(i as u64, src, *session, bytes));
+        for (i, (src, boot, session, bytes)) in chunks.iter().enumerate() {
+            s.push_str(&output_line(i as u64, src, *boot, *session, bytes));
         }
         std::fs::write(dir.join("logs.jsonl"), s).unwrap();
     }
@@ -273,6 +285,13 @@ mod tests {
         assert_eq!(t, ["", "", "😀!\u{FFFD}", "z\u{FFFD}"]);
         assert_eq!(e[2].data, b"\x80!\xFF");
         assert_eq!(e[3].data, b"z\xE2\x82");
+    }
+
+    #[test]
+    fn the_same_session_id_in_another_boot_is_another_stream() {
+        let d = tempfile::tempdir().unwrap();
+        write_boots(d.path(), &[("stdout", 100, 1, b"a\xC3"), ("stdout", 200, 1, b"\xA9b")]);
+        assert_eq!(texts(d.path(), 100), ["a\u{FFFD}", "\u{FFFD}b"]);
     }
 
     #[test]
