@@ -398,6 +398,28 @@ module Microsandbox
       end
     end
 
+    # The `dns:` option of `Sandbox.create` → the wire Hash the engine parses
+    # (`"nameservers"`, `"query_timeout_ms"`, `"rebind_protection"`), validated by the
+    # engine's parser: nameservers are `"1.1.1.1"`, `"127.0.0.1:5353"`, `"[::1]:5353"` or
+    # `"dns.example:53"` (at most 8); the timeout is 1..60000 ms.
+    # @param value [Hash, nil]
+    # @return [Hash{String => Object}, nil] frozen; nil for nil
+    # @raise [TypeError] when not a Hash
+    # @raise [NetworkPolicyError] naming the bad key (`dns.nameservers[1]: …`), never the value
+    def dns_options(value)
+      return nil if value.nil?
+      raise TypeError, "dns must be a Hash (got #{value.class})" unless value.is_a?(Hash)
+
+      wire = value.to_h do |k, v|
+        raise TypeError, "dns keys must be Strings or Symbols (got #{k.class})" unless k.is_a?(String) || k.is_a?(Symbol)
+
+        [k.to_s, v]
+      end
+      json = JSON.generate(wire)
+      Native.check_dns_config(json)
+      JSON.parse(json, freeze: true)
+    end
+
     # A user's key in a message only when it looks like an identifier.
     def key_name(key)
       key.match?(/\A[A-Za-z0-9_-]{1,40}\z/) ? key : "(unprintable)"

@@ -154,3 +154,33 @@ RSpec.describe Microsandbox::Destination do
     }
   end
 end
+
+RSpec.describe Microsandbox::Network do
+  describe ".dns_options" do
+    it "passes a valid dns: Hash on as the wire Hash" do
+      wire = described_class.dns_options(nameservers: ["127.0.0.1:5353", "dns.example:53", "::1"],
+                                         query_timeout_ms: 2000, rebind_protection: false)
+      expect(wire).to eq("nameservers" => ["127.0.0.1:5353", "dns.example:53", "::1"],
+                         "query_timeout_ms" => 2000, "rebind_protection" => false)
+      expect(wire).to be_frozen
+      expect(described_class.dns_options(nil)).to be_nil
+      expect(described_class.dns_options({})).to eq({})
+    end
+
+    it "names the bad key and never the value" do
+      {
+        { nameservers: ["not an ip:99999"] } => "dns.nameservers[0]",
+        { nameservers: "1.1.1.1" } => "dns.nameservers",
+        { query_timeout_ms: 0 } => "dns.query_timeout_ms",
+        { rebind_protection: "no" } => "dns.rebind_protection",
+        { sekrit: 1 } => "dns.sekrit"
+      }.each do |opts, key|
+        expect { described_class.dns_options(opts) }.to raise_error(Microsandbox::NetworkPolicyError) { |e|
+          expect(e.message).to start_with("#{key}: ")
+          expect(e.message).not_to include("99999")
+        }
+      end
+      expect { described_class.dns_options([]) }.to raise_error(TypeError)
+    end
+  end
+end

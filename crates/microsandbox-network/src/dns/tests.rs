@@ -133,7 +133,7 @@ fn malformed_queries() {
         let mut q = good[..12].to_vec();
         for _ in 0..5 {
             q.push(63);
-            q.extend(std::iter::repeat(b'a').take(63));
+            q.extend(std::iter::repeat_n(b'a', 63));
         }
         q.extend_from_slice(&[0, 0, 1, 0, 1]);
         q
@@ -141,7 +141,7 @@ fn malformed_queries() {
     let long_label = {
         let mut q = good[..12].to_vec();
         q.push(64);
-        q.extend(std::iter::repeat(b'a').take(64));
+        q.extend(std::iter::repeat_n(b'a', 64));
         q.extend_from_slice(&[0, 0, 1, 0, 1]);
         q
     };
