@@ -240,7 +240,10 @@ impl DnsFilter {
     }
 
     /// Filters an upstream `response` to the guest's `query` (which this filter said to
-    /// forward) and records pins for what is passed on.
+    /// forward) and records pins for what is passed on. The packet is what to send the
+    /// guest: the filtered answer, or SERVFAIL/NXDOMAIN built for the query (the TC flag
+    /// and EDNS OPT of an answer are kept). It is empty only when `query` is not even a
+    /// DNS header (then there is nobody to answer).
     pub fn filter_response(&self, query: &[u8], response: &[u8], pins: &mut PinSet, now: Instant) -> ResponseOutcome {
         let Some(qh) = header(query) else {
             // The data path only forwards queries we accepted; nothing to answer to.

@@ -442,3 +442,19 @@ fn random_and_mutated_packets_never_panic() {
         assert!(pins.len() <= 64);
     }
 }
+
+#[test]
+fn truncation_and_edns_survive_filtering() {
+    let f = filter(&NetworkPolicy::public_only());
+    let q = query(21, "inet.test", TYPE::A);
+    let plain = response(&q, vec![a("inet.test", "203.0.113.10", 60), a("inet.test", "10.0.0.9", 60)]);
+    let mut r = Packet::parse(&plain).unwrap();
+    r.set_flags(PacketFlag::TRUNCATION);
+    *r.opt_mut() = Some(simple_dns::rdata::OPT { opt_codes: vec![], udp_packet_size: 1232, version: 0 });
+    let bytes = r.build_bytes_vec().unwrap();
+    let out = f.on_response(&q, &bytes, &mut PinSet::new(), Instant::now());
+    let p = Packet::parse(&out).unwrap();
+    assert!(p.has_flags(PacketFlag::TRUNCATION), "TC=1 tells the guest to retry over TCP");
+    assert_eq!(p.opt().map(|o| o.udp_packet_size), Some(1232));
+    assert_eq!(answers(&out), ["inet.test A 203.0.113.10"]);
+}
