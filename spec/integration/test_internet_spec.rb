@@ -49,6 +49,15 @@ RSpec.describe "the test internet (network namespace)" do
     end
   end
 
+  it "refuses to start without root, saying why (it is never skipped silently)" do
+    script = "require #{File.expand_path("../support/netns", __dir__).dump}; " \
+             "begin; MicrosandboxSpec::NetNS.start!; rescue => e; warn e.message; exit 3; end"
+    out = IO.popen(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", RbConfig.ruby, "-e", script],
+                   err: %i[child out], &:read)
+    expect($?.exitstatus).to eq(3)
+    expect(out).to include("needs root")
+  end
+
   it "is gone after stop! and comes back on the next start!" do
     name = net.name
     net.stop!
