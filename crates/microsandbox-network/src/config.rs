@@ -5,6 +5,9 @@ use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::dns::DnsConfig;
+use crate::policy::NetworkPolicy;
+
 /// Default MTU of the guest NIC. Under `-netdev stream` QEMU turns off checksum and
 /// segmentation offloads, so the emulated guest segments at the MTU itself: large frames
 /// mean far fewer guest (and stack) packets per byte. 65520 is what passt uses; it stays
@@ -19,7 +22,8 @@ pub const MAX_CONNECTIONS: u32 = 4096;
 /// milliseconds, so 64 KiB would cap a connection near 64 KiB per round trip.
 pub const DEFAULT_TCP_BUFFER: usize = 256 * 1024;
 
-/// Data-path configuration of one sandbox NIC. (The policy engine adds its fields here.)
+/// Configuration of one sandbox NIC: the data path's addressing and limits, and the
+/// policy and DNS options the stack enforces.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetworkConfig {
     /// The guest's address on its link.
@@ -34,6 +38,13 @@ pub struct NetworkConfig {
     pub max_connections: u32,
     #[serde(default = "default_tcp_buffer")]
     pub tcp_buffer: usize,
+    /// The sandbox's network policy (typed; `NetworkPolicy::from_wire` of `network:`).
+    /// Absent in a spec = `public_only`.
+    #[serde(default)]
+    pub policy: NetworkPolicy,
+    /// The `dns:` options (`DnsConfig::from_wire`). Absent = defaults.
+    #[serde(default)]
+    pub dns: DnsConfig,
 }
 
 fn default_tcp_buffer() -> usize {
@@ -53,6 +64,8 @@ impl NetworkConfig {
             mtu: DEFAULT_MTU,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             tcp_buffer: DEFAULT_TCP_BUFFER,
+            policy: NetworkPolicy::default(),
+            dns: DnsConfig::default(),
         }
     }
 
@@ -84,5 +97,18 @@ mod tests {
         assert!(c.max_frame() <= crate::frame::MAX_STREAM_FRAME);
         let json = serde_json::to_string(&c).unwrap();
         assert_eq!(serde_json::from_str::<NetworkConfig>(&json).unwrap(), c);
+    }
+
+    #[test]
+    fn policy_and_dns_travel_in_the_spec_and_default_when_absent() {
+        let mut c = NetworkConfig::with_defaults();
+        c.policy = NetworkPolicy::from_wire(&serde_json::json!({"rules": [{"action": "allow", "destination": ".inet.test"}]})).unwrap();
+        c.dns = DnsConfig::from_wire(&serde_json::json!({"nameservers": ["203.0.113.53"]})).unwrap();
+        let json = serde_json::to_string(&c).unwrap();
+        assert_eq!(serde_json::from_str::<NetworkConfig>(&json).unwrap(), c);
+        let mut v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        v.as_object_mut().unwrap().retain(|k, _| k != "policy" && k != "dns");
+        let old: NetworkConfig = serde_json::from_value(v).unwrap();
+        assert_eq!((old.policy, old.dns), (NetworkPolicy::public_only(), DnsConfig::default()));
     }
 }
