@@ -229,7 +229,8 @@ module Microsandbox
     # @return [Hash{Symbol => Object}]
     attr_reader :info
 
-    # @return [Boolean] false once stopped, killed, or its VM was found gone
+    # @return [Boolean] false once stopped or killed, or when its VM or supervisor is gone
+    #   (however it died; checked on each call)
     def running?
       @native.running?
     end

@@ -144,7 +144,52 @@ impl Error {
 }
 
 impl From<microsandbox_protocol::FrameError> for Error {
+    /// Frames the engine reads come from a sandbox's supervisor over its control socket.
+    /// The supervisor closes client connections only when it exits (its VM stopped or
+    /// died, or it was killed), so a connection that breaks — reset, broken pipe, EOF in
+    /// the middle of a frame — means the sandbox is gone, not that someone lied.
     fn from(e: microsandbox_protocol::FrameError) -> Self {
-        Error::Protocol(format!("agent channel: {e}"))
+        use microsandbox_protocol::FrameError;
+        use std::io::ErrorKind;
+        match e {
+            FrameError::Truncated => connection_lost(),
+            FrameError::Io(io)
+                if matches!(
+                    io.kind(),
+                    ErrorKind::ConnectionReset
+                        | ErrorKind::ConnectionAborted
+                        | ErrorKind::BrokenPipe
+                        | ErrorKind::UnexpectedEof
+                        | ErrorKind::NotConnected
+                ) =>
+            {
+                connection_lost()
+            }
+            e => Error::Protocol(format!("agent channel: {e}")),
+        }
+    }
+}
+
+fn connection_lost() -> Error {
+    Error::SandboxNotRunning(
+        "the connection to the sandbox broke: its VM or supervisor is gone (stopped, killed or crashed); \
+         start it again with Sandbox.start"
+            .into(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use microsandbox_protocol::FrameError;
+
+    #[test]
+    fn a_broken_connection_means_the_sandbox_is_gone() {
+        for kind in [std::io::ErrorKind::ConnectionReset, std::io::ErrorKind::BrokenPipe, std::io::ErrorKind::UnexpectedEof] {
+            let e = Error::from(FrameError::Io(io::Error::from(kind)));
+            assert_eq!(e.code(), "sandbox-not-running", "{kind:?}");
+        }
+        assert_eq!(Error::from(FrameError::Truncated).code(), "sandbox-not-running");
+        assert_eq!(Error::from(FrameError::UnknownKind(200)).code(), "protocol-error");
     }
 }

@@ -505,9 +505,20 @@ impl Sandbox {
         &self.info
     }
 
-    /// False once `stop`/`kill` ran or the VM was found gone.
+    /// False once `stop`/`kill` ran or the VM was found gone — also when its supervisor
+    /// died without anyone calling (then this records it, so every later call fails fast
+    /// with [`Error::SandboxNotRunning`] instead of trying to connect).
     pub fn is_running(&self) -> bool {
-        !self.stopped.load(Ordering::SeqCst)
+        if self.stopped.load(Ordering::SeqCst) {
+            return false;
+        }
+        let pid = self.info.supervisor_pid;
+        // A zombie counts as gone (an exited supervisor this process has not reaped yet).
+        if pid > 0 && crate::state::process_start_time(pid).is_none() {
+            self.stopped.store(true, Ordering::SeqCst);
+            return false;
+        }
+        true
     }
 
     fn not_running(&self) -> Error {
