@@ -97,7 +97,7 @@ module Microsandbox
           end
         config["shell"] = Validate.guest_path!("shell", shell)
         config["scripts"] = Validate.scripts!("scripts", scripts)
-        config["patches"] = Patch.validate_list!(patches).map(&:to_config)
+        config["patches"] = Patch.to_config_list!(patches || [])
         placement = build_placement(labels, detached, replace, replace_with_timeout)
         Microsandbox.ensure_runtime!
         config["supervisor"] = Microsandbox.runtime_path

@@ -11,14 +11,14 @@ RSpec.describe "logs" do
         entries = sb.logs(sources: %w[stdout stderr])
         entries.map(&:text).join.include?("to-err")
       end).to be(true)
-      expect(entries.find { |e| e.text.include?("to-out") }.source).to eq("stdout")
-      expect(entries.find { |e| e.text.include?("to-err") }.source).to eq("stderr")
+      expect(entries.find { |e| e.text.include?("to-out") }.source).to eq(:stdout)
+      expect(entries.find { |e| e.text.include?("to-err") }.source).to eq(:stderr)
       expect(entries.last.timestamp).to be_a(Time)
       expect(sb.logs(tail: 1, sources: ["stdout"]).size).to eq(1)
       expect { sb.logs(sources: ["kernel"]) }.to raise_error(Microsandbox::InvalidConfigError, /log source/)
 
       streamed = []
-      reader = Thread.new { sb.log_stream(interval: 0.2).each { |e| streamed << e.text; break if e.text.include?("later") } }
+      reader = Thread.new { sb.log_stream(follow: true, interval: 0.2).each { |e| streamed << e.text; break if e.text.include?("later") } }
       sleep 0.5
       sb.exec("echo", ["later"])
       expect(reader.join(10)).not_to be_nil
@@ -51,8 +51,8 @@ RSpec.describe "logs" do
         entries = sb.logs(sources: %w[stdout stderr])
         entries.map(&:data).join.include?("z\n")
       end).to be(true)
-      stdout = entries.select { |e| e.source == "stdout" }
-      stderr = entries.select { |e| e.source == "stderr" }
+      stdout = entries.select { |e| e.source == :stdout }
+      stderr = entries.select { |e| e.source == :stderr }
       # The chunks stay separate entries; no byte is lost and the text is whole.
       expect(stdout.size).to be >= 2
       expect(stdout.map(&:data).join).to eq(out.stdout_bytes)
@@ -71,6 +71,53 @@ RSpec.describe "logs" do
       expect(events.select(&:stdout?).map(&:text).join).to eq("café\n😀!\uFFFD\uFFFDz\n")
       expect(events.select(&:stderr?).map(&:text).join).to eq("x€\n")
       expect(events.select(&:stdout?).map(&:bytes).join).to eq(out.stdout_bytes)
+    end
+  end
+
+  it "selects by time window, source group and tail (nil = all), and streams history then follows" do
+    Microsandbox::Sandbox.create(unique_name("logq"), image: rootfs) do |sb|
+      sb.shell("echo one; echo two >&2")
+      expect(wait_until(timeout: 10) { sb.logs(sources: [:stderr]).any? }).to be(true)
+      marker = Time.now
+      sleep 0.05
+      sb.shell("echo three")
+      expect(wait_until(timeout: 10) { sb.logs(sources: %w[output]).map(&:text).join.include?("three") }).to be(true)
+
+      output = sb.logs(sources: ["output"])
+      expect(output.map(&:source).uniq.sort).to eq(%i[stderr stdout])
+      expect(output.map(&:text).join).to eq("one\ntwo\nthree\n")
+      expect(output.map(&:session_id)).to all(be_a(Integer))
+      expect(output.first.session_id).not_to eq(output.last.session_id)
+      all = sb.logs # tail: nil is everything kept, console included
+      expect(all.size).to be >= output.size
+      expect(all.map(&:source) - %i[system stdout stderr]).to eq([])
+      expect(sb.logs(sources: ["all"]).size).to eq(all.size)
+      expect(sb.logs(tail: 0)).to eq([])
+      expect(sb.logs(since_ms: marker, sources: %w[output]).map(&:text)).to eq(["three\n"])
+      expect(sb.logs(since_ms: (marker.to_r * 1000).floor, sources: [:stdout]).map(&:text)).to eq(["three\n"])
+      expect(sb.logs(until_ms: marker, sources: ["output"]).map(&:text)).to eq(["one\n", "two\n"])
+      expect { sb.logs(tail: -1) }.to raise_error(ArgumentError, /tail/)
+      expect { sb.logs(since_ms: -5) }.to raise_error(ArgumentError, /since_ms/)
+      expect { sb.logs(sources: ["kernel"]) }.to raise_error(Microsandbox::InvalidConfigError, /"output" or "all"/)
+
+      # A LogStream replays history and ends at its end unless following.
+      stream = sb.log_stream(sources: [:stdout])
+      expect(stream).to be_a(Microsandbox::LogStream)
+      expect(stream.map(&:text)).to eq(["one\n", "three\n"])
+      first = output.first
+      expect(sb.log_stream(sources: ["output"], from_cursor: first.cursor).map(&:text)).to eq(["two\n", "three\n"])
+      expect(sb.log_stream(sources: ["output"], since_ms: marker).to_a.map(&:text)).to eq(["three\n"])
+      expect { sb.log_stream(from_cursor: "bogus").to_a }.to raise_error(Microsandbox::InvalidConfigError, /cursor/)
+
+      # Following: history first, then what is written later, until the sandbox stops.
+      seen = Queue.new
+      follower = Thread.new { sb.log_stream(sources: ["stdout"], follow: true, interval: 0.2).each { |e| seen << e.text } }
+      expect(Timeout.timeout(20) { [seen.pop, seen.pop] }).to eq(["one\n", "three\n"])
+      sb.shell("echo four")
+      expect(Timeout.timeout(20) { seen.pop }).to eq("four\n")
+      sb.stop
+      expect(follower.join(20)).not_to be_nil
+      expect(seen.size).to eq(0)
     end
   end
 end

@@ -40,7 +40,10 @@ RSpec.describe "root filesystem patches" do
       patch.symlink("../opt/tree/run.sh", "/usr/run"),
       patch.remove("/opt/tree/junk"),
       patch.remove("/etc/hostname"),
-      patch.remove("/does/not/exist")
+      patch.remove("/does/not/exist"),
+      # Hand-built Hashes and the reference gem's Patch.file; replace: true may shadow.
+      { kind: "file", path: "/etc/profile", content: "# replaced\n", replace: true },
+      { "kind" => "symlink", "target" => "/etc/app/conf", "link" => "/etc/group", "replace" => true }
     ]
     # The main process starts after the patches: it sees them.
     Microsandbox::Sandbox.create(name, image: rootfs, patches: patches, entrypoint: ["/bin/cat", "/etc/app/conf"]) do |sb|
@@ -56,6 +59,8 @@ RSpec.describe "root filesystem patches" do
       expect(fs.stat("/opt/tree/run.sh").mode & 0o7777).to eq(0o755)
       expect(sb.exec("readlink", ["/opt/tree/shortcut"]).stdout).to eq("sub/deeper/file.txt\n")
       expect(fs.read_text("/opt/tree/shortcut")).to eq("deep\n")
+      expect(fs.read_text("/etc/profile")).to eq("# replaced\n")
+      expect(sb.exec("readlink", ["/etc/group"]).stdout).to eq("/etc/app/conf\n")
       expect(sb.exec("readlink", ["/usr/run"]).stdout).to eq("../opt/tree/run.sh\n")
       expect(sb.exec("/usr/run").stdout).to eq("run\n")
       expect(fs.exists?("/opt/tree/junk")).to be(false)
@@ -68,6 +73,25 @@ RSpec.describe "root filesystem patches" do
     Microsandbox::Sandbox.start(name) do |sb|
       expect(sb.fs.read_text("/etc/passwd").scan("app:x:1000").size).to eq(1)
       expect(sb.fs.read("/etc/app/conf")).to eq("k=\x00v\n".b)
+    end
+  end
+
+  it "refuses to shadow an existing path without replace: true" do
+    name = unique_name("patch-shadow")
+    File.write(File.join(@host, "f"), "x")
+    tree = File.join(@host, "tree")
+    FileUtils.mkdir_p(File.join(tree, "etc"))
+    File.write(File.join(tree, "etc/passwd"), "x")
+    [
+      [patch.text("/etc/passwd", "root::0:0::/:/bin/sh\n"), "text /etc/passwd"],
+      [patch.file("/etc/passwd", "x"), "text /etc/passwd"],
+      [patch.copy_file(File.join(@host, "f"), "/etc/passwd"), "copy_file"],
+      [patch.symlink("/x", "/etc/passwd"), "symlink /etc/passwd"],
+      [patch.copy_dir(tree, "/"), "copy_dir"]
+    ].each do |p, label|
+      expect { Microsandbox::Sandbox.create(name, image: rootfs, patches: [p]) }
+        .to raise_error(Microsandbox::PatchFailedError, /patch 1 \(#{Regexp.escape(label)}.*already exists.*replace: true/)
+      leaves_no_trace(name)
     end
   end
 
@@ -96,7 +120,9 @@ RSpec.describe "root filesystem patches" do
     expect { patch.mkdir("/x", mode: 0o10000) }.to raise_error(Microsandbox::InvalidConfigError, /mode/)
     expect { patch.symlink("", "/x") }.to raise_error(Microsandbox::InvalidConfigError, /target/)
     expect { Microsandbox::Sandbox.create(name, image: rootfs, patches: ["/etc/x"]) }
-      .to raise_error(TypeError, /patches\[0\]/)
+      .to raise_error(ArgumentError, /patches\[0\]/)
+    expect { Microsandbox::Sandbox.create(name, image: rootfs, patches: [{ "kind" => "chmod", "path" => "/x" }]) }
+      .to raise_error(ArgumentError, /unknown kind/)
     expect { Microsandbox::Sandbox.create(name, image: rootfs, patches: [patch.remove("/")]) }
       .to raise_error(Microsandbox::InvalidConfigError, /root directory/)
     missing = File.join(@host, "missing")

@@ -138,6 +138,22 @@ impl Guest {
         self.op(FsRequest { mode: Some(mode), ..req(FsOp::Write, path) }, upload).await.map(drop)
     }
 
+    /// Without `replace`, fails with EEXIST when `path` exists (a patch must not shadow what
+    /// the image or an earlier patch put there unless asked to).
+    async fn refuse_existing(&self, path: &str, replace: bool) -> Result<(), Failure> {
+        if replace {
+            return Ok(());
+        }
+        match self.op(req(FsOp::Stat, path), Upload::Nothing).await {
+            Ok(_) => Err(Failure {
+                message: format!("{path} already exists in the root filesystem; pass replace: true to replace it"),
+                errno: Some(libc::EEXIST),
+            }),
+            Err(f) if matches!(f.errno, Some(libc::ENOENT) | Some(libc::ENOTDIR)) => Ok(()),
+            Err(f) => Err(f),
+        }
+    }
+
     /// `rm -rf path`.
     async fn remove(&self, path: &str) -> Result<(), Failure> {
         match self.op(FsRequest { recursive: true, ..req(FsOp::Remove, path) }, Upload::Nothing).await {
@@ -146,12 +162,19 @@ impl Guest {
         }
     }
 
-    async fn symlink(&self, target: &str, link: &str) -> Result<(), Failure> {
+    async fn symlink(&self, target: &str, link: &str, replace: bool) -> Result<(), Failure> {
         self.parents(link).await?;
-        // Replace a file or symlink, never a directory (that would take its contents along).
+        // Replace a file or symlink when asked, never a directory (that would take its
+        // contents along).
         match self.op(req(FsOp::Stat, link), Upload::Nothing).await {
             Ok(done) if done.stat.as_ref().is_some_and(|s| s.kind == microsandbox_protocol::FsKind::Directory) => {
                 return Err(Failure { message: format!("symlink {link}: a directory is in the way"), errno: Some(libc::EISDIR) });
+            }
+            Ok(_) if !replace => {
+                return Err(Failure {
+                    message: format!("{link} already exists in the root filesystem; pass replace: true to replace it"),
+                    errno: Some(libc::EEXIST),
+                });
             }
             Ok(_) => self.op(req(FsOp::Remove, link), Upload::Nothing).await.map(drop)?,
             Err(f) if f.errno == Some(libc::ENOENT) => {}
@@ -161,7 +184,7 @@ impl Guest {
     }
 
     /// Copies a host tree into `dst`: directories first, then their entries, in order.
-    async fn copy_dir(&self, src: &Path, dst: &str) -> Result<(), Failure> {
+    async fn copy_dir(&self, src: &Path, dst: &str, replace: bool) -> Result<(), Failure> {
         use std::os::unix::fs::PermissionsExt;
         let host_err = |p: &Path, e: std::io::Error| Failure::host(format!("cannot read host path {}: {e}", p.display()));
         let top = std::fs::metadata(src).map_err(|e| host_err(src, e))?;
@@ -188,13 +211,14 @@ impl Guest {
                         .await?;
                     pending.push((hpath, gpath));
                 } else if ft.is_file() {
+                    self.refuse_existing(&gpath, replace).await?;
                     self.op(FsRequest { mode: Some(mode), ..req(FsOp::Write, &gpath) }, Upload::HostFile(&hpath)).await?;
                 } else if ft.is_symlink() {
                     let target = std::fs::read_link(&hpath).map_err(|e| host_err(&hpath, e))?;
                     let target = target
                         .to_str()
                         .ok_or_else(|| Failure::host(format!("symlink target of {} is not UTF-8", hpath.display())))?;
-                    self.symlink(target, &gpath).await?;
+                    self.symlink(target, &gpath, replace).await?;
                 } else {
                     return Err(Failure::host(format!(
                         "{} is not a regular file, directory or symlink (cannot copy it)",
@@ -210,12 +234,16 @@ impl Guest {
     pub async fn apply(&self, patch: &Patch) -> Result<(), Failure> {
         use std::os::unix::fs::PermissionsExt;
         match patch {
-            Patch::Text { path, content, mode } => self.write(path, mode.unwrap_or(0o644), Upload::Bytes(&content.0)).await,
+            Patch::Text { path, content, mode, replace } => {
+                self.refuse_existing(path, *replace).await?;
+                self.write(path, mode.unwrap_or(0o644), Upload::Bytes(&content.0)).await
+            }
             Patch::Mkdir { path, mode } => self.mkdir_p(path, Some(mode.unwrap_or(0o755))).await,
             Patch::Append { path, content } => {
                 self.op(req(FsOp::Append, path), Upload::Bytes(&content.0)).await.map(drop)
             }
-            Patch::CopyFile { src, dst, mode } => {
+            Patch::CopyFile { src, dst, mode, replace } => {
+                self.refuse_existing(dst, *replace).await?;
                 let mode = match mode {
                     Some(m) => *m,
                     None => std::fs::metadata(src)
@@ -226,8 +254,8 @@ impl Guest {
                 };
                 self.write(dst, mode, Upload::HostFile(src)).await
             }
-            Patch::CopyDir { src, dst } => self.copy_dir(src, dst).await,
-            Patch::Symlink { target, link } => self.symlink(target, link).await,
+            Patch::CopyDir { src, dst, replace } => self.copy_dir(src, dst, *replace).await,
+            Patch::Symlink { target, link, replace } => self.symlink(target, link, *replace).await,
             Patch::Remove { path } => self.remove(path).await,
         }
     }
@@ -313,10 +341,22 @@ mod tests {
 
     #[tokio::test]
     async fn text_creates_parents_then_writes_with_exact_mode() {
-        let (res, seen) = run(Patch::Text { path: "/etc/app/conf".into(), content: Bytes(vec![1; 70_000]), mode: None }, None).await;
+        let text = |replace| Patch::Text { path: "/etc/app/conf".into(), content: Bytes(vec![1; 70_000]), mode: None, replace };
+        // Not there yet (the fake agent's stat fails with ENOENT): checked, then written.
+        let (res, seen) = run(text(false), Some((FsOp::Stat, libc::ENOENT))).await;
         res.unwrap();
-        assert_eq!(seen[0], (FsOp::Mkdir, "/etc/app".into(), None, 0));
-        assert_eq!(seen[1], (FsOp::Write, "/etc/app/conf".into(), Some(0o644), 70_000));
+        assert_eq!(seen[0], (FsOp::Stat, "/etc/app/conf".into(), None, 0));
+        assert_eq!(seen[1], (FsOp::Mkdir, "/etc/app".into(), None, 0));
+        assert_eq!(seen[2], (FsOp::Write, "/etc/app/conf".into(), Some(0o644), 70_000));
+        // There already (stat succeeds): refused without replace, written with it.
+        let (res, seen) = run(text(false), None).await;
+        let f = res.unwrap_err();
+        assert_eq!(f.errno, Some(libc::EEXIST));
+        assert!(f.message.contains("replace: true"), "{}", f.message);
+        assert!(!seen.iter().any(|s| s.0 == FsOp::Write));
+        let (res, seen) = run(text(true), None).await;
+        res.unwrap();
+        assert_eq!(seen.iter().map(|s| s.0).collect::<Vec<_>>(), [FsOp::Mkdir, FsOp::Write]);
     }
 
     #[tokio::test]
@@ -328,11 +368,15 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn symlink_replaces_a_file() {
-        let (res, seen) = run(Patch::Symlink { target: "busybox".into(), link: "/bin/x".into() }, None).await;
+    async fn symlink_replaces_a_file_only_when_asked() {
+        let link = |replace| Patch::Symlink { target: "busybox".into(), link: "/bin/x".into(), replace };
+        let (res, seen) = run(link(true), None).await;
         res.unwrap();
         let ops: Vec<FsOp> = seen.iter().map(|s| s.0).collect();
         assert_eq!(ops, [FsOp::Mkdir, FsOp::Stat, FsOp::Remove, FsOp::Symlink]);
+        let (res, seen) = run(link(false), None).await;
+        assert_eq!(res.unwrap_err().errno, Some(libc::EEXIST));
+        assert_eq!(seen.iter().map(|s| s.0).collect::<Vec<_>>(), [FsOp::Mkdir, FsOp::Stat]);
     }
 
     #[tokio::test]
@@ -343,7 +387,8 @@ mod tests {
         std::fs::write(d.path().join("sub/f"), b"hello").unwrap();
         std::fs::set_permissions(d.path().join("sub/f"), std::fs::Permissions::from_mode(0o750)).unwrap();
         std::os::unix::fs::symlink("sub/f", d.path().join("link")).unwrap();
-        let (res, seen) = run(Patch::CopyDir { src: d.path().into(), dst: "/opt/t".into() }, None).await;
+        let (res, seen) =
+            run(Patch::CopyDir { src: d.path().into(), dst: "/opt/t".into(), replace: false }, Some((FsOp::Stat, libc::ENOENT))).await;
         res.unwrap();
         let paths: Vec<(FsOp, &str)> = seen.iter().map(|s| (s.0, std::str::from_utf8(s.1.as_bytes()).unwrap())).collect();
         assert_eq!(paths[0], (FsOp::Mkdir, "/opt/t"));

@@ -43,7 +43,7 @@ fn init(ruby: &Ruby) -> Result<(), Error> {
     class.define_method("owns_lifecycle?", method!(sandbox::RbSandbox::owns_lifecycle, 0))?;
     class.define_method("detach", method!(sandbox::RbSandbox::detach, 0))?;
     class.define_method("metrics_json", method!(metrics::metrics_json, 0))?;
-    class.define_method("logs_json", method!(logs::logs_json, 2))?;
+    class.define_method("logs_json", method!(logs::logs_json, 5))?;
     class.define_method("name", method!(sandbox::RbSandbox::name, 0))?;
     class.define_method("shell", method!(sandbox::RbSandbox::shell, 0))?;
     class.define_method("info_json", method!(sandbox::RbSandbox::info_json, 0))?;

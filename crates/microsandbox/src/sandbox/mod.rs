@@ -431,6 +431,11 @@ impl Sandbox {
         logs::read(&self.home.sandbox_dir(&self.name), tail, sources)
     }
 
+    /// The log entries `q` selects (time window, cursor, sources, tail).
+    pub fn logs_query(&self, q: &logs::LogQuery) -> Result<Vec<logs::LogEntry>> {
+        logs::query(&self.home.sandbox_dir(&self.name), q)
+    }
+
     /// Labels given at create.
     pub fn labels(&self) -> &BTreeMap<String, String> {
         &self.labels

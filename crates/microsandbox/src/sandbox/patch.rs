@@ -53,7 +53,9 @@ impl<'de> Deserialize<'de> for Bytes {
 }
 
 /// One change to the root filesystem. Guest paths are absolute; new files and
-/// directories belong to root.
+/// directories belong to root. Without `replace`, the patches that write a path (text,
+/// copy_file, symlink, and each file or symlink of copy_dir) fail with EEXIST when that
+/// path already exists; directories are merged into.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Patch {
@@ -64,6 +66,8 @@ pub enum Patch {
         content: Bytes,
         #[serde(default)]
         mode: Option<u32>,
+        #[serde(default)]
+        replace: bool,
     },
     /// Create a directory and its missing parents (mode default 0755); an existing
     /// directory gets the mode.
@@ -80,12 +84,25 @@ pub enum Patch {
         dst: String,
         #[serde(default)]
         mode: Option<u32>,
+        #[serde(default)]
+        replace: bool,
     },
     /// Copy a host directory tree into the guest directory `dst` (created, or merged into):
     /// directories, regular files and symlinks with their permission bits.
-    CopyDir { src: PathBuf, dst: String },
-    /// Create the symlink `link` → `target`, replacing a file or symlink at `link`.
-    Symlink { target: String, link: String },
+    CopyDir {
+        src: PathBuf,
+        dst: String,
+        #[serde(default)]
+        replace: bool,
+    },
+    /// Create the symlink `link` → `target` (with `replace`, replacing a file or symlink at
+    /// `link`; never a directory).
+    Symlink {
+        target: String,
+        link: String,
+        #[serde(default)]
+        replace: bool,
+    },
     /// Remove a path, recursively; a missing path is fine.
     Remove { path: String },
 }
@@ -98,8 +115,8 @@ impl Patch {
             Patch::Mkdir { path, .. } => format!("mkdir {path}"),
             Patch::Append { path, .. } => format!("append {path}"),
             Patch::CopyFile { src, dst, .. } => format!("copy_file {} -> {dst}", src.display()),
-            Patch::CopyDir { src, dst } => format!("copy_dir {} -> {dst}", src.display()),
-            Patch::Symlink { target, link } => format!("symlink {link} -> {target}"),
+            Patch::CopyDir { src, dst, .. } => format!("copy_dir {} -> {dst}", src.display()),
+            Patch::Symlink { target, link, .. } => format!("symlink {link} -> {target}"),
             Patch::Remove { path } => format!("remove {path}"),
         }
     }
@@ -150,16 +167,16 @@ impl Patch {
                 mode_ok(mode)
             }
             Patch::Append { path, .. } | Patch::Remove { path } => guest("path", path, false),
-            Patch::CopyFile { src, dst, mode } => {
+            Patch::CopyFile { src, dst, mode, .. } => {
                 guest("destination", dst, false)?;
                 mode_ok(mode)?;
                 host(src, false)
             }
-            Patch::CopyDir { src, dst } => {
+            Patch::CopyDir { src, dst, .. } => {
                 guest("destination", dst, true)?;
                 host(src, true)
             }
-            Patch::Symlink { target, link } => {
+            Patch::Symlink { target, link, .. } => {
                 guest("link", link, false)?;
                 if target.is_empty() || target.contains('\0') || target.len() > MAX_GUEST_PATH {
                     return Err(bad(format!(
@@ -226,7 +243,13 @@ pub fn steps(scripts: &BTreeMap<String, Bytes>, patches: &[Patch]) -> Vec<PatchS
     for (name, source) in scripts {
         out.push(PatchStep {
             label: format!("script {name:?}"),
-            patch: Patch::Text { path: format!("{SCRIPTS_DIR}/{name}"), content: source.clone(), mode: Some(0o755) },
+            // The scripts directory is this crate's: a script replaces what is there.
+            patch: Patch::Text {
+                path: format!("{SCRIPTS_DIR}/{name}"),
+                content: source.clone(),
+                mode: Some(0o755),
+                replace: true,
+            },
         });
     }
     for (i, p) in patches.iter().enumerate() {
@@ -257,7 +280,7 @@ mod tests {
     #[test]
     fn patches_parse_with_base64_content_and_reject_unknown_fields() {
         let p = parse(r#"{"kind":"text","path":"/a","content":"AP8=","mode":420}"#).unwrap();
-        assert_eq!(p, Patch::Text { path: "/a".into(), content: Bytes(vec![0, 255]), mode: Some(0o644) });
+        assert_eq!(p, Patch::Text { path: "/a".into(), content: Bytes(vec![0, 255]), mode: Some(0o644), replace: false });
         assert!(parse(r#"{"kind":"text","path":"/a","content":"***"}"#).is_err());
         assert!(parse(r#"{"kind":"remove","path":"/a","bogus":1}"#).is_err());
         assert!(parse(r#"{"kind":"explode","path":"/a"}"#).is_err());
@@ -273,17 +296,17 @@ mod tests {
         assert!(Patch::Remove { path: "/x\0".into() }.validate().is_err());
         assert!(Patch::Mkdir { path: "/x".into(), mode: Some(0o10000) }.validate().is_err());
         assert!(Patch::Mkdir { path: "/x".into(), mode: Some(0o1777) }.validate().is_ok());
-        assert!(Patch::Symlink { target: "".into(), link: "/l".into() }.validate().is_err());
-        assert!(Patch::Symlink { target: "../rel".into(), link: "/l".into() }.validate().is_ok());
+        assert!(Patch::Symlink { target: "".into(), link: "/l".into(), replace: false }.validate().is_err());
+        assert!(Patch::Symlink { target: "../rel".into(), link: "/l".into(), replace: false }.validate().is_ok());
         let d = tempfile::tempdir().unwrap();
         let f = d.path().join("f");
         std::fs::write(&f, "x").unwrap();
-        assert!(Patch::CopyFile { src: f.clone(), dst: "/f".into(), mode: None }.validate().is_ok());
-        assert!(Patch::CopyFile { src: d.path().into(), dst: "/f".into(), mode: None }.validate().is_err());
-        assert!(Patch::CopyDir { src: f, dst: "/d".into() }.validate().is_err());
-        assert!(Patch::CopyDir { src: d.path().into(), dst: "/".into() }.validate().is_ok());
-        assert!(Patch::CopyDir { src: d.path().join("missing"), dst: "/d".into() }.validate().is_err());
-        assert!(Patch::CopyFile { src: "rel".into(), dst: "/f".into(), mode: None }.validate().is_err());
+        assert!(Patch::CopyFile { src: f.clone(), dst: "/f".into(), mode: None, replace: false }.validate().is_ok());
+        assert!(Patch::CopyFile { src: d.path().into(), dst: "/f".into(), mode: None, replace: false }.validate().is_err());
+        assert!(Patch::CopyDir { src: f, dst: "/d".into(), replace: false }.validate().is_err());
+        assert!(Patch::CopyDir { src: d.path().into(), dst: "/".into(), replace: false }.validate().is_ok());
+        assert!(Patch::CopyDir { src: d.path().join("missing"), dst: "/d".into(), replace: false }.validate().is_err());
+        assert!(Patch::CopyFile { src: "rel".into(), dst: "/f".into(), mode: None, replace: false }.validate().is_err());
     }
 
     #[test]

@@ -1,0 +1,146 @@
+# frozen_string_literal: true
+
+# Walks the public API of the reference gem 0.9.0 (/work/shared/reference/API-0.9.0.md,
+# section 2) item by item for the classes this gem implements: every constant, method,
+# positional arity and keyword name a caller of the reference can use must be accepted
+# here (a compatible superset is fine: extra optional arguments, a block form). Return
+# classes that need a VM are checked in spec/integration/reference_api_live_spec.rb.
+#
+# Out of scope (other issues): networking, volumes, snapshots, SSH, the agent client.
+RSpec.describe "reference gem 0.9.0 API compatibility" do
+  # A reference signature: `req` positional arguments always passed, `opt` more that may be
+  # passed, `keys` keyword names.
+  def sig(req = 0, opt = 0, *keys) = { req: req, opt: opt, keys: keys }
+
+  # Checks that `meth` (a Method or UnboundMethod) can be called as `sig` describes.
+  def accepts!(owner, name, meth, sig)
+    params = meth.parameters
+    where = "#{owner}##{name} #{params.inspect}"
+    req = params.count { |t, _| t == :req }
+    opt = params.count { |t, _| t == :opt }
+    rest = params.any? { |t, _| t == :rest }
+    expect(req).to be <= sig[:req], "#{where}: needs #{req} positional arguments, the reference passes #{sig[:req]}"
+    expect(rest || req + opt >= sig[:req] + sig[:opt]).to be(true), "#{where}: cannot take #{sig[:req] + sig[:opt]} positional arguments"
+    keys = params.select { |t, _| %i[key keyreq].include?(t) }.map(&:last)
+    keyrest = params.any? { |t, _| t == :keyrest }
+    sig[:keys].each do |k|
+      expect(keyrest || keys.include?(k)).to be(true), "#{where}: no keyword #{k}:"
+    end
+    extra_required = params.select { |t, _| t == :keyreq }.map(&:last) - sig[:keys]
+    expect(extra_required).to be_empty, "#{where}: requires keywords the reference does not have: #{extra_required}"
+  end
+
+  def check_instance(klass, methods)
+    methods.each do |name, sig|
+      expect(klass.public_method_defined?(name)).to be(true), "#{klass}##{name} is missing"
+      accepts!(klass, name, klass.instance_method(name), sig)
+    end
+  end
+
+  def check_singleton(mod, methods)
+    methods.each do |name, sig|
+      expect(mod.respond_to?(name)).to be(true), "#{mod}.#{name} is missing"
+      accepts!(mod, name, mod.method(name), sig)
+    end
+  end
+
+  ms = Microsandbox
+
+  it "has every namespace constant of the exec, filesystem, metrics, logs and patch areas" do
+    %i[Sandbox ExecOutput ExecEvent ExecHandle ExecStdin ExitStatus FS FsEntry FsMetadata FsReadStream
+       FsWriteSink Metrics MetricsStream LogStream LogEntry Patch].each do |c|
+      expect(ms.const_defined?(c, false)).to be(true), "Microsandbox::#{c} is missing"
+    end
+    expect(ms::Patch).to be_a(Module)
+    [ms::ExecHandle, ms::FsReadStream, ms::MetricsStream, ms::LogStream].each { |k| expect(k).to include(Enumerable) }
+  end
+
+  it "Sandbox: exec, shell, streams, fs, metrics and logs with the reference's arguments" do
+    exec_keys = %i[cwd user env timeout tty stdin rlimits]
+    check_instance(ms::Sandbox, {
+                     name: sig, exec: sig(1, 1, *exec_keys), shell: sig(1, 0, *exec_keys),
+                     exec_stream: sig(1, 1, *exec_keys), shell_stream: sig(1, 0, *exec_keys),
+                     fs: sig, metrics: sig, metrics_stream: sig(0, 0, :interval),
+                     logs: sig(0, 0, :tail, :since_ms, :until_ms, :sources),
+                     log_stream: sig(0, 0, :sources, :since_ms, :from_cursor, :until_ms, :follow)
+                   })
+    # Defaults the reference documents: logs(tail: nil) is everything, sources nil is all.
+    params = ms::Sandbox.instance_method(:logs).parameters
+    expect(params).to include(%i[key tail], %i[key sources])
+  end
+
+  it "ExecOutput, ExecEvent, ExitStatus" do
+    check_instance(ms::ExecOutput, { exit_code: sig, success?: sig, failure?: sig, stdout: sig, stderr: sig,
+                                     stdout_bytes: sig, stderr_bytes: sig, to_s: sig })
+    check_instance(ms::ExecEvent, { type: sig, pid: sig, code: sig, data: sig, text: sig, started?: sig,
+                                    stdout?: sig, stderr?: sig, exited?: sig, failed?: sig, stdin_error?: sig })
+    check_instance(ms::ExitStatus, { exit_code: sig, success?: sig, failure?: sig })
+
+    out = ms::ExecOutput.new(exit_code: 1, signal: nil, stdout: "a\xFF".b, stderr: "")
+    expect([out.exit_code, out.success?, out.failure?]).to eq([1, false, true])
+    expect(out.stdout).to be_a(String).and(satisfy(&:valid_encoding?))
+    expect(out.stdout_bytes.encoding).to eq(Encoding::BINARY)
+    expect(out.to_s).to eq(out.stdout)
+    ev = ms::ExecEvent.new(:stdout, bytes: "x".b)
+    expect([ev.type, ev.data, ev.text, ev.code, ev.pid]).to eq([:stdout, "x".b, "x", nil, nil])
+    expect(ms::ExecEvent.new(:exited, exit_code: 0).text).to be_nil
+    expect(ms::ExitStatus.new(exit_code: 0)).to have_attributes(success?: true, failure?: false)
+  end
+
+  it "ExecHandle and ExecStdin" do
+    check_instance(ms::ExecHandle, { id: sig, each: sig, wait: sig, collect: sig, signal: sig(1), kill: sig,
+                                     resize: sig(2), stdin: sig })
+    check_instance(ms::ExecStdin, { write: sig(1), close: sig })
+  end
+
+  it "FS and its value and stream classes" do
+    check_instance(ms::FS, {
+                     read: sig(1), read_text: sig(1), write: sig(2), list: sig(1), mkdir: sig(1), remove: sig(1),
+                     remove_dir: sig(1), copy: sig(2), rename: sig(2), exists?: sig(1), stat: sig(1),
+                     copy_from_host: sig(2), copy_to_host: sig(2), read_stream: sig(1), write_stream: sig(1)
+                   })
+    check_instance(ms::FsEntry, { path: sig, name: sig, type: sig, size: sig, mode: sig, modified: sig,
+                                  file?: sig, directory?: sig, symlink?: sig })
+    check_instance(ms::FsMetadata, { type: sig, size: sig, mode: sig, readonly?: sig, file?: sig, directory?: sig,
+                                     symlink?: sig, modified: sig, created: sig })
+    check_instance(ms::FsReadStream, { each: sig, read: sig })
+    check_instance(ms::FsWriteSink, { write: sig(1), close: sig })
+
+    entry = ms::FsEntry.new(name: "f", path: "/f", kind: :file, size: 1, mode: 0o644, modified: Time.at(0))
+    expect([entry.type, entry.modified]).to eq([:file, Time.at(0)])
+    meta = ms::FsMetadata.new(kind: :directory, size: 0, mode: 0o555, uid: 0, gid: 0, mtime: Time.at(1))
+    expect([meta.type, meta.readonly?, meta.modified, meta.created]).to eq([:directory, true, Time.at(1), nil])
+  end
+
+  it "Metrics, MetricsStream, LogStream and LogEntry" do
+    check_instance(ms::Metrics, {
+                     cpu_percent: sig, vcpu_time_ns: sig, memory_bytes: sig, memory_available_bytes: sig,
+                     memory_host_resident_bytes: sig, memory_limit_bytes: sig, disk_read_bytes: sig,
+                     disk_write_bytes: sig, net_rx_bytes: sig, net_tx_bytes: sig, upper_used_bytes: sig,
+                     upper_free_bytes: sig, upper_host_allocated_bytes: sig, uptime_secs: sig, timestamp: sig
+                   })
+    check_instance(ms::MetricsStream, { each: sig })
+    check_instance(ms::LogStream, { each: sig })
+    check_instance(ms::LogEntry, { source: sig, session_id: sig, cursor: sig, data: sig, text: sig, timestamp: sig })
+
+    m = ms::Metrics.new(ms::Metrics::FIELDS.to_h { |f| [f.to_s, 1] }.merge("timestamp_ms" => 1_700_000_000_000))
+    expect(m.timestamp).to eq(Time.at(1_700_000_000))
+    e = ms::LogEntry.new("source" => "stdout", "text" => "hi", "data" => ["hi"].pack("m0"), "session_id" => 3,
+                         "timestamp_ms" => 5, "cursor" => "v1.0.5.1")
+    expect([e.source, e.session_id, e.cursor, e.data, e.text]).to eq([:stdout, 3, "v1.0.5.1", "hi".b, "hi"])
+  end
+
+  it "Patch: every factory with the reference's arguments, returning Hashes" do
+    check_singleton(ms::Patch, {
+                      text: sig(2, 0, :mode, :replace), file: sig(2, 0, :mode, :replace), append: sig(2),
+                      copy_file: sig(2, 0, :mode, :replace), copy_dir: sig(2, 0, :replace),
+                      symlink: sig(2, 0, :replace), mkdir: sig(1, 0, :mode), remove: sig(1)
+                    })
+    made = [ms::Patch.text("/a", "x", replace: true), ms::Patch.file("/a", "x"), ms::Patch.append("/a", "x"),
+            ms::Patch.copy_file("/etc/hostname", "/a"), ms::Patch.copy_dir("/etc", "/a"),
+            ms::Patch.symlink("/t", "/a"), ms::Patch.mkdir("/a"), ms::Patch.remove("/a")]
+    expect(made).to all(be_a(Hash))
+    expect(made.map { |h| h["kind"] }).to eq(%w[text file append copy_file copy_dir symlink mkdir remove])
+    expect(made.first["path"]).to eq("/a")
+  end
+end
