@@ -391,6 +391,7 @@ module Microsandbox
     # accepted (an encoding that is not ASCII-compatible, like UTF-16, is converted to
     # UTF-8 first, as the name's characters are meant).
     def guest_path!(path, name = "path")
+      path = path.to_path if path.respond_to?(:to_path) # a Pathname, as the reference gem takes
       path = Validate.string!(name, path)
       path = path.encode(Encoding::UTF_8) unless path.encoding.ascii_compatible?
       raw = path.b

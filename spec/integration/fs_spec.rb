@@ -1,6 +1,7 @@
 # frozen_string_literal: true
 
 require "digest"
+require "pathname"
 require "tmpdir"
 
 # One VM serves all examples here: booting under TCG takes seconds.
@@ -330,6 +331,7 @@ RSpec.describe "Sandbox#fs in a real VM" do
     expect(created).to be_nil.or(be_within(600).of(Time.now))
 
     expect(fs.read_stream("#{dir}/f").read).to eq("data".b)
+    expect(fs.read(Pathname.new("#{dir}/f"))).to eq("data".b) # Pathname paths, as the reference takes
     big = Random.bytes((9 << 20) + 7)
     fs.write("#{dir}/big", big)
     expect(fs.read_stream("#{dir}/big").read).to eq(big)

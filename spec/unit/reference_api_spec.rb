@@ -143,4 +143,65 @@ RSpec.describe "reference gem 0.9.0 API compatibility" do
     expect(made.map { |h| h["kind"] }).to eq(%w[text file append copy_file copy_dir symlink mkdir remove])
     expect(made.first["path"]).to eq("/a")
   end
+
+  it "Microsandbox module: constants and runtime methods" do
+    expect(ms::VERSION).to be_a(String)
+    expect(ms::RUNTIME_VERSION).to be_a(String).and(start_with("v"))
+    expect(ms::SandboxInfo).to equal(ms::SandboxHandle)
+    check_singleton(ms, {
+                      version: sig, runtime_version: sig, install: sig, installed?: sig, ensure_runtime!: sig,
+                      setup: sig(0, 0, :base_dir, :version, :force, :skip_verify), runtime_path: sig,
+                      "runtime_path=": sig(1), "libkrunfw_path=": sig(1), all_sandbox_metrics: sig,
+                      set_default_backend: sig(1, 0, :url, :api_key, :profile),
+                      with_backend: sig(1, 0, :url, :api_key, :profile), default_backend_kind: sig
+                    })
+    expect(ms.runtime_version).to eq(ms::RUNTIME_VERSION)
+    expect(ms.default_backend_kind).to eq(:local)
+    expect(ms.with_backend(:local) { 42 }).to eq(42)
+  end
+
+  it "every error class of the reference, with its code, as a class and an instance method" do
+    codes = {
+      Error: "microsandbox-error", InvalidConfigError: "invalid-config", SandboxNotFoundError: "sandbox-not-found",
+      SandboxNotRunningError: "sandbox-not-running", SandboxAlreadyExistsError: "sandbox-already-exists",
+      SandboxStillRunningError: "sandbox-still-running", ExecTimeoutError: "exec-timeout",
+      ExecFailedError: "exec-failed", FilesystemError: "filesystem-error", PathNotFoundError: "path-not-found",
+      VolumeNotFoundError: "volume-not-found", VolumeAlreadyExistsError: "volume-already-exists",
+      ImageNotFoundError: "image-not-found", ImageInUseError: "image-in-use", ImagePullFailedError: "image-pull-failed",
+      SnapshotNotFoundError: "snapshot-not-found", SnapshotAlreadyExistsError: "snapshot-already-exists",
+      SnapshotSandboxRunningError: "snapshot-sandbox-running", SnapshotImageMissingError: "snapshot-image-missing",
+      SnapshotIntegrityError: "snapshot-integrity", NetworkPolicyError: "network-policy-error",
+      SecretViolationError: "secret-violation", TlsError: "tls-error", IoError: "io-error",
+      MetricsDisabledError: "metrics-disabled", MetricsUnavailableError: "metrics-unavailable",
+      UnsupportedOperationError: "unsupported-operation", CloudHttpError: "cloud-http", UnsupportedError: "unsupported"
+    }
+    codes.each do |name, code|
+      expect(ms.const_defined?(name, false)).to be(true), "Microsandbox::#{name} is missing"
+      klass = ms.const_get(name)
+      expect(klass).to be <= ms::Error
+      expect(klass.code).to eq(code)
+      expect(klass.new("x").code).to eq(code)
+    end
+    expect(ms::Error).to be < StandardError
+  end
+
+  it "Sandbox class methods, SandboxHandle and SandboxStopResult" do
+    check_singleton(ms::Sandbox, { start: sig(1, 0, :detached), get: sig(1), list: sig,
+                                   list_with: sig(0, 0, :labels), remove: sig(1) })
+    create_keys = %i[image cpus memory env workdir shell user hostname labels scripts entrypoint patches
+                     oci_upper_size max_duration idle_timeout pull_policy registry_auth registry_insecure
+                     registry_ca_certs detached replace replace_with_timeout]
+    # `image:` is required here: the reference makes it optional only for `from_snapshot:`
+    # boots (snapshots are another issue), so it is listed with the reference's keywords.
+    accepts!(ms::Sandbox, :create, ms::Sandbox.method(:create), sig(1, 0, *create_keys))
+    check_instance(ms::Sandbox, { stop: sig, stop_and_wait: sig, kill: sig, drain: sig, wait: sig, status: sig,
+                                  owns_lifecycle?: sig, detach: sig })
+    check_instance(ms::SandboxHandle, {
+                     name: sig, status: sig, running?: sig, stopped?: sig, created_at: sig, updated_at: sig, stop: sig,
+                     stop_with_timeout: sig(1), kill: sig, kill_with_timeout: sig(1), request_stop: sig,
+                     request_kill: sig, request_drain: sig, wait_until_stopped: sig, config_json: sig, config: sig
+                   })
+    check_instance(ms::SandboxStopResult, { name: sig, status: sig, exit_code: sig, signal: sig, source: sig,
+                                            stopped?: sig, crashed?: sig, observed_at: sig })
+  end
 end
