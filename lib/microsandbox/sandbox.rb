@@ -70,8 +70,10 @@ module Microsandbox
       # @param scripts [Hash{String=>String}] `name => source`, written to
       #   `/.msb/scripts/<name>` (mode 0755) at create; that directory is appended to PATH,
       #   so `sb.shell("name")` runs one. Names are file names (no "/", not "." or "..")
-      # @param patches [Array<Patch::Change>] root filesystem changes made at create, in
-      #   order, before `create` returns (see {Patch})
+      # @param patches [Array<Hash>, nil] root filesystem changes made at create, in order,
+      #   before `create` returns: Hashes from the {Patch} factories or built by hand
+      # @raise [ArgumentError] a patch that is not a Hash, of an unknown kind, or with
+      #   missing or unknown keys
       # @yieldparam sandbox [Sandbox]
       # @return [Sandbox, Object] the sandbox, or the block's value
       # @raise [InvalidConfigError, ImageNotFoundError, SandboxAlreadyExistsError,
