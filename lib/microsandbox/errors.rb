@@ -146,6 +146,11 @@ module Microsandbox
   # connection belongs to the parent, which keeps using it; the child must open its own.
   # (`close` on such an object does nothing in the child.)
   class InheritedHandleError < Error; CODE = "inherited-handle"; end
+  # A write to a streaming command's stdin ({ExecStdin#write}) cannot reach it: stdin was
+  # closed ({ExecStdin#close}), the command was started without a stdin pipe (no
+  # `stdin: :pipe` or `tty: true`), or it has finished. An {ExecFailedError}, which such
+  # writes raised before.
+  class StdinClosedError < ExecFailedError; CODE = "stdin-closed"; end
 
   # Every error class by its code.
   ERRORS_BY_CODE = [
@@ -159,6 +164,6 @@ module Microsandbox
     VolumeNotFoundError, VolumeAlreadyExistsError, SnapshotNotFoundError, SnapshotAlreadyExistsError,
     SnapshotSandboxRunningError, SnapshotImageMissingError, SnapshotIntegrityError,
     SecretViolationError, TlsError,
-    InheritedHandleError
+    InheritedHandleError, StdinClosedError
   ].to_h { |c| [c::CODE, c] }.freeze
 end

@@ -85,7 +85,9 @@ module Microsandbox
     # Writes bytes to the command's stdin (waits while the guest is not reading).
     # @param data [String]
     # @return [Integer] bytes written
-    # @raise [ExecFailedError] when the command has finished
+    # @raise [StdinClosedError] (an {ExecFailedError}) when the bytes cannot reach the
+    #   command: stdin was closed, the command was started without `stdin: :pipe` (or
+    #   `tty: true`), or it has finished
     def write(data)
       data = Validate.string!("data", data)
       @native.write_stdin(data.b)

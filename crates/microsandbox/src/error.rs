@@ -79,6 +79,10 @@ pub enum Error {
     /// parent opened; its connection and task belong to the parent.
     #[error("{0}")]
     InheritedHandle(String),
+    /// A write to a streaming command's stdin cannot reach it: stdin was closed by the
+    /// caller, was never a pipe, or the command has finished.
+    #[error("{0}")]
+    StdinClosed(String),
     /// Metrics cannot be read on this host for a running sandbox (no procfs, or the VM
     /// process's statistics are not readable).
     #[error("{0}")]
@@ -118,6 +122,7 @@ impl Error {
             Error::PlatformNotFound(_) => "platform-not-found",
             Error::Cancelled => "cancelled",
             Error::InheritedHandle(_) => "inherited-handle",
+            Error::StdinClosed(_) => "stdin-closed",
             Error::MetricsUnavailable(_) => "metrics-unavailable",
             Error::Io { .. } => "io-error",
         }

@@ -567,7 +567,10 @@ impl Sandbox {
         let conn = self.connect().await?;
         let mut req = call.into_request(&self.env, self.workdir.as_deref(), self.user.as_deref())?;
         req.stdin = stdin_pipe || call.stdin.is_some() || call.tty.is_some();
-        ExecStream::start(conn, req, if stdin_pipe { None } else { call.stdin.clone() }).await
+        // Writable through the stream: a pipe the caller asked for, or a terminal not fed
+        // from `call.stdin`. Otherwise writes raise instead of vanishing in the guest.
+        let writable = stdin_pipe || (call.tty.is_some() && call.stdin.is_none());
+        ExecStream::start(conn, req, if stdin_pipe { None } else { call.stdin.clone() }, writable).await
     }
 
     /// Shuts the guest down, waiting up to `timeout` before killing it.

@@ -8,6 +8,9 @@
 use microsandbox_protocol::{
     read_frame_async, write_frame_async, ErrorMsg, ExecRequest, Exited, Frame, Kind, SignalMsg, WinSize, MAX_CHUNK,
 };
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 
@@ -42,7 +45,13 @@ pub struct ExecStream {
     done: bool,
     /// The command runs on a pseudo-terminal (it can be resized).
     tty: bool,
+    stdin: Arc<AtomicU8>,
 }
+
+/// [`ExecControl`]'s stdin states.
+const STDIN_OPEN: u8 = 0;
+const STDIN_CLOSED: u8 = 1;
+const STDIN_NOT_A_PIPE: u8 = 2;
 
 fn vm_gone() -> Error {
     Error::SandboxNotRunning("the sandbox VM exited during the command".into())
@@ -50,7 +59,9 @@ fn vm_gone() -> Error {
 
 impl ExecStream {
     /// Starts the session on `conn`. With `stdin` given, it is written and closed first.
-    pub(crate) async fn start(conn: UnixStream, req: ExecRequest, stdin: Option<Vec<u8>>) -> Result<ExecStream> {
+    /// `writable`: the caller may write stdin through [`ExecControl`]; otherwise writes
+    /// raise [`Error::StdinClosed`].
+    pub(crate) async fn start(conn: UnixStream, req: ExecRequest, stdin: Option<Vec<u8>>, writable: bool) -> Result<ExecStream> {
         let program = req.program.clone();
         let tty = req.tty.is_some();
         let (mut rd, mut wr) = conn.into_split();
@@ -120,7 +131,8 @@ impl ExecStream {
                 _ = reader => {},
             }
         });
-        Ok(ExecStream { events: ev_rx, control: ctl_tx, task, done: false, tty })
+        let state = if writable { STDIN_OPEN } else { STDIN_NOT_A_PIPE };
+        Ok(ExecStream { events: ev_rx, control: ctl_tx, task, done: false, tty, stdin: Arc::new(AtomicU8::new(state)) })
     }
 
     /// The next event; `None` after the last one (`Exited` or an error).
@@ -137,7 +149,7 @@ impl ExecStream {
 
     /// A handle for stdin and signals, usable while another task waits in [`next`](Self::next).
     pub fn control(&self) -> ExecControl {
-        ExecControl { control: self.control.clone(), tty: self.tty }
+        ExecControl { control: self.control.clone(), tty: self.tty, stdin: self.stdin.clone() }
     }
 
     /// True once the last event was consumed.
@@ -158,6 +170,8 @@ impl Drop for ExecStream {
 pub struct ExecControl {
     control: mpsc::Sender<Control>,
     tty: bool,
+    /// Shared by every clone: one `close_stdin` closes it for all.
+    stdin: Arc<AtomicU8>,
 }
 
 impl ExecControl {
@@ -165,17 +179,34 @@ impl ExecControl {
         Error::ExecFailed("the command has already finished; its stdin and signals are closed".into())
     }
 
-    /// Writes to the command's stdin (the stream must have been started with a stdin pipe).
+    /// Writes to the command's stdin. Raises [`Error::StdinClosed`] when the bytes cannot
+    /// reach it: stdin was closed ([`close_stdin`](Self::close_stdin)), the stream was
+    /// started without a stdin pipe, or the command has finished.
     pub async fn write_stdin(&self, data: Vec<u8>) -> Result<()> {
+        match self.stdin.load(Ordering::SeqCst) {
+            STDIN_CLOSED => {
+                return Err(Error::StdinClosed("stdin is already closed; a closed stdin cannot be written again".into()))
+            }
+            STDIN_NOT_A_PIPE => {
+                return Err(Error::StdinClosed(
+                    "this command has no stdin to write: start it with stdin: :pipe (or tty: true) to write to it".into(),
+                ))
+            }
+            _ => {}
+        }
+        let finished = || Error::StdinClosed("the command has finished; its stdin is closed".into());
         for chunk in data.chunks(MAX_CHUNK) {
-            self.control.send(Control::Stdin(chunk.to_vec())).await.map_err(|_| Self::closed())?;
+            self.control.send(Control::Stdin(chunk.to_vec())).await.map_err(|_| finished())?;
         }
         Ok(())
     }
 
-    /// Closes the command's stdin; a no-op once the command has finished.
+    /// Closes the command's stdin (end of file). Idempotent; a no-op once the command has
+    /// finished or when it never had a stdin pipe.
     pub async fn close_stdin(&self) -> Result<()> {
-        let _ = self.control.send(Control::StdinEof).await;
+        if self.stdin.compare_exchange(STDIN_OPEN, STDIN_CLOSED, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
+            let _ = self.control.send(Control::StdinEof).await;
+        }
         Ok(())
     }
 
