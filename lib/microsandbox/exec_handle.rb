@@ -75,7 +75,7 @@ module Microsandbox
     end
   end
 
-  # The stdin of a streaming exec started with `stdin: :pipe`.
+  # The stdin of a streaming exec (see the `stdin:` modes of {Sandbox#exec_stream}).
   class ExecStdin
     # @api private
     def initialize(native)
@@ -129,9 +129,10 @@ module Microsandbox
     attr_reader :id
 
     # @api private
-    def initialize(native, tty: false)
+    def initialize(native, tty: false, auto_close_stdin: false)
       @native = native
       @tty = tty
+      @auto_close_stdin = auto_close_stdin
       @done = false
       @exit_code = nil
       @decoders = { stdout: Utf8Stream.new, stderr: Utf8Stream.new }
@@ -246,6 +247,13 @@ module Microsandbox
 
     def next_event
       return nil if @done
+
+      if @auto_close_stdin
+        # Started without `stdin:`: what was written before the first read is all there
+        # is, so the command sees end of file now instead of waiting forever.
+        @auto_close_stdin = false
+        @native.close_stdin
+      end
 
       raw = @native.next_event
       if raw.nil?

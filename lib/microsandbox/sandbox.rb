@@ -291,7 +291,8 @@ module Microsandbox
     # @param args [Array<String>]
     # @param cwd [String, nil] working directory (default: the sandbox workdir, else "/")
     # @param env [Hash{String=>String}, nil] added to the sandbox environment
-    # @param stdin [String, nil] bytes fed to the command's stdin (closed afterwards)
+    # @param stdin [String, :null, nil] bytes fed to the command's stdin (closed
+    #   afterwards); nil or `:null`: an empty stdin
     # @param timeout [Numeric, nil] seconds before the command is killed (nil: no limit;
     #   0: a deadline already passed, so {ExecTimeoutError} without running the command)
     # @param user [String, nil] guest user: "name", "uid", "name:group" or "uid:gid"
@@ -308,11 +309,17 @@ module Microsandbox
     # @raise [ExecTimeoutError] the command ran past `timeout` (or `timeout` is 0)
     # @raise [SandboxNotRunningError] the sandbox is stopped or its VM died
     # @raise [InvalidConfigError] `rows:`/`cols:` out of range or given without `tty: true`
-    # @raise [ArgumentError] `timeout` is negative or NaN
+    # @raise [ArgumentError] `timeout` is negative or NaN, or `stdin:` is another Symbol
     def exec(cmd, args = [], cwd: nil, env: nil, stdin: nil, timeout: nil, user: nil, rlimits: nil,
              tty: false, rows: nil, cols: nil)
       program, argv, pairs, cwd, seconds = exec_arguments(cmd, args, cwd, env, timeout)
-      stdin = stdin.nil? ? nil : Validate.string!("stdin", stdin).b
+      stdin = case stdin
+              when nil, :null then nil
+              when Symbol
+                raise ArgumentError, "exec takes stdin: nil, :null or a String (:pipe needs exec_stream), " \
+                                     "got #{stdin.inspect}"
+              else Validate.string!("stdin", stdin).b
+              end
       user = Validate.optional_string!("user", user)
       limits = Validate.rlimits!("rlimits", rlimits)
       size = Validate.tty!(tty, rows, cols)
@@ -330,8 +337,13 @@ module Microsandbox
     #   end
     # @param cmd [String]
     # @param args [Array<String>]
-    # @param stdin [String, :pipe, nil] bytes to feed (then closed), `:pipe` to write them
-    #   later through {ExecHandle#stdin}, or nil for an empty stdin
+    # @param stdin [String, :pipe, :null, nil] bytes to feed (then closed); `:pipe` to
+    #   write them through {ExecHandle#stdin} until you close it; `:null` for an empty
+    #   stdin; nil (the default, the 0.5.7 README's form): writable through
+    #   {ExecHandle#stdin} until the first output is read ({ExecHandle#each},
+    #   `#collect`, `#wait`), which closes it — so `exec_stream("cat").collect` ends, and
+    #   `h.stdin.write(...); h.stdin.close; h.collect` delivers. A write after that
+    #   raises {StdinClosedError}; use `:pipe` to write while reading.
     # @param cwd [String, nil]
     # @param env [Hash{String=>String}, nil]
     # @param timeout [Numeric, nil] seconds before the command is killed: unlike the
@@ -348,13 +360,22 @@ module Microsandbox
     def exec_stream(cmd, args = [], cwd: nil, env: nil, stdin: nil, timeout: nil, user: nil, rlimits: nil,
                     tty: false, rows: nil, cols: nil)
       program, argv, pairs, cwd, seconds = exec_arguments(cmd, args, cwd, env, timeout)
-      pipe = stdin == :pipe
-      data = pipe || stdin.nil? ? nil : Validate.string!("stdin", stdin).b
       user = Validate.optional_string!("user", user)
       limits = Validate.rlimits!("rlimits", rlimits)
       size = Validate.tty!(tty, rows, cols)
+      data = nil
+      case stdin
+      when nil then pipe = auto_close = size.nil? # a terminal's stdin is always open
+      when :null then pipe = false
+      when :pipe then pipe = true
+      when Symbol
+        raise ArgumentError, "exec_stream takes stdin: nil, :null, :pipe or a String, got #{stdin.inspect}"
+      else
+        pipe = false
+        data = Validate.string!("stdin", stdin).b
+      end
       native = @native.exec_stream(program, argv, pairs, cwd, seconds, data, pipe, user, limits, size)
-      ExecHandle.new(native, tty: !size.nil?)
+      ExecHandle.new(native, tty: !size.nil?, auto_close_stdin: auto_close || false)
     end
 
     # {#exec_stream} of a shell script (`sh -c script`).
