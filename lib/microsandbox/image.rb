@@ -4,22 +4,68 @@ require "json"
 
 module Microsandbox
   # Progress of one layer during a pull.
+  #
+  # It also reads as the reference gem's progress Hash: `ev["kind"]` is
+  # "layer_download_progress", `ev["digest"]`, `ev["downloaded_bytes"]`, `ev["total_bytes"]`
+  # (and `#to_h` with String keys gives that Hash). This gem reports download progress only:
+  # the reference's "resolving", "layer_materialize_*", "stitch_*" and "complete" events
+  # do not occur.
   PullProgress = Struct.new(:digest, :done, :total, keyword_init: true) do
     # @return [Float] fraction done, 0.0..1.0
     def fraction
       total.to_i.positive? ? done.to_f / total : 0.0
     end
+
+    # @return [String] "layer_download_progress"
+    def kind = "layer_download_progress"
+
+    # A member (`:digest`, `:done`, `:total`, or their String names, as any Struct) or a
+    # key of the reference gem's Hash: "kind", "digest", "downloaded_bytes", "total_bytes".
+    # @param key [String, Symbol, Integer]
+    def [](key)
+      case key
+      when "kind" then kind
+      when "downloaded_bytes" then done
+      when "total_bytes" then total
+      else super
+      end
+    end
+
+    # @return [Hash{String=>Object}] the reference gem's event Hash
+    def to_event
+      { "kind" => kind, "digest" => digest, "downloaded_bytes" => done, "total_bytes" => total }
+    end
   end
 
   # A running image pull. Iterate it for {PullProgress} events; {#wait} returns the
-  # resolved reference and manifest digest.
+  # resolved reference and manifest digest. From {Sandbox.create_with_progress},
+  # {#sandbox} then boots the sandbox.
   class PullSession
     include Enumerable
 
     # @api private
-    def initialize(native)
+    # @param native [Native::PullSession, nil] nil when nothing is pulled (a local root)
+    # @param create [Proc, nil] boots the sandbox once the pull is done ({#sandbox})
+    def initialize(native, create: nil)
       @native = native
-      @result = nil
+      @result = native ? nil : {}
+      @create = create
+      @sandbox = nil
+    end
+
+    # The sandbox of {Sandbox.create_with_progress}: waits for the pull (drains the
+    # remaining progress), boots the sandbox and returns it; later calls return the same
+    # one. The caller owns it: stop it when done.
+    # @return [Sandbox]
+    # @raise [ArgumentError] for a session from {Image.start_pull} (no sandbox to boot)
+    # @raise [Error] what the pull or {Sandbox.create} raises
+    def sandbox
+      raise ArgumentError, "this PullSession comes from Image.start_pull: it pulls an image, no sandbox" unless @create
+
+      @sandbox ||= begin
+        wait
+        @create.call
+      end
     end
 
     # Yields progress events until the pull finishes.

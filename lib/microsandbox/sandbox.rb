@@ -17,6 +17,13 @@ module Microsandbox
     # Default seconds {#stop} waits for a clean shutdown before killing the VM.
     DEFAULT_STOP_TIMEOUT = 10
 
+    # File extensions of the reference gem's disk-image roots (`image: "root.qcow2"`).
+    # Such roots are not supported yet: {create} raises {UnsupportedError} for them.
+    DISK_IMAGE_EXTENSIONS = %w[raw qcow2 vmdk].freeze
+
+    # `log_level:` values, least verbose first.
+    LOG_LEVELS = %w[error warn info debug trace].freeze
+
     class << self
       # Creates and boots a sandbox.
       #
@@ -82,8 +89,12 @@ module Microsandbox
                  accel: nil, boot_timeout: nil, max_duration: nil, idle_timeout: nil, hostname: nil, user: nil, labels: {},
                  detached: false, replace: false, replace_with_timeout: nil, pull_policy: nil,
                  registry_auth: nil, registry_insecure: false, registry_ca_certs: nil,
-                 entrypoint: nil, scripts: {}, patches: [], oci_upper_size: nil, network: nil, &block)
-        config = build_config(name, image, cpus, memory, env, workdir, accel, boot_timeout)
+                 entrypoint: nil, scripts: {}, patches: [], oci_upper_size: nil, network: nil,
+                 rlimits: nil, log_level: nil, quiet_logs: false, security: nil, ephemeral: false, init: nil,
+                 fstype: nil, &block)
+        unsupported_options!(image, security, ephemeral, init, fstype)
+        config = build_config(name, image, cpus, memory, Validate.coerce_values!("env", env), workdir, accel, boot_timeout)
+        config.merge!(run_options(rlimits, log_level, quiet_logs))
         config["hostname"] = Validate.string!("hostname", hostname) if hostname
         config["user"] = Validate.string!("user", user) if user
         config["entrypoint"] = Validate.string_array!("entrypoint", entrypoint).map { |a| Validate.utf8!("entrypoint", a) } if entrypoint
@@ -100,13 +111,36 @@ module Microsandbox
         config["shell"] = Validate.guest_path!("shell", shell)
         config["scripts"] = Validate.scripts!("scripts", scripts)
         config["patches"] = Patch.to_config_list!(patches || [])
-        placement = build_placement(labels, detached, replace, replace_with_timeout)
+        placement = build_placement(Validate.coerce_values!("labels", labels), detached, replace, replace_with_timeout)
         Microsandbox.ensure_runtime!
         config["supervisor"] = Microsandbox.runtime_path
         native = Instrumentation.instrument("create.microsandbox", name: config["name"]) do
           Native::Sandbox.create(JSON.generate(config), JSON.generate(placement))
         end
         scoped(new(native), &block)
+      end
+
+      # {create} with pull progress, as in the reference gem: returns a {PullSession} at
+      # once; iterate it for progress ({PullProgress}, which also reads as the reference's
+      # event Hash), then call {PullSession#sandbox} for the booted sandbox (the caller
+      # stops it). A local root directory has nothing to pull: the session is empty.
+      # Options are those of {create}; they are checked when {PullSession#sandbox} boots.
+      # @param name [String, Symbol]
+      # @return [PullSession]
+      # @raise [ArgumentError] when given a block (use {create} for the block form)
+      def create_with_progress(name, **options)
+        if block_given?
+          raise ArgumentError, "create_with_progress takes no block: iterate the returned PullSession " \
+                               "for progress, then call #sandbox and stop it when done"
+        end
+        image = Validate.string!("image", options.fetch(:image) { raise ArgumentError, "missing keyword: :image" })
+        registry = options.slice(*Image::REGISTRY_OPTIONS)
+        native = unless local_path?(image)
+                   Native::PullSession.start(Microsandbox.home, image, JSON.generate(Image.registry_options(**registry)))
+                 end
+        # The pull stored the image: the create must not fetch it a second time.
+        create_options = native ? options.merge(pull_policy: "if_missing") : options
+        PullSession.new(native, create: -> { create(name, **create_options) })
       end
 
       # Boots a stopped sandbox again, with its root disk and its create options (the
@@ -163,6 +197,37 @@ module Microsandbox
       end
 
       private
+
+      # Create options of the reference gem this gem cannot honour yet: refused with a
+      # typed error before anything starts, never silently ignored.
+      def unsupported_options!(image, security, ephemeral, init, fstype)
+        if image.is_a?(String) && DISK_IMAGE_EXTENSIONS.any? { |ext| image.downcase.end_with?(".#{ext}") }
+          raise UnsupportedError, "disk-image roots (.#{DISK_IMAGE_EXTENSIONS.join(', .')}) are not supported yet; " \
+                                  "use an OCI image reference or a root directory"
+        end
+        raise UnsupportedError, "fstype: applies to disk-image roots, which are not supported yet" unless fstype.nil?
+        unless security.nil? || security.to_s == "default"
+          raise UnsupportedError, "security: #{security.to_s.inspect} is not supported yet; only \"default\" is"
+        end
+        raise UnsupportedError, "ephemeral: true is not supported yet; remove the sandbox with Sandbox.remove" if ephemeral
+        return if init.nil?
+
+        raise UnsupportedError, "init: is not supported yet: the guest agent stays PID 1; " \
+                                "start services with entrypoint: or scripts: instead"
+      end
+
+      # `rlimits:`, `log_level:`, `quiet_logs:` as the engine takes them.
+      def run_options(rlimits, log_level, quiet_logs)
+        opts = { "quiet_logs" => quiet_logs ? true : false }
+        opts["rlimits"] = Validate.rlimits!("rlimits", rlimits).map { |r, soft, hard| { "resource" => r, "soft" => soft, "hard" => hard } }
+        if log_level
+          level = log_level.to_s
+          raise InvalidConfigError, "log_level must be one of #{LOG_LEVELS.join(', ')} (got #{level.inspect})" unless LOG_LEVELS.include?(level)
+
+          opts["log_level"] = level
+        end
+        opts
+      end
 
       # The live handle {SandboxHandle#sandbox} connects.
       def connect(name, shell)

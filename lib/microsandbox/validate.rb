@@ -79,6 +79,15 @@ module Microsandbox
       end
     end
 
+    # A Hash of `to_s`-able values (create's `env:`/`labels:`), values made Strings as the
+    # reference gem does (`{ "N" => 1 }` → `{ "N" => "1" }`); nil stays nil.
+    def coerce_values!(name, value)
+      return value if value.nil?
+      raise TypeError, "#{name} must be a Hash (got #{value.class})" unless value.is_a?(Hash)
+
+      value.transform_values { |v| v.is_a?(String) ? v : v.to_s }
+    end
+
     # `{ "name" => source }` → `{ "name" => base64 source }` (sources are binary-safe).
     def scripts!(name, value)
       raise TypeError, "#{name} must be a Hash of name => source String (got #{value.class})" unless value.is_a?(Hash)

@@ -39,6 +39,30 @@ RSpec.describe "registry images" do
     end
   end
 
+  it "create_with_progress: progress in the reference gem's event shape, then #sandbox boots it" do
+    name = unique_name("progress")
+    session = Microsandbox::Sandbox.create_with_progress(name, image: ref, pull_policy: "always", **insecure)
+    expect(session).to be_a(Microsandbox::PullSession)
+    events = session.to_a
+    expect(events).not_to be_empty
+    expect(events.map { |ev| ev["kind"] }.uniq).to eq(["layer_download_progress"])
+    last = events.last
+    expect(last["downloaded_bytes"]).to eq(last["total_bytes"])
+    expect(last["digest"]).to start_with("sha256:")
+    expect(last.to_event.keys).to eq(%w[kind digest downloaded_bytes total_bytes])
+    sb = session.sandbox
+    expect(sb).to be_a(Microsandbox::Sandbox)
+    expect(session.sandbox).to equal(sb)
+    expect(sb.shell("echo $FROM_IMAGE").stdout).to eq("yes\n")
+  ensure
+    sb&.stop
+  end
+
+  it "takes the reference gem's pull_policy spelling if-missing" do
+    result = Microsandbox::Image.pull(ref, pull_policy: "if-missing", **insecure)
+    expect(result[:manifest_digest]).to start_with("sha256:")
+  end
+
   it "lists and inspects stored images" do
     info = Microsandbox::Image.list.find { |i| i.reference == ref }
     expect(info).not_to be_nil

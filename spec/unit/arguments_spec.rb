@@ -27,9 +27,23 @@ RSpec.describe "argument validation" do
     expect { create.call("a", image: "/x", memory: 1.5) }.to raise_error(TypeError, /memory must be an Integer/)
   end
 
-  it "rejects bad env shapes" do
+  it "rejects bad env shapes and coerces env and label values with to_s" do
     expect { create.call("a", image: "/x", env: []) }.to raise_error(TypeError, /env must be a Hash/)
-    expect { create.call("a", image: "/x", env: { "A" => 1 }) }.to raise_error(TypeError, /must be a String/)
+    expect(Microsandbox::Validate.coerce_values!("env", { "A" => 1, b: :x, "C" => "s" }))
+      .to eq({ "A" => "1", b: "x", "C" => "s" })
+  end
+
+  it "refuses reference-gem create options it cannot honour with UnsupportedError, before anything starts" do
+    Microsandbox::Sandbox::DISK_IMAGE_EXTENSIONS.each do |ext|
+      expect { create.call("a", image: "/srv/root.#{ext}") }.to raise_error(Microsandbox::UnsupportedError, /disk-image/)
+    end
+    expect(Microsandbox::Sandbox::DISK_IMAGE_EXTENSIONS).to eq(%w[raw qcow2 vmdk])
+    expect { create.call("a", image: "/x", fstype: "ext4") }.to raise_error(Microsandbox::UnsupportedError, /fstype/)
+    expect { create.call("a", image: "/x", security: "restricted") }.to raise_error(Microsandbox::UnsupportedError, /security/)
+    expect { create.call("a", image: "/x", ephemeral: true) }.to raise_error(Microsandbox::UnsupportedError, /ephemeral/)
+    expect { create.call("a", image: "/x", init: "auto") }.to raise_error(Microsandbox::UnsupportedError, /init/)
+    expect { create.call("a", image: "/x", log_level: :loud) }.to raise_error(Microsandbox::InvalidConfigError, /log_level/)
+    expect { create.call("a", image: "/x", rlimits: { nofile: -1 }) }.to raise_error(TypeError, /rlimits/)
   end
 
   it "rejects unknown keywords" do
@@ -44,5 +58,19 @@ RSpec.describe "argument validation" do
     expect { v.timeout!("timeout", "1") }.to raise_error(TypeError)
     expect { v.utf8!("args", "\xFF".b) }.to raise_error(Microsandbox::InvalidConfigError, /UTF-8/)
     expect(v.env!("env", { a: "1" })).to eq([%w[a 1]])
+  end
+
+  it "refuses a block on create_with_progress and needs image:" do
+    expect { Microsandbox::Sandbox.create_with_progress("a", image: "/x") { nil } }
+      .to raise_error(ArgumentError, /no block/)
+    expect { Microsandbox::Sandbox.create_with_progress("a") }.to raise_error(ArgumentError, /image/)
+  end
+
+  it "reads pull progress as the reference gem's event Hash too" do
+    p = Microsandbox::PullProgress.new(digest: "sha256:ab", done: 5, total: 10)
+    expect([p["kind"], p["digest"], p["downloaded_bytes"], p["total_bytes"]])
+      .to eq(["layer_download_progress", "sha256:ab", 5, 10])
+    expect([p.done, p[:total], p.fraction]).to eq([5, 10, 0.5])
+    expect { Microsandbox::PullSession.new(nil).sandbox }.to raise_error(ArgumentError, /Image.start_pull/)
   end
 end

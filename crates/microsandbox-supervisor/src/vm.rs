@@ -206,7 +206,9 @@ pub async fn supervise(spec: SupervisorSpec, report: fn(&StartupReport)) -> u8 {
     };
 
     let router = Arc::new(Router::default());
-    router.set_log(crate::logbook::LogSink::spawn(spec.sandbox_dir.clone()));
+    if !spec.quiet_logs {
+        router.set_log(crate::logbook::LogSink::spawn(spec.sandbox_dir.clone()));
+    }
     let (rd, wr) = stream.into_split();
     let to_agent = agent_link::spawn_writer(wr);
     let (stop_tx, mut stop_rx) = mpsc::channel::<StopTicket>(4);

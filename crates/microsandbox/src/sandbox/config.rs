@@ -103,6 +103,39 @@ pub struct SandboxConfig {
     /// Root filesystem changes applied at create, after the scripts. Not stored.
     #[serde(default, skip_serializing)]
     pub patches: Vec<super::patch::Patch>,
+    /// Resource limits of every command and of the main process; an exec's own `rlimits`
+    /// override them per resource.
+    #[serde(default)]
+    pub rlimits: Vec<microsandbox_protocol::Rlimit>,
+    /// Guest kernel console verbosity (the `system` log source): `error`, `warn`, `info`,
+    /// `debug` or `trace`; default: errors only.
+    #[serde(default)]
+    pub log_level: Option<String>,
+    /// Do not record the output of commands and the main process in the logs.
+    #[serde(default)]
+    pub quiet_logs: bool,
+}
+
+/// Kernel `loglevel=` for a `log_level:` (messages below it reach the console).
+pub fn kernel_loglevel(level: Option<&str>) -> Result<u8> {
+    Ok(match level {
+        None | Some("error") => 3,
+        Some("warn") => 5,
+        Some("info") => 7,
+        Some("debug" | "trace") => 8,
+        Some(other) => {
+            return Err(Error::InvalidConfig(format!(
+                "unknown log_level {other:?}; use \"error\", \"warn\", \"info\", \"debug\" or \"trace\""
+            )))
+        }
+    })
+}
+
+/// `defaults` with `own` laid over them, per resource.
+pub fn merge_rlimits(defaults: &[microsandbox_protocol::Rlimit], own: &[microsandbox_protocol::Rlimit]) -> Vec<microsandbox_protocol::Rlimit> {
+    let mut out: Vec<_> = defaults.iter().filter(|d| !own.iter().any(|o| o.resource == d.resource)).cloned().collect();
+    out.extend(own.iter().cloned());
+    out
 }
 
 /// `registry_auth: {username:, password:}`; the password never appears in Debug output.
@@ -226,6 +259,11 @@ impl SandboxConfig {
         if let Some(w) = &self.workdir {
             validate_guest_path("workdir", w)?;
         }
+        kernel_loglevel(self.log_level.as_deref())?;
+        // The same checks an exec's own limits get.
+        crate::sandbox::ExecCall { program: "/".into(), rlimits: self.rlimits.clone(), ..Default::default() }
+            .into_request(&[], None, None)
+            .map_err(|e| Error::InvalidConfig(format!("rlimits: {e}")))?;
         if let Some(h) = &self.hostname {
             let ok = !h.is_empty()
                 && h.len() <= 63
@@ -327,6 +365,18 @@ mod tests {
             let c = SandboxConfig { hostname: Some(default_hostname(n)), ..cfg() };
             assert!(c.validate().is_ok(), "{n}");
         }
+    }
+
+    #[test]
+    fn log_levels_and_rlimits() {
+        assert_eq!(kernel_loglevel(None).unwrap(), 3);
+        assert_eq!(kernel_loglevel(Some("debug")).unwrap(), 8);
+        assert!(SandboxConfig { log_level: Some("loud".into()), ..cfg() }.validate().is_err());
+        let r = |res: &str, v| microsandbox_protocol::Rlimit { resource: res.into(), soft: v, hard: v };
+        let merged = merge_rlimits(&[r("nofile", 64), r("nproc", 10)], &[r("nofile", 128)]);
+        assert_eq!(merged, vec![r("nproc", 10), r("nofile", 128)]);
+        assert!(SandboxConfig { rlimits: vec![r("bogus", 1)], ..cfg() }.validate().is_err());
+        assert!(SandboxConfig { rlimits: vec![r("nofile", 64)], ..cfg() }.validate().is_ok());
     }
 
     #[test]

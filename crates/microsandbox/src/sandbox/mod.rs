@@ -56,6 +56,8 @@ pub struct Sandbox {
     /// Shell of `Sandbox#shell`.
     shell: String,
     memory_mib: u64,
+    /// Sandbox-wide resource limits (`rlimits:` at create), under each exec's own.
+    rlimits: Vec<microsandbox_protocol::Rlimit>,
     info: Info,
     supervisor: Mutex<Option<tokio::process::Child>>,
     /// Closing this (drop) tells the supervisor its owner is gone.
@@ -222,7 +224,10 @@ impl Sandbox {
         };
         let transfer = transfer::prepare(&dir)?;
         let network = network::nic(cfg.network.as_ref())?;
-        let mut cmdline = vmm::qemu::cmdline(&cfg.hostname.clone().unwrap_or_else(|| config::default_hostname(&cfg.name)));
+        let mut cmdline = vmm::qemu::cmdline(
+            &cfg.hostname.clone().unwrap_or_else(|| config::default_hostname(&cfg.name)),
+            config::kernel_loglevel(cfg.log_level.as_deref())?,
+        );
         if let Some(n) = &network {
             cmdline.push(' ');
             cmdline.push_str(&n.kernel_param());
@@ -253,6 +258,7 @@ impl Sandbox {
             boot_timeout_ms: cfg.boot_timeout().as_millis() as u64,
             kernel_release: rt.manifest.kernel_release.clone(),
             remove_dir_on_exit: false,
+            quiet_logs: cfg.quiet_logs,
             max_duration_ms: cfg.max_duration_ms,
             idle_timeout_ms: cfg.idle_timeout_ms,
             main: main_request(&cfg)?,
@@ -296,6 +302,7 @@ impl Sandbox {
             user: cfg.user.clone(),
             shell: cfg.shell.clone().unwrap_or_else(|| config::DEFAULT_SHELL.into()),
             memory_mib: cfg.memory_mib,
+            rlimits: cfg.rlimits.clone(),
             info,
             supervisor: Mutex::new(child),
             liveness: std::sync::Mutex::new(liveness),
@@ -375,6 +382,7 @@ impl Sandbox {
             user: cfg.user.clone(),
             shell: cfg.shell.clone().unwrap_or_else(|| config::DEFAULT_SHELL.into()),
             memory_mib: cfg.memory_mib,
+            rlimits: cfg.rlimits.clone(),
             info,
             supervisor: Mutex::new(None),
             liveness: std::sync::Mutex::new(None),
@@ -548,7 +556,8 @@ impl Sandbox {
     }
 
     /// Runs a command and collects its output. A non-zero exit is a result, not an error.
-    pub async fn exec(&self, call: ExecCall) -> Result<ExecResult> {
+    pub async fn exec(&self, mut call: ExecCall) -> Result<ExecResult> {
+        call.rlimits = config::merge_rlimits(&self.rlimits, &call.rlimits);
         let conn = self.connect().await?;
         let req = call.into_request(&self.env, self.workdir.as_deref(), self.user.as_deref())?;
         exec::run(conn, req, call_stdin(&call), call.timeout).await.map_err(|e| match e {
@@ -563,7 +572,8 @@ impl Sandbox {
     /// Starts a command whose output is consumed as it arrives. With `stdin_pipe`, the
     /// caller writes stdin through the stream (and must close it); otherwise stdin is
     /// `call.stdin` (or empty). A tty command's stdin is always open for writing.
-    pub async fn exec_stream(&self, call: ExecCall, stdin_pipe: bool) -> Result<ExecStream> {
+    pub async fn exec_stream(&self, mut call: ExecCall, stdin_pipe: bool) -> Result<ExecStream> {
+        call.rlimits = config::merge_rlimits(&self.rlimits, &call.rlimits);
         let conn = self.connect().await?;
         let mut req = call.into_request(&self.env, self.workdir.as_deref(), self.user.as_deref())?;
         req.stdin = stdin_pipe || call.stdin.is_some() || call.tty.is_some();
@@ -839,7 +849,7 @@ fn main_request(cfg: &SandboxConfig) -> Result<Option<microsandbox_protocol::Exe
     let Some((program, args)) = cfg.entrypoint.as_deref().and_then(<[String]>::split_first) else {
         return Ok(None);
     };
-    let call = ExecCall { program: program.clone(), args: args.to_vec(), ..Default::default() };
+    let call = ExecCall { program: program.clone(), args: args.to_vec(), rlimits: cfg.rlimits.clone(), ..Default::default() };
     call.into_request(&cfg.env, cfg.workdir.as_deref(), cfg.user.as_deref())
         .map(Some)
         .map_err(|e| Error::InvalidConfig(format!("entrypoint: {e}")))

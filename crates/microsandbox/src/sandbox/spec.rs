@@ -26,6 +26,9 @@ pub struct SupervisorSpec {
     pub kernel_release: String,
     /// Delete `sandbox_dir` when the supervisor exits.
     pub remove_dir_on_exit: bool,
+    /// Do not record command and main-process output in the logs (`quiet_logs:`).
+    #[serde(default)]
+    pub quiet_logs: bool,
     /// Stop the sandbox by itself this long after boot.
     #[serde(default)]
     pub max_duration_ms: Option<u64>,

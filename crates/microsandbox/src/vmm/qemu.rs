@@ -98,7 +98,7 @@ fn transfer_disk_args(spec: &VmSpec) -> Vec<String> {
 }
 
 /// Kernel command line for a sandbox named `hostname`.
-pub fn cmdline(hostname: &str) -> String {
+pub fn cmdline(hostname: &str, loglevel: u8) -> String {
     // quiet: serial output is slow under TCG. panic=-1 + reboot=t: a dead guest ends the
     // VM (QEMU runs with -no-reboot) instead of hanging.
     //
@@ -111,7 +111,7 @@ pub fn cmdline(hostname: &str) -> String {
     //   algorithm (~300 ms); they check implementations for bugs, not inputs, and the
     //   algorithms themselves are unchanged.
     format!(
-        "console=ttyS0 quiet loglevel=3 panic=-1 reboot=t acpi=noirq cryptomgr.notests rdinit=/init msb.hostname={hostname}"
+        "console=ttyS0 quiet loglevel={loglevel} panic=-1 reboot=t acpi=noirq cryptomgr.notests rdinit=/init msb.hostname={hostname}"
     )
 }
 
@@ -127,7 +127,7 @@ mod tests {
             memory_mib: 256,
             kernel: "/k".into(),
             initramfs: "/i".into(),
-            cmdline: cmdline("h"),
+            cmdline: cmdline("h", 3),
             root_disk: "/r".into(),
             root_format: "raw",
             agent_socket: "/a.sock".into(),
