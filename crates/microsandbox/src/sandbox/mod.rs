@@ -494,6 +494,7 @@ impl Sandbox {
             user: self.user.clone(),
             shell: self.shell.clone(),
             memory_mib: self.memory_mib,
+            rlimits: self.rlimits.clone(),
             info: self.info.clone(),
             supervisor: Mutex::new(None),
             liveness: std::sync::Mutex::new(None),
