@@ -57,11 +57,16 @@ module Microsandbox
       #   image (default 4096): a full disk is ENOSPC in the guest. Local directory roots
       #   ignore it (they get a private disk with 512 MiB free)
       # @param network [String, Symbol, NetworkPolicy, Hash, nil] the network policy (see
-      #   {NetworkPolicy.coerce}). "allow_all" (aliases "all", "allow-all") gives the guest a
-      #   NIC (eth0, a default route, DNS through the gateway and `host.microsandbox.internal`
-      #   for the host's loopback). "public_only" (the default), the other presets and custom
-      #   policies boot without a NIC until policy enforcement lands
-      # @raise [NetworkPolicyError] for a malformed `network:` (names the key, not the value)
+      #   {NetworkPolicy.coerce}; default "public_only": DNS and the public internet, nothing
+      #   local). Every policy but "none" gives the guest a NIC (eth0, a default route, DNS
+      #   through the gateway, `host.microsandbox.internal` for the host's loopback, which
+      #   only a policy allowing the `host` group reaches); "none" boots without one.
+      #   Refused connections fail at once (ECONNREFUSED) and leave a `system` log entry
+      # @param dns [Hash, nil] `{ nameservers: ["1.1.1.1", "127.0.0.1:5353", "dns.example:53"],
+      #   query_timeout_ms: 5000, rebind_protection: true }` (all optional; default: the
+      #   host's resolvers from /etc/resolv.conf)
+      # @raise [NetworkPolicyError] for a malformed `network:` or `dns:` (names the key, not
+      #   the value)
       # @param hostname [String, nil] guest hostname (default: the sandbox name)
       # @param user [String, nil] default guest user of commands (default: the image's
       #   `User`, else root)
@@ -89,7 +94,7 @@ module Microsandbox
                  accel: nil, boot_timeout: nil, max_duration: nil, idle_timeout: nil, hostname: nil, user: nil, labels: {},
                  detached: false, replace: false, replace_with_timeout: nil, pull_policy: nil,
                  registry_auth: nil, registry_insecure: false, registry_ca_certs: nil,
-                 entrypoint: nil, scripts: {}, patches: [], oci_upper_size: nil, network: nil,
+                 entrypoint: nil, scripts: {}, patches: [], oci_upper_size: nil, network: nil, dns: nil,
                  rlimits: nil, log_level: nil, quiet_logs: false, security: nil, ephemeral: false, init: nil,
                  fstype: nil, &block)
         unsupported_options!(image, security, ephemeral, init, fstype)
@@ -100,6 +105,11 @@ module Microsandbox
         config["entrypoint"] = Validate.string_array!("entrypoint", entrypoint).map { |a| Validate.utf8!("entrypoint", a) } if entrypoint
         config["oci_upper_size_mib"] = Validate.positive_integer!("oci_upper_size", oci_upper_size) if oci_upper_size
         config["network"] = NetworkPolicy.coerce(network).to_h unless network.nil?
+        unless dns.nil?
+          raise TypeError, "dns must be a Hash (got #{dns.class})" unless dns.is_a?(Hash)
+
+          config["dns"] = dns.transform_keys(&:to_s)
+        end
         config.merge!(Image.registry_options(pull_policy: pull_policy, registry_auth: registry_auth,
                                              registry_insecure: registry_insecure,
                                              registry_ca_certs: registry_ca_certs))

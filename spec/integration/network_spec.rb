@@ -2,9 +2,11 @@
 
 require "digest"
 require "socket"
+require_relative "../support/netns"
 
 # Guest networking against real VMs. Test traffic stays on loopback (inside the guest, or
-# the host's 127.0.0.1 reached through the sandbox's gateway).
+# the host's 127.0.0.1 reached through the sandbox's gateway) or goes to the suite's own
+# "internet" (spec/support/netns.rb: a network namespace with documentation addresses).
 RSpec.describe "Guest networking" do
   # A TCP server on host loopback that runs `handler` for each client on its own thread.
   def host_server(&handler)
@@ -26,8 +28,8 @@ RSpec.describe "Guest networking" do
     [server, thread]
   end
 
-  describe "loopback inside the guest (no NIC)" do
-    before(:all) { @sb = Microsandbox::Sandbox.create(unique_name("net-lo"), image: rootfs) }
+  describe "network: \"none\"" do
+    before(:all) { @sb = Microsandbox::Sandbox.create(unique_name("net-lo"), image: rootfs, network: "none") }
     after(:all) { @sb&.kill }
 
     it "brings up lo, so a server and a client on 127.0.0.1 in one sandbox talk" do
@@ -44,13 +46,21 @@ RSpec.describe "Guest networking" do
       expect(out.exit_code).to eq(0)
     end
 
-    it "has no NIC by default until policies are enforced" do
+    it "has no NIC and no route: a connection fails at once" do
       expect(@sb.shell("ls /sys/class/net").stdout.split).to eq(["lo"])
+      out = @sb.shell("nc 203.0.113.10 80 </dev/null; echo rc=$?", timeout: 30)
+      expect(out.stdout).to include("rc=1")
+      expect(out.stderr).to match(/unreachable/i)
     end
   end
 
   describe "network: \"allow_all\"" do
-    before(:all) { @sb = Microsandbox::Sandbox.create(unique_name("net-all"), image: rootfs, network: "allow_all") }
+    # No name here needs DNS (/etc/hosts has the host alias); should the guest still ask,
+    # the query goes to a closed loopback port, never to the host's real resolver.
+    before(:all) do
+      @sb = Microsandbox::Sandbox.create(unique_name("net-all"), image: rootfs, network: "allow_all",
+                                                              dns: { nameservers: ["127.0.0.1:1"], query_timeout_ms: 500 })
+    end
     after(:all) { @sb&.kill }
 
     it "configures eth0, the default route, resolv.conf and hosts" do
@@ -107,6 +117,58 @@ RSpec.describe "Guest networking" do
     ensure
       [down, up].each { |s| s&.close }
       [down_thread, up_thread].each { |t| t&.join(5) }
+    end
+  end
+
+  describe "the default policy (public_only) against the test internet" do
+    before(:all) do
+      @net = MicrosandboxSpec::NetNS.start!
+      @sb = Microsandbox::Sandbox.create(unique_name("net-pub"), image: rootfs,
+                                                              dns: { nameservers: [@net::DNS], query_timeout_ms: 2000 })
+    end
+    after(:all) { @sb&.kill }
+
+    let(:net) { @net }
+
+    it "reaches the public internet by address and by name" do
+      out = @sb.shell("wget -qO- http://#{net::WEB}/hello && wget -qO- http://inet.test/hello", timeout: 60)
+      expect(out.stderr).to eq("")
+      expect(out.stdout).to eq("hello from the test internet\n" * 2)
+    end
+
+    it "answers DNS through the gateway, NXDOMAIN for unknown names, and drops private answers" do
+      out = @sb.shell("nslookup inet.test", timeout: 60)
+      expect(out.stdout).to include(net::WEB)
+      expect(@sb.shell("nslookup no-such-name.test", timeout: 60).stdout + @sb.shell("nslookup no-such-name.test").stderr)
+        .to match(/NXDOMAIN|can't find/i)
+      rebind = @sb.shell("nslookup rebind.test", timeout: 60)
+      expect(rebind.stdout).not_to include("10.0.0.1")
+    end
+
+    it "downloads 64 MiB byte-exact" do
+      out = @sb.shell("wget -qO- http://#{net::WEB}/big | sha256sum", timeout: 600)
+      expect(out.exit_code).to eq(0)
+      expect(out.stdout).to eq("#{net.big_sha256}  -\n")
+    end
+
+    it "refuses loopback (the host through the gateway), private and metadata addresses at once, and logs why" do
+      server = TCPServer.new("127.0.0.1", 0)
+      port = server.addr[1]
+      started = Process.clock_gettime(Process::CLOCK_MONOTONIC)
+      out = @sb.shell(<<~SH, timeout: 60)
+        for target in "172.16.0.1 #{port}" "10.0.0.1 80" "169.254.169.254 80" "192.168.1.1 443"; do
+          nc $target </dev/null 2>&1; echo "rc=$?"
+        done
+      SH
+      elapsed = Process.clock_gettime(Process::CLOCK_MONOTONIC) - started
+      expect(out.stdout.scan("rc=1").size).to eq(4), out.stdout
+      expect(out.stdout.scan(/refused/i).size).to eq(4), out.stdout
+      expect(elapsed).to be < 20
+      system_log = @sb.logs(sources: ["system"]).map(&:text).join("\n")
+      expect(system_log).to include("refused TCP connection to 172.16.0.1:#{port}", "refused TCP connection to 169.254.169.254:80",
+                                    "refused TCP connection to 10.0.0.1:80")
+    ensure
+      server&.close
     end
   end
 end

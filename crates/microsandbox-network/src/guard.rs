@@ -9,7 +9,7 @@
 
 use std::net::Ipv4Addr;
 
-use smoltcp::wire::{ArpPacket, EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet, TcpPacket};
+use smoltcp::wire::{ArpPacket, EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet, TcpPacket, UdpPacket};
 
 /// A new TCP connection attempt: the stack connects to the host side first and only then
 /// lets smoltcp answer the SYN.
@@ -20,6 +20,24 @@ pub struct Syn {
     pub dst_port: u16,
 }
 
+/// One UDP datagram from the guest (handled outside smoltcp: relayed, or DNS).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Udp {
+    pub src_port: u16,
+    pub dst: Ipv4Addr,
+    pub dst_port: u16,
+}
+
+/// The payload of a UDP datagram inside an Ethernet frame (`None` if it is not one).
+pub fn udp_payload(frame: &[u8]) -> Option<&[u8]> {
+    let eth = EthernetFrame::new_checked(frame).ok()?;
+    let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
+    let udp = UdpPacket::new_checked(ip.payload()).ok()?;
+    let p = udp.payload();
+    let start = p.as_ptr() as usize - frame.as_ptr() as usize;
+    frame.get(start..start + p.len())
+}
+
 /// What to do with one frame from the guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ingress {
@@ -27,6 +45,8 @@ pub enum Ingress {
     Stack,
     /// A TCP SYN (without ACK) from the guest.
     Syn(Syn),
+    /// A complete (unfragmented) UDP datagram with a valid checksum.
+    Udp(Udp),
     /// Drop it; the reason is for counters and logs.
     Drop(DropReason),
 }
@@ -68,6 +88,18 @@ pub fn inspect(frame: &[u8], me: &Identity) -> Ingress {
             let Ok(ip) = Ipv4Packet::new_checked(eth.payload()) else { return Ingress::Drop(DropReason::Malformed) };
             if ip.src_addr() != me.guest_ip {
                 return Ingress::Drop(DropReason::SpoofedIp);
+            }
+            if ip.next_header() == IpProtocol::Udp {
+                // UDP never goes to smoltcp; fragments are not reassembled (dropped).
+                if ip.more_frags() || ip.frag_offset() != 0 {
+                    return Ingress::Drop(DropReason::UnsupportedProtocol);
+                }
+                let Ok(udp) = UdpPacket::new_checked(ip.payload()) else { return Ingress::Drop(DropReason::Malformed) };
+                let (src, dst) = (ip.src_addr().into(), ip.dst_addr().into());
+                if !udp.verify_checksum(&src, &dst) {
+                    return Ingress::Drop(DropReason::Malformed);
+                }
+                return Ingress::Udp(Udp { src_port: udp.src_port(), dst: ip.dst_addr(), dst_port: udp.dst_port() });
             }
             if ip.next_header() != IpProtocol::Tcp || ip.more_frags() || ip.frag_offset() != 0 {
                 return Ingress::Stack;

@@ -22,7 +22,11 @@
 //!   protocols are dropped, TCP SYNs are singled out for the host-side connect.
 //! - [`device`]: the smoltcp device, two bounded frame queues (the back-pressure point).
 //! - [`stack`]: the event loop on its own thread — link, smoltcp, TCP relay to host
-//!   sockets.
+//!   sockets, UDP relay, DNS transport; enforces the policy's verdicts (SYN, first
+//!   datagram, every DNS query) and logs refusals.
+//! - [`dns_transport`] (pure): the message surgery of the DNS transport (TC=1 truncation,
+//!   SERVFAIL, answer/query matching).
+//! - [`wire`] (pure): frames the stack builds itself (UDP to the guest).
 //! - [`secrets`]: the placeholder substitution engine ([`secrets::Substituter`]) over one
 //!   decrypted guest→upstream HTTP/1.x stream, the validated secret set and the streaming
 //!   placeholder scanner (every encoding a guest can hide one in).
@@ -37,14 +41,16 @@
 pub mod config;
 pub mod device;
 pub mod dns;
+pub mod dns_transport;
 pub mod flow;
 pub mod frame;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod guard;
 pub mod policy;
-pub mod stack;
 pub mod secrets;
+pub mod stack;
 pub mod tls;
+pub mod wire;
 
 pub use config::NetworkConfig;

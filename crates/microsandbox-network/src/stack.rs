@@ -17,7 +17,7 @@
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, Shutdown, SocketAddrV4, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,8 +31,13 @@ use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, IpListe
 
 use crate::config::NetworkConfig;
 use crate::device::QueueDevice;
+use crate::dns::{DnsFilter, Nameserver, PinSet, QueryDecision};
+use crate::dns_transport;
+use crate::flow::{Action, Direction, Flow, Protocol};
 use crate::frame::{self, Decoded, Decoder};
-use crate::guard::{self, Identity, Ingress, Syn};
+use crate::guard::{self, Identity, Ingress, Syn, Udp};
+use crate::policy::HostContext;
+use crate::wire;
 
 /// How long a host-side connect may take before the guest gets a RST.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -44,6 +49,62 @@ const LINK_READ_BUDGET: usize = 1 << 20;
 const LINK_OUT_LIMIT: usize = 1 << 20;
 /// Longest sleep of the loop (smoltcp timers usually ask for less).
 const MAX_SLEEP: Duration = Duration::from_millis(500);
+/// Concurrent UDP sessions (guest port, destination) per sandbox.
+pub const MAX_UDP_SESSIONS: usize = 256;
+/// A UDP session without traffic for this long is closed.
+const UDP_IDLE: Duration = Duration::from_secs(60);
+/// Datagrams read per UDP socket per iteration (fairness).
+const UDP_READ_BUDGET: usize = 64;
+/// `system` log entries about refusals per second at most; the rest are counted.
+const LOG_PER_SEC: u32 = 20;
+
+/// Where the stack's `system` log entries go (refusals, degraded features).
+pub type LogFn = Box<dyn Fn(&str) + Send>;
+
+/// Bounds the `system` entries a guest can cause: at most [`LOG_PER_SEC`] per second;
+/// the next entry after a burst says how many were left out.
+struct Logger {
+    out: LogFn,
+    window: StdInstant,
+    in_window: u32,
+    suppressed: u64,
+}
+
+impl Logger {
+    fn log(&mut self, line: &str) {
+        if self.window.elapsed() >= Duration::from_secs(1) {
+            self.window = StdInstant::now();
+            self.in_window = 0;
+        }
+        if self.in_window >= LOG_PER_SEC {
+            self.suppressed += 1;
+            return;
+        }
+        self.in_window += 1;
+        if self.suppressed > 0 {
+            (self.out)(&format!("network: {} more refusals were not logged (over {LOG_PER_SEC}/s)", self.suppressed));
+            self.suppressed = 0;
+        }
+        (self.out)(line);
+    }
+}
+
+/// One relayed UDP session: the guest's port and destination, and the host socket.
+struct UdpSession {
+    socket: UdpSocket,
+    last: StdInstant,
+}
+
+/// A DNS query forwarded upstream, waiting for its answer.
+struct DnsQuery {
+    /// Where the guest sent it (the answer comes from there) and from which port.
+    key: Udp,
+    query: Vec<u8>,
+    socket: UdpSocket,
+    /// Index of the nameserver being asked.
+    server: usize,
+    deadline: StdInstant,
+}
 
 /// Byte counters of the NIC (whole Ethernet frames), shared with the supervisor.
 #[derive(Debug, Default)]
@@ -89,14 +150,75 @@ pub struct Stack {
     link_out_pos: usize,
     pending: HashMap<Syn, Pending>,
     conns: HashMap<Syn, Conn>,
+    udp: HashMap<Udp, UdpSession>,
+    dns_queries: Vec<DnsQuery>,
+    nameservers: Vec<SocketAddr>,
+    dns_filter: DnsFilter,
+    pins: PinSet,
+    host: HostContext,
+    logger: Logger,
     counters: Arc<Counters>,
     epoch: StdInstant,
+}
+
+/// The host's own interface addresses (the `host` group besides the gateway).
+pub fn host_addrs() -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills a list we free below; we only read sockaddrs by family.
+    unsafe {
+        if libc::getifaddrs(&mut ifap) != 0 {
+            return out;
+        }
+        let mut cur = ifap;
+        while !cur.is_null() {
+            let sa = (*cur).ifa_addr;
+            if !sa.is_null() {
+                match (*sa).sa_family as i32 {
+                    libc::AF_INET => {
+                        let sin = &*(sa as *const libc::sockaddr_in);
+                        out.push(IpAddr::V4(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr))));
+                    }
+                    libc::AF_INET6 => {
+                        let sin6 = &*(sa as *const libc::sockaddr_in6);
+                        out.push(IpAddr::V6(std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr)));
+                    }
+                    _ => {}
+                }
+            }
+            cur = (*cur).ifa_next;
+        }
+        libc::freeifaddrs(ifap);
+    }
+    out
+}
+
+/// Upstream resolvers: `dns.nameservers` (names resolved once, here), else the host's
+/// `/etc/resolv.conf`.
+fn resolve_nameservers(configured: &[Nameserver]) -> Vec<SocketAddr> {
+    use std::net::ToSocketAddrs;
+    if !configured.is_empty() {
+        return configured
+            .iter()
+            .flat_map(|n| match n {
+                Nameserver::Addr(sa) => vec![*sa],
+                Nameserver::Name { host, port } => (host.to_string(), *port).to_socket_addrs().map(|a| a.collect()).unwrap_or_default(),
+            })
+            .collect();
+    }
+    let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|v| v.trim().parse::<IpAddr>().ok())
+        .map(|ip| SocketAddr::new(ip, 53))
+        .take(crate::dns::config::MAX_NAMESERVERS)
+        .collect()
 }
 
 impl Stack {
     /// A stack for the NIC whose frames arrive on `link` (QEMU's end of the stream
     /// socketpair is the other one).
-    pub fn new(link: UnixStream, cfg: NetworkConfig, counters: Arc<Counters>) -> io::Result<Stack> {
+    pub fn new(link: UnixStream, cfg: NetworkConfig, counters: Arc<Counters>, log: LogFn) -> io::Result<Stack> {
         link.set_nonblocking(true)?;
         let mut device = QueueDevice::new(cfg.max_frame());
         let epoch = StdInstant::now();
@@ -115,8 +237,21 @@ impl Stack {
             .routes_mut()
             .add_default_ipv4_route(cfg.gateway_ip)
             .map_err(|_| io::Error::other("smoltcp route table full"))?;
+        let host = HostContext { gateway: vec![IpAddr::V4(cfg.gateway_ip)], host_addrs: host_addrs() };
+        let nameservers = resolve_nameservers(&cfg.dns.nameservers);
+        let mut logger = Logger { out: log, window: StdInstant::now(), in_window: 0, suppressed: 0 };
+        if nameservers.is_empty() {
+            logger.log("network: no upstream DNS resolver (dns.nameservers is empty and the host's /etc/resolv.conf names none): DNS queries get SERVFAIL");
+        }
         Ok(Stack {
             me: Identity { guest_mac: cfg.guest_mac, guest_ip: cfg.guest_ip },
+            dns_filter: DnsFilter::new(&cfg.policy, &cfg.dns).with_host_context(host.clone()),
+            host,
+            nameservers,
+            logger,
+            pins: PinSet::new(),
+            udp: HashMap::new(),
+            dns_queries: Vec::new(),
             decoder: Decoder::new(cfg.max_frame()),
             cfg,
             iface,
@@ -143,6 +278,8 @@ impl Stack {
                 return Ok(());
             }
             self.finish_connects();
+            self.service_udp();
+            self.service_dns();
             let now = self.now();
             self.iface.poll(now, &mut self.device, &mut self.sockets);
             self.relay();
@@ -191,6 +328,14 @@ impl Stack {
         match guard::inspect(&frame, &self.me) {
             Ingress::Stack => self.device.rx.push_back(frame),
             Ingress::Syn(syn) => self.on_syn(syn, frame),
+            Ingress::Udp(udp) => {
+                let payload = guard::udp_payload(&frame).unwrap_or_default();
+                if udp.dst_port == 53 {
+                    self.on_dns_query(udp, payload);
+                } else {
+                    self.on_udp(udp, payload);
+                }
+            }
             Ingress::Drop(_) => {
                 self.counters.dropped_frames.fetch_add(1, Ordering::Relaxed);
             }
@@ -207,7 +352,24 @@ impl Stack {
         if self.pending.contains_key(&syn) {
             return; // a retransmission while the host connect is under way
         }
+        if syn.dst == self.cfg.gateway_ip && syn.dst_port == 53 {
+            self.logger.log("network: refused TCP to the gateway's DNS port: DNS over TCP is not supported yet (UDP is)");
+            self.device.rx.push_back(frame);
+            return;
+        }
+        let flow = Flow { direction: Direction::Egress, protocol: Protocol::Tcp, remote: IpAddr::V4(syn.dst), port: syn.dst_port };
+        let verdict = self.cfg.policy.decide(&flow, &self.host, &self.pins, StdInstant::now());
+        if verdict.action == Action::Deny {
+            self.logger.log(&format!("network: refused TCP connection to {}:{} ({})", syn.dst, syn.dst_port, verdict.reason));
+            // No socket will take the SYN: smoltcp answers with a RST (ECONNREFUSED).
+            self.device.rx.push_back(frame);
+            return;
+        }
         if self.conns.len() + self.pending.len() >= self.cfg.max_connections as usize {
+            self.logger.log(&format!(
+                "network: refused TCP connection to {}:{}: max_connections ({}) reached",
+                syn.dst, syn.dst_port, self.cfg.max_connections
+            ));
             // No socket will take it: smoltcp answers with a RST.
             self.device.rx.push_back(frame);
             return;
@@ -221,16 +383,194 @@ impl Stack {
     }
 
     /// Where a guest destination is on the host side: the gateway is host loopback.
-    fn host_addr(&self, syn: &Syn) -> SocketAddrV4 {
-        let ip = if syn.dst == self.cfg.gateway_ip { Ipv4Addr::LOCALHOST } else { syn.dst };
-        SocketAddrV4::new(ip, syn.dst_port)
+    fn host_addr(&self, dst: Ipv4Addr, port: u16) -> SocketAddrV4 {
+        let ip = if dst == self.cfg.gateway_ip { Ipv4Addr::LOCALHOST } else { dst };
+        SocketAddrV4::new(ip, port)
+    }
+
+    /// Queues a datagram from `from` to the guest's `port` (dropped, counted, if it does
+    /// not fit the link MTU: the stack does not fragment).
+    fn to_guest_udp(&mut self, from: SocketAddrV4, port: u16, payload: &[u8]) {
+        match wire::udp_frame(self.cfg.gateway_mac, self.cfg.guest_mac, from, self.cfg.guest_ip, port, payload, self.cfg.max_frame()) {
+            Some(f) => self.device.tx.push_back(f),
+            None => {
+                self.counters.dropped_frames.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// A guest datagram (not DNS): through its session, or a new one if the policy allows.
+    fn on_udp(&mut self, key: Udp, payload: &[u8]) {
+        if let Some(s) = self.udp.get_mut(&key) {
+            s.last = StdInstant::now();
+            let _ = s.socket.send(payload); // UDP: a full socket buffer drops, as a network would
+            return;
+        }
+        let flow = Flow { direction: Direction::Egress, protocol: Protocol::Udp, remote: IpAddr::V4(key.dst), port: key.dst_port };
+        let verdict = self.cfg.policy.decide(&flow, &self.host, &self.pins, StdInstant::now());
+        if verdict.action == Action::Deny {
+            self.logger.log(&format!("network: refused UDP to {}:{} ({})", key.dst, key.dst_port, verdict.reason));
+            return;
+        }
+        if self.udp.len() >= MAX_UDP_SESSIONS {
+            self.logger.log(&format!("network: dropped UDP to {}:{}: {MAX_UDP_SESSIONS} UDP sessions open", key.dst, key.dst_port));
+            return;
+        }
+        let dest = self.host_addr(key.dst, key.dst_port);
+        let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
+            .and_then(|s| s.set_nonblocking(true).map(|_| s))
+            .and_then(|s| s.connect(dest).map(|_| s));
+        match socket {
+            Ok(socket) => {
+                let _ = socket.send(payload);
+                self.udp.insert(key, UdpSession { socket, last: StdInstant::now() });
+            }
+            Err(e) => self.logger.log(&format!("network: UDP to {}:{} failed: {e}", key.dst, key.dst_port)),
+        }
+    }
+
+    /// Datagrams from the host side back to the guest; idle sessions closed.
+    fn service_udp(&mut self) {
+        let mut buf = vec![0u8; 65536];
+        let mut idle = Vec::new();
+        let keys: Vec<Udp> = self.udp.keys().copied().collect();
+        for key in keys {
+            for _ in 0..UDP_READ_BUDGET {
+                if self.device.tx_full() {
+                    break;
+                }
+                let Some(s) = self.udp.get_mut(&key) else { break };
+                match s.socket.recv(&mut buf) {
+                    Ok(n) => {
+                        s.last = StdInstant::now();
+                        let from = SocketAddrV4::new(key.dst, key.dst_port);
+                        let payload = buf[..n].to_vec();
+                        self.to_guest_udp(from, key.src_port, &payload);
+                    }
+                    Err(_) => break, // WouldBlock, or an ICMP error for an earlier send
+                }
+            }
+            if self.udp.get(&key).is_some_and(|s| s.last.elapsed() >= UDP_IDLE) {
+                idle.push(key);
+            }
+        }
+        for key in idle {
+            self.udp.remove(&key);
+        }
+    }
+
+    /// A guest DNS query (UDP port 53, whatever address it was sent to): the policy's
+    /// DNS filter decides, allowed queries go to the upstream resolvers.
+    fn on_dns_query(&mut self, key: Udp, payload: &[u8]) {
+        let outcome = self.dns_filter.inspect_query(payload, Protocol::Udp);
+        if let Some(line) = &outcome.log {
+            self.logger.log(&format!("network: DNS {line}"));
+        }
+        let from = SocketAddrV4::new(key.dst, 53);
+        match outcome.decision {
+            QueryDecision::Drop => {}
+            QueryDecision::Reply(answer) => self.to_guest_udp(from, key.src_port, &answer),
+            QueryDecision::Forward => {
+                if self.dns_queries.len() >= dns_transport::MAX_IN_FLIGHT || self.nameservers.is_empty() {
+                    if let Some(a) = dns_transport::empty_answer(payload, 2, false) {
+                        self.to_guest_udp(from, key.src_port, &a);
+                    }
+                    return;
+                }
+                self.dns_queries.retain(|q| !(q.key == key && q.query.get(..2) == payload.get(..2)));
+                match self.ask(0, payload) {
+                    Some((server, socket)) => self.dns_queries.push(DnsQuery {
+                        key,
+                        query: payload.to_vec(),
+                        socket,
+                        server,
+                        deadline: StdInstant::now() + self.dns_timeout(),
+                    }),
+                    None => {
+                        if let Some(a) = dns_transport::empty_answer(payload, 2, false) {
+                            self.to_guest_udp(from, key.src_port, &a);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn dns_timeout(&self) -> Duration {
+        Duration::from_millis(self.cfg.dns.query_timeout_ms.max(1))
+    }
+
+    /// Sends `query` to the first nameserver from index `from` that takes it.
+    fn ask(&self, from: usize, query: &[u8]) -> Option<(usize, UdpSocket)> {
+        for (i, server) in self.nameservers.iter().enumerate().skip(from) {
+            let bind: SocketAddr = if server.is_ipv4() { (Ipv4Addr::UNSPECIFIED, 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
+            let sent = UdpSocket::bind(bind)
+                .and_then(|s| s.set_nonblocking(true).map(|_| s))
+                .and_then(|s| s.connect(server).map(|_| s))
+                .and_then(|s| s.send(query).map(|_| s));
+            if let Ok(s) = sent {
+                return Some((i, s));
+            }
+        }
+        None
+    }
+
+    /// Answers from upstream (filtered, then to the guest); timeouts move on to the next
+    /// nameserver, and after the last one the guest gets SERVFAIL.
+    fn service_dns(&mut self) {
+        let mut buf = vec![0u8; 65536];
+        let mut i = 0;
+        while i < self.dns_queries.len() {
+            let q = &self.dns_queries[i];
+            let mut answer = None;
+            while let Ok(n) = q.socket.recv(&mut buf) {
+                if dns_transport::matches(&q.query, &buf[..n]) {
+                    answer = Some(buf[..n].to_vec());
+                    break;
+                }
+            }
+            let from = SocketAddrV4::new(q.key.dst, 53);
+            if let Some(answer) = answer {
+                let q = self.dns_queries.swap_remove(i);
+                let outcome = self.dns_filter.filter_response(&q.query, &answer, &mut self.pins, StdInstant::now());
+                for line in &outcome.log {
+                    self.logger.log(&format!("network: DNS {line}"));
+                }
+                if let Some(a) = dns_transport::fit_udp(&q.query, outcome.packet) {
+                    self.to_guest_udp(from, q.key.src_port, &a);
+                }
+                continue;
+            }
+            if StdInstant::now() >= q.deadline {
+                let next = q.server + 1;
+                let query = q.query.clone();
+                match self.ask(next, &query) {
+                    Some((server, socket)) => {
+                        let deadline = StdInstant::now() + self.dns_timeout();
+                        let q = &mut self.dns_queries[i];
+                        q.server = server;
+                        q.socket = socket;
+                        q.deadline = deadline;
+                    }
+                    None => {
+                        let q = self.dns_queries.swap_remove(i);
+                        self.logger.log("network: DNS query unanswered by every upstream resolver: SERVFAIL");
+                        if let Some(a) = dns_transport::empty_answer(&q.query, 2, false) {
+                            self.to_guest_udp(from, q.key.src_port, &a);
+                        }
+                        continue;
+                    }
+                }
+            }
+            i += 1;
+        }
     }
 
     fn connect(&self, syn: &Syn) -> io::Result<socket2::Socket> {
         let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM.cloexec(), Some(socket2::Protocol::TCP))?;
         socket.set_nonblocking(true)?;
         socket.set_tcp_nodelay(true)?;
-        match socket.connect(&self.host_addr(syn).into()) {
+        match socket.connect(&self.host_addr(syn.dst, syn.dst_port).into()) {
             Ok(()) => Ok(socket),
             Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => Ok(socket),
             Err(e) => Err(e),
@@ -356,6 +696,13 @@ impl Stack {
         for p in self.pending.values() {
             fds.push(libc::pollfd { fd: p.socket.as_raw_fd(), events: libc::POLLOUT, revents: 0 });
         }
+        for s in self.udp.values() {
+            let events = if self.device.tx_full() { 0 } else { libc::POLLIN };
+            fds.push(libc::pollfd { fd: fd_for(s.socket.as_raw_fd(), events), events, revents: 0 });
+        }
+        for q in &self.dns_queries {
+            fds.push(libc::pollfd { fd: q.socket.as_raw_fd(), events: libc::POLLIN, revents: 0 });
+        }
         for conn in self.conns.values() {
             let socket = self.sockets.get::<tcp::Socket>(conn.handle);
             let mut events = 0;
@@ -372,8 +719,11 @@ impl Stack {
             Some(d) => Duration::from_micros(d.total_micros()).min(MAX_SLEEP),
             None => MAX_SLEEP,
         };
-        if !self.pending.is_empty() {
-            sleep = sleep.min(Duration::from_millis(100)); // connect timeouts
+        if !self.pending.is_empty() || !self.dns_queries.is_empty() {
+            sleep = sleep.min(Duration::from_millis(100)); // connect and DNS timeouts
+        }
+        if !self.udp.is_empty() {
+            sleep = sleep.min(Duration::from_secs(5)); // idle sessions
         }
         if !self.device.rx.is_empty() && !self.device.tx_full() {
             sleep = Duration::ZERO; // smoltcp can take more frames now

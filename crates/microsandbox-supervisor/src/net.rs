@@ -6,15 +6,17 @@
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 
-use microsandbox_network::stack::{Counters, Stack};
+use microsandbox_network::stack::{Counters, LogFn, Stack};
 use microsandbox_network::NetworkConfig;
 
 /// Starts the stack for `link`; failures are reported on stderr (the supervisor log).
-pub fn start(link: UnixStream, cfg: NetworkConfig) -> Arc<Counters> {
+/// Refusals and other notes of the stack go to the sandbox log as `system` entries.
+pub fn start(link: UnixStream, cfg: NetworkConfig, log: crate::logbook::LogSink) -> Arc<Counters> {
     let counters = Arc::new(Counters::default());
     let c = counters.clone();
+    let log: LogFn = Box::new(move |line: &str| log.record("system", None, line.as_bytes()));
     let spawned = std::thread::Builder::new().name("msb-net".into()).spawn(move || {
-        let result = Stack::new(link, cfg, c).and_then(Stack::run);
+        let result = Stack::new(link, cfg, c, log).and_then(Stack::run);
         if let Err(e) = result {
             eprintln!("msb: the network stack stopped: {e}");
         }

@@ -138,6 +138,8 @@ pub async fn supervise(spec: SupervisorSpec, report: fn(&StartupReport)) -> u8 {
         }
     };
     let started = Instant::now();
+    // Started before QEMU: the network stack logs its refusals from the first frame on.
+    let log_sink = crate::logbook::LogSink::spawn(spec.sandbox_dir.clone());
     // The NIC: one end of a socketpair goes to QEMU, the other to the stack's thread.
     let nic = match spec.network.as_ref().map(|_| std::os::unix::net::UnixStream::pair()).transpose() {
         Ok(pair) => pair,
@@ -150,7 +152,7 @@ pub async fn supervise(spec: SupervisorSpec, report: fn(&StartupReport)) -> u8 {
     if let (Some((stack_end, qemu_end)), Some(cfg)) = (nic, spec.network.clone()) {
         drop(qemu_end);
         if spawned.is_ok() {
-            crate::net::start(stack_end, cfg);
+            crate::net::start(stack_end, cfg, log_sink.clone());
         }
     }
     let mut qemu = match spawned {
@@ -207,7 +209,7 @@ pub async fn supervise(spec: SupervisorSpec, report: fn(&StartupReport)) -> u8 {
 
     let router = Arc::new(Router::default());
     if !spec.quiet_logs {
-        router.set_log(crate::logbook::LogSink::spawn(spec.sandbox_dir.clone()));
+        router.set_log(log_sink);
     }
     let (rd, wr) = stream.into_split();
     let to_agent = agent_link::spawn_writer(wr);

@@ -81,6 +81,9 @@ pub struct SandboxConfig {
     /// `network:` as Ruby sends it (a preset name for now; see `sandbox::network`).
     #[serde(default)]
     pub network: Option<serde_json::Value>,
+    /// `dns:` as Ruby sends it (`nameservers`, `query_timeout_ms`, `rebind_protection`).
+    #[serde(default)]
+    pub dns: Option<serde_json::Value>,
     /// Engine home; defaults to `$MICROSANDBOX_HOME` or `~/.microsandbox`.
     #[serde(default)]
     pub home: Option<PathBuf>,
@@ -255,7 +258,7 @@ impl SandboxConfig {
             )));
         }
         validate_env(&self.env)?;
-        super::network::validate(self.network.as_ref())?;
+        super::network::validate(self.network.as_ref(), self.dns.as_ref())?;
         if let Some(w) = &self.workdir {
             validate_guest_path("workdir", w)?;
         }

@@ -223,7 +223,7 @@ impl Sandbox {
             (dir.join(PRIVATE_DISK), "raw")
         };
         let transfer = transfer::prepare(&dir)?;
-        let network = network::nic(cfg.network.as_ref())?;
+        let network = network::nic(cfg.network.as_ref(), cfg.dns.as_ref())?;
         let mut cmdline = vmm::qemu::cmdline(
             &cfg.hostname.clone().unwrap_or_else(|| config::default_hostname(&cfg.name)),
             config::kernel_loglevel(cfg.log_level.as_deref())?,

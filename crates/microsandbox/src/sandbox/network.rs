@@ -1,12 +1,11 @@
-//! `network:` of `Sandbox.create` → the NIC the sandbox gets (or none).
+//! `network:` and `dns:` of `Sandbox.create` → the NIC the sandbox gets (or none).
 //!
-//! The value is the policy's wire form (Ruby's `NetworkPolicy#to_h`, or a preset name),
-//! parsed by the policy engine (`NetworkPolicy::from_wire`). Until the stack enforces
-//! policies (the engine's `decide` at every connection and the DNS filter), only an
-//! explicit `allow_all` gives a sandbox a NIC: main never ships a network that ignores
-//! its policy. The default (`public_only`), the other presets and custom policies boot
-//! without a NIC for now.
+//! The values are the wire forms (Ruby's `NetworkPolicy#to_h` or a preset name; the
+//! `dns:` Hash), parsed by the policy engine (`NetworkPolicy::from_wire`,
+//! `DnsConfig::from_wire`). Every policy but `none` gets a NIC; the stack enforces the
+//! policy at each connection and DNS query.
 
+use microsandbox_network::dns::DnsConfig;
 use microsandbox_network::policy::NetworkPolicy;
 use microsandbox_network::NetworkConfig;
 use serde_json::Value;
@@ -18,15 +17,27 @@ pub fn policy(network: Option<&Value>) -> Result<NetworkPolicy> {
     NetworkPolicy::from_wire(network.unwrap_or(&Value::Null)).map_err(|e| Error::NetworkPolicy(e.to_string()))
 }
 
-/// Checks `network:` (at create, before anything starts).
-pub fn validate(network: Option<&Value>) -> Result<()> {
-    policy(network).map(|_| ())
+/// The typed `dns:` options (`None`: the defaults).
+pub fn dns(dns: Option<&Value>) -> Result<DnsConfig> {
+    match dns {
+        None | Some(Value::Null) => Ok(DnsConfig::default()),
+        Some(v) => DnsConfig::from_wire(v).map_err(|e| Error::NetworkPolicy(e.to_string())),
+    }
 }
 
-/// The NIC of a sandbox with this `network:` value, `None` for no NIC.
-pub fn nic(network: Option<&Value>) -> Result<Option<NetworkConfig>> {
+/// Checks `network:` and `dns:` (at create, before anything starts).
+pub fn validate(network: Option<&Value>, dns_opts: Option<&Value>) -> Result<()> {
+    policy(network)?;
+    dns(dns_opts).map(|_| ())
+}
+
+/// The NIC of a sandbox with these `network:`/`dns:` values, `None` for no NIC (`none`).
+pub fn nic(network: Option<&Value>, dns_opts: Option<&Value>) -> Result<Option<NetworkConfig>> {
     let policy = policy(network)?;
-    Ok((policy == NetworkPolicy::allow_all()).then(NetworkConfig::with_defaults))
+    if policy.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(NetworkConfig { policy, dns: dns(dns_opts)?, ..NetworkConfig::with_defaults() }))
 }
 
 #[cfg(test)]
@@ -35,16 +46,20 @@ mod tests {
     use serde_json::json;
 
     #[test]
-    fn only_allow_all_gets_a_nic_for_now() {
-        for v in [json!("allow_all"), json!("all"), json!("allow-all"), json!({"preset": "allow_all"})] {
-            assert!(nic(Some(&v)).unwrap().is_some(), "{v}");
+    fn every_policy_but_none_gets_a_nic() {
+        for v in [json!("allow_all"), json!("public_only"), json!("non-local"), json!({"preset": "allow_all"})] {
+            let nic = nic(Some(&v), None).unwrap().expect("a NIC");
+            assert_eq!(nic.policy, policy(Some(&v)).unwrap());
         }
-        for v in ["none", "airgapped", "public_only", "default", "non-local"] {
-            assert!(nic(Some(&json!(v))).unwrap().is_none(), "{v}");
+        assert_eq!(nic(None, None).unwrap().unwrap().policy, NetworkPolicy::public_only(), "the default");
+        for v in ["none", "airgapped", "disabled"] {
+            assert!(nic(Some(&json!(v)), None).unwrap().is_none(), "{v}");
         }
-        assert!(nic(None).unwrap().is_none(), "the default has no NIC until policies are enforced");
-        let e = validate(Some(&json!("everything-secret"))).unwrap_err();
+        let e = validate(Some(&json!("everything-secret")), None).unwrap_err();
         assert_eq!(e.code(), "network-policy-error");
         assert!(!e.to_string().contains("everything-secret"), "{e}");
+        let with_dns = nic(None, Some(&json!({"nameservers": ["127.0.0.1:5353"], "query_timeout_ms": 700}))).unwrap().unwrap();
+        assert_eq!(with_dns.dns.query_timeout_ms, 700);
+        assert_eq!(validate(None, Some(&json!({"query_timeout_ms": 0}))).unwrap_err().code(), "network-policy-error");
     }
 }
