@@ -12,7 +12,8 @@ RSpec.describe "command identity and working directory" do
   group = "root:x:0:\napp:x:1000:\nextra:x:2000:app\nother:x:2001:nobody,app\nnogroup:x:65534:\n"
   default_path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
   let(:identity_patches) do
-    [Microsandbox::Patch.text("/etc/passwd", passwd), Microsandbox::Patch.text("/etc/group", group)]
+    [Microsandbox::Patch.text("/etc/passwd", passwd, replace: true),
+     Microsandbox::Patch.text("/etc/group", group, replace: true)]
   end
 
   it "gives commands HOME, supplementary groups and PATH as docker exec --user does" do
