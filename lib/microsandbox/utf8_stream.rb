@@ -32,21 +32,6 @@ module Microsandbox
       buf.byteslice(0, buf.bytesize - held).force_encoding(Encoding::UTF_8).scrub("\uFFFD")
     end
 
-    private_constant :LEADS
-
-    def initialize
-      @pending = "".b
-    end
-
-    # @param bytes [String] the next chunk (any encoding; its bytes are used)
-    # @return [String] UTF-8 text of the complete characters so far
-    def feed(bytes)
-      buf = @pending + bytes.b
-      held = incomplete_tail(buf)
-      @pending = buf.byteslice(buf.bytesize - held, held)
-      buf.byteslice(0, buf.bytesize - held).force_encoding(Encoding::UTF_8).scrub("\uFFFD")
-    end
-
     # @return [String] U+FFFD for a character left incomplete at the end of the stream,
     #   else ""; the stream is empty afterwards
     def finish
