@@ -125,7 +125,7 @@ module Microsandbox
 
     # Calls of a live {Sandbox}, forwarded to {#sandbox}.
     LIVE_METHODS = %i[exec shell exec_stream shell_stream fs metrics metrics_stream logs log_stream
-                      info detach owns_lifecycle?].freeze
+                      info detach owns_lifecycle? attach attach_shell].freeze
     def_delegators :sandbox, *LIVE_METHODS
 
     # Removes this (stopped) sandbox.

@@ -62,7 +62,8 @@ RSpec.describe "reference gem 0.9.0 API compatibility" do
                      exec_stream: sig(1, 1, *exec_keys), shell_stream: sig(1, 0, *exec_keys),
                      fs: sig, metrics: sig, metrics_stream: sig(0, 0, :interval),
                      logs: sig(0, 0, :tail, :since_ms, :until_ms, :sources),
-                     log_stream: sig(0, 0, :sources, :since_ms, :from_cursor, :until_ms, :follow)
+                     log_stream: sig(0, 0, :sources, :since_ms, :from_cursor, :until_ms, :follow),
+                     attach: sig(1, 1, :cwd, :user, :env, :detach_keys, :rlimits), attach_shell: sig
                    })
     # Defaults the reference documents: logs(tail: nil) is everything, sources nil is all.
     params = ms::Sandbox.instance_method(:logs).parameters
