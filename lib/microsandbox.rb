@@ -22,6 +22,7 @@ end
 require_relative "microsandbox/fs"
 require_relative "microsandbox/patch"
 require_relative "microsandbox/network"
+require_relative "microsandbox/secrets"
 require_relative "microsandbox/sandbox"
 require_relative "microsandbox/attach"
 require_relative "microsandbox/sandbox_handle"

@@ -44,6 +44,15 @@ module Microsandbox
   class NetworkPolicyError < InvalidConfigError; CODE = "network-policy-error"; end
   # No sandbox with that name exists.
   class SandboxNotFoundError < Error; CODE = "sandbox-not-found"; end
+
+  # A secret's placeholder was headed to a host it is not allowed for (the message
+  # names the secret by its env var, never its value).
+  class SecretViolationError < Error; CODE = "secret-violation"; end
+
+  # TLS interception could not be set up: an unreadable or mismatched CA/key, a key file
+  # readable by others, an unusable upstream CA.
+  class TlsError < Error; CODE = "tls-error"; end
+
   # A running sandbox already has that name.
   class SandboxAlreadyExistsError < Error; CODE = "sandbox-already-exists"; end
   # The operation needs a stopped sandbox but it is running.
@@ -138,8 +147,6 @@ module Microsandbox
   class SnapshotSandboxRunningError < Error; CODE = "snapshot-sandbox-running"; end
   class SnapshotImageMissingError < Error; CODE = "snapshot-image-missing"; end
   class SnapshotIntegrityError < Error; CODE = "snapshot-integrity"; end
-  class SecretViolationError < Error; CODE = "secret-violation"; end
-  class TlsError < Error; CODE = "tls-error"; end
 
   # A forked child called an object its parent opened before `fork` — an exec stream
   # ({ExecHandle}), a file stream ({FsReadStream}/{FsWriteSink}) or an image pull. Its

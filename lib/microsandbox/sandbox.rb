@@ -84,22 +84,42 @@ module Microsandbox
       #   so `sb.shell("name")` runs one. Names are file names (no "/", not "." or "..")
       # @param patches [Array<Hash>, nil] root filesystem changes made at create, in order,
       #   before `create` returns: Hashes from the {Patch} factories or built by hand
-      # @raise [ArgumentError] a patch that is not a Hash, of an unknown kind, or with
-      #   missing or unknown keys
+      # @param secrets [Array<Hash>, nil] secrets the guest never sees (README "Secrets"):
+      #   each `{ env:, value:, host: | hosts: | host_patterns:, placeholder: ("$MSB_<env>"),
+      #   require_tls: (true), inject_headers: (true), inject_basic_auth: (true),
+      #   inject_query: (false), inject_body: (false), on_violation: }`. The guest's `env`
+      #   gets the placeholder; the value is held by the supervisor in memory only and is
+      #   never stored, so {Sandbox.start} needs `secrets:` again
+      # @param on_secret_violation [String, Symbol, Hash, nil] "block", "block_and_log"
+      #   (default), "block_and_terminate", "passthrough", or `{ passthrough_hosts: [],
+      #   passthrough_host_patterns: [], passthrough_all_hosts: true }`
+      # @param tls [Hash, nil] interception options: `bypass:` (host patterns never
+      #   intercepted), `verify_upstream:` (true), `intercepted_ports:` ([443]),
+      #   `block_quic:` (true), `upstream_ca_cert:` / `intercept_ca_cert:` /
+      #   `intercept_ca_key:` (a path or PEM text; a key file must be mode 0600; a key given
+      #   as text is not stored, so {Sandbox.start} needs it again)
+      # @param trust_host_cas [Boolean] copy the host's CA roots into the guest (false)
       # @yieldparam sandbox [Sandbox]
       # @return [Sandbox, Object] the sandbox, or the block's value
       # @raise [InvalidConfigError, ImageNotFoundError, SandboxAlreadyExistsError,
-      #   RuntimeUnavailableError, BootFailedError, PatchFailedError]
+      #   RuntimeUnavailableError, BootFailedError, PatchFailedError, TlsError]
+      # @raise [ArgumentError] a patch that is not a Hash, of an unknown kind, or with
+      #   missing or unknown keys; a malformed `secrets:`/`tls:` option (names the key,
+      #   never a value)
       def create(name, image:, cpus: 1, memory: 512, env: {}, workdir: nil, shell: "/bin/sh",
                  accel: nil, boot_timeout: nil, max_duration: nil, idle_timeout: nil, hostname: nil, user: nil, labels: {},
                  detached: false, replace: false, replace_with_timeout: nil, pull_policy: nil,
                  registry_auth: nil, registry_insecure: false, registry_ca_certs: nil,
                  entrypoint: nil, scripts: {}, patches: [], oci_upper_size: nil, network: nil, dns: nil,
                  rlimits: nil, log_level: nil, quiet_logs: false, security: nil, ephemeral: false, init: nil,
-                 fstype: nil, &block)
+                 fstype: nil, secrets: nil, on_secret_violation: nil, tls: nil, trust_host_cas: false, &block)
         unsupported_options!(image, security, ephemeral, init, fstype)
         config = build_config(name, image, cpus, memory, Validate.coerce_values!("env", env), workdir, accel, boot_timeout)
         config.merge!(run_options(rlimits, log_level, quiet_logs))
+        config["secrets"] = Secrets.secrets!(secrets)
+        config["on_secret_violation"] = Secrets.violation!("on_secret_violation", on_secret_violation) unless on_secret_violation.nil?
+        config["tls"] = Secrets.tls!(tls) unless tls.nil?
+        config["trust_host_cas"] = Secrets.bool!("trust_host_cas", trust_host_cas)
         config["hostname"] = Validate.string!("hostname", hostname) if hostname
         config["user"] = Validate.string!("user", user) if user
         config["entrypoint"] = Validate.string_array!("entrypoint", entrypoint).map { |a| Validate.utf8!("entrypoint", a) } if entrypoint
@@ -159,13 +179,21 @@ module Microsandbox
       # @param name [String]
       # @param detached [Boolean]
       # @param shell [String, nil] overrides the `shell:` given at create for this handle
+      # @param secrets [Array<Hash>, nil] the `secrets:` given at create, with their values
+      #   (values are never stored: a sandbox created with secrets needs them again)
+      # @param tls [Hash, nil] `{ intercept_ca_key: }` when it was given as PEM text at create
       # @return [Sandbox, Object]
       # @raise [SandboxNotFoundError, SandboxStillRunningError]
-      def start(name, detached: false, shell: nil, &block)
+      # @raise [InvalidConfigError] a secret of the sandbox is missing from `secrets:`
+      def start(name, detached: false, shell: nil, secrets: nil, tls: nil, &block)
         name = Validate.name!(name)
         shell = Validate.guest_path!("shell", shell) if shell
+        again = { "secrets" => Secrets.secrets!(secrets) }
+        key = Secrets.tls!(tls)&.fetch("intercept_ca_key", nil)
+        again["intercept_ca_key"] = key if key
         Microsandbox.ensure_runtime!
-        scoped(new(Native::Sandbox.start(Microsandbox.home, name, detached ? true : false), shell: shell), &block)
+        native = Native::Sandbox.start(Microsandbox.home, name, detached ? true : false, JSON.generate(again))
+        scoped(new(native, shell: shell), &block)
       end
 
       # A handle on an existing sandbox, running or stopped — also one created by another

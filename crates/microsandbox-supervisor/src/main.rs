@@ -8,6 +8,7 @@
 mod agent_link;
 mod control;
 mod flow;
+mod interception;
 mod liveness;
 mod logbook;
 mod main_process;
@@ -44,6 +45,11 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    // Secrets (if any) are read before anything starts, so a bad handover fails the start.
+    if let Err((code, message)) = interception::load(&spec) {
+        report(&StartupReport::Failed { code, message });
+        return ExitCode::from(1);
+    }
     // Single-threaded runtime: QEMU is spawned from this (main) thread, which is what
     // PR_SET_PDEATHSIG tracks, so QEMU dies exactly when this process does.
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");

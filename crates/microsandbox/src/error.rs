@@ -87,6 +87,12 @@ pub enum Error {
     /// process's statistics are not readable).
     #[error("{0}")]
     MetricsUnavailable(String),
+    /// TLS interception could not be set up (a CA, key or upstream CA option is unusable).
+    #[error("{0}")]
+    Tls(String),
+    /// A secret's placeholder was headed to a host it is not allowed for.
+    #[error("{0}")]
+    SecretViolation(String),
     /// Any other host I/O failure.
     #[error("{context}: {source}")]
     Io {
@@ -124,6 +130,8 @@ impl Error {
             Error::InheritedHandle(_) => "inherited-handle",
             Error::StdinClosed(_) => "stdin-closed",
             Error::MetricsUnavailable(_) => "metrics-unavailable",
+            Error::Tls(_) => "tls-error",
+            Error::SecretViolation(_) => "secret-violation",
             Error::Io { .. } => "io-error",
         }
     }

@@ -32,7 +32,7 @@ fn init(ruby: &Ruby) -> Result<(), Error> {
 
     let class = native.define_class("Sandbox", ruby.class_object())?;
     class.define_singleton_method("create", function!(sandbox::RbSandbox::create, 2))?;
-    class.define_singleton_method("start", function!(sandbox::RbSandbox::start, 3))?;
+    class.define_singleton_method("start", function!(sandbox::RbSandbox::start, 4))?;
     class.define_singleton_method("get", function!(sandbox::RbSandbox::get, 2))?;
     class.define_singleton_method("list_json", function!(sandbox::RbSandbox::list_json, 1))?;
     class.define_singleton_method("list_records_json", function!(sandbox::RbSandbox::list_records_json, 1))?;

@@ -99,9 +99,24 @@ impl RbSandbox {
         Ok(RbSandbox::wrap(sb))
     }
 
-    /// `start(home, name, detached)`: boots a stopped sandbox again.
-    pub fn start(ruby: &Ruby, home: Option<String>, name: String, detached: bool) -> Result<RbSandbox, Error> {
-        let sb = crate::gvl::run(async move { Sandbox::start(home.as_deref().map(Path::new), &name, detached).await })
+    /// `start(home, name, detached, again_json)`: boots a stopped sandbox again;
+    /// `again_json` = `{"secrets": [...], "intercept_ca_key": ...}`, the values that are
+    /// never stored and must be given again.
+    pub fn start(ruby: &Ruby, home: Option<String>, name: String, detached: bool, again_json: String) -> Result<RbSandbox, Error> {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Again {
+            #[serde(default)]
+            secrets: Vec<microsandbox::sandbox::secrets::SecretEntry>,
+            #[serde(default)]
+            intercept_ca_key: Option<microsandbox::sandbox::secrets::SecretText>,
+        }
+        let again: Again = serde_json::from_str(&again_json).map_err(|e| {
+            to_ruby(ruby, microsandbox::Error::InvalidConfig(format!("invalid start options (line {}, column {})", e.line(), e.column())))
+        })?;
+        let sb = crate::gvl::run(async move {
+            Sandbox::start(home.as_deref().map(Path::new), &name, detached, again.secrets, again.intercept_ca_key).await
+        })
             .map_err(|e| to_ruby(ruby, e))?;
         Ok(RbSandbox::wrap(sb))
     }

@@ -23,6 +23,8 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 
 pub use ca::InterceptCa;
+/// The rustls the configurations are built with (one version in the build).
+pub use rustls;
 pub use config::{TlsConfig, TlsError};
 pub use leaf::LeafCache;
 

@@ -54,6 +54,19 @@ pub struct SandboxConfig {
     pub memory_mib: u64,
     #[serde(default)]
     pub env: Vec<(String, String)>,
+    /// `secrets:` — stored without their values (see [`super::secrets`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<super::secrets::SecretEntry>,
+    /// `on_secret_violation:` — the sandbox-wide action (wire form).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_secret_violation: Option<serde_json::Value>,
+    /// `tls:` — interception options (a PEM key text is never stored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<super::secrets::TlsOptions>,
+    /// `trust_host_cas:` — copy the host's CA roots into the guest (applied once the
+    /// guest network lands).
+    #[serde(default)]
+    pub trust_host_cas: bool,
     #[serde(default)]
     pub workdir: Option<String>,
     /// `auto` (default), `kvm`, `hvf` or `tcg`.
@@ -246,6 +259,15 @@ pub fn validate_entrypoint(argv: &[String]) -> Result<()> {
 }
 
 impl SandboxConfig {
+    /// The secrets-related options, borrowed.
+    pub fn secrets_view(&self) -> super::secrets::SandboxSecrets<'_> {
+        super::secrets::SandboxSecrets {
+            secrets: &self.secrets,
+            on_violation: self.on_secret_violation.as_ref(),
+            tls: self.tls.as_ref(),
+        }
+    }
+
     pub fn validate(&self) -> Result<()> {
         validate_name(&self.name)?;
         if !(1..=MAX_CPUS).contains(&self.cpus) {
@@ -259,6 +281,7 @@ impl SandboxConfig {
         }
         validate_env(&self.env)?;
         super::network::validate(self.network.as_ref(), self.dns.as_ref())?;
+        self.secrets_view().validate(&self.env)?;
         if let Some(w) = &self.workdir {
             validate_guest_path("workdir", w)?;
         }

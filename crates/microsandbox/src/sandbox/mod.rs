@@ -14,6 +14,7 @@ pub mod network;
 mod fs;
 pub mod liveness;
 pub mod patch;
+pub mod secrets;
 mod owner;
 pub mod spec;
 pub mod stop_record;
@@ -117,6 +118,11 @@ impl Sandbox {
     /// Boots a new sandbox and returns once its agent answers.
     pub async fn create(cfg: SandboxConfig, place: Placement) -> Result<Sandbox> {
         cfg.validate()?;
+        // Certificates and keys are read now, so a bad one fails before anything starts.
+        if !cfg.secrets.is_empty() {
+            cfg.secrets_view().tls_config()?;
+            cfg.secrets_view().handover()?;
+        }
         let mut cfg = cfg;
         let home = Home::resolve(cfg.home.as_deref())?;
         let local = config::is_local_path(&cfg.image);
@@ -138,6 +144,10 @@ impl Sandbox {
         if !cfg.scripts.is_empty() {
             add_scripts_to_path(&mut cfg.env);
         }
+        // The guest sees each secret's placeholder, never its value.
+        let placeholders = cfg.secrets_view().placeholder_env();
+        cfg.env.retain(|(k, _)| !placeholders.iter().any(|(p, _)| p == k));
+        cfg.env.extend(placeholders);
         // Checked now so a bad entrypoint fails before anything starts.
         main_request(&cfg)?;
         let patches = patch::steps(&cfg.scripts, &cfg.patches);
@@ -175,15 +185,35 @@ impl Sandbox {
     }
 
     /// Boots a stopped sandbox again with its root disk and options.
-    pub async fn start(home: Option<&std::path::Path>, name: &str, detached: bool) -> Result<Sandbox> {
+    ///
+    /// `secrets` carries the values of the secrets the sandbox was created with (they are
+    /// never stored); `tls_key` a `tls.intercept_ca_key` given as PEM text at create.
+    pub async fn start(
+        home: Option<&std::path::Path>,
+        name: &str,
+        detached: bool,
+        secrets: Vec<secrets::SecretEntry>,
+        tls_key: Option<secrets::SecretText>,
+    ) -> Result<Sandbox> {
         config::validate_name(name)?;
         let home = Home::resolve(home)?;
         let rt = load_runtime(&home)?;
         let rec = StateDb::open(&home)?.claim_start(name)?;
         let dir = home.sandbox_dir(name);
         let mut guard = ClaimGuard { home: home.clone(), name: name.into(), dir: dir.clone(), armed: true, keep: true };
-        let cfg: SandboxConfig = serde_json::from_str(&rec.config)
+        let mut cfg: SandboxConfig = serde_json::from_str(&rec.config)
             .map_err(|e| Error::Runtime(format!("stored options of sandbox {name:?} are unreadable: {e}")))?;
+        secrets::merge_for_start(&mut cfg.secrets, secrets)?;
+        if let Some(t) = cfg.tls.as_mut() {
+            if t.intercept_ca_cert.is_some() && t.intercept_ca_key.is_none() {
+                t.intercept_ca_key = tls_key;
+                if t.intercept_ca_key.is_none() {
+                    return Err(Error::InvalidConfig(format!(
+                        "sandbox {name:?} was created with tls.intercept_ca_key as PEM text, which is never stored; pass tls: {{ intercept_ca_key: }} again to start it"
+                    )));
+                }
+            }
+        }
         if !dir.join(PRIVATE_DISK).is_file() && !dir.join(OVERLAY_DISK).is_file() {
             return Err(Error::Filesystem(format!(
                 "the root disk of sandbox {name:?} is missing; remove it (Sandbox.remove) and create it again"
@@ -265,6 +295,7 @@ impl Sandbox {
             patches_file: write_patches(&dir, patches)?,
             transfer: Some(transfer),
             network,
+            tls: if cfg.secrets.is_empty() { None } else { Some(cfg.secrets_view().tls_config()?) },
         };
         let spec_path = dir.join(spec::SPEC_FILE);
         std::fs::write(&spec_path, serde_json::to_vec_pretty(&spec).unwrap())
@@ -272,7 +303,27 @@ impl Sandbox {
         // The record of the previous run must not describe this one.
         stop_record::clear(&dir).context(|| format!("removing {}", stop_record::path(&dir).display()))?;
 
-        let (mut child, liveness) = owner::spawn_supervisor(&supervisor_bin, &spec_path, &dir, !detached)?;
+        let handover = cfg.secrets_view().handover()?;
+        let (mut child, liveness, channel) =
+            owner::spawn_supervisor(&supervisor_bin, &spec_path, &dir, !detached, handover.is_some())?;
+        if let (Some(bytes), Some(mut channel)) = (handover, channel) {
+            // The values go to the supervisor through the socket, never through a file.
+            let sent = tokio::task::spawn_blocking(move || {
+                use std::io::Write;
+                channel.set_write_timeout(Some(Duration::from_secs(30)))?;
+                // Length-prefixed: the supervisor reads exactly this much and never waits
+                // for an EOF that a forked copy of our end could hold back.
+                channel.write_all(&(bytes.len() as u64).to_le_bytes())?;
+                channel.write_all(&bytes)?;
+                channel.shutdown(std::net::Shutdown::Write)
+            })
+            .await
+            .map_err(|e| Error::Runtime(format!("secrets handover task failed: {e}")))?;
+            if let Err(e) = sent {
+                let _ = child.kill().await;
+                return Err(Error::Runtime(format!("cannot hand the secrets to the supervisor: {e}")));
+            }
+        }
         let report = owner::read_startup(&mut child, cfg.boot_timeout() + Duration::from_secs(10)).await;
         let info = match report {
             Ok(StartupReport::Ready(info)) => info,

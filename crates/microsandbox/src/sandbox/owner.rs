@@ -15,11 +15,38 @@ use crate::error::{Error, IoContext, Result};
 /// Starts the supervisor in its own session. With `owned`, the read end of a liveness
 /// pipe becomes its fd 3 and the write end is returned: the caller keeps it for as long
 /// as the sandbox may live. A detached sandbox gets no pipe and outlives its creator.
-pub fn spawn_supervisor(bin: &Path, spec: &Path, dir: &Path, owned: bool) -> Result<(tokio::process::Child, Option<Liveness>)> {
+///
+/// With `secrets`, one end of a socket pair becomes the supervisor's fd
+/// [`SECRETS_FD`](super::secrets::SECRETS_FD) (named by `MSB_SECRETS_FD`); the caller
+/// writes the handover into the returned other end and closes it.
+pub fn spawn_supervisor(
+    bin: &Path,
+    spec: &Path,
+    dir: &Path,
+    owned: bool,
+    secrets: bool,
+) -> Result<(tokio::process::Child, Option<Liveness>, Option<std::os::unix::net::UnixStream>)> {
     let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| Error::Runtime(format!("cannot create the liveness pipe: {e}")))?;
     // Recorded at once, so a fork during the boot does not keep a copy either.
     let write_end = Liveness::new(write_end);
+    // The child's end is moved above fd 9 so that placing the liveness pipe at fd 3
+    // cannot clobber it before it is placed at fd 4.
+    let secret_pair = if secrets {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair()
+            .map_err(|e| Error::Runtime(format!("cannot create the secrets channel: {e}")))?;
+        // SAFETY: plain fcntl on an fd we own; the result is a new fd we then own.
+        let hi = unsafe { libc::fcntl(theirs.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 10) };
+        if hi < 0 {
+            return Err(Error::Runtime(format!("cannot place the secrets channel: {}", std::io::Error::last_os_error())));
+        }
+        drop(theirs);
+        // SAFETY: `hi` is a fresh fd owned by nobody else.
+        Some((ours, unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(hi) }))
+    } else {
+        None
+    };
+    let sfd = secret_pair.as_ref().map(|(_, t)| t.as_raw_fd());
     let log = std::fs::File::create(dir.join("supervisor.log")).context(|| "creating supervisor.log".into())?;
     let rfd = read_end.as_raw_fd();
     let mut cmd = tokio::process::Command::new(bin);
@@ -28,6 +55,11 @@ pub fn spawn_supervisor(bin: &Path, spec: &Path, dir: &Path, owned: bool) -> Res
         cmd.env(LIVENESS_FD_ENV, "3");
     } else {
         cmd.env_remove(LIVENESS_FD_ENV);
+    }
+    if secrets {
+        cmd.env(super::secrets::SECRETS_FD_ENV, super::secrets::SECRETS_FD.to_string());
+    } else {
+        cmd.env_remove(super::secrets::SECRETS_FD_ENV);
     }
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -45,6 +77,12 @@ pub fn spawn_supervisor(bin: &Path, spec: &Path, dir: &Path, owned: bool) -> Res
             } else if libc::dup2(rfd, 3) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
+            // dup2 clears FD_CLOEXEC on the copy: fd 4 survives exec, the original not.
+            if let Some(sfd) = sfd {
+                if libc::dup2(sfd, super::secrets::SECRETS_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             // Own session: a terminal's Ctrl-C reaches Ruby, which then stops the VM cleanly.
             libc::setsid();
             Ok(())
@@ -52,7 +90,11 @@ pub fn spawn_supervisor(bin: &Path, spec: &Path, dir: &Path, owned: bool) -> Res
     }
     let child = cmd.spawn().map_err(|e| Error::Runtime(format!("cannot start supervisor {}: {e}", bin.display())))?;
     drop(read_end);
-    Ok((child, owned.then_some(write_end)))
+    let ours = secret_pair.map(|(ours, theirs)| {
+        drop(theirs);
+        ours
+    });
+    Ok((child, owned.then_some(write_end), ours))
 }
 
 /// Gives up ownership of a supervisor that must outlive this handle (a detached
@@ -111,6 +153,8 @@ pub fn error_from_code(code: &str, message: String) -> Error {
         "protocol-error" => Error::Protocol(message),
         "filesystem-error" => Error::Filesystem(message),
         "patch-failed" => Error::Patch(message),
+        "tls-error" => Error::Tls(message),
+        "secret-violation" => Error::SecretViolation(message),
         _ => Error::Boot(message),
     }
 }

@@ -50,6 +50,10 @@ pub struct SupervisorSpec {
     /// The guest NIC's stack; `None`: no NIC.
     #[serde(default)]
     pub network: Option<microsandbox_network::NetworkConfig>,
+    /// TLS interception settings (public parts only) when the sandbox has secrets; the
+    /// secret values and a user CA key arrive on the `MSB_SECRETS_FD` socket instead.
+    #[serde(default)]
+    pub tls: Option<microsandbox_network::tls::TlsConfig>,
 }
 
 /// First line the supervisor prints on stdout: it booted, or why it did not.
