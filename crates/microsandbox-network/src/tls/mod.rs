@@ -73,11 +73,9 @@ pub fn upstream_config(verify: bool, extra_cas: &[String], host_roots: bool) -> 
                     .map_err(|e| TlsError::new(format!("tls.upstream_ca_cert[{i}] is not a usable CA certificate: {e}")))?;
             }
         }
-        if roots.is_empty() {
-            return Err(TlsError::new(
-                "no upstream CA to verify against: the host has no root certificates and tls.upstream_ca_cert is empty",
-            ));
-        }
+        // No roots at all (a host without a CA bundle and no upstream_ca_cert) is not an
+        // error here: every upstream is then refused, which the stack reports per
+        // connection as a tls-error naming tls.upstream_ca_cert.
         builder.with_root_certificates(roots).with_no_client_auth()
     } else {
         builder

@@ -358,7 +358,9 @@ mod tests {
         )
         .unwrap();
         let s = serde_json::to_string(&t).unwrap();
-        assert!(!s.contains("secretkey") && !s.contains("intercept_ca_key"), "{s}");
+        assert!(!s.contains("secretkey") && s.contains(r#""intercept_ca_key":null"#), "{s}");
+        let back: TlsOptions = serde_json::from_str(&s).unwrap();
+        assert!(back.intercept_ca_key.is_none() && back.intercept_ca_cert.is_some());
         let t: TlsOptions = serde_json::from_str(r#"{"intercept_ca_key":"/etc/ca.key"}"#).unwrap();
         assert!(serde_json::to_string(&t).unwrap().contains("/etc/ca.key"));
     }
