@@ -42,7 +42,7 @@ pub fn spawn_supervisor(
         }
         drop(theirs);
         // SAFETY: `hi` is a fresh fd owned by nobody else.
-        Some((ours, unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(hi) }))
+        Some((ours, unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(hi) }))
     } else {
         None
     };
