@@ -191,7 +191,8 @@ RSpec.describe "reference gem 0.9.0 API compatibility" do
                                    list_with: sig(0, 0, :labels), remove: sig(1) })
     create_keys = %i[image cpus memory env workdir shell user hostname labels scripts entrypoint patches
                      oci_upper_size max_duration idle_timeout pull_policy registry_auth registry_insecure
-                     registry_ca_certs detached replace replace_with_timeout]
+                     registry_ca_certs detached replace replace_with_timeout secrets on_secret_violation tls
+                     trust_host_cas]
     # `image:` is required here: the reference makes it optional only for `from_snapshot:`
     # boots (snapshots are another issue), so it is listed with the reference's keywords.
     accepts!(ms::Sandbox, :create, ms::Sandbox.method(:create), sig(1, 0, *create_keys))

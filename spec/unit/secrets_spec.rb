@@ -64,6 +64,12 @@ RSpec.describe Microsandbox::Secrets do
     end.to raise_error(ArgumentError, /host/) { |e| expect(e.message).not_to include(value) }
   end
 
+  it "refuses tls: when nothing would be intercepted (no secrets, no intercept_all)" do
+    expect do
+      Microsandbox::Sandbox.create("sec-unit", image: "/nonexistent", tls: { verify_upstream: false })
+    end.to raise_error(Microsandbox::InvalidConfigError, /nothing would be intercepted.*intercept_all/m)
+  end
+
   it "maps the new error codes" do
     expect(Microsandbox::Error.build("secret-violation", "m")).to be_a(Microsandbox::SecretViolationError)
     expect(Microsandbox::Error.build("tls-error", "m")).to be_a(Microsandbox::TlsError)

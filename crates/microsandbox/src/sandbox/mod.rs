@@ -119,7 +119,7 @@ impl Sandbox {
     pub async fn create(cfg: SandboxConfig, place: Placement) -> Result<Sandbox> {
         cfg.validate()?;
         // Certificates and keys are read now, so a bad one fails before anything starts.
-        if !cfg.secrets.is_empty() {
+        if cfg.secrets_view().intercepts() {
             cfg.secrets_view().tls_config()?;
             cfg.secrets_view().handover()?;
         }
@@ -295,7 +295,7 @@ impl Sandbox {
             patches_file: write_patches(&dir, patches)?,
             transfer: Some(transfer),
             network,
-            tls: if cfg.secrets.is_empty() { None } else { Some(cfg.secrets_view().tls_config()?) },
+            tls: if cfg.secrets_view().intercepts() { Some(cfg.secrets_view().tls_config()?) } else { None },
         };
         let spec_path = dir.join(spec::SPEC_FILE);
         std::fs::write(&spec_path, serde_json::to_vec_pretty(&spec).unwrap())

@@ -204,9 +204,21 @@ impl SandboxSecrets<'_> {
             }
         }
         if let Some(t) = self.tls {
+            if self.secrets.is_empty() && !t.intercept_all {
+                return Err(invalid(
+                    "tls: is given but nothing would be intercepted: interception applies to the hosts of secrets:, \
+                     or to every host with tls: { intercept_all: true }"
+                        .into(),
+                ));
+            }
             self.validate_tls(t)?;
         }
         Ok(())
+    }
+
+    /// Whether connections are intercepted at all (secrets, or `tls.intercept_all`).
+    pub fn intercepts(&self) -> bool {
+        !self.secrets.is_empty() || self.tls.is_some_and(|t| t.intercept_all)
     }
 
     fn validate_tls(&self, t: &TlsOptions) -> Result<()> {
@@ -255,9 +267,9 @@ impl SandboxSecrets<'_> {
         })
     }
 
-    /// The bytes for the supervisor's secrets pipe; `None` when there are no secrets.
+    /// The bytes for the supervisor's secrets pipe; `None` when nothing is intercepted.
     pub fn handover(&self) -> Result<Option<Zeroizing<Vec<u8>>>> {
-        if self.secrets.is_empty() {
+        if !self.intercepts() {
             return Ok(None);
         }
         let wire = self.wire(true)?;
@@ -394,8 +406,21 @@ mod tests {
         let s = SandboxSecrets { secrets: &list, on_violation: None, tls: None };
         let e = s.validate(&[]).unwrap_err().to_string();
         assert!(e.contains("value") && !e.contains("s3cr3t"), "{e}");
-        let tls = TlsOptions { intercept_ca_cert: Some("/x.pem".into()), ..Default::default() };
+        let tls = TlsOptions { intercept_ca_cert: Some("/x.pem".into()), intercept_all: true, ..Default::default() };
         let s = SandboxSecrets { secrets: &[], on_violation: None, tls: Some(&tls) };
         assert!(s.validate(&[]).unwrap_err().to_string().contains("intercept_ca_key"));
+    }
+
+    #[test]
+    fn tls_without_anything_to_intercept_is_refused() {
+        let tls = TlsOptions { verify_upstream: Some(false), ..Default::default() };
+        let s = SandboxSecrets { secrets: &[], on_violation: None, tls: Some(&tls) };
+        let e = s.validate(&[]).unwrap_err().to_string();
+        assert!(e.contains("intercept_all"), "{e}");
+        assert!(!s.intercepts());
+        let all = TlsOptions { intercept_all: true, ..Default::default() };
+        let s = SandboxSecrets { secrets: &[], on_violation: None, tls: Some(&all) };
+        s.validate(&[]).unwrap();
+        assert!(s.intercepts() && s.handover().unwrap().is_some());
     }
 }
