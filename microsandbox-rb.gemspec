@@ -15,9 +15,11 @@ Gem::Specification.new do |spec|
   spec.metadata["rubygems_mfa_required"] = "true"
 
   spec.files = Dir[
-    "lib/**/*.rb", "sig/**/*.rbs", "ext/**/*.{rb,rs,toml}", "crates/**/*.{rs,toml}",
+    "lib/**/*.rb", "exe/*", "sig/**/*.rbs", "ext/**/*.{rb,rs,toml}", "crates/**/*.{rs,toml}",
     "Cargo.toml", "Cargo.lock", "README.md", "DESIGN.md", "CHANGELOG.md", "LICENSE"
   ]
+  spec.bindir = "exe"
+  spec.executables = ["microsandbox"]
   spec.require_paths = ["lib"]
   spec.extensions = ["ext/microsandbox/extconf.rb"]
 end

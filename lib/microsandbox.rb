@@ -30,6 +30,7 @@ require_relative "microsandbox/image"
 require_relative "microsandbox/metrics"
 require_relative "microsandbox/logs"
 require_relative "microsandbox/stop_control"
+require_relative "microsandbox/doctor"
 
 # Microsandbox: real microVM sandboxes for Ruby. There is no daemon: creating a sandbox
 # starts a VM as a child process of this one.

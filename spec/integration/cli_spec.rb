@@ -1,0 +1,242 @@
+# frozen_string_literal: true
+
+require "open3"
+require "pty"
+require "io/console"
+require "base64"
+require "json"
+require_relative "../support/registry"
+
+# The `microsandbox` executable, run as a subprocess exactly as a user runs it: exit
+# statuses, stdout/stderr bytes, --json documents. Sandboxes are real VMs.
+RSpec.describe "microsandbox CLI" do
+  def exe = File.expand_path("../../exe/microsandbox", __dir__)
+  def lib = File.expand_path("../../lib", __dir__)
+
+  def cli(*args, stdin: "", env: {})
+    out, err, status = Open3.capture3(env, RbConfig.ruby, "-I", lib, exe, *args, stdin_data: stdin, binmode: true)
+    [out, err, status.exitstatus]
+  end
+
+  # Runs the CLI on a pseudo-terminal; yields [reader, writer], returns [output, status].
+  def cli_on_pty(*args, rows: 30, cols: 100)
+    reader, writer, pid = PTY.spawn(RbConfig.ruby, "-I", lib, exe, *args)
+    reader.winsize = [rows, cols]
+    output = +""
+    pump = Thread.new do
+      loop { output << reader.readpartial(4096) }
+    rescue EOFError, Errno::EIO
+      nil
+    end
+    yield reader, writer, output
+    _, status = Timeout.timeout(60) { Process.wait2(pid) }
+    pump.join(5)
+    [output, status.exitstatus]
+  end
+
+  def wait_for_output(output, pattern, timeout: 60)
+    expect(wait_until(timeout: timeout) { output.match?(pattern) }).to be(true), "no #{pattern.inspect} in #{output.inspect}"
+  end
+
+  def sandbox_entries
+    Dir.children(File.join(Microsandbox.home, "sandboxes")).sort
+  rescue Errno::ENOENT
+    []
+  end
+
+  describe "run" do
+    it "passes the command's exit status and exact stdout/stderr bytes through; --rm leaves nothing behind" do
+      before = sandbox_entries
+      name = unique_name("cli-rm")
+      out, err, status = cli("run", "--rm", "--name", name, "-e", "FOO=bar", "-w", "/srv", rootfs, "--",
+                             "sh", "-c", "printf 'out %s\\377\\n' \"$FOO\"; pwd; printf 'err\\000x' >&2; exit 3")
+      expect(status).to eq(3)
+      expect(out).to eq("out bar\xFF\n/srv\n".b)
+      expect(err).to eq("err\0x".b)
+      expect(sandbox_entries).to eq(before)
+      expect(Microsandbox::Sandbox.list.map(&:name)).not_to include(name)
+      expect(processes_mentioning(sandbox_dir(name))).to be_empty
+    end
+
+    it "--rm cleans up when the run is interrupted (SIGINT: 130) or terminated (SIGTERM)" do
+      before = sandbox_entries
+      { INT: 130, TERM: nil }.each do |signal, status|
+        name = unique_name("cli-#{signal.downcase}")
+        pid = Process.spawn(RbConfig.ruby, "-I", lib, exe, "run", "--rm", "--name", name, rootfs, "--", "sleep", "300",
+                            out: File::NULL, err: File::NULL)
+        expect(wait_until(timeout: 120) { Microsandbox::Sandbox.list.any? { |h| h.name == name && h.running? } }).to be(true)
+        Process.kill(signal, pid)
+        _, st = Timeout.timeout(60) { Process.wait2(pid) }
+        status ? expect(st.exitstatus).to(eq(status)) : expect(st.termsig).to(eq(Signal.list["TERM"]))
+        expect(Microsandbox::Sandbox.list.map(&:name)).not_to include(name)
+        expect(processes_mentioning(sandbox_dir(name))).to be_empty
+      end
+      expect(sandbox_entries).to eq(before)
+    end
+
+    it "--json prints one document with the exit code and bytes (base64 when not UTF-8)" do
+      name = unique_name("cli-json")
+      out, err, status = cli("--json", "run", "--rm", "--name", name, rootfs, "--",
+                             "sh", "-c", "printf 'a\\377'; echo é >&2; exit 4")
+      expect(status).to eq(4)
+      expect(err).to eq("")
+      doc = JSON.parse(out)
+      expect(doc).to include("name" => name, "exit_code" => 4, "signal" => nil, "stderr" => "é\n")
+      expect(doc).not_to have_key("stderr_base64")
+      expect(Base64.strict_decode64(doc.fetch("stdout_base64"))).to eq("a\xFF".b)
+      expect(doc["stdout"]).to eq("a\uFFFD")
+    end
+  end
+
+  describe "a detached sandbox" do
+    it "is driven by exec, shell, ls, inspect, logs, stop, start, kill and rm" do
+      name = unique_name("cli-box")
+      out, err, status = cli("run", "-d", "--name", name, "-l", "team=qa", rootfs, "sh", "-c", "echo main-out; sleep 600")
+      expect([out, err, status]).to eq(["#{name}\n", "", 0])
+
+      list = JSON.parse(cli("--json", "ls").first)
+      expect(list.find { |s| s["name"] == name }).to include("status" => "running", "labels" => { "team" => "qa" },
+                                                             "detached" => true, "image" => rootfs)
+      expect(cli("ps").first).to match(/^#{name}\s+running\s+#{Regexp.escape(rootfs)}/)
+
+      # stdin with -i, status passed through
+      expect(cli("exec", "-i", name, "--", "sh", "-c", "cat; exit 7", stdin: "hello\n")).to eq(["hello\n", "", 7])
+      # without -i the command reads EOF, not our stdin
+      expect(cli("exec", name, "cat", stdin: "ignored")).to eq(["", "", 0])
+      # exec's own options
+      expect(cli("exec", "-e", "X=1", "-w", "/tmp", "-u", "nobody", name, "sh", "-c", "echo $X; pwd; id -u"))
+        .to eq(["1\n/tmp\n65534\n", "", 0])
+      # failures: documented statuses, the error code on stderr
+      out, err, status = cli("exec", name, "no-such-program")
+      expect([out, status]).to eq(["", 127])
+      expect(err).to start_with("microsandbox: exec-failed: ")
+      out, err, status = cli("exec", "--timeout", "1", name, "sleep", "30")
+      expect([out, status]).to eq(["", 124])
+      expect(err).to start_with("microsandbox: exec-timeout: ")
+      out, err, status = cli("--json", "exec", name, "sh", "-c", "echo ok; exit 2")
+      expect([JSON.parse(out)["stdout"], err, status]).to eq(["ok\n", "", 2])
+
+      doc = JSON.parse(cli("inspect", name).first)
+      expect(doc.size).to eq(1)
+      expect(doc[0]).to include("name" => name, "status" => "running")
+      expect(doc[0]["vm"]).to include("vmm" => "qemu")
+      expect(doc[0]["config"]).not_to have_key("env")
+
+      # an interactive shell on a terminal: the guest sees our size, then our resize
+      output, status = cli_on_pty("shell", name) do |reader, writer, buf|
+        wait_for_output(buf, /# /)
+        writer.write("stty size\n")
+        wait_for_output(buf, /30 100/)
+        reader.winsize = [41, 123]
+        sleep 1 # SIGWINCH is forwarded asynchronously
+        writer.write("stty size; tty\n")
+        wait_for_output(buf, %r{41 123\r\n/dev/pts/})
+        writer.write("exit 5\n")
+      end
+      expect(status).to eq(5)
+      expect(output).to include("41 123")
+
+      # logs: stdout entries on stdout; -f follows until the sandbox stops
+      out, = cli("logs", name)
+      expect(out).to include("main-out\n", "hello\n")
+      follower_in, follower_out, follower = Open3.popen2(RbConfig.ruby, "-I", lib, exe, "logs", "-f", "--tail", "1", name, "--source", "stdout")
+      follower_in.close
+      sleep 2
+      expect(cli("exec", name, "echo", "while-following")).to eq(["while-following\n", "", 0])
+      expect(cli("stop", name)).to eq(["#{name}\n", "", 0])
+      expect(Timeout.timeout(60) { follower.value }.exitstatus).to eq(0)
+      followed = follower_out.read
+      expect(followed).to end_with("while-following\n")
+      expect(followed).not_to include("main-out")
+
+      expect(JSON.parse(cli("inspect", name).first)[0]).to include("status" => "stopped")
+      expect(cli("exec", name, "true")[2]).to eq(125)
+      expect(cli("start", name)).to eq(["#{name}\n", "", 0])
+      expect(cli("exec", name, "echo", "back")).to eq(["back\n", "", 0])
+      out, err, status = cli("rm", name)
+      expect([out, status]).to eq(["", 125])
+      expect(err).to start_with("microsandbox: sandbox-still-running: #{name}: ")
+      expect(cli("kill", name)).to eq(["#{name}\n", "", 0])
+      expect(cli("rm", name)).to eq(["#{name}\n", "", 0])
+      expect(processes_mentioning(sandbox_dir(name))).to be_empty
+      expect(File.exist?(sandbox_dir(name))).to be(false)
+
+      out, err, status = cli("--json", "exec", name, "true")
+      expect([out, status]).to eq(["", 125])
+      expect(JSON.parse(err)).to eq("error" => { "code" => "sandbox-not-found",
+                                                 "message" => "no sandbox named #{name.inspect}", "exit_status" => 125 })
+    end
+  end
+
+  describe "images" do
+    before(:all) do
+      @registry = MicrosandboxSpec::Registry.instance
+      @ref = @registry.push_dir("cli/busybox", "1.0", MicrosandboxSpec::Rootfs.busybox_dir)
+    end
+
+    it "pull prints a line per finished layer when stderr is not a terminal; image ls/inspect/rm/prune" do
+      out, err, status = cli("pull", "--insecure", @ref)
+      expect(status).to eq(0)
+      expect(out).to match(/\A#{Regexp.escape(@ref)} sha256:[0-9a-f]{64}\n\z/)
+      expect(err).to match(/\A[0-9a-f]{12}  \d+\.\d MiB  done\n\z/)
+
+      listed = JSON.parse(cli("--json", "image", "ls").first)
+      expect(listed.map { |i| i["reference"] }).to include(@ref)
+      expect(cli("image", "ls").first).to include(@ref)
+      detail = JSON.parse(cli("image", "inspect", @ref).first)
+      expect(detail["layers"].size).to eq(1)
+      expect(detail["manifest_digest"]).to eq(out.split.last)
+
+      expect(cli("image", "rm", @ref)).to eq(["#{@ref}\n", "", 0])
+      expect(JSON.parse(cli("--json", "image", "ls").first).map { |i| i["reference"] }).not_to include(@ref)
+      prune = JSON.parse(cli("--json", "image", "prune").first)
+      expect(prune["bytes_reclaimed"]).to be_a(Integer)
+      out, err, status = cli("image", "inspect", @ref)
+      expect([out, status]).to eq(["", 125])
+      expect(err).to start_with("microsandbox: image-not-found: ")
+    end
+
+    it "pull --json streams progress events, then the result" do
+      out, err, status = cli("--json", "pull", "--insecure", @ref)
+      expect([err, status]).to eq(["", 0])
+      events = out.lines.map { |l| JSON.parse(l) }
+      expect(events[0..-2]).to all(include("event" => "progress"))
+      expect(events[-2]["done"]).to eq(events[-2]["total"])
+      expect(events.last).to include("event" => "pulled", "reference" => @ref)
+    end
+
+    it "pull draws a progress bar per layer on a terminal" do
+      cli("image", "rm", @ref)
+      cli("image", "prune")
+      output, status = cli_on_pty("pull", "--insecure", @ref) { |*| nil }
+      expect(status).to eq(0)
+      expect(output).to match(/[0-9a-f]{12}  \[#{'#' * 30}\] 100\.0%  \d+\.\d MiB \/ \d+\.\d MiB/)
+    end
+  end
+
+  describe "command-line errors (no VM)" do
+    it "exits 2 with the usage on stderr" do
+      out, err, status = cli("run", rootfs)
+      expect([out, status]).to eq(["", 2])
+      expect(err).to eq("microsandbox: usage: run: give a COMMAND, or -d to leave the sandbox running " \
+                        "(see `microsandbox help run`)\n")
+      expect(cli("frob")[1]).to start_with("microsandbox: usage: unknown command \"frob\"")
+      expect(cli("run", "--memory", "lots", rootfs, "true")[2]).to eq(2)
+      expect(cli("run", "-p", "80", rootfs, "true")[1]).to include("-p takes HOST:GUEST")
+      expect(cli("stop")[2]).to eq(2)
+      out, _, status = cli("--help")
+      expect(status).to eq(0)
+      expect(out).to include("Exit status:", "doctor")
+      expect(cli("help", "exec").first).to include("usage: microsandbox exec [OPTIONS] NAME [--] COMMAND [ARG...]")
+      expect(cli("--version").first).to eq("microsandbox #{Microsandbox::VERSION} (runtime #{Microsandbox::RUNTIME_VERSION})\n")
+    end
+
+    unless Microsandbox::Sandbox.method(:create).parameters.map(&:last).include?(:ports)
+      it "refuses -p with the unsupported code while published ports do not exist" do
+        out, err, status = cli("run", "-p", "8080:80", rootfs, "true")
+        expect([out, status]).to eq(["", 125])
+        expect(err).to start_with("microsandbox: unsupported: -p needs published ports")
+      end
+    end
+  end
+end
