@@ -37,11 +37,19 @@ module Microsandbox
           @in.raw! if raw
           pump = interactive ? pump_stdin(handle) : nil
           previous_winch = tty && @in.tty? ? forward_winch(handle) : nil
-          drain(handle)
+          # Output is drained on its own thread; this one only joins it. Ruby runs trap
+          # handlers (SIGWINCH, SIGINT) on the main thread, and a main thread blocked in
+          # the native wait for output would run them only when the next output arrives.
+          drainer = Thread.new do
+            Thread.current.report_on_exception = false
+            drain(handle)
+          end
+          drainer.value
         rescue Interrupt
           close_quietly(handle)
           raise
         ensure
+          drainer&.kill
           pump&.kill
           Signal.trap("WINCH", previous_winch || "DEFAULT") if tty && @in.tty?
           @in.console_mode = mode if mode
