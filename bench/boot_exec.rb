@@ -11,6 +11,9 @@ require "shellwords"
 require "tmpdir"
 require_relative "../spec/support/rootfs"
 require "microsandbox"
+require_relative "scratch_home"
+
+BenchScratchHome.setup!
 
 TARGET_RATIO = 1.15 # cold create→first exec, relative to the floor
 TARGET_EXEC_P50_MS = 5.0
@@ -107,7 +110,10 @@ def cold_create(name, image)
   sb.exec("true")
   [now - t0, sb.info[:boot_ms]]
 ensure
-  sb&.kill
+  if sb
+    sb.kill
+    Microsandbox::Sandbox.remove(name)
+  end
 end
 
 def fmt_s(x) = format("%.2f s", x)
@@ -124,6 +130,7 @@ Microsandbox::Sandbox.create("#{tag}-warm", image: image) do |sb|
   engine_argv = engine_qemu_argv(sb)
   info = sb.info
 end
+Microsandbox::Sandbox.remove("#{tag}-warm")
 qemu_version = `#{engine_argv.first} --version`.lines.first.to_s.strip
 
 puts "microsandbox boot/exec benchmark"
@@ -157,6 +164,7 @@ rtts = Microsandbox::Sandbox.create("#{tag}-exec", image: image) do |sb|
     (now - t0) * 1000
   end
 end
+Microsandbox::Sandbox.remove("#{tag}-exec")
 puts "  host load average at end: #{File.read('/proc/loadavg').split.first(3).join(' ')} (TCG timings scale with it)"
 p50 = median(rtts)
 p95 = percentile(rtts, 95)

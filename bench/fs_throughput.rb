@@ -14,6 +14,9 @@ require "optparse"
 require "tmpdir"
 require "etc"
 require "microsandbox"
+require_relative "scratch_home"
+
+BenchScratchHome.setup!
 require_relative "../spec/support/rootfs"
 
 def mbps(mib, seconds) = (mib / seconds).round(1)
@@ -69,7 +72,8 @@ chunk = Random.bytes(1 << 20)
 puts "fs throughput: #{size} MiB, median of #{opts[:runs]} runs, guest memory #{opts[:memory]} MiB"
 puts "host: #{Etc.nprocessors} cores, load average #{File.read('/proc/loadavg').split.first(3).join(' ')}"
 
-Microsandbox::Sandbox.create("bench-fs-#{Process.pid}", image: MicrosandboxSpec::Rootfs.busybox_dir,
+bench_name = "bench-fs-#{Process.pid}"
+Microsandbox::Sandbox.create(bench_name, image: MicrosandboxSpec::Rootfs.busybox_dir,
                                                          memory: opts[:memory]) do |sb|
   puts "accel: #{sb.info[:accel]}"
   fs = sb.fs
@@ -137,3 +141,4 @@ Microsandbox::Sandbox.create("bench-fs-#{Process.pid}", image: MicrosandboxSpec:
     row(k.to_s, size, bulk, note)
   end
 end
+Microsandbox::Sandbox.remove(bench_name)

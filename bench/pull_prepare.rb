@@ -13,6 +13,9 @@ require "fileutils"
 require "optparse"
 require "tmpdir"
 require "microsandbox"
+require_relative "scratch_home"
+
+BenchScratchHome.setup!
 require_relative "../spec/support/rootfs"
 require_relative "../spec/support/registry"
 require_relative "../spec/support/debian_image"

@@ -167,9 +167,12 @@ module Microsandbox
       # @return [Hash{Symbol=>String}] :reference and :manifest_digest
       # @raise [ImageNotFoundError, RegistryError, RegistryAuthError, PlatformNotFoundError]
       def pull(reference, **options, &block)
-        session = start_pull(reference, **options)
-        block ? session.each(&block) : session.each { |_| nil }
-        session.wait
+        payload = { reference: reference, pull_policy: options[:pull_policy]&.to_s }
+        Instrumentation.instrument("pull.microsandbox", payload) do |p|
+          session = start_pull(reference, **options)
+          block ? session.each(&block) : session.each { |_| nil }
+          session.wait.tap { |result| p&.store(:manifest_digest, result[:manifest_digest]) }
+        end
       end
 
       # Starts a pull and returns its {PullSession} at once.

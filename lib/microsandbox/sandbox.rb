@@ -144,10 +144,12 @@ module Microsandbox
         placement = build_placement(Validate.coerce_values!("labels", labels), detached, replace, replace_with_timeout)
         Microsandbox.ensure_runtime!
         config["supervisor"] = Microsandbox.runtime_path
-        native = Instrumentation.instrument("create.microsandbox", name: config["name"]) do
-          Native::Sandbox.create(JSON.generate(config), JSON.generate(placement))
+        sandbox = Instrumentation.instrument("create.microsandbox", Instrumentation.create_payload(config, placement)) do |payload|
+          new(Native::Sandbox.create(JSON.generate(config), JSON.generate(placement))).tap do |sb|
+            payload&.merge!(accel: sb.info[:accel], boot_ms: sb.info[:boot_ms])
+          end
         end
-        scoped(new(native), &block)
+        scoped(sandbox, &block)
       end
 
       # {create} with pull progress, as in the reference gem: returns a {PullSession} at
@@ -192,7 +194,9 @@ module Microsandbox
         key = Secrets.tls!(tls)&.fetch("intercept_ca_key", nil)
         again["intercept_ca_key"] = key if key
         Microsandbox.ensure_runtime!
-        native = Native::Sandbox.start(Microsandbox.home, name, detached ? true : false, JSON.generate(again))
+        native = Instrumentation.instrument("start.microsandbox", { name: name, detached: detached ? true : false }) do
+          Native::Sandbox.start(Microsandbox.home, name, detached ? true : false, JSON.generate(again))
+        end
         scoped(new(native, shell: shell), &block)
       end
 
@@ -230,7 +234,8 @@ module Microsandbox
       # @return [nil]
       # @raise [SandboxNotFoundError, SandboxStillRunningError]
       def remove(name)
-        Native::Sandbox.remove(Microsandbox.home, Validate.name!(name))
+        name = Validate.name!(name)
+        Instrumentation.instrument("remove.microsandbox", { name: name }) { Native::Sandbox.remove(Microsandbox.home, name) }
         nil
       end
 
@@ -426,9 +431,9 @@ module Microsandbox
       user = Validate.optional_string!("user", user)
       limits = Validate.rlimits!("rlimits", rlimits)
       size = Validate.tty!(tty, rows, cols)
-      Instrumentation.instrument("exec.microsandbox", sandbox: name, cmd: program) do
+      Instrumentation.instrument("exec.microsandbox", Instrumentation.exec_payload(name, program, argv, size, seconds)) do |payload|
         code, signal, out, err = @native.exec(program, argv, pairs, cwd, seconds, stdin, user, limits, size)
-        ExecOutput.new(exit_code: code, signal: signal, stdout: out, stderr: err)
+        ExecOutput.new(exit_code: code, signal: signal, stdout: out, stderr: err).tap { |o| payload&.store(:exit_code, o.exit_code) }
       end
     end
 
@@ -477,7 +482,9 @@ module Microsandbox
         pipe = false
         data = Validate.string!("stdin", stdin).b
       end
-      native = @native.exec_stream(program, argv, pairs, cwd, seconds, data, pipe, user, limits, size)
+      native = Instrumentation.instrument("exec_stream.microsandbox", Instrumentation.exec_payload(name, program, argv, size, seconds)) do
+        @native.exec_stream(program, argv, pairs, cwd, seconds, data, pipe, user, limits, size)
+      end
       ExecHandle.new(native, tty: !size.nil?, auto_close_stdin: auto_close || false)
     end
 
@@ -511,7 +518,7 @@ module Microsandbox
       seconds = Validate.timeout!("timeout", timeout)
       return nil unless owner?
 
-      @native.stop(seconds)
+      Instrumentation.instrument("stop.microsandbox", { name: name, timeout: seconds }) { @native.stop(seconds) }
       nil
     end
 
@@ -520,7 +527,7 @@ module Microsandbox
     def kill
       return nil unless owner?
 
-      @native.kill
+      Instrumentation.instrument("kill.microsandbox", { name: name }) { @native.kill }
       nil
     end
 
