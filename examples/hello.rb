@@ -13,3 +13,4 @@ Microsandbox::Sandbox.create("hello", image: rootfs, replace: true) do |sb|
   puts out.stdout
   puts format("booted in %.1fs with %s/%s; exit code %d", booted, sb.info[:vmm], sb.info[:accel], out.exit_code)
 end
+Microsandbox::Sandbox.remove("hello") # leave nothing behind but the runtime

@@ -63,6 +63,7 @@ module Microsandbox
       "ps" => ["list sandboxes (also: ls)", :cmd_ls],
       "inspect" => ["a sandbox's record as JSON", :cmd_inspect],
       "logs" => ["a sandbox's output log (-f follows)", :cmd_logs],
+      "metrics" => ["CPU, memory, disk of running sandboxes (-f follows)", :cmd_metrics],
       "start" => ["boot a stopped sandbox again (detached)", :cmd_start],
       "stop" => ["stop sandboxes cleanly", :cmd_stop],
       "kill" => ["kill sandboxes at once", :cmd_kill],

@@ -89,7 +89,7 @@ RSpec.describe "microsandbox CLI" do
   end
 
   describe "a detached sandbox" do
-    it "is driven by exec, shell, ls, inspect, logs, stop, start, kill and rm" do
+    it "is driven by exec, shell, ls, inspect, metrics, logs, stop, start, kill and rm" do
       name = unique_name("cli-box")
       out, err, status = cli("run", "-d", "--name", name, "-l", "team=qa", rootfs, "sh", "-c", "echo main-out; sleep 600")
       expect([out, err, status]).to eq(["#{name}\n", "", 0])
@@ -121,6 +121,7 @@ RSpec.describe "microsandbox CLI" do
       expect(doc[0]).to include("name" => name, "status" => "running")
       expect(doc[0]["vm"]).to include("vmm" => "qemu")
       expect(doc[0]["config"]).not_to have_key("env")
+      expect(cli("metrics", name).first).to match(/\ANAME +CPU +MEMORY +DISK-READ +DISK-WRITE +UPTIME\n#{name} +\d+\.\d%/)
 
       # an interactive shell on a terminal: the guest sees our size, then our resize
       output, status = cli_on_pty("shell", name) do |reader, writer, buf|
@@ -141,6 +142,9 @@ RSpec.describe "microsandbox CLI" do
       expect(out).to include("main-out\n", "hello\n")
       follower_in, follower_out, follower = Open3.popen2(RbConfig.ruby, "-I", lib, exe, "logs", "-f", "--tail", "1", name, "--source", "stdout")
       follower_in.close
+      metrics_in, metrics_out, metrics_follower = Open3.popen2(RbConfig.ruby, "-I", lib, exe, "--json", "metrics", "-f",
+                                                               "--interval", "0.5", name)
+      metrics_in.close
       sleep 2
       expect(cli("exec", name, "echo", "while-following")).to eq(["while-following\n", "", 0])
       expect(cli("stop", name)).to eq(["#{name}\n", "", 0])
@@ -148,6 +152,12 @@ RSpec.describe "microsandbox CLI" do
       followed = follower_out.read
       expect(followed).to end_with("while-following\n")
       expect(followed).not_to include("main-out")
+      expect(Timeout.timeout(60) { metrics_follower.value }.exitstatus).to eq(0) # ends when the sandbox stops
+      samples = metrics_out.read.lines.map { |l| JSON.parse(l) }
+      expect(samples).not_to be_empty
+      expect(samples).to all(include("name" => name))
+      expect(samples.first).to include("cpu_percent", "memory_bytes", "uptime_secs", "timestamp")
+      expect(samples.first["memory_bytes"]).to be > (16 << 20)
 
       expect(JSON.parse(cli("inspect", name).first)[0]).to include("status" => "stopped")
       expect(cli("exec", name, "true")[2]).to eq(125)

@@ -162,6 +162,37 @@ module Microsandbox
         EXIT_CODES[:ok]
       end
 
+      def cmd_metrics(argv)
+        o = { interval: 1.0 }
+        parser("metrics [OPTIONS] NAME...") do |p|
+          p.separator "CPU, memory, disk and uptime of running sandboxes, measured on the host."
+          p.separator ""
+          p.on("-f", "--follow", "a new sample every --interval seconds until the sandboxes stop") { o[:follow] = true }
+          p.on("--interval SECONDS", Float, "seconds between samples with -f (default 1)") { |v| o[:interval] = v }
+        end.parse!(argv)
+        expect_args!(argv, 1, nil, "metrics")
+        sandboxes = argv.map { |name| Sandbox.get(name).sandbox }
+        @out.sync = true
+        loop do
+          started = Process.clock_gettime(Process::CLOCK_MONOTONIC)
+          samples = sandboxes.filter_map do |sb|
+            [sb.name, sb.metrics]
+          rescue SandboxNotRunningError
+            raise unless o[:follow] # -f: a sandbox that stopped leaves the table
+
+            nil
+          end
+          break if samples.empty?
+
+          print_metrics(samples)
+          break unless o[:follow]
+
+          rest = o[:interval] - (Process.clock_gettime(Process::CLOCK_MONOTONIC) - started)
+          sleep rest if rest.positive?
+        end
+        EXIT_CODES[:ok]
+      end
+
       def cmd_start(argv)
         parser("start NAME...") { |p| p.separator "Boots stopped sandboxes again, detached (same disk, same options)." }
           .parse!(argv)
@@ -320,6 +351,20 @@ module Microsandbox
           end
         end
         doc
+      end
+
+      def print_metrics(samples)
+        if @json
+          samples.each do |name, m|
+            emit_json({ "name" => name }.merge(m.to_h.transform_keys(&:to_s)).merge("timestamp" => iso_time(m.timestamp)))
+          end
+        else
+          table(%w[NAME CPU MEMORY DISK-READ DISK-WRITE UPTIME],
+                samples.map do |name, m|
+                  [name, format("%.1f%%", m.cpu_percent), human_bytes(m.memory_bytes), human_bytes(m.disk_read_bytes),
+                   human_bytes(m.disk_write_bytes), format("%ds", m.uptime_secs)]
+                end)
+        end
       end
 
       def print_log_entry(entry)
