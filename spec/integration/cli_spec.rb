@@ -232,7 +232,7 @@ RSpec.describe "microsandbox CLI" do
                         "(see `microsandbox help run`)\n")
       expect(cli("frob")[1]).to start_with("microsandbox: usage: unknown command \"frob\"")
       expect(cli("run", "--memory", "lots", rootfs, "true")[2]).to eq(2)
-      expect(cli("run", "-p", "80", rootfs, "true")[1]).to include("-p takes HOST:GUEST")
+      expect(cli("run", "-p", "80", rootfs, "true")[1]).to include("-p takes [ADDR:]HOST:GUEST[/tcp|/udp]")
       expect(cli("stop")[2]).to eq(2)
       out, _, status = cli("--help")
       expect(status).to eq(0)

@@ -22,7 +22,7 @@ module Microsandbox
           sandbox_options(p, o)
           exec_options(p, o)
           p.on("-l", "--label KEY=VAL", "label (repeatable)") { |v| add_pair(o[:labels], v, "--label") }
-          p.on("-p", "--publish HOST:GUEST[/udp]", "publish a guest port on 127.0.0.1:HOST") { |v| add_port(o, v) }
+          p.on("-p", "--publish [ADDR:]HOST:GUEST[/udp]", "publish a guest port (on 127.0.0.1:HOST without ADDR)") { |v| add_port(o, v) }
           p.on("--network POLICY", "public_only (default), none, allow_all, non_local, or an alias") { |v| o[:network] = v }
           p.on("--memory MIB", Integer, "guest memory in MiB (default 512)") { |v| o[:memory] = v }
           p.on("--cpus N", Integer, "virtual CPUs (default 1)") { |v| o[:cpus] = v }
@@ -318,14 +318,16 @@ module Microsandbox
         end
       end
 
-      def add_port(o, text)
-        spec, _, proto = text.partition("/")
-        host, sep, guest = spec.partition(":")
-        unless sep == ":" && host.match?(/\A\d{1,5}\z/) && guest.match?(/\A\d{1,5}\z/) && %w[tcp udp].include?(proto.empty? ? "tcp" : proto)
-          raise UsageError, "-p takes HOST:GUEST or HOST:GUEST/udp with port numbers (got #{text.inspect})"
-        end
+      # `-p [ADDR:]HOST:GUEST[/tcp|/udp]`, as docker: `8080:80`, `0.0.0.0:8080:80`,
+      # `[::1]:8080:80/udp`. Without ADDR the host port is bound on 127.0.0.1.
+      PUBLISH = %r{\A(?:(?<bind>\[[0-9A-Fa-f:.]+\]|[0-9.]+):)?(?<host>\d{1,5}):(?<guest>\d{1,5})(?:/(?<proto>tcp|udp))?\z}
 
-        o[proto == "udp" ? :ports_udp : :ports][Integer(host, 10)] = Integer(guest, 10)
+      def add_port(o, text)
+        m = PUBLISH.match(text)
+        raise UsageError, "-p takes [ADDR:]HOST:GUEST[/tcp|/udp] with port numbers (got #{text.inspect})" unless m
+
+        key = m[:bind] ? "#{m[:bind]}:#{m[:host]}" : Integer(m[:host], 10)
+        o[m[:proto] == "udp" ? :ports_udp : :ports][key] = Integer(m[:guest], 10)
       end
 
       def handle_summary(handle)
