@@ -74,6 +74,21 @@ RSpec.describe "microsandbox CLI" do
       expect(sandbox_entries).to eq(before)
     end
 
+    it "-it runs on a terminal in raw mode: Ctrl-C reaches the guest, the status comes back, --rm cleans up" do
+      name = unique_name("cli-tty")
+      output, status = cli_on_pty("run", "--rm", "-it", "--name", name, rootfs, "--", "sh", rows: 33, cols: 97) do |_r, w, buf|
+        wait_for_output(buf, /# /)
+        w.write("stty size; sleep 300\n")
+        wait_for_output(buf, /33 97\r\n/)
+        w.write("\x03") # raw mode: a byte for the guest's terminal, which interrupts sleep
+        wait_for_output(buf, /\^C/)
+        w.write("echo after-interrupt; exit 4\n")
+      end
+      expect(status).to eq(4)
+      expect(output).to include("after-interrupt\r\n")
+      expect(Microsandbox::Sandbox.list.map(&:name)).not_to include(name)
+    end
+
     it "--json prints one document with the exit code and bytes (base64 when not UTF-8)" do
       name = unique_name("cli-json")
       out, err, status = cli("--json", "run", "--rm", "--name", name, rootfs, "--",
@@ -91,7 +106,8 @@ RSpec.describe "microsandbox CLI" do
   describe "a detached sandbox" do
     it "is driven by exec, shell, ls, inspect, metrics, logs, stop, start, kill and rm" do
       name = unique_name("cli-box")
-      out, err, status = cli("run", "-d", "--name", name, "-l", "team=qa", rootfs, "sh", "-c", "echo main-out; sleep 600")
+      out, err, status = cli("run", "-d", "--name", name, "-l", "team=qa", "-e", "TOKEN=tok-#{name}", rootfs,
+                             "sh", "-c", "echo main-out; sleep 600")
       expect([out, err, status]).to eq(["#{name}\n", "", 0])
 
       list = JSON.parse(cli("--json", "ls").first)
@@ -121,6 +137,8 @@ RSpec.describe "microsandbox CLI" do
       expect(doc[0]).to include("name" => name, "status" => "running")
       expect(doc[0]["vm"]).to include("vmm" => "qemu")
       expect(doc[0]["config"]).not_to have_key("env")
+      expect(cli("inspect", name).first).not_to include("tok-#{name}") # env values may be secrets
+      expect(cli("exec", name, "sh", "-c", "echo $TOKEN")).to eq(["tok-#{name}\n", "", 0])
       expect(cli("metrics", name).first).to match(/\ANAME +CPU +MEMORY +DISK-READ +DISK-WRITE +UPTIME\n#{name} +\d+\.\d%/)
 
       # an interactive shell on a terminal: the guest sees our size, then our resize
