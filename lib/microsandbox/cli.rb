@@ -8,6 +8,7 @@ require_relative "cli/terminal"
 require_relative "cli/progress"
 require_relative "cli/sandbox_commands"
 require_relative "cli/image_commands"
+require_relative "cli/volume_commands"
 require_relative "cli/doctor_command"
 
 module Microsandbox
@@ -25,6 +26,7 @@ module Microsandbox
     include Output
     include SandboxCommands
     include ImageCommands
+    include VolumeCommands
     include DoctorCommand
 
     # Exit statuses of the CLI itself. A command run in a sandbox passes its own status
@@ -70,6 +72,7 @@ module Microsandbox
       "rm" => ["remove stopped sandboxes (-f: kill first)", :cmd_rm],
       "pull" => ["pull an image, with a progress bar per layer", :cmd_pull],
       "image" => ["images: ls | inspect REF | rm REF... | prune", :cmd_image],
+      "volume" => ["named volumes: create NAME | ls | inspect NAME | rm NAME...", :cmd_volume],
       "doctor" => ["check this host can run sandboxes, and how fast", :cmd_doctor],
       "version" => ["print the gem and runtime versions", :cmd_version],
       "help" => ["help for a command", :cmd_help]

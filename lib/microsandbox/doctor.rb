@@ -24,9 +24,6 @@ module Microsandbox
       "dumpe2fs" => "e2fsprogs", "qemu-img" => "qemu-utils"
     }.freeze
 
-    # Where Debian and others put virtiofsd (not on PATH).
-    VIRTIOFSD_PATHS = %w[/usr/libexec/virtiofsd /usr/lib/qemu/virtiofsd].freeze
-
     # One finding.
     # @!attribute [r] name   [String] e.g. "accelerator", "qemu"
     # @!attribute [r] status [Symbol] :ok, :warn (works, with a caveat) or :error (no sandbox can boot)
@@ -264,15 +261,19 @@ module Microsandbox
       Check.new(name: "disk space", status: :warn, summary: "could not read the free space of #{dir}")
     end
 
-    # virtiofsd matters only to a gem that has volumes.
+    # virtiofsd matters only to a gem that has volumes: shared directories (bind mounts,
+    # dir volumes) each run one. The engine takes `$MICROSANDBOX_VIRTIOFSD`, else the one
+    # built with the gem.
     def virtiofsd
-      return nil unless Microsandbox.const_defined?(:Volume)
+      return nil unless Microsandbox.const_defined?(:Volume, false)
 
-      path = VIRTIOFSD_PATHS.find { |p| File.executable?(p) } || which("virtiofsd")
-      return Check.new(name: "virtiofsd", status: :ok, summary: path) if path
+      configured = ENV.fetch("MICROSANDBOX_VIRTIOFSD", "")
+      path = configured.empty? ? Microsandbox.libexec("virtiofsd") : configured
+      return Check.new(name: "virtiofsd", status: :ok, summary: path) if File.file?(path) && File.executable?(path)
 
-      Check.new(name: "virtiofsd", status: :warn, summary: "not found: sandboxes with volumes cannot start",
-                fix: "install Debian's virtiofsd package")
+      Check.new(name: "virtiofsd", status: :warn,
+                summary: "#{path} is missing: sandboxes that share a host directory (bind mounts, dir volumes) cannot start",
+                fix: "build the gem (bundle exec rake compile builds virtiofsd) or set MICROSANDBOX_VIRTIOFSD")
     end
 
     def which(program)

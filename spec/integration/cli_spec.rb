@@ -242,6 +242,36 @@ RSpec.describe "microsandbox CLI" do
     end
   end
 
+  describe "volumes" do
+    if Microsandbox.const_defined?(:Volume, false)
+      it "volume create/ls/inspect/rm, and run -v mounts a named volume" do
+        vol = unique_name("clivol")
+        expect(cli("volume", "create", "-l", "k=v", vol)).to eq(["#{vol}\n", "", 0])
+        listed = JSON.parse(cli("--json", "volume", "ls").first).find { |v| v["name"] == vol }
+        expect(listed).to include("kind" => "dir", "labels" => { "k" => "v" })
+        out, err, status = cli("run", "--rm", "-v", "#{vol}:/data", rootfs, "--", "sh", "-c", "echo kept > /data/f; cat /data/f")
+        expect([out, err, status]).to eq(["kept\n", "", 0])
+        expect(Microsandbox::Volume.fs(vol).read("f")).to eq("kept\n")
+        out, = cli("run", "--rm", "-v", "#{vol}:/data:ro", rootfs, "--", "sh", "-c", "echo x > /data/g || echo read-only")
+        expect(out).to end_with("read-only\n")
+        expect(JSON.parse(cli("volume", "inspect", vol).first)[0]).to include("name" => vol, "kind" => "dir")
+        expect(cli("volume", "rm", vol)).to eq(["#{vol}\n", "", 0])
+        expect(cli("volume", "inspect", vol)[2]).to eq(125)
+      end
+    else
+      it "volume commands and -v are refused with the unsupported code while volumes do not exist" do
+        out, err, status = cli("volume", "ls")
+        expect([out, status]).to eq(["", 125])
+        expect(err).to start_with("microsandbox: unsupported: named volumes")
+        expect(cli("run", "-v", "data:/data", rootfs, "true")[1]).to start_with("microsandbox: unsupported: -v/--tmpfs need volumes")
+      end
+    end
+    it "-v and --tmpfs take docker's forms" do
+      expect(cli("run", "-v", "data", rootfs, "true")[1]).to include("-v takes SOURCE:/GUEST[:ro]")
+      expect(cli("run", "--tmpfs", "tmp", rootfs, "true")[1]).to include("--tmpfs takes /GUEST[:SIZE_MIB]")
+    end
+  end
+
   describe "command-line errors (no VM)" do
     it "exits 2 with the usage on stderr" do
       out, err, status = cli("run", rootfs)

@@ -109,6 +109,17 @@ RSpec.describe "doctor" do
       expect(doc["checks"].map { |c| c["name"] }).to include("accelerator", "qemu", "guest kernel", "disk tools", "disk space")
     end
 
+    it "checks virtiofsd only when the gem has volumes" do
+      report = with_env("MICROSANDBOX_VIRTIOFSD" => "/nonexistent/virtiofsd") { Microsandbox.doctor }
+      if Microsandbox.const_defined?(:Volume, false)
+        expect(report["virtiofsd"].status).to eq(:warn)
+        expect(report["virtiofsd"].summary).to start_with("/nonexistent/virtiofsd is missing")
+        expect(report.ok?).to be(true) # sandboxes without shared directories still boot
+      else
+        expect(report["virtiofsd"]).to be_nil
+      end
+    end
+
     it "fails (exit 1) and names the package when QEMU is not on PATH" do
       Dir.mktmpdir("msb-path") do |bin|
         # Everything doctor looks for except QEMU.

@@ -9,7 +9,7 @@ module Microsandbox
       private
 
       def cmd_run(argv)
-        o = { env: {}, labels: {}, ports: {}, ports_udp: {} }
+        o = { env: {}, labels: {}, ports: {}, ports_udp: {}, volumes: {} }
         parser("run [OPTIONS] IMAGE [--] [COMMAND [ARG...]]") do |p|
           p.separator "IMAGE is an OCI reference or a local root directory (starting with / or .)."
           p.separator "Without -d the sandbox is stopped when COMMAND ends (removed with --rm), and"
@@ -23,6 +23,8 @@ module Microsandbox
           exec_options(p, o)
           p.on("-l", "--label KEY=VAL", "label (repeatable)") { |v| add_pair(o[:labels], v, "--label") }
           p.on("-p", "--publish [ADDR:]HOST:GUEST[/udp]", "publish a guest port (on 127.0.0.1:HOST without ADDR)") { |v| add_port(o, v) }
+          p.on("-v", "--volume SOURCE:/GUEST[:ro]", "mount a host path (/… or ./…) or a named volume") { |v| add_volume(o, v) }
+          p.on("--tmpfs /GUEST[:SIZE_MIB]", "mount a tmpfs") { |v| add_tmpfs(o, v) }
           p.on("--network POLICY", "public_only (default), none, allow_all, non_local, or an alias") { |v| o[:network] = v }
           p.on("--memory MIB", Integer, "guest memory in MiB (default 512)") { |v| o[:memory] = v }
           p.on("--cpus N", Integer, "virtual CPUs (default 1)") { |v| o[:cpus] = v }
@@ -246,15 +248,20 @@ module Microsandbox
         options = { image: image, env: o[:env], labels: o[:labels], workdir: o[:workdir], user: o[:user],
                     network: o[:network], memory: o[:memory], cpus: o[:cpus], pull_policy: o[:pull_policy],
                     registry_insecure: o[:registry_insecure] }.compact
+        accepted = Sandbox.method(:create).parameters.map(&:last)
         published = { ports: o[:ports], ports_udp: o[:ports_udp] }.reject { |_, v| v.empty? }
         unless published.empty?
-          accepted = Sandbox.method(:create).parameters.map(&:last)
           missing = published.keys - accepted
           unless missing.empty?
             raise UnsupportedError, "-p needs published ports (Sandbox.create #{missing.map { |k| "#{k}:" }.join(', ')}), " \
                                     "which this version does not have yet; reach guest services with `exec` instead"
           end
           options.merge!(published)
+        end
+        unless o[:volumes].empty?
+          raise UnsupportedError, "-v/--tmpfs need volumes (Sandbox.create volumes:), which this version does not have yet" unless accepted.include?(:volumes)
+
+          options[:volumes] = o[:volumes]
         end
         options
       end
