@@ -11,11 +11,12 @@ require "tmpdir"
 module BenchScratchHome
   module_function
 
-  # @return [String] the home the benchmark uses
+  # @return [String] the home the benchmark uses, with the runtime installed
   def setup!
     kept = ENV.fetch("BENCH_HOME", "")
     unless kept.empty?
       ENV["MICROSANDBOX_HOME"] = File.expand_path(kept)
+      Microsandbox.install
       return ENV["MICROSANDBOX_HOME"]
     end
 
@@ -28,6 +29,8 @@ module BenchScratchHome
     # Sandboxes created here are owned by this process: they die with it. Their files go
     # with the scratch home.
     at_exit { FileUtils.rm_rf(dir) if Process.pid == owner }
+    # Now, outside every timing (the first create would otherwise install it).
+    Microsandbox.install
     dir
   end
 end
