@@ -3,11 +3,13 @@
 require "json"
 require "open3"
 require "rbconfig"
+require "fileutils"
+require "tmpdir"
 
 module Microsandbox
   # A preflight check of this host: can it boot sandboxes, and how fast. See
-  # {Microsandbox.doctor}. Reads files and runs `--version`/`df`; never boots a VM,
-  # installs or changes anything.
+  # {Microsandbox.doctor}. Reads files and runs `--version`/`df`; unless asked to
+  # (`boot: true`) it never boots a VM, installs or changes anything.
   class Doctor
     # How much slower guest code runs under software emulation (QEMU TCG) than under KVM
     # or HVF: a typical figure for CPU-bound code, stated so a CI log explains slow specs.
@@ -124,15 +126,21 @@ module Microsandbox
                            "Linux guest, so it is not used"]
     end
 
+    # Static busybox (Debian's busybox-static) the boot check builds its root from.
+    BUSYBOX = "/bin/busybox"
+
     # @param home [String]
-    def initialize(home: Microsandbox.home)
+    # @param boot [Boolean] also boot a throwaway sandbox (see {Microsandbox.doctor})
+    def initialize(home: Microsandbox.home, boot: false)
       @home = home
+      @boot = boot
     end
 
     # @return [Report]
     def run
       accel, accel_check = accelerator
       checks = [accel_check, qemu, runtime, gem_binaries, *tools, disk_space, virtiofsd].compact
+      checks << boot_check(accel) if @boot && checks.none? { |c| c.status == :error }
       Report.new(checks, accel)
     end
 
@@ -276,6 +284,43 @@ module Microsandbox
                 fix: "build the gem (bundle exec rake compile builds virtiofsd) or set MICROSANDBOX_VIRTIOFSD")
     end
 
+    # Boots a sandbox from a two-file root (static busybox + sh), runs one command, and
+    # removes it: what the other checks predict, shown. Installs the runtime if needed.
+    def boot_check(accel)
+      busybox = File.file?(BUSYBOX) && File.executable?(BUSYBOX) && File.read(BUSYBOX, 4, mode: "rb") == "\x7FELF".b
+      unless busybox
+        return Check.new(name: "boot", status: :warn, summary: "not tried: #{BUSYBOX} (a static busybox) is missing",
+                         fix: "install Debian's busybox-static package")
+      end
+
+      Dir.mktmpdir("msb-doctor-root") do |root|
+        FileUtils.mkdir_p(File.join(root, "bin"))
+        FileUtils.cp(BUSYBOX, File.join(root, "bin", "busybox"))
+        File.symlink("busybox", File.join(root, "bin", "sh"))
+        name = "doctor-#{Process.pid}-#{Random.rand(1 << 32).to_s(16)}"
+        started = Process.clock_gettime(Process::CLOCK_MONOTONIC)
+        begin
+          sandbox = Sandbox.create(name, image: root, network: "none", memory: 256, boot_timeout: 300)
+          out = sandbox.exec("/bin/busybox", ["uname", "-r"], timeout: 60)
+          took = Process.clock_gettime(Process::CLOCK_MONOTONIC) - started
+          raise BootFailedError, "the test command exited with #{out.exit_code}" unless out.success?
+
+          Check.new(name: "boot", status: :ok,
+                    summary: format("a sandbox booted and ran a command in %.1f s (%s, kernel %s)", took, accel, out.stdout.strip))
+        rescue Microsandbox::Error => e
+          Check.new(name: "boot", status: :error, summary: "a test sandbox failed: #{e.code}: #{e.message}",
+                    fix: "see the other checks; the message names what failed")
+        ensure
+          begin
+            sandbox&.kill
+            Sandbox.remove(name)
+          rescue Microsandbox::Error
+            nil # never created
+          end
+        end
+      end
+    end
+
     def which(program)
       ENV.fetch("PATH", "").split(File::PATH_SEPARATOR).each do |dir|
         path = File.join(dir, program)
@@ -300,9 +345,14 @@ module Microsandbox
     # version, the guest kernel in the home, the gem's binaries, the disk tools, free
     # space under the home, and virtiofsd once volumes exist. Without KVM the report says
     # sandboxes will run under software emulation (slower) rather than failing.
+    #
+    # With `boot: true` it also boots a throwaway sandbox (a root of Debian's static
+    # busybox, no network), runs one command and removes it, reporting how long that took;
+    # this installs the runtime first if it is missing.
+    # @param boot [Boolean]
     # @return [Doctor::Report] `ok?` is false only when no sandbox can boot
-    def doctor
-      Doctor.new(home: home).run
+    def doctor(boot: false)
+      Doctor.new(home: home, boot: boot).run
     end
   end
 end
