@@ -159,6 +159,12 @@ module Microsandbox
   # writes raised before.
   class StdinClosedError < ExecFailedError; CODE = "stdin-closed"; end
 
+  # {Pool#checkout} found no ready sandbox within its `timeout:` (the pool is still
+  # filling, or creates are failing: the message says the last failure).
+  class PoolTimeoutError < Error; CODE = "pool-timeout"; end
+  # {Pool#checkout} after {Pool#shutdown}.
+  class PoolClosedError < Error; CODE = "pool-closed"; end
+
   # Every error class by its code.
   ERRORS_BY_CODE = [
     Error, InvalidConfigError, NetworkPolicyError, SandboxNotFoundError, SandboxAlreadyExistsError,
@@ -171,6 +177,6 @@ module Microsandbox
     VolumeNotFoundError, VolumeAlreadyExistsError, SnapshotNotFoundError, SnapshotAlreadyExistsError,
     SnapshotSandboxRunningError, SnapshotImageMissingError, SnapshotIntegrityError,
     SecretViolationError, TlsError,
-    InheritedHandleError, StdinClosedError
+    InheritedHandleError, StdinClosedError, PoolTimeoutError, PoolClosedError
   ].to_h { |c| [c::CODE, c] }.freeze
 end

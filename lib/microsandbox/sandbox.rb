@@ -68,6 +68,10 @@ module Microsandbox
       # @raise [NetworkPolicyError] for a malformed `network:` or `dns:` (names the key, not
       #   the value)
       # @param hostname [String, nil] guest hostname (default: the sandbox name)
+      # @param template [Boolean, nil] warm start (registry images): restore a VM saved once
+      #   per configuration instead of booting (see {Templates}). `false` always boots cold;
+      #   `true` uses templates even when `MICROSANDBOX_TEMPLATES=off`; nil (default): on
+      #   unless that variable says off. `#info[:start]` tells "restored" or "booted"
       # @param user [String, nil] default guest user of commands (default: the image's
       #   `User`, else root)
       # @param labels [Hash{String=>String}] free-form labels, see {Sandbox.list_with}
@@ -112,7 +116,8 @@ module Microsandbox
                  registry_auth: nil, registry_insecure: false, registry_ca_certs: nil,
                  entrypoint: nil, scripts: {}, patches: [], oci_upper_size: nil, network: nil, dns: nil,
                  rlimits: nil, log_level: nil, quiet_logs: false, security: nil, ephemeral: false, init: nil,
-                 fstype: nil, secrets: nil, on_secret_violation: nil, tls: nil, trust_host_cas: false, &block)
+                 fstype: nil, secrets: nil, on_secret_violation: nil, tls: nil, trust_host_cas: false,
+                 template: nil, &block)
         unsupported_options!(image, security, ephemeral, init, fstype)
         config = build_config(name, image, cpus, memory, Validate.coerce_values!("env", env), workdir, accel, boot_timeout)
         config.merge!(run_options(rlimits, log_level, quiet_logs))
@@ -121,6 +126,7 @@ module Microsandbox
         config["tls"] = Secrets.tls!(tls) unless tls.nil?
         config["trust_host_cas"] = Secrets.bool!("trust_host_cas", trust_host_cas)
         config["hostname"] = Validate.string!("hostname", hostname) if hostname
+        config["template"] = Templates.option!(template) unless template.nil?
         config["user"] = Validate.string!("user", user) if user
         config["entrypoint"] = Validate.string_array!("entrypoint", entrypoint).map { |a| Validate.utf8!("entrypoint", a) } if entrypoint
         config["oci_upper_size_mib"] = Validate.positive_integer!("oci_upper_size", oci_upper_size) if oci_upper_size
@@ -335,7 +341,9 @@ module Microsandbox
     end
 
     # What runs this sandbox: `:vmm` ("qemu"), `:accel` ("kvm", "hvf" or "tcg"),
-    # `:vmm_pid`, `:supervisor_pid`, `:kernel` (guest kernel release) and `:boot_ms`.
+    # `:vmm_pid`, `:supervisor_pid`, `:kernel` (guest kernel release), `:boot_ms` (start
+    # of the supervisor to a ready agent), `:start` ("booted", or "restored" from a
+    # template, see {Templates}) and `:template` (the template's id, or nil).
     # @return [Hash{Symbol => Object}]
     attr_reader :info
 

@@ -15,6 +15,7 @@ mod net;
 mod port;
 mod procfs;
 mod reaper;
+mod restore;
 mod server;
 mod session;
 mod shutdown;
@@ -75,7 +76,7 @@ fn run() -> Result<Infallible, String> {
     server::serve(port, sink, sessions)
 }
 
-fn ready() -> Ready {
+pub(crate) fn ready() -> Ready {
     let read = |p| std::fs::read_to_string(p).unwrap_or_default();
     Ready {
         protocol: PROTOCOL_VERSION,

@@ -79,6 +79,11 @@ fn dispatch(f: Frame, sink: &Sink, sessions: &Arc<Sessions>, fs: &Arc<FsSessions
             Err(e) => sink.error(f.id, "protocol", e.to_string(), None),
         },
         Kind::Shutdown => shutdown::shutdown(sessions),
+        // Only ever the first frame after a restore from a template (see restore.rs).
+        Kind::Restore => match f.parse::<microsandbox_protocol::RestoreIdentity>().map_err(|e| e.to_string()).and_then(|id| crate::restore::apply(&id)) {
+            Ok(()) => sink.send(&Frame::json(0, Kind::Ready, &crate::ready())),
+            Err(why) => sink.error(0, "restore-failed", why, None),
+        },
         // The host giving up on a session has no guest-side meaning; answering an
         // error with an error could loop.
         Kind::Error => log!("host reported an error on session {}", f.id),

@@ -68,6 +68,11 @@ pub enum Kind {
     /// either way: the receiver of an `FsBulk` is done with that slot ([`crate::FsAck`]);
     /// it belongs to the sender again.
     FsAck = 23,
+    /// host → agent, id 0, only right after a VM was restored from a template: the
+    /// sandbox's own identity ([`crate::RestoreIdentity`]); the agent applies it and
+    /// answers `Ready` again. (Numbered apart from the others so that kinds added by
+    /// other features do not collide with it.)
+    Restore = 40,
 }
 
 impl Kind {
@@ -98,6 +103,7 @@ impl Kind {
             21 => FsWindow,
             22 => FsBulk,
             23 => FsAck,
+            40 => Restore,
             _ => return None,
         })
     }

@@ -149,7 +149,32 @@ pub struct Info {
     pub supervisor_pid: u32,
     pub kernel: String,
     pub boot_ms: u64,
+    /// How the VM came up: `"booted"` (kernel boot) or `"restored"` (from a template's
+    /// saved state). Empty in records written before templates existed.
+    #[serde(default)]
+    pub start: String,
+    /// The template a restored VM came from (its key, hex), else `None`.
+    #[serde(default)]
+    pub template: Option<String>,
 }
+
+/// `Restore`: what makes a VM restored from a template this sandbox. Every field is
+/// validated by the agent; all of it is applied before the agent answers `Ready`, so
+/// before any command of the sandbox can run.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RestoreIdentity {
+    /// Fresh host randomness (hex, [`RESTORE_ENTROPY_BYTES`] bytes) credited to the guest's
+    /// input pool, which is then reseeded: a template's copies never share random state.
+    pub entropy: String,
+    /// Host wall clock, nanoseconds since the Unix epoch (the saved guest clock stopped
+    /// when the template was saved).
+    pub realtime_ns: u64,
+    /// The sandbox's hostname.
+    pub hostname: String,
+}
+
+/// Bytes of entropy in a [`RestoreIdentity`] (a full ChaCha20 key twice over).
+pub const RESTORE_ENTROPY_BYTES: usize = 64;
 
 /// What an `FsRequest` asks the agent to do.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]

@@ -252,6 +252,8 @@ mod tests {
             supervisor_pid: 0,
             kernel: String::new(),
             boot_ms: 0,
+            start: "booted".into(),
+            template: None,
         };
         let ctx = Ctx {
             router: Arc::new(Router::default()),

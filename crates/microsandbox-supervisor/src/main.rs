@@ -15,6 +15,7 @@ mod main_process;
 mod net;
 mod patches;
 mod router;
+mod template;
 mod transfer;
 mod vm;
 

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use microsandbox::sandbox::spec::{StartupReport, SupervisorSpec};
 use microsandbox::sandbox::stop_record::{self, source, StopRecord};
+use microsandbox::template::TemplateRun;
 use microsandbox_protocol::{Frame, Info, Kind, Stopped};
 use tokio::net::UnixListener;
 use tokio::process::{Child, Command};
@@ -41,15 +42,29 @@ async fn self_stop_deadline(spec: &SupervisorSpec, router: Arc<Router>) -> &'sta
     }
 }
 
+/// A restored guest answers in well under a second; one that does not within
+/// [`RESTORE_READY_TIMEOUT`] (a corrupt state that loaded but hangs the guest) is given up
+/// on sooner than a boot, and the engine boots the sandbox cold.
+const RESTORE_READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn ready_within(spec: &SupervisorSpec, boot_timeout: Duration) -> Duration {
+    match spec.template {
+        Some(TemplateRun::Restore { .. }) => boot_timeout.min(RESTORE_READY_TIMEOUT),
+        _ => boot_timeout,
+    }
+}
+
 fn bind(path: &Path) -> std::io::Result<UnixListener> {
     let _ = std::fs::remove_file(path);
     UnixListener::bind(path)
 }
 
 /// Spawns QEMU; with `nic`, QEMU inherits that socket at `qemu::NET_FD` (its NIC).
-fn spawn_qemu(spec: &SupervisorSpec, nic: Option<&std::os::unix::net::UnixStream>) -> std::io::Result<Child> {
+/// With `state` (a restore), QEMU inherits that file at `template::STATE_FD`.
+fn spawn_qemu(spec: &SupervisorSpec, nic: Option<&std::os::unix::net::UnixStream>, state: Option<&std::fs::File>) -> std::io::Result<Child> {
     use std::os::fd::AsRawFd;
     let nic_fd = nic.map(|s| s.as_raw_fd());
+    let state_fd = state.map(|f| f.as_raw_fd());
     let log = std::fs::File::create(spec.sandbox_dir.join("qemu.log"))?;
     let mut cmd = Command::new(&spec.qemu);
     cmd.args(&spec.qemu_args)
@@ -68,8 +83,8 @@ fn spawn_qemu(spec: &SupervisorSpec, nic: Option<&std::os::unix::net::UnixStream
             if libc::getppid() != parent {
                 libc::_exit(1); // the supervisor already died
             }
-            if let Some(fd) = nic_fd {
-                let target = microsandbox::vmm::qemu::NET_FD;
+            for (fd, target) in [(nic_fd, microsandbox::vmm::qemu::NET_FD), (state_fd, microsandbox::template::STATE_FD)] {
+                let Some(fd) = fd else { continue };
                 // dup2 onto the same number would keep close-on-exec: clear it instead.
                 let r = if fd == target { libc::fcntl(fd, libc::F_SETFD, 0) } else { libc::dup2(fd, target) };
                 if r < 0 {
@@ -148,7 +163,20 @@ pub async fn supervise(spec: SupervisorSpec, report: fn(&StartupReport)) -> u8 {
             return fail(format!("cannot create the NIC socketpair: {e}"));
         }
     };
-    let spawned = spawn_qemu(&spec, nic.as_ref().map(|(_, qemu_end)| qemu_end));
+    // A restore: QEMU reads the template's saved state from this file (`-incoming fd:`).
+    let state = match &spec.template {
+        Some(TemplateRun::Restore { state, .. }) => match std::fs::File::open(state) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                cleanup(&spec);
+                report(&StartupReport::Failed { code: "restore-failed".into(), message: format!("cannot open the template state {}: {e}", state.display()) });
+                return 1;
+            }
+        },
+        _ => None,
+    };
+    let spawned = spawn_qemu(&spec, nic.as_ref().map(|(_, qemu_end)| qemu_end), state.as_ref());
+    drop(state);
     if let (Some((stack_end, qemu_end)), Some(cfg)) = (nic, spec.network.clone()) {
         drop(qemu_end);
         if spawned.is_ok() {
@@ -168,11 +196,15 @@ pub async fn supervise(spec: SupervisorSpec, report: fn(&StartupReport)) -> u8 {
     let booted = tokio::select! {
         r = async {
             let (mut stream, _) = agent_listener.accept().await.map_err(|e| e.to_string())?;
-            let ready = agent_link::wait_ready(&mut stream).await?;
+            let ready = match &spec.template {
+                // The restored agent already said Ready (to the template's supervisor).
+                Some(TemplateRun::Restore { hostname, .. }) => crate::template::handshake(&mut stream, hostname).await?,
+                _ => agent_link::wait_ready(&mut stream).await?,
+            };
             Ok::<_, String>((stream, ready))
         } => r,
         status = qemu.wait() => Err(format!("QEMU exited during boot ({})", status.map(|s| s.to_string()).unwrap_or_default())),
-        _ = tokio::time::sleep(boot_timeout) => Err(format!("the guest agent did not become ready within {}s", boot_timeout.as_secs())),
+        _ = tokio::time::sleep(ready_within(&spec, boot_timeout)) => Err(format!("the guest agent did not become ready within {}s", ready_within(&spec, boot_timeout).as_secs())),
         _ = liveness::owner_gone(owner.clone()) => Err("the owner process exited during boot".into()),
     };
     let (stream, ready) = match booted {
@@ -182,6 +214,11 @@ pub async fn supervise(spec: SupervisorSpec, report: fn(&StartupReport)) -> u8 {
             let _ = qemu.wait().await;
             let msg = format!("sandbox {:?} failed to boot: {why}{}", spec.name, console_tail(&spec));
             cleanup(&spec);
+            if let Some(TemplateRun::Restore { .. }) = &spec.template {
+                // The engine boots this sandbox cold instead.
+                report(&StartupReport::Failed { code: "restore-failed".into(), message: msg });
+                return 1;
+            }
             return fail(msg);
         }
     };
@@ -196,7 +233,37 @@ pub async fn supervise(spec: SupervisorSpec, report: fn(&StartupReport)) -> u8 {
         supervisor_pid: std::process::id(),
         kernel: ready.kernel.clone(),
         boot_ms: started.elapsed().as_millis() as u64,
+        start: if matches!(spec.template, Some(TemplateRun::Restore { .. })) { "restored" } else { "booted" }.into(),
+        template: match &spec.template {
+            Some(TemplateRun::Restore { template, .. }) => Some(template.clone()),
+            _ => None,
+        },
     };
+    if let Some(TemplateRun::Save { state, qmp }) = &spec.template {
+        // A template build: save the VM as it is now (agent ready, nothing of any sandbox
+        // inside), wait for QEMU to finish writing and quit, and report.
+        let within = Duration::from_secs(60);
+        let saved = match crate::template::save(qmp, state, within).await {
+            Ok(()) => match tokio::time::timeout(within, qemu.wait()).await {
+                Ok(Ok(st)) if st.success() => Ok(()),
+                Ok(st) => Err(format!("QEMU ended badly after saving ({st:?})")),
+                Err(_) => Err("QEMU did not quit after saving".to_string()),
+            },
+            Err(e) => Err(e),
+        };
+        let _ = qemu.start_kill();
+        let _ = qemu.wait().await;
+        drop(stream);
+        let _ = std::fs::remove_file(qmp);
+        cleanup(&spec);
+        return match saved {
+            Ok(()) => {
+                report(&StartupReport::Ready(info));
+                0
+            }
+            Err(why) => fail(format!("template {:?}: {why}{}", spec.name, console_tail(&spec))),
+        };
+    }
     let control_listener = match bind(&spec.control_socket) {
         Ok(l) => l,
         Err(e) => {

@@ -5,6 +5,7 @@
 //! - [`rootfs`]: root disks for sandboxes.
 //! - [`image`]: OCI registry images: pull, verify, shared read-only root disks.
 //! - [`vmm`]: VMM drivers (QEMU) and accelerator choice.
+//! - [`template`]: booted VMs saved once per configuration, restored instead of booted.
 //! - [`sandbox`]: create / exec / stop / kill, talking to the per-sandbox supervisor.
 //!
 //! Async (tokio) throughout; no Ruby here.
@@ -16,6 +17,7 @@ pub mod rootfs;
 pub mod runtime;
 pub mod sandbox;
 pub mod state;
+pub mod template;
 pub mod vmm;
 
 pub use error::{Error, Result};

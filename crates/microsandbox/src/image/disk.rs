@@ -243,9 +243,15 @@ pub fn run_debugfs(disk: &Path, script: &Path) -> Result<()> {
 /// the device size at boot, so the bytes beyond the base are the sandbox's writable
 /// space; the overlay file can never grow past `size` plus qcow2 metadata.
 pub fn create_overlay(base: &Path, overlay: &Path, size: Option<u64>) -> Result<()> {
+    create_overlay_with_format(base, "raw", overlay, size)
+}
+
+/// [`create_overlay`] over a base of format `base_format` (`raw`, or `qcow2` for a
+/// template's disk layer).
+pub fn create_overlay_with_format(base: &Path, base_format: &str, overlay: &Path, size: Option<u64>) -> Result<()> {
     let base = std::fs::canonicalize(base).context(|| format!("root disk {}", base.display()))?;
     let mut cmd = Command::new("qemu-img");
-    cmd.args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"]).arg(&base).arg(overlay);
+    cmd.args(["create", "-q", "-f", "qcow2", "-F", base_format, "-b"]).arg(&base).arg(overlay);
     if let Some(s) = size {
         cmd.arg(s.to_string());
     }

@@ -382,13 +382,16 @@ pub async fn remove(home: &Home, reference: &str, force: bool) -> Result<()> {
     }
     store.remove_ref(&canonical)?;
     if !shared {
+        // Templates layered on this root go with it (those a sandbox still uses stay).
+        crate::template::remove_for_root(home, &root);
         let _ = std::fs::remove_file(&root);
     }
     Ok(())
 }
 
 /// Deletes blobs and root disks no stored reference needs (roots backing a sandbox
-/// overlay are kept) and leftovers in `tmp/`. Returns the bytes freed on the host.
+/// overlay are kept; unused templates on a deleted root go with it), templates of a
+/// runtime that is no longer installed, and leftovers in `tmp/`. Returns the bytes freed on the host.
 pub async fn prune(home: &Home) -> Result<u64> {
     let store = Store::open(home)?;
     let _gc = store.lock_async("gc".into(), true).await?;
@@ -429,8 +432,13 @@ pub async fn prune(home: &Home) -> Result<u64> {
     for e in std::fs::read_dir(store.root().join("roots")).into_iter().flatten().flatten() {
         let canon = std::fs::canonicalize(e.path()).unwrap_or_else(|_| e.path());
         if !live_roots.contains(&*e.file_name().to_string_lossy()) && !in_use.contains(&canon) {
+            crate::template::remove_for_root(home, &e.path());
             delete(&e.path());
         }
+    }
+    // Templates of another runtime (or QEMU) can never be restored again.
+    if let (Some(rt), Ok(qemu)) = (crate::runtime::load(home), crate::vmm::qemu::binary()) {
+        freed += crate::template::prune(home, Some(&crate::template::runtime_fingerprint(&rt, &qemu)));
     }
     for e in std::fs::read_dir(store.tmp_dir()).into_iter().flatten().flatten() {
         let p = e.path();

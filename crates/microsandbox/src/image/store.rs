@@ -249,8 +249,9 @@ impl Store {
         out
     }
 
-    /// Root disks currently used as a qcow2 backing file by a sandbox below `<home>/sandboxes`,
-    /// with the sandbox names using them.
+    /// Root disks currently used as a qcow2 backing file by a sandbox below `<home>/sandboxes`
+    /// (directly, or through the disk layer of the template it was restored from), with
+    /// the sandbox names using them.
     pub fn roots_in_use(&self) -> std::collections::HashMap<PathBuf, Vec<String>> {
         let mut out: std::collections::HashMap<PathBuf, Vec<String>> = Default::default();
         let Ok(rd) = fs::read_dir(self.home.join("sandboxes")) else { return out };
@@ -261,6 +262,11 @@ impl Store {
                     if let Some(b) = qcow2_backing_file(&f.path()) {
                         let name = crate::paths::sandbox_name_of(&sb.path())
                             .unwrap_or_else(|| sb.file_name().to_string_lossy().into_owned());
+                        // A sandbox restored from a template: its overlay is backed by the
+                        // template's disk layer, which is backed by the image root.
+                        if let Some(root) = qcow2_backing_file(&b) {
+                            out.entry(root).or_default().push(name.clone());
+                        }
                         out.entry(b).or_default().push(name);
                     }
                 }

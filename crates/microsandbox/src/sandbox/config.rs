@@ -80,6 +80,10 @@ pub struct SandboxConfig {
     /// Guest hostname (default: the sandbox name).
     #[serde(default)]
     pub hostname: Option<String>,
+    /// `template:` — `false`: always boot cold; `true`: use templates even when
+    /// `MICROSANDBOX_TEMPLATES` turns them off; unset: the environment decides (on).
+    #[serde(default)]
+    pub template: Option<bool>,
     /// Stop by itself this long after boot (milliseconds).
     #[serde(default)]
     pub max_duration_ms: Option<u64>,

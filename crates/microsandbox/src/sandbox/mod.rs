@@ -20,6 +20,7 @@ pub mod spec;
 pub mod stop_record;
 mod stream;
 pub mod transfer;
+mod warm;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -40,7 +41,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::paths::Home;
 use crate::runtime;
 use crate::state::{Record, StateDb, Status};
-use crate::vmm::{self, Accel, VmSpec};
+use crate::vmm::{self, Accel};
 use spec::{StartupReport, SupervisorSpec};
 
 /// A handle on one sandbox: created or started here (then this process owns its
@@ -162,14 +163,26 @@ impl Sandbox {
         std::fs::create_dir_all(&dir).context(|| format!("creating {}", dir.display()))?;
         let name_file = dir.join(crate::paths::SANDBOX_NAME_FILE);
         std::fs::write(&name_file, &cfg.name).context(|| format!("writing {}", name_file.display()))?;
+        let mut start = warm::Start::Cold;
+        let mut cold_because = None;
         match &prepared {
-            // Copy-on-write overlay on the image's shared, read-only root.
+            // Copy-on-write overlay on the image's shared, read-only root — or on the disk
+            // layer of a template of this configuration, whose saved VM is then restored.
             Some(image) => {
                 let base = std::fs::metadata(&image.root_disk)
                     .context(|| format!("root disk {}", image.root_disk.display()))?
                     .len();
                 let size = base + cfg.oci_upper_size_bytes();
-                crate::image::create_overlay(&image.root_disk, &dir.join(OVERLAY_DISK), Some(size))?
+                let supervisor_bin = cfg.supervisor.clone().unwrap_or_else(|| rt.supervisor.clone());
+                let (template, why) = warm::template_for(&home, &rt, &cfg, &supervisor_bin, &image.root_disk, size).await;
+                cold_because = why;
+                match template {
+                    Some(t) => {
+                        warm::overlay_on(&t, &dir.join(OVERLAY_DISK))?;
+                        start = warm::Start::Restore(t);
+                    }
+                    None => crate::image::create_overlay(&image.root_disk, &dir.join(OVERLAY_DISK), Some(size))?,
+                }
             }
             None => {
                 let image = PathBuf::from(&cfg.image);
@@ -179,7 +192,27 @@ impl Sandbox {
                     .map_err(|e| Error::Runtime(format!("root disk task failed: {e}")))??;
             }
         }
-        let sb = Sandbox::boot(&home, &rt, cfg, place.labels, place.detached, &patches).await?;
+        if let Some(why) = &cold_because {
+            warm::system_log(&dir, why);
+        }
+        let sb = match Sandbox::boot(&home, &rt, cfg.clone(), place.labels.clone(), place.detached, &patches, &start).await {
+            Ok(sb) => sb,
+            // A state file that does not load, or a restored guest that does not answer:
+            // boot the same sandbox cold, on a fresh overlay over the image's root.
+            Err(e) if matches!(start, warm::Start::Restore(_)) && warm::worth_cold_boot(&e) => {
+                warm::system_log(&dir, &format!("restoring from a template failed, booting cold: {e}"));
+                if let warm::Start::Restore(t) = &start {
+                    crate::template::discard_state(t);
+                }
+                let image = prepared.as_ref().expect("restores are for registry images");
+                let size = std::fs::metadata(&image.root_disk).context(|| format!("root disk {}", image.root_disk.display()))?.len()
+                    + cfg.oci_upper_size_bytes();
+                let _ = std::fs::remove_file(dir.join(OVERLAY_DISK));
+                crate::image::create_overlay(&image.root_disk, &dir.join(OVERLAY_DISK), Some(size))?;
+                Sandbox::boot(&home, &rt, cfg, place.labels, place.detached, &patches, &warm::Start::Cold).await?
+            }
+            Err(e) => return Err(e),
+        };
         guard.armed = false;
         Ok(sb)
     }
@@ -219,7 +252,7 @@ impl Sandbox {
                 "the root disk of sandbox {name:?} is missing; remove it (Sandbox.remove) and create it again"
             )));
         }
-        let sb = Sandbox::boot(&home, &rt, cfg, rec.labels, detached || rec.detached, &[]).await?;
+        let sb = Sandbox::boot(&home, &rt, cfg, rec.labels, detached || rec.detached, &[], &warm::Start::Cold).await?;
         guard.armed = false;
         Ok(sb)
     }
@@ -233,6 +266,7 @@ impl Sandbox {
         labels: BTreeMap<String, String>,
         detached: bool,
         patches: &[patch::PatchStep],
+        start: &warm::Start,
     ) -> Result<Sandbox> {
         let accel = Accel::resolve(cfg.accel.as_deref())?;
         let qemu = vmm::qemu::binary()?;
@@ -254,33 +288,30 @@ impl Sandbox {
         };
         let transfer = transfer::prepare(&dir)?;
         let network = network::nic(cfg.network.as_ref(), cfg.dns.as_ref())?;
-        let mut cmdline = vmm::qemu::cmdline(
-            &cfg.hostname.clone().unwrap_or_else(|| config::default_hostname(&cfg.name)),
-            config::kernel_loglevel(cfg.log_level.as_deref())?,
-        );
-        if let Some(n) = &network {
-            cmdline.push(' ');
-            cmdline.push_str(&n.kernel_param());
-        }
-        let vm = VmSpec {
-            accel,
-            cpus: cfg.cpus as u32,
-            memory_mib: cfg.memory_mib as u32,
-            kernel: rt.kernel.clone(),
-            initramfs: rt.initramfs.clone(),
-            cmdline,
-            root_disk: root_disk.clone(),
-            root_format,
-            agent_socket: agent_socket.clone(),
-            console_log: dir.join("console.log"),
-            transfer_disk: Some(transfer.path.clone()),
-            nic: network.as_ref().map(|n| vmm::Nic { mac: n.guest_mac_string(), mtu: n.mtu }),
+        let hostname = cfg.hostname.clone().unwrap_or_else(|| config::default_hostname(&cfg.name));
+        // A restored guest keeps the kernel command line it was saved with: the template's.
+        let cmd_hostname = match start {
+            warm::Start::Cold => hostname.clone(),
+            warm::Start::Restore(_) => crate::template::TEMPLATE_HOSTNAME.to_string(),
+        };
+        let vm = warm::vm_spec(
+            rt, &cfg, accel, &cmd_hostname, root_disk.clone(), root_format, agent_socket.clone(),
+            dir.join("console.log"), transfer.path.clone(), network.as_ref(),
+        )?;
+        let mut qemu_args = vmm::qemu::args(&vm);
+        let template = match start {
+            warm::Start::Cold => None,
+            warm::Start::Restore(t) => {
+                let (run, extra) = warm::restore_run(t, hostname);
+                qemu_args.extend(extra);
+                Some(run)
+            }
         };
         let spec = SupervisorSpec {
             name: cfg.name.clone(),
             sandbox_dir: dir.clone(),
             qemu,
-            qemu_args: vmm::qemu::args(&vm),
+            qemu_args,
             accel: accel.as_str().into(),
             agent_socket,
             control_socket: control.clone(),
@@ -296,6 +327,7 @@ impl Sandbox {
             transfer: Some(transfer),
             network,
             tls: if cfg.secrets_view().intercepts() { Some(cfg.secrets_view().tls_config()?) } else { None },
+            template,
         };
         let spec_path = dir.join(spec::SPEC_FILE);
         std::fs::write(&spec_path, serde_json::to_vec_pretty(&spec).unwrap())
@@ -422,6 +454,8 @@ impl Sandbox {
                 supervisor_pid: 0,
                 kernel: String::new(),
                 boot_ms: 0,
+                start: String::new(),
+                template: None,
             });
         Ok(Sandbox {
             control: home.socket_path(&rec.name, "ctl")?,

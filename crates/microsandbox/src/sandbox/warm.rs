@@ -1,0 +1,214 @@
+//! Warm starts in the sandbox lifecycle: choosing a template for a create, building it
+//! (one boot + save by a supervisor in save mode), and falling back to a cold boot when a
+//! restore fails. The template store itself is `crate::template`.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use super::{config, network, owner, spec, transfer, SandboxConfig};
+use crate::error::{Error, IoContext, Result};
+use crate::paths::Home;
+use crate::runtime::Runtime;
+use crate::template::{self, Key, Template, TemplateOptions, TemplateRun};
+use crate::vmm::{self, Accel, VmSpec};
+
+/// How a sandbox's VM comes up.
+pub enum Start {
+    /// Kernel boot.
+    Cold,
+    /// QEMU loads the template's saved state; the sandbox's disk is an overlay on the
+    /// template's disk layer.
+    Restore(Template),
+}
+
+/// Placeholder for per-sandbox paths in a template key.
+const ANY: &str = "/per-sandbox";
+
+/// The QEMU machine of `cfg`, with the given per-sandbox paths. `cmd_hostname` is the
+/// hostname on the kernel command line (a template's is neutral, see
+/// [`template::TEMPLATE_HOSTNAME`]).
+pub(super) fn vm_spec(
+    rt: &Runtime,
+    cfg: &SandboxConfig,
+    accel: Accel,
+    cmd_hostname: &str,
+    root_disk: PathBuf,
+    root_format: &'static str,
+    agent_socket: PathBuf,
+    console_log: PathBuf,
+    transfer_disk: PathBuf,
+    nic: Option<&microsandbox_network::NetworkConfig>,
+) -> Result<VmSpec> {
+    let mut cmdline = vmm::qemu::cmdline(cmd_hostname, config::kernel_loglevel(cfg.log_level.as_deref())?);
+    if let Some(n) = nic {
+        cmdline.push(' ');
+        cmdline.push_str(&n.kernel_param());
+    }
+    Ok(VmSpec {
+        accel,
+        cpus: cfg.cpus as u32,
+        memory_mib: cfg.memory_mib as u32,
+        kernel: rt.kernel.clone(),
+        initramfs: rt.initramfs.clone(),
+        cmdline,
+        root_disk,
+        root_format,
+        agent_socket,
+        console_log,
+        transfer_disk: Some(transfer_disk),
+        nic: nic.map(|n| vmm::Nic { mac: n.guest_mac_string(), mtu: n.mtu }),
+    })
+}
+
+/// The template key of a sandbox of `cfg` whose disk is `disk_bytes` over `image_root`.
+fn key(rt: &Runtime, cfg: &SandboxConfig, accel: Accel, qemu: &Path, image_root: &Path, disk_bytes: u64) -> Result<Key> {
+    let nic = network::nic(cfg.network.as_ref(), cfg.dns.as_ref())?;
+    let p = PathBuf::from(ANY);
+    let vm = vm_spec(rt, cfg, accel, template::TEMPLATE_HOSTNAME, p.clone(), "qcow2", p.clone(), p.clone(), p, nic.as_ref())?;
+    Ok(Key {
+        qemu_args: vmm::qemu::args(&vm),
+        runtime: template::runtime_fingerprint(rt, qemu),
+        image_root: std::fs::canonicalize(image_root).unwrap_or_else(|_| image_root.to_path_buf()),
+        disk_bytes,
+    })
+}
+
+/// The template a create of `cfg` restores from: found, or built now (the first create
+/// of a configuration pays one boot and a save). `None` when templates are off for this
+/// create, or when the template cannot be had — the create then boots cold; why is in the
+/// returned message, for the sandbox's `system` log.
+pub(super) async fn template_for(
+    home: &Home,
+    rt: &Runtime,
+    cfg: &SandboxConfig,
+    supervisor_bin: &Path,
+    image_root: &Path,
+    disk_bytes: u64,
+) -> (Option<Template>, Option<String>) {
+    if !TemplateOptions::resolve(cfg.template).enabled {
+        return (None, None);
+    }
+    let attempt = async {
+        let accel = Accel::resolve(cfg.accel.as_deref())?;
+        let qemu = vmm::qemu::binary()?;
+        let key = key(rt, cfg, accel, &qemu, image_root, disk_bytes)?;
+        // Templates of a runtime that is no longer installed can never be used again.
+        template::prune(home, Some(&key.runtime));
+        let id = key.id();
+        template::ensure(home, &key, |dir| build(home, rt, cfg, accel, qemu.clone(), supervisor_bin.to_path_buf(), image_root.to_path_buf(), disk_bytes, id.clone(), dir)).await
+    };
+    match attempt.await {
+        Ok(t) => (Some(t), None),
+        Err(e) => (None, Some(format!("no template for this configuration, booted cold: {e}"))),
+    }
+}
+
+/// Boots a template VM in `dir` and has its supervisor save it. Returns the time taken.
+#[allow(clippy::too_many_arguments)]
+async fn build(
+    home: &Home,
+    rt: &Runtime,
+    cfg: &SandboxConfig,
+    accel: Accel,
+    qemu: PathBuf,
+    supervisor_bin: PathBuf,
+    image_root: PathBuf,
+    disk_bytes: u64,
+    id: String,
+    dir: PathBuf,
+) -> Result<u64> {
+    let started = Instant::now();
+    let disk = dir.join(template::DISK_FILE);
+    crate::image::create_overlay(&image_root, &disk, Some(disk_bytes))?;
+    let transfer = transfer::prepare(&dir)?;
+    let sock_name = format!("template {id}");
+    let agent_socket = home.socket_path(&sock_name, "agent")?;
+    let control = home.socket_path(&sock_name, "ctl")?;
+    let qmp = home.socket_path(&sock_name, "qmp")?;
+    std::fs::create_dir_all(home.run_dir()).context(|| format!("creating {}", home.run_dir().display()))?;
+    let nic = network::nic(cfg.network.as_ref(), cfg.dns.as_ref())?;
+    let vm = vm_spec(rt, cfg, accel, template::TEMPLATE_HOSTNAME, disk, "qcow2", agent_socket.clone(), dir.join("console.log"), transfer.path.clone(), nic.as_ref())?;
+    let mut qemu_args = vmm::qemu::args(&vm);
+    qemu_args.extend(["-qmp".into(), format!("unix:{},server=on,wait=off", qmp.display())]);
+    let spec = spec::SupervisorSpec {
+        name: format!("template-{}", &id[..12]),
+        sandbox_dir: dir.clone(),
+        qemu,
+        qemu_args,
+        accel: accel.as_str().into(),
+        agent_socket,
+        control_socket: control,
+        console_log: vm.console_log.clone(),
+        boot_timeout_ms: cfg.boot_timeout().as_millis() as u64,
+        kernel_release: rt.manifest.kernel_release.clone(),
+        remove_dir_on_exit: false,
+        quiet_logs: true,
+        max_duration_ms: None,
+        idle_timeout_ms: None,
+        main: None,
+        patches_file: None,
+        transfer: Some(transfer.clone()),
+        network: nic,
+        // No secrets and no interception: nothing of any sandbox is in a template.
+        tls: None,
+        template: Some(TemplateRun::Save { state: template::STATE_FILE.into(), qmp }),
+    };
+    let spec_path = dir.join(spec::SPEC_FILE);
+    std::fs::write(&spec_path, serde_json::to_vec_pretty(&spec).unwrap()).context(|| format!("writing {}", spec_path.display()))?;
+    // Owned: a template build dies with this process like any VM it starts.
+    let (mut child, _liveness, _) = owner::spawn_supervisor(&supervisor_bin, &spec_path, &dir, true, false)?;
+    let within = cfg.boot_timeout() + SAVE_TIMEOUT;
+    let report = owner::read_startup(&mut child, within).await;
+    let saved = match report {
+        Ok(spec::StartupReport::Ready(_)) => Ok(()),
+        Ok(spec::StartupReport::Failed { code, message }) => Err(owner::error_from_code(&code, format!("building a template: {message}"))),
+        Err(e) => Err(e),
+    };
+    if saved.is_err() {
+        let _ = child.kill().await;
+    }
+    // The supervisor exits right after reporting; QEMU has quit by then.
+    let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
+    let _ = child.kill().await;
+    saved?;
+    // Only the state and the disk layer are the template.
+    for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+        let n = e.file_name();
+        if n != template::STATE_FILE && n != template::DISK_FILE {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+    Ok(started.elapsed().as_millis() as u64)
+}
+
+/// Bound on saving the booted template VM (the stream is a few tens of MB).
+const SAVE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A sandbox's overlay on its template's disk layer (same virtual size as the template's).
+pub(super) fn overlay_on(t: &Template, overlay: &Path) -> Result<()> {
+    crate::image::disk::create_overlay_with_format(&t.disk_path(), "qcow2", overlay, Some(t.meta.disk_bytes))
+}
+
+/// Appends a `system` entry to the sandbox log of `dir` (before its supervisor starts).
+pub(super) fn system_log(dir: &Path, text: &str) {
+    use std::io::Write;
+    let at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    let line = super::logs::text_line(at, "system", text);
+    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("logs.jsonl")) {
+        let _ = f.write_all(line.as_bytes());
+    }
+}
+
+/// The `Restore` part of a supervisor spec and the extra QEMU arguments of a restore.
+pub(super) fn restore_run(t: &Template, hostname: String) -> (TemplateRun, [String; 2]) {
+    (
+        TemplateRun::Restore { state: t.state_path(), template: t.id.clone(), hostname },
+        ["-incoming".into(), format!("fd:{}", template::STATE_FD)],
+    )
+}
+
+/// Errors of the restore path that the cold boot would raise too, so falling back is
+/// pointless: a configuration the user must fix.
+pub(super) fn worth_cold_boot(e: &Error) -> bool {
+    !matches!(e, Error::InvalidConfig(_))
+}
