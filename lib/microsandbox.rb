@@ -29,6 +29,7 @@ require_relative "microsandbox/attach"
 require_relative "microsandbox/sandbox_handle"
 require_relative "microsandbox/pool"
 require_relative "microsandbox/image"
+require_relative "microsandbox/volume"
 require_relative "microsandbox/metrics"
 require_relative "microsandbox/logs"
 require_relative "microsandbox/stop_control"
@@ -258,3 +259,6 @@ module Microsandbox
     end
   end
 end
+
+# The gem's own virtio-fs daemon (built from the virtiofsd crate by `rake compile`).
+Microsandbox::Native.set_virtiofsd_path(Microsandbox.libexec("virtiofsd"))

@@ -27,7 +27,14 @@ File.write("Makefile", <<~MAKE)
   target_prefix = /microsandbox
   RUBYARCHDIR = $(sitearchdir)$(target_prefix)
 
-  all: $(SO) libexec/msb-supervisor libexec/msb-agent
+  all: $(SO) libexec/msb-supervisor libexec/msb-agent libexec/virtiofsd
+
+  # The virtio-fs daemon for `volumes:`, from crates.io (needs libseccomp-dev and
+  # libcap-ng-dev). `cargo install` does nothing when that version is already installed.
+  VIRTIOFSD_VERSION = 1.14.0
+  libexec/virtiofsd:
+  \tCARGO_TARGET_DIR=$(TARGET_DIR)/virtiofsd-build $(CARGO) install --locked --quiet --root $(TARGET_DIR)/virtiofsd virtiofsd --version $(VIRTIOFSD_VERSION)
+  \tmkdir -p libexec && cp $(TARGET_DIR)/virtiofsd/bin/virtiofsd libexec/virtiofsd
 
   $(SO): FORCE
   \tRUBY=$(RUBY) CARGO_TARGET_DIR=$(TARGET_DIR) $(CARGO) build #{profile_flag} --manifest-path $(MANIFEST) -p microsandbox-rb -p microsandbox-supervisor
@@ -44,7 +51,7 @@ File.write("Makefile", <<~MAKE)
   install: all
   \tmkdir -p $(RUBYARCHDIR)/libexec
   \tcp $(SO) $(RUBYARCHDIR)/$(SO).tmp && mv -f $(RUBYARCHDIR)/$(SO).tmp $(RUBYARCHDIR)/$(SO)
-  \tfor b in msb-supervisor msb-agent; do cp libexec/$$b $(RUBYARCHDIR)/libexec/$$b.tmp && mv -f $(RUBYARCHDIR)/libexec/$$b.tmp $(RUBYARCHDIR)/libexec/$$b; done
+  \tfor b in msb-supervisor msb-agent virtiofsd; do cp libexec/$$b $(RUBYARCHDIR)/libexec/$$b.tmp && mv -f $(RUBYARCHDIR)/libexec/$$b.tmp $(RUBYARCHDIR)/libexec/$$b; done
 
   clean:
   \trm -rf $(SO) libexec

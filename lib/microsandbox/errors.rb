@@ -136,12 +136,18 @@ module Microsandbox
   # against the reference gem can name it in `rescue`.
   class CloudHttpError < Error; CODE = "cloud-http"; end
 
+  # No volume of that name exists ({Volume.get}, {Volume.remove}, {Volume.fs}, a
+  # `volumes:` mount `{ named: }` at {Sandbox.create}).
+  class VolumeNotFoundError < Error; CODE = "volume-not-found"; end
+  # {Volume.create} with a name that a volume already has.
+  class VolumeAlreadyExistsError < Error; CODE = "volume-already-exists"; end
+  # {Volume.remove} of a volume a running sandbox mounts; the message names the sandbox.
+  class VolumeInUseError < Error; CODE = "volume-in-use"; end
+
   # Error classes of the reference gem for capabilities this gem does not have yet
-  # (named volumes, snapshots, secrets, TLS interception). Never raised
+  # (snapshots). Never raised
   # today; defined so that `rescue` clauses written against the reference gem resolve,
   # and raised by those capabilities when they exist.
-  class VolumeNotFoundError < Error; CODE = "volume-not-found"; end
-  class VolumeAlreadyExistsError < Error; CODE = "volume-already-exists"; end
   class SnapshotNotFoundError < Error; CODE = "snapshot-not-found"; end
   class SnapshotAlreadyExistsError < Error; CODE = "snapshot-already-exists"; end
   class SnapshotSandboxRunningError < Error; CODE = "snapshot-sandbox-running"; end
@@ -174,7 +180,7 @@ module Microsandbox
     RegistryError, RegistryAuthError, PlatformNotFoundError,
     RuntimeUnavailableError, BootFailedError, ProtocolError, IoError, CancelledError,
     UnsupportedOperationError, UnsupportedError, CloudHttpError,
-    VolumeNotFoundError, VolumeAlreadyExistsError, SnapshotNotFoundError, SnapshotAlreadyExistsError,
+    VolumeNotFoundError, VolumeAlreadyExistsError, VolumeInUseError, SnapshotNotFoundError, SnapshotAlreadyExistsError,
     SnapshotSandboxRunningError, SnapshotImageMissingError, SnapshotIntegrityError,
     SecretViolationError, TlsError,
     InheritedHandleError, StdinClosedError, PoolTimeoutError, PoolClosedError

@@ -103,6 +103,15 @@ module Microsandbox
       #   `intercept_ca_key:` (a path or PEM text; a key file must be mode 0600; a key given
       #   as text is not stored, so {Sandbox.start} needs it again)
       # @param trust_host_cas [Boolean] copy the host's CA roots into the guest (false)
+      # @param volumes [Hash{String=>String, Hash}, nil] guest path => mount: a host
+      #   directory String (bind mount) or a Hash with one of `bind: "/host/dir"`,
+      #   `named: "volume"` ({Volume}), `tmpfs: true` (optional `size_mib:`), `disk: "/x.img"`
+      #   (optional `format: "raw"|"qcow2"`, `fstype: "ext4"|"ext3"|"ext2"`), and the flags
+      #   `readonly:` (or `ro:`), `noexec:`, `nosuid:`, `nodev:`. Checked before anything
+      #   starts: {VolumeNotFoundError}, {VolumeInUseError} (an image-backed volume attached
+      #   to another sandbox), {InvalidConfigError} (a guest path that is relative, `/`,
+      #   under /proc, /dev or /sys, or overlaps another; a bind path that is missing or not
+      #   a directory), TypeError
       # @yieldparam sandbox [Sandbox]
       # @return [Sandbox, Object] the sandbox, or the block's value
       # @raise [InvalidConfigError, ImageNotFoundError, SandboxAlreadyExistsError,
@@ -117,7 +126,7 @@ module Microsandbox
                  entrypoint: nil, scripts: {}, patches: [], oci_upper_size: nil, network: nil, dns: nil,
                  rlimits: nil, log_level: nil, quiet_logs: false, security: nil, ephemeral: false, init: nil,
                  fstype: nil, secrets: nil, on_secret_violation: nil, tls: nil, trust_host_cas: false,
-                 template: nil, &block)
+                 template: nil, volumes: nil, &block)
         unsupported_options!(image, security, ephemeral, init, fstype)
         config = build_config(name, image, cpus, memory, Validate.coerce_values!("env", env), workdir, accel, boot_timeout)
         config.merge!(run_options(rlimits, log_level, quiet_logs))
@@ -147,6 +156,7 @@ module Microsandbox
         config["shell"] = Validate.guest_path!("shell", shell)
         config["scripts"] = Validate.scripts!("scripts", scripts)
         config["patches"] = Patch.to_config_list!(patches || [])
+        config["volumes"] = Volume::Mounts.coerce(volumes) unless volumes.nil?
         placement = build_placement(Validate.coerce_values!("labels", labels), detached, replace, replace_with_timeout)
         Microsandbox.ensure_runtime!
         config["supervisor"] = Microsandbox.runtime_path

@@ -6,7 +6,8 @@
 # here (a compatible superset is fine: extra optional arguments, a block form). Return
 # classes that need a VM are checked in spec/integration/reference_api_live_spec.rb.
 #
-# Out of scope (other issues): networking, volumes, snapshots, SSH, the agent client.
+# Out of scope (other issues): networking, snapshots, SSH, the agent client. Volumes:
+# the `Volume`/`VolumeInfo`/`VolumeFs` checks below.
 RSpec.describe "reference gem 0.9.0 API compatibility" do
   # A reference signature: `req` positional arguments always passed, `opt` more that may be
   # passed, `keys` keyword names.
@@ -186,13 +187,23 @@ RSpec.describe "reference gem 0.9.0 API compatibility" do
     expect(ms::Error).to be < StandardError
   end
 
+  it "Volume, VolumeInfo and VolumeFs" do
+    check_singleton(ms::Volume, { create: sig(1, 0, :kind, :size_mib, :quota_mib, :labels), get: sig(1), list: sig,
+                                  remove: sig(1), fs: sig(1) })
+    check_instance(ms::VolumeInfo, %i[name path kind quota_mib used_bytes capacity_bytes disk_format disk_fstype
+                                      labels created_at fs].to_h { |m| [m, sig] })
+    check_instance(ms::VolumeFs, { read: sig(1), read_text: sig(1), write: sig(2), list: sig(1), mkdir: sig(1),
+                                   remove_file: sig(1), remove_dir: sig(1), exists?: sig(1), copy: sig(2),
+                                   rename: sig(2), stat: sig(1) })
+  end
+
   it "Sandbox class methods, SandboxHandle and SandboxStopResult" do
     check_singleton(ms::Sandbox, { start: sig(1, 0, :detached), get: sig(1), list: sig,
                                    list_with: sig(0, 0, :labels), remove: sig(1) })
     create_keys = %i[image cpus memory env workdir shell user hostname labels scripts entrypoint patches
                      oci_upper_size max_duration idle_timeout pull_policy registry_auth registry_insecure
                      registry_ca_certs detached replace replace_with_timeout secrets on_secret_violation tls
-                     trust_host_cas]
+                     trust_host_cas volumes]
     # `image:` is required here: the reference makes it optional only for `from_snapshot:`
     # boots (snapshots are another issue), so it is listed with the reference's keywords.
     accepts!(ms::Sandbox, :create, ms::Sandbox.method(:create), sig(1, 0, *create_keys))

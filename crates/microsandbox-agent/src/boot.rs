@@ -21,6 +21,8 @@ use crate::{port, procfs};
 const MODULE_LIST: &str = "/lib/modules.order";
 /// Modules of the guest NIC (same format), loaded only when the sandbox has one.
 const NET_MODULE_LIST: &str = "/lib/modules.net.order";
+/// Modules of virtio-fs volumes (same format), loaded only when a mount needs them.
+const FS_MODULE_LIST: &str = "/lib/modules.fs.order";
 const MODULE_DIR: &str = "/lib/modules";
 /// The root disk: the first virtio-blk device.
 const ROOT_DEV: &str = "/dev/vda";
@@ -45,6 +47,11 @@ pub fn boot() -> Step<File> {
     if has_nic()? {
         load_modules(NET_MODULE_LIST)?;
     }
+    // Modules live in the initramfs, so they load before the switch into the root disk.
+    let mounts = crate::volumes::from_cmdline()?;
+    if crate::volumes::needs_virtiofs(&mounts) {
+        load_modules(FS_MODULE_LIST)?;
+    }
     let dev = wait_for_devices()?;
     let port = port::open(&dev).map_err(|e| format!("cannot open /dev/{dev}: {e}"))?;
     // Best effort: only a tuning knob.
@@ -53,6 +60,8 @@ pub fn boot() -> Step<File> {
     switch_root()?;
     // The overlay of a registry image is larger than its filesystem by oci_upper_size.
     crate::growfs::grow_to_device(ROOT_DEV, ROOT_SECTORS, "/")?;
+    // volumes: before anything runs, so no process sees the root where a volume belongs.
+    crate::volumes::mount_all(&mounts)?;
     let hostname = set_hostname()?;
     crate::net::loopback_up()?;
     network(&hostname)?;

@@ -21,6 +21,7 @@ mod session;
 mod shutdown;
 mod spawn;
 mod util;
+mod volumes;
 mod wire;
 
 use std::convert::Infallible;

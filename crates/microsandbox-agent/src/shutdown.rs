@@ -34,6 +34,8 @@ pub fn shutdown(sessions: &Sessions) -> ! {
     // SAFETY: kill(-1) signals every process but PID 1 itself.
     unsafe { libc::kill(-1, libc::SIGKILL) };
     nix::unistd::sync();
+    // Volumes first: a disk volume's next user (maybe another sandbox) finds it clean.
+    crate::volumes::unmount_all();
     // A read-only root is clean on next boot (no journal replay); EBUSY is harmless.
     let _ = mount(
         None::<&str>,

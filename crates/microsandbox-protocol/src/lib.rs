@@ -27,12 +27,14 @@
 
 mod frame;
 mod messages;
+mod mounts;
 mod path_bytes;
 
 pub use frame::{read_frame, write_frame, Frame, FrameError, Kind, HEADER_LEN, MAX_PAYLOAD};
 #[cfg(feature = "tokio")]
 pub use frame::{read_frame_async, write_frame_async};
 pub use messages::*;
+pub use mounts::{decode_mounts, encode_mounts, GuestMount, MOUNTS_PARAM};
 pub use path_bytes::{escape, PathBytes};
 
 /// Version of this protocol; the agent reports it in [`Ready`] and the host refuses others.

@@ -18,6 +18,7 @@ mod router;
 mod template;
 mod transfer;
 mod vm;
+mod volumes;
 
 use std::io::Write;
 use std::path::PathBuf;

@@ -130,6 +130,9 @@ fn cleanup(spec: &SupervisorSpec) {
     if let Some(t) = &spec.transfer {
         let _ = std::fs::remove_file(&t.path);
     }
+    for share in spec.volumes.iter().flat_map(|v| &v.shares) {
+        let _ = std::fs::remove_file(&share.socket);
+    }
     if spec.remove_dir_on_exit {
         let _ = std::fs::remove_dir_all(&spec.sandbox_dir);
     } else {
@@ -161,6 +164,16 @@ pub async fn supervise(spec: SupervisorSpec, report: fn(&StartupReport)) -> u8 {
         Err(e) => {
             cleanup(&spec);
             return fail(format!("cannot create the NIC socketpair: {e}"));
+        }
+    };
+    // Volume locks and virtiofsd daemons: before QEMU, which connects to their sockets.
+    // Held (and the daemons kept alive) until this function returns.
+    let _volumes = match spec.volumes.as_ref().map(|v| crate::volumes::start(v, &spec.sandbox_dir)).transpose() {
+        Ok(v) => v,
+        Err((code, message)) => {
+            cleanup(&spec);
+            report(&StartupReport::Failed { code: code.into(), message: format!("sandbox {:?}: {message}", spec.name) });
+            return 1;
         }
     };
     // A restore: QEMU reads the template's saved state from this file (`-incoming fd:`).

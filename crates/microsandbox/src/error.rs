@@ -93,6 +93,19 @@ pub enum Error {
     /// A secret's placeholder was headed to a host it is not allowed for.
     #[error("{0}")]
     SecretViolation(String),
+    /// No volume of that name exists.
+    #[error("{0}")]
+    VolumeNotFound(String),
+    /// A volume of that name already exists.
+    #[error("{0}")]
+    VolumeAlreadyExists(String),
+    /// The volume is mounted by a running sandbox (`Volume.remove` refused).
+    #[error("{0}")]
+    VolumeInUse(String),
+    /// The operation does not apply to this object (e.g. host-side file access to a
+    /// disk volume, whose files live inside its filesystem image).
+    #[error("{0}")]
+    UnsupportedOperation(String),
     /// Any other host I/O failure.
     #[error("{context}: {source}")]
     Io {
@@ -132,6 +145,10 @@ impl Error {
             Error::MetricsUnavailable(_) => "metrics-unavailable",
             Error::Tls(_) => "tls-error",
             Error::SecretViolation(_) => "secret-violation",
+            Error::VolumeNotFound(_) => "volume-not-found",
+            Error::VolumeAlreadyExists(_) => "volume-already-exists",
+            Error::VolumeInUse(_) => "volume-in-use",
+            Error::UnsupportedOperation(_) => "unsupported-operation",
             Error::Io { .. } => "io-error",
         }
     }

@@ -6,6 +6,7 @@
 //! - [`image`]: OCI registry images: pull, verify, shared read-only root disks.
 //! - [`vmm`]: VMM drivers (QEMU) and accelerator choice.
 //! - [`template`]: booted VMs saved once per configuration, restored instead of booted.
+//! - [`volume`]: named volumes (host storage shared with sandboxes) and host-side access to them.
 //! - [`sandbox`]: create / exec / stop / kill, talking to the per-sandbox supervisor.
 //!
 //! Async (tokio) throughout; no Ruby here.
@@ -19,6 +20,7 @@ pub mod sandbox;
 pub mod state;
 pub mod template;
 pub mod vmm;
+pub mod volume;
 
 pub use error::{Error, Result};
 pub use sandbox::{ExecCall, ExecEvent, ExecResult, ExecStream, Sandbox, SandboxConfig};

@@ -53,7 +53,7 @@ fn fs_to_ruby(ruby: &Ruby, e: FsError) -> Error {
     err
 }
 
-fn kind_sym(ruby: &Ruby, k: FsKind) -> magnus::Symbol {
+pub(crate) fn kind_sym(ruby: &Ruby, k: FsKind) -> magnus::Symbol {
     ruby.to_symbol(match k {
         FsKind::File => "file",
         FsKind::Directory => "directory",
@@ -64,7 +64,7 @@ fn kind_sym(ruby: &Ruby, k: FsKind) -> magnus::Symbol {
 
 /// A copy of a Ruby String's bytes (paths are bytes: any encoding, not only UTF-8). Taken
 /// with the GVL held, before the call releases it.
-fn bytes(s: RString) -> Vec<u8> {
+pub(crate) fn bytes(s: RString) -> Vec<u8> {
     // SAFETY: the slice is copied at once, while the GVL is held.
     unsafe { s.as_slice() }.to_vec()
 }
@@ -76,7 +76,7 @@ fn host_path(s: RString) -> PathBuf {
 
 /// A guest name for Ruby: a UTF-8 String when its bytes are UTF-8, else a binary String
 /// with the exact bytes (which names the same file when passed back).
-fn name_to_ruby(ruby: &Ruby, name: &[u8]) -> RString {
+pub(crate) fn name_to_ruby(ruby: &Ruby, name: &[u8]) -> RString {
     match std::str::from_utf8(name) {
         Ok(text) => ruby.str_new(text),
         Err(_) => ruby.str_from_slice(name),

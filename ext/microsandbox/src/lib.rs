@@ -17,6 +17,7 @@ mod metrics;
 mod network;
 mod runtime;
 mod sandbox;
+mod volume;
 
 use magnus::{function, method, prelude::*, Error, Ruby};
 
@@ -62,6 +63,12 @@ fn init(ruby: &Ruby) -> Result<(), Error> {
     native.define_singleton_method("image_inspect_json", function!(image::inspect_json, 2))?;
     native.define_singleton_method("image_remove", function!(image::remove, 3))?;
     native.define_singleton_method("image_prune", function!(image::prune, 1))?;
+    native.define_singleton_method("volume_create", function!(volume::create, 3))?;
+    native.define_singleton_method("volume_get", function!(volume::get, 2))?;
+    native.define_singleton_method("volume_list", function!(volume::list, 1))?;
+    native.define_singleton_method("volume_remove", function!(volume::remove, 2))?;
+    native.define_singleton_method("volume_fs", function!(volume::fs, 5))?;
+    native.define_singleton_method("set_virtiofsd_path", function!(volume::set_virtiofsd_path, 1))?;
     let pull = native.define_class("PullSession", ruby.class_object())?;
     pull.define_singleton_method("start", function!(image::RbPullSession::start, 3))?;
     pull.define_method("next_event", method!(image::RbPullSession::next_event, 0))?;

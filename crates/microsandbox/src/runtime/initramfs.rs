@@ -13,8 +13,14 @@ const DIRS: &[&str] = &["dev", "proc", "sys", "newroot", "lib", "lib/modules"];
 /// Writes a newc cpio archive to `out` with `agent` as `/init` and `modules` (in load
 /// order) under `/lib/modules/`, listed in `/lib/modules.order`; `net_modules` likewise,
 /// listed in `/lib/modules.net.order` (the agent loads those only when the sandbox has a
-/// NIC).
-pub fn build(agent: &[u8], modules: &[(String, Vec<u8>)], net_modules: &[(String, Vec<u8>)], out: &Path) -> Result<()> {
+/// NIC); `fs_modules` in `/lib/modules.fs.order` (loaded only for virtio-fs volumes).
+pub fn build(
+    agent: &[u8],
+    modules: &[(String, Vec<u8>)],
+    net_modules: &[(String, Vec<u8>)],
+    fs_modules: &[(String, Vec<u8>)],
+    out: &Path,
+) -> Result<()> {
     let mut entries: Vec<(Builder, Cursor<Vec<u8>>)> = Vec::new();
     let mut ino = 1;
     let mut next = |name: &str, mode: u32| {
@@ -25,7 +31,7 @@ pub fn build(agent: &[u8], modules: &[(String, Vec<u8>)], net_modules: &[(String
         entries.push((next(d, 0o040755), Cursor::new(Vec::new())));
     }
     entries.push((next("init", 0o100755), Cursor::new(agent.to_vec())));
-    for (list, mods) in [("lib/modules.order", modules), ("lib/modules.net.order", net_modules)] {
+    for (list, mods) in [("lib/modules.order", modules), ("lib/modules.net.order", net_modules), ("lib/modules.fs.order", fs_modules)] {
         let mut order = String::new();
         for (name, bytes) in mods {
             order.push_str(name);
@@ -54,7 +60,7 @@ mod tests {
     fn archive_lists_init_and_modules() {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("i.cpio");
-        build(b"AGENT", &[("a.ko".into(), b"A".to_vec())], &[("n.ko".into(), b"N".to_vec())], &out).unwrap();
+        build(b"AGENT", &[("a.ko".into(), b"A".to_vec())], &[("n.ko".into(), b"N".to_vec())], &[("f.ko".into(), b"F".to_vec())], &out).unwrap();
         let mut r = std::fs::File::open(&out).unwrap();
         let mut names = vec![];
         loop {
@@ -70,5 +76,7 @@ mod tests {
         assert!(names.iter().any(|(n, _)| n == "lib/modules.order"));
         assert!(names.iter().any(|(n, _)| n == "lib/modules.net.order"));
         assert!(names.contains(&("lib/modules/n.ko".into(), 0o100644)));
+        assert!(names.contains(&("lib/modules/f.ko".into(), 0o100644)));
+        assert!(names.iter().any(|(n, _)| n == "lib/modules.fs.order"));
     }
 }

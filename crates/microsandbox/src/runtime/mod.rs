@@ -125,8 +125,14 @@ pub fn install(home: &Home, bundle: &Bundle, force: bool, progress: &mut dyn FnM
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
         net_mods.push((name, std::fs::read(&path).context(|| format!("reading {}", path.display()))?));
     }
+    // virtio-fs (volumes:), minus those already listed.
+    let mut fs_mods = Vec::new();
+    for path in modules::load_order(modules::VIRTIOFS, &index)?.into_iter().filter(|p| !required.contains(p)) {
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        fs_mods.push((name, std::fs::read(&path).context(|| format!("reading {}", path.display()))?));
+    }
     let agent = std::fs::read(&bundle.agent).context(|| format!("reading {}", bundle.agent.display()))?;
-    initramfs::build(&agent, &mods, &net_mods, &runtime_dir.join("initramfs.cpio"))?;
+    initramfs::build(&agent, &mods, &net_mods, &fs_mods, &runtime_dir.join("initramfs.cpio"))?;
 
     let supervisor = std::fs::read(&bundle.supervisor).context(|| format!("reading {}", bundle.supervisor.display()))?;
     write_atomic(&home.supervisor_path(), &supervisor)?;

@@ -15,6 +15,9 @@ pub const REQUIRED: &[&str] = &["virtio_pci", "virtio_console", "virtio_blk"];
 /// Modules for the guest NIC (with their dependencies, e.g. `net_failover`), loaded only
 /// by sandboxes that have one.
 pub const NETWORK: &[&str] = &["virtio_net"];
+/// Modules for `volumes:` shared through virtio-fs (`virtiofs` and `fuse`), loaded only by
+/// sandboxes with such a mount.
+pub const VIRTIOFS: &[&str] = &["virtiofs"];
 
 /// Module names treat `-` and `_` alike.
 fn normalize(name: &str) -> String {

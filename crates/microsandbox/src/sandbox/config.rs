@@ -134,6 +134,9 @@ pub struct SandboxConfig {
     /// Do not record the output of commands and the main process in the logs.
     #[serde(default)]
     pub quiet_logs: bool,
+    /// `volumes:` mounts (see `volume::mount`); checked against the host at every boot.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<crate::volume::mount::MountSpec>,
 }
 
 /// Kernel `loglevel=` for a `log_level:` (messages below it reach the console).
@@ -325,6 +328,9 @@ impl SandboxConfig {
             validate_entrypoint(argv)?;
         }
         super::patch::validate(&self.scripts, &self.patches)?;
+        for m in &self.volumes {
+            crate::volume::mount::guest_path(&m.guest)?;
+        }
         if let Some(sh) = &self.shell {
             validate_guest_path("shell", sh)?;
             if sh.len() > MAX_GUEST_PATH {

@@ -72,6 +72,29 @@ pub struct Sandbox {
     pid: u32,
 }
 
+/// The devices and guest mounts of `cfg.volumes`, checked against the host; also probes
+/// the volume locks so a volume attached elsewhere fails here with `VolumeInUse`.
+fn volume_plan(home: &Home, cfg: &SandboxConfig) -> Result<crate::volume::mount::Plan> {
+    if cfg.volumes.is_empty() {
+        return Ok(Default::default());
+    }
+    let plan = crate::volume::mount::plan(home, &cfg.volumes, &home.socket_path(&cfg.name, "vfs")?, cfg.memory_mib)?;
+    crate::volume::mount::probe_locks(&plan)?;
+    if !plan.shares.is_empty() {
+        crate::volume::virtiofsd_binary()?;
+    }
+    Ok(plan)
+}
+
+/// What the supervisor runs and holds for a plan (None without volumes).
+fn volume_runtime(plan: &crate::volume::mount::Plan) -> Result<Option<crate::volume::mount::VolumeRuntime>> {
+    if plan.shares.is_empty() && plan.locks.is_empty() {
+        return Ok(None);
+    }
+    let virtiofsd = if plan.shares.is_empty() { PathBuf::new() } else { crate::volume::virtiofsd_binary()? };
+    Ok(Some(crate::volume::mount::VolumeRuntime { virtiofsd, shares: plan.shares.clone(), locks: plan.locks.clone() }))
+}
+
 /// Deletes a claimed record (and its directory) unless disarmed: a failed create leaves
 /// nothing behind.
 struct ClaimGuard {
@@ -151,6 +174,8 @@ impl Sandbox {
         cfg.env.extend(placeholders);
         // Checked now so a bad entrypoint fails before anything starts.
         main_request(&cfg)?;
+        // `volumes:` against the host (paths, volumes, locks) before anything is claimed.
+        volume_plan(&home, &cfg)?;
         let patches = patch::steps(&cfg.scripts, &cfg.patches);
         if place.replace {
             Sandbox::replace_existing(&home, &cfg.name, place.replace_timeout_ms).await?;
@@ -286,6 +311,7 @@ impl Sandbox {
         } else {
             (dir.join(PRIVATE_DISK), "raw")
         };
+        let mounts = volume_plan(home, &cfg)?;
         let transfer = transfer::prepare(&dir)?;
         let network = network::nic(cfg.network.as_ref(), cfg.dns.as_ref())?;
         let hostname = cfg.hostname.clone().unwrap_or_else(|| config::default_hostname(&cfg.name));
@@ -298,6 +324,15 @@ impl Sandbox {
             rt, &cfg, accel, &cmd_hostname, root_disk.clone(), root_format, agent_socket.clone(),
             dir.join("console.log"), transfer.path.clone(), network.as_ref(),
         )?;
+        // volumes: devices and the guest's mount list (never with a template: see
+        // `warm::template_for`).
+        let mut vm = vm;
+        if let Some(p) = mounts.kernel_param()? {
+            vm.cmdline.push(' ');
+            vm.cmdline.push_str(&p);
+        }
+        vm.shares = mounts.shares.clone();
+        vm.drives = mounts.drives.clone();
         let mut qemu_args = vmm::qemu::args(&vm);
         let template = match start {
             warm::Start::Cold => None,
@@ -328,6 +363,7 @@ impl Sandbox {
             network,
             tls: if cfg.secrets_view().intercepts() { Some(cfg.secrets_view().tls_config()?) } else { None },
             template,
+            volumes: volume_runtime(&mounts)?,
         };
         let spec_path = dir.join(spec::SPEC_FILE);
         std::fs::write(&spec_path, serde_json::to_vec_pretty(&spec).unwrap())

@@ -155,6 +155,8 @@ pub fn error_from_code(code: &str, message: String) -> Error {
         "patch-failed" => Error::Patch(message),
         "tls-error" => Error::Tls(message),
         "secret-violation" => Error::SecretViolation(message),
+        "volume-in-use" => Error::VolumeInUse(message),
+        "volume-not-found" => Error::VolumeNotFound(message),
         _ => Error::Boot(message),
     }
 }

@@ -57,6 +57,9 @@ pub struct SupervisorSpec {
     /// Save this VM as a template, or restore it from one (`None`: an ordinary boot).
     #[serde(default)]
     pub template: Option<crate::template::TemplateRun>,
+    /// Volume locks to hold and `virtiofsd`s to run for `volumes:`; `None`: no volumes.
+    #[serde(default)]
+    pub volumes: Option<crate::volume::mount::VolumeRuntime>,
 }
 
 /// First line the supervisor prints on stdout: it booted, or why it did not.

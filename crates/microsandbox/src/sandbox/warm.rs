@@ -57,6 +57,9 @@ pub(super) fn vm_spec(
         console_log,
         transfer_disk: Some(transfer_disk),
         nic: nic.map(|n| vmm::Nic { mac: n.guest_mac_string(), mtu: n.mtu }),
+        // `volumes:` devices are added by the caller (never in a template).
+        shares: Vec::new(),
+        drives: Vec::new(),
     })
 }
 
@@ -86,6 +89,11 @@ pub(super) async fn template_for(
     disk_bytes: u64,
 ) -> (Option<Template>, Option<String>) {
     if !TemplateOptions::resolve(cfg.template).enabled {
+        return (None, None);
+    }
+    // A template's saved VM has no volume devices (virtio-fs daemons, volume disks) and
+    // its kernel command line no mount list: a sandbox with `volumes:` boots cold.
+    if !cfg.volumes.is_empty() {
         return (None, None);
     }
     let attempt = async {
@@ -152,6 +160,7 @@ async fn build(
         // No secrets and no interception: nothing of any sandbox is in a template.
         tls: None,
         template: Some(TemplateRun::Save { state: template::STATE_FILE.into(), qmp }),
+        volumes: None,
     };
     let spec_path = dir.join(spec::SPEC_FILE);
     std::fs::write(&spec_path, serde_json::to_vec_pretty(&spec).unwrap()).context(|| format!("writing {}", spec_path.display()))?;

@@ -28,6 +28,9 @@ pub struct VmSpec {
     /// The guest NIC, if any: QEMU finds its end of the stream socketpair at
     /// [`qemu::NET_FD`] (the supervisor puts it there).
     pub nic: Option<Nic>,
+    /// `volumes:` devices: virtio-fs shares (vhost-user sockets) and block drives.
+    pub shares: Vec<crate::volume::mount::VirtiofsShare>,
+    pub drives: Vec<crate::volume::mount::BlockDrive>,
 }
 
 /// The virtio-net device of a sandbox with a network.

@@ -58,6 +58,7 @@ pub fn args(spec: &VmSpec) -> Vec<String> {
         "-device".into(), format!("virtserialport,chardev=agent,name={}", microsandbox_protocol::AGENT_PORT_NAME),
     ];
     a.extend(nic_args(spec));
+    a.extend(volume_args(spec));
     a.extend(transfer_disk_args(spec));
     a.shrink_to_fit();
     a
@@ -79,6 +80,38 @@ fn nic_args(spec: &VmSpec) -> Vec<String> {
         "-device".into(),
         format!("virtio-net-pci,netdev=net0,mac={},host_mtu={}", nic.mac, nic.mtu),
     ]
+}
+
+/// `volumes:` devices. virtio-fs needs the guest RAM in shared memory that `virtiofsd`
+/// can map: a memfd backend (`share=on`) of the VM's size replaces the default RAM.
+/// Block volumes are virtio-blk drives the guest finds by serial; `werror/rerror=report`
+/// as for the root, so a full host disk is an I/O error in the guest, not a paused VM.
+fn volume_args(spec: &VmSpec) -> Vec<String> {
+    let mut a = Vec::new();
+    if !spec.shares.is_empty() {
+        a.push("-object".into());
+        a.push(format!("memory-backend-memfd,id=msbmem,size={}M,share=on", spec.memory_mib));
+        a.push("-machine".into());
+        a.push("memory-backend=msbmem".into());
+    }
+    for (i, s) in spec.shares.iter().enumerate() {
+        a.push("-chardev".into());
+        a.push(format!("socket,id=vfs{i},path={}", s.socket.to_string_lossy()));
+        a.push("-device".into());
+        a.push(format!("vhost-user-fs-pci,chardev=vfs{i},tag={}", s.tag));
+    }
+    for (i, d) in spec.drives.iter().enumerate() {
+        let ro = if d.readonly { ",readonly=on" } else { "" };
+        a.push("-drive".into());
+        a.push(format!(
+            "file={},if=none,id=vol{i},format={},discard=unmap,werror=report,rerror=report{ro}",
+            d.path.to_string_lossy().replace(',', ",,"),
+            d.format
+        ));
+        a.push("-device".into());
+        a.push(format!("virtio-blk-pci,drive=vol{i},serial={}", d.serial));
+    }
+    a
 }
 
 /// The bulk-transfer disk (see `sandbox::transfer`): last on the PCI bus, so the root
@@ -134,6 +167,8 @@ mod tests {
             console_log: "/c.log".into(),
             transfer_disk: None,
             nic: None,
+            shares: vec![],
+            drives: vec![],
         };
         let a = args(&spec).join(" ");
         assert!(a.contains("-accel tcg,thread=multi"));
@@ -145,6 +180,16 @@ mod tests {
         assert!(!a.contains("netdev"), "no NIC unless asked");
         let with_nic = args(&VmSpec { nic: Some(super::super::Nic { mac: "02:00:00:00:00:02".into(), mtu: 9000 }), ..spec.clone() }).join(" ");
         assert!(with_nic.contains("-netdev stream,id=net0,server=off,addr.type=fd,addr.str=100 -device virtio-net-pci,netdev=net0,mac=02:00:00:00:00:02,host_mtu=9000"), "{with_nic}");
+        assert!(!a.contains("memory-backend"), "shared memory only for virtio-fs");
+        let vols = VmSpec {
+            shares: vec![crate::volume::mount::VirtiofsShare { tag: "msbfs0".into(), dir: "/d".into(), readonly: false, socket: "/s0".into() }],
+            drives: vec![crate::volume::mount::BlockDrive { serial: "msbvol0".into(), path: "/v,1.raw".into(), format: "raw".into(), readonly: true }],
+            ..spec.clone()
+        };
+        let v = args(&vols).join(" ");
+        assert!(v.contains("-object memory-backend-memfd,id=msbmem,size=256M,share=on -machine memory-backend=msbmem"), "{v}");
+        assert!(v.contains("-chardev socket,id=vfs0,path=/s0 -device vhost-user-fs-pci,chardev=vfs0,tag=msbfs0"), "{v}");
+        assert!(v.contains("-drive file=/v,,1.raw,if=none,id=vol0,format=raw,discard=unmap,werror=report,rerror=report,readonly=on -device virtio-blk-pci,drive=vol0,serial=msbvol0"), "{v}");
         let a = args(&VmSpec { transfer_disk: Some("/t.raw".into()), ..spec }).join(" ");
         assert!(a.ends_with("-drive file=/t.raw,if=none,id=transfer,format=raw,cache=unsafe,werror=report,rerror=report -device virtio-blk-pci,drive=transfer,serial=msb.transfer"), "{a}");
     }
