@@ -166,7 +166,8 @@ module Microsandbox
     # @return [Integer, nil] signal that ended the VM process (9 when it was killed)
     attr_reader :signal
     # @return [String, nil] why: "stop", "drain", "kill", "max-duration", "idle-timeout",
-    #   "owner-exited", "sigterm", "vm-exited", "agent-link-lost", "supervisor-gone"
+    #   "owner-exited", "sigterm", "vm-exited", "agent-link-lost", "supervisor-gone",
+    #   "secret-violation" (a `block_and_terminate` secret violation)
     attr_reader :source
     # @return [Time] when the end (or the timed-out wait) was observed
     attr_reader :observed_at

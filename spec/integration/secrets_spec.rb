@@ -58,6 +58,30 @@ RSpec.describe "secrets that never enter the VM" do
     Microsandbox::Sandbox.remove(name) if name && Microsandbox::Sandbox.list.any? { |i| i.name == name && i.status == :stopped }
   end
 
+  it "stops the sandbox on a block_and_terminate violation (a placeholder in a DNS name); later calls raise SecretViolationError" do
+    name = unique_name("secterm")
+    # The query never leaves the host (answered NXDOMAIN); the resolver is a closed loopback port.
+    sb = Microsandbox::Sandbox.create(name, image: rootfs, dns: { nameservers: ["127.0.0.1:1"], query_timeout_ms: 500 },
+                                            secrets: [{ env: "K", value: value, host: "api.example.test",
+                                                        on_violation: "block_and_terminate" }])
+    begin
+      sb.shell('nslookup "x${K}y.example.test" 172.16.0.1', timeout: 60)
+    rescue Microsandbox::SecretViolationError, Microsandbox::SandboxNotRunningError
+      nil # the sandbox may stop while the command runs
+    end
+    expect(wait_until(timeout: 60) { !sb.running? }).to be(true)
+    expect { sb.exec("true") }.to raise_error(Microsandbox::SecretViolationError, /block_and_terminate/) { |e|
+      expect(e.code).to eq("secret-violation")
+      expect(e.message).not_to include(value)
+    }
+    expect(sb.last_stop.source).to eq("secret-violation")
+    log = sb.logs(sources: ["system"]).map(&:text).join("\n")
+    expect(log).to include("secret K placeholder in the DNS query name", "stopping the sandbox (block_and_terminate)")
+    expect(log).not_to include(value)
+  ensure
+    Microsandbox::Sandbox.remove(name) if name && Microsandbox::Sandbox.list.any? { |i| i.name == name && i.status != :running }
+  end
+
   it "refuses bad secret and tls options with typed errors that never echo a value" do
     bad = [{ env: "API_KEY", value: "#{value}\r\nX: y", host: "api.example.test" }]
     expect { Microsandbox::Sandbox.create(unique_name("secbad"), image: rootfs, secrets: bad) }

@@ -32,6 +32,10 @@
 //!   placeholder scanner (every encoding a guest can hide one in).
 //! - [`tls`]: TLS interception — the per-sandbox CA, leaf certificates by SNI (bounded
 //!   cache, the rustls resolver), the guest-facing and upstream rustls configurations.
+//! - [`intercept`]: TLS interception on the TCP relay — which connections are
+//!   intercepted ([`intercept::Interception`]) and the sans-I/O state of one intercepted
+//!   connection ([`intercept::TlsRelay`]: ClientHello, verified upstream handshake, the
+//!   secrets engine between the two TLS sessions).
 //! - `fuzzing` (hidden): the entry points of the `cargo fuzz` targets in `fuzz/`, also
 //!   replayed over the checked-in corpus by `tests/fuzz_corpus.rs` on stable.
 //!
@@ -47,6 +51,7 @@ pub mod frame;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod guard;
+pub mod intercept;
 pub mod policy;
 pub mod secrets;
 pub mod stack;

@@ -36,6 +36,7 @@ use crate::dns_transport;
 use crate::flow::{Action, Direction, Flow, Protocol};
 use crate::frame::{self, Decoded, Decoder};
 use crate::guard::{self, Identity, Ingress, Syn, Udp};
+use crate::intercept::{Cut, Interception, TlsRelay};
 use crate::policy::HostContext;
 use crate::wire;
 
@@ -60,6 +61,11 @@ const LOG_PER_SEC: u32 = 20;
 
 /// Where the stack's `system` log entries go (refusals, degraded features).
 pub type LogFn = Box<dyn Fn(&str) + Send>;
+/// Asks the supervisor to stop the sandbox (a `block_and_terminate` secret violation);
+/// the argument says why (env name and destination, never a value).
+pub type TerminateFn = Box<dyn Fn(&str) + Send>;
+/// How long an intercepted connection may take for both TLS handshakes.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Bounds the `system` entries a guest can cause: at most [`LOG_PER_SEC`] per second;
 /// the next entry after a burst says how many were left out.
@@ -123,6 +129,17 @@ struct Pending {
     frame: Vec<u8>,
     socket: socket2::Socket,
     started: StdInstant,
+    /// Intercepted (TLS, see [`crate::intercept`]): the names the destination was pinned
+    /// for when the SYN came.
+    intercept: Option<Vec<String>>,
+}
+
+/// The TLS side of an intercepted connection.
+struct Intercepted {
+    relay: TlsRelay,
+    since: StdInstant,
+    /// A bypassed ClientHello still to be written to the host socket.
+    bypass_out: Vec<u8>,
 }
 
 /// One relayed TCP connection.
@@ -135,6 +152,8 @@ struct Conn {
     host_write_shut: bool,
     /// Seen closed once: removed on the next iteration, after smoltcp sent any RST.
     reap: bool,
+    /// Intercepted connections: the TLS relay between the two sockets.
+    tls: Option<Box<Intercepted>>,
 }
 
 /// The user-space network stack of one sandbox.
@@ -159,6 +178,9 @@ pub struct Stack {
     logger: Logger,
     counters: Arc<Counters>,
     epoch: StdInstant,
+    /// TLS interception and secrets ([`Stack::with_interception`]).
+    intercept: Option<Arc<Interception>>,
+    on_terminate: Option<TerminateFn>,
 }
 
 /// The host's own interface addresses (the `host` group besides the gateway).
@@ -264,7 +286,26 @@ impl Stack {
             conns: HashMap::new(),
             counters,
             epoch,
+            intercept: None,
+            on_terminate: None,
         })
+    }
+
+    /// Intercepts TLS toward the hosts of `intercept`'s secrets (or every host, with
+    /// `intercept_all`); `on_terminate` stops the sandbox on a `block_and_terminate`
+    /// violation.
+    pub fn with_interception(mut self, intercept: Arc<Interception>, on_terminate: TerminateFn) -> Stack {
+        self.intercept = Some(intercept);
+        self.on_terminate = Some(on_terminate);
+        self
+    }
+
+    /// The pinned names of `dst` when a TCP connection to it on `port` is intercepted.
+    fn intercepted_names(&self, dst: Ipv4Addr, port: u16) -> Option<Vec<String>> {
+        let i = self.intercept.as_ref()?;
+        let names: Vec<String> =
+            self.pins.names_for(IpAddr::V4(dst), StdInstant::now()).map(|n| n.as_str().to_string()).collect();
+        i.intercepts(port, names.iter().map(String::as_str)).then_some(names)
     }
 
     fn now(&self) -> Instant {
@@ -374,9 +415,10 @@ impl Stack {
             self.device.rx.push_back(frame);
             return;
         }
+        let intercept = self.intercepted_names(syn.dst, syn.dst_port);
         match self.connect(&syn) {
             Ok(socket) => {
-                self.pending.insert(syn, Pending { syn, frame, socket, started: StdInstant::now() });
+                self.pending.insert(syn, Pending { syn, frame, socket, started: StdInstant::now(), intercept });
             }
             Err(_) => self.device.rx.push_back(frame),
         }
@@ -411,6 +453,17 @@ impl Stack {
         if verdict.action == Action::Deny {
             self.logger.log(&format!("network: refused UDP to {}:{} ({})", key.dst, key.dst_port, verdict.reason));
             return;
+        }
+        if let Some(i) = &self.intercept {
+            let names: Vec<String> =
+                self.pins.names_for(IpAddr::V4(key.dst), StdInstant::now()).map(|n| n.as_str().to_string()).collect();
+            if i.blocks_udp(key.dst_port, names.iter().map(String::as_str)) {
+                self.logger.log(&format!(
+                    "network: dropped UDP to {}:{}: the host is intercepted and tls.block_quic is on (clients fall back to TCP)",
+                    key.dst, key.dst_port
+                ));
+                return;
+            }
         }
         if self.udp.len() >= MAX_UDP_SESSIONS {
             self.logger.log(&format!("network: dropped UDP to {}:{}: {MAX_UDP_SESSIONS} UDP sessions open", key.dst, key.dst_port));
@@ -462,6 +515,9 @@ impl Stack {
     /// A guest DNS query (UDP port 53, whatever address it was sent to): the policy's
     /// DNS filter decides, allowed queries go to the upstream resolvers.
     fn on_dns_query(&mut self, key: Udp, payload: &[u8]) {
+        if self.placeholder_in_query(key, payload) {
+            return;
+        }
         let outcome = self.dns_filter.inspect_query(payload, Protocol::Udp);
         if let Some(line) = &outcome.log {
             self.logger.log(&format!("network: DNS {line}"));
@@ -620,15 +676,92 @@ impl Stack {
             return;
         }
         let host: TcpStream = p.socket.into();
-        self.conns.insert(p.syn, Conn { handle, host, host_eof: false, host_write_shut: false, reap: false });
+        let tls = match (&self.intercept, p.intercept) {
+            (Some(i), Some(pinned)) => {
+                Some(Box::new(Intercepted { relay: i.relay(pinned), since: StdInstant::now(), bypass_out: Vec::new() }))
+            }
+            _ => None,
+        };
+        self.conns.insert(p.syn, Conn { handle, host, host_eof: false, host_write_shut: false, reap: false, tls });
     }
 
     /// Moves bytes both ways for every connection, as far as both sides take them.
     fn relay(&mut self) {
-        for conn in self.conns.values_mut() {
+        let mut cuts = Vec::new();
+        for (key, conn) in self.conns.iter_mut() {
             let socket = self.sockets.get_mut::<tcp::Socket>(conn.handle);
-            relay_one(conn, socket);
+            if conn.tls.is_some() {
+                if let Some(cut) = relay_tls(conn, socket) {
+                    let sni = conn.tls.as_ref().and_then(|t| t.relay.sni().map(str::to_string));
+                    conn.tls = None;
+                    cuts.push((*key, sni, cut));
+                }
+            } else {
+                relay_one(conn, socket);
+            }
         }
+        for (key, sni, cut) in cuts {
+            self.on_cut(&key, sni, cut);
+        }
+    }
+
+    /// Logs why an intercepted connection was cut (secrets by env name, never a value)
+    /// and stops the sandbox for a `block_and_terminate` violation.
+    fn on_cut(&mut self, syn: &Syn, sni: Option<String>, cut: Cut) {
+        let dst = format!("{}:{}", syn.dst, syn.dst_port);
+        let name = sni.unwrap_or_else(|| dst.clone());
+        match cut {
+            Cut::Refused(crate::secrets::Refusal::Violation(v)) => {
+                let line = format!(
+                    "network: secret {} placeholder headed to {} ({dst}) in the {}: connection cut",
+                    v.env,
+                    v.destination,
+                    v.part.name()
+                );
+                if v.action.terminates() {
+                    self.logger.log(&format!("{line}; stopping the sandbox (block_and_terminate)"));
+                    if let Some(stop) = &self.on_terminate {
+                        stop(&format!("secret {} placeholder headed to {}", v.env, v.destination));
+                    }
+                } else if v.action.logs() {
+                    self.logger.log(&line);
+                }
+            }
+            Cut::Refused(r) => self.logger.log(&format!("network: intercepted connection to {name} ({dst}) cut: {r}")),
+            Cut::Upstream(m) => self.logger.log(&format!("network: TLS to {name} ({dst}) failed: {m}; the guest's connection was cut")),
+            Cut::Guest(m) => self.logger.log(&format!("network: TLS from the guest to {name} ({dst}) failed: {m}")),
+            Cut::Closed => {}
+        }
+    }
+
+    /// A guest DNS query whose name carries a secret's placeholder: the name would leave
+    /// the host in the clear. `true` when it was answered here (NXDOMAIN).
+    fn placeholder_in_query(&mut self, key: Udp, payload: &[u8]) -> bool {
+        let Some(i) = self.intercept.clone() else { return false };
+        let name = simple_dns::Packet::parse(payload)
+            .ok()
+            .and_then(|p| p.questions.first().map(|q| q.qname.to_string().into_bytes()))
+            .unwrap_or_else(|| payload.to_vec());
+        let Some(env) = i.secrets().placeholder_in_name(&name) else { return false };
+        let Some(secret) = i.secrets().secrets.iter().find(|s| s.env == env) else { return false };
+        let action = i.secrets().action_for(secret);
+        let shown: String = String::from_utf8_lossy(&name).chars().take(255).map(|c| if c.is_ascii_graphic() { c } else { '?' }).collect();
+        if action.passes(&shown) {
+            return false;
+        }
+        let line = format!("network: secret {env} placeholder in the DNS query name {shown}: answered NXDOMAIN");
+        if action.terminates() {
+            self.logger.log(&format!("{line}; stopping the sandbox (block_and_terminate)"));
+            if let Some(stop) = &self.on_terminate {
+                stop(&format!("secret {env} placeholder in a DNS query"));
+            }
+        } else if action.logs() {
+            self.logger.log(&line);
+        }
+        if let Some(a) = dns_transport::empty_answer(payload, 3, false) {
+            self.to_guest_udp(SocketAddrV4::new(key.dst, 53), key.src_port, &a);
+        }
+        true
     }
 
     /// Drops connections whose guest socket is closed (one iteration after it closed, so
@@ -703,14 +836,25 @@ impl Stack {
         for q in &self.dns_queries {
             fds.push(libc::pollfd { fd: q.socket.as_raw_fd(), events: libc::POLLIN, revents: 0 });
         }
+        let mut handshakes = false;
         for conn in self.conns.values() {
             let socket = self.sockets.get::<tcp::Socket>(conn.handle);
             let mut events = 0;
-            if !conn.host_eof && socket.can_send() {
-                events |= libc::POLLIN;
-            }
-            if !conn.host_write_shut && socket.can_recv() {
-                events |= libc::POLLOUT;
+            if let Some(t) = &conn.tls {
+                handshakes |= t.relay.handshaking();
+                if !conn.host_eof && t.relay.wants_upstream_read() {
+                    events |= libc::POLLIN;
+                }
+                if !conn.host_write_shut && (t.relay.wants_upstream_write() || !t.bypass_out.is_empty()) {
+                    events |= libc::POLLOUT;
+                }
+            } else {
+                if !conn.host_eof && socket.can_send() {
+                    events |= libc::POLLIN;
+                }
+                if !conn.host_write_shut && socket.can_recv() {
+                    events |= libc::POLLOUT;
+                }
             }
             fds.push(libc::pollfd { fd: fd_for(conn.host.as_raw_fd(), events), events, revents: 0 });
         }
@@ -724,6 +868,9 @@ impl Stack {
         }
         if !self.udp.is_empty() {
             sleep = sleep.min(Duration::from_secs(5)); // idle sessions
+        }
+        if handshakes {
+            sleep = sleep.min(Duration::from_secs(1)); // TLS handshake deadlines
         }
         if !self.device.rx.is_empty() && !self.device.tx_full() {
             sleep = Duration::ZERO; // smoltcp can take more frames now
@@ -802,4 +949,126 @@ fn relay_one(conn: &mut Conn, socket: &mut tcp::Socket) {
         conn.host_eof = true;
         conn.host_write_shut = true;
     }
+}
+
+/// Relays one intercepted connection as far as both sides and both TLS sessions take
+/// bytes right now. Returns why it was cut (both sockets are then reset/shut).
+fn relay_tls(conn: &mut Conn, socket: &mut tcp::Socket) -> Option<Cut> {
+    let cut = match relay_tls_inner(conn, socket) {
+        Ok(()) => return None,
+        Err(c) => c,
+    };
+    socket.abort();
+    let _ = conn.host.shutdown(Shutdown::Both);
+    conn.host_eof = true;
+    conn.host_write_shut = true;
+    Some(cut)
+}
+
+fn relay_tls_inner(conn: &mut Conn, socket: &mut tcp::Socket) -> Result<(), Cut> {
+    let Some(t) = conn.tls.as_mut() else { return Ok(()) };
+    if t.relay.handshaking() && t.since.elapsed() >= TLS_HANDSHAKE_TIMEOUT {
+        return Err(Cut::Guest(format!("the TLS handshakes did not finish within {} s", TLS_HANDSHAKE_TIMEOUT.as_secs())));
+    }
+    if socket.state() == tcp::State::Closed {
+        return Err(Cut::Closed);
+    }
+    // A few rounds: a handshake step on one side often unblocks the other at once.
+    for _ in 0..4 {
+        let mut moved = false;
+        // Guest ciphertext into the relay (what it does not take stays in smoltcp).
+        while t.relay.wants_guest_read() && socket.can_recv() {
+            let mut cut = None;
+            let n = socket
+                .recv(|buf| match t.relay.read_guest(buf) {
+                    Ok(n) => (n, n),
+                    Err(c) => {
+                        cut = Some(c);
+                        (0, 0)
+                    }
+                })
+                .unwrap_or(0);
+            if let Some(c) = cut {
+                return Err(c);
+            }
+            t.relay.process()?;
+            if n == 0 {
+                break;
+            }
+            moved = true;
+        }
+        let guest_fin = matches!(
+            socket.state(),
+            tcp::State::CloseWait | tcp::State::LastAck | tcp::State::Closing | tcp::State::TimeWait
+        );
+        if guest_fin && socket.recv_queue() == 0 {
+            t.relay.guest_eof()?;
+        }
+        t.relay.process()?;
+        // A bypassed name: the ClientHello goes upstream as it came, then the plain relay.
+        if t.relay.is_bypass() {
+            t.bypass_out = t.relay.take_bypass();
+        }
+        if !t.bypass_out.is_empty() {
+            match conn.host.write(&t.bypass_out) {
+                Ok(n) => {
+                    t.bypass_out.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Cut::Upstream(e.to_string())),
+            }
+            if t.bypass_out.is_empty() {
+                conn.tls = None;
+                relay_one(conn, socket);
+            }
+            return Ok(());
+        }
+        // Relay → upstream socket.
+        while t.relay.wants_upstream_write() {
+            match t.relay.write_upstream(&mut conn.host) {
+                Ok(0) => break,
+                Ok(_) => moved = true,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Cut::Upstream(e.to_string())),
+            }
+        }
+        if t.relay.upstream_finished() && !conn.host_write_shut {
+            let _ = conn.host.shutdown(Shutdown::Write);
+            conn.host_write_shut = true;
+        }
+        // Upstream socket → relay.
+        while !conn.host_eof && t.relay.wants_upstream_read() {
+            match t.relay.read_upstream(&mut conn.host) {
+                Ok(0) => {
+                    conn.host_eof = true;
+                    t.relay.upstream_eof()?;
+                }
+                Ok(_) => moved = true,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Cut::Upstream(e.to_string())),
+            }
+            t.relay.process()?;
+        }
+        t.relay.process()?;
+        // Relay → guest (as much as smoltcp's send buffer takes).
+        while t.relay.wants_guest_write() && socket.can_send() {
+            let n = socket.send(|buf| {
+                let n = t.relay.write_guest(buf);
+                (n, n)
+            });
+            match n {
+                Ok(n) if n > 0 => moved = true,
+                _ => break,
+            }
+        }
+        if t.relay.guest_finished() && socket.may_send() {
+            socket.close(); // FIN after the queued bytes
+        }
+        if !moved {
+            break;
+        }
+    }
+    Ok(())
 }

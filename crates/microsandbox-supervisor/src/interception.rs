@@ -2,7 +2,8 @@
 //!
 //! The engine hands the secret values (and a user-given interception CA) over the
 //! socket named by `MSB_SECRETS_FD`, never through a file; they are read once, before the
-//! VM starts, and kept here for the network stack ([`get`]). Log lines name secrets by
+//! VM starts, and kept here for the network stack ([`get`]), which calls [`terminate`]
+//! on a `block_and_terminate` violation. Log lines name secrets by
 //! env var only.
 
 use std::io::Read;
@@ -11,28 +12,32 @@ use std::sync::{Arc, OnceLock};
 
 use microsandbox::sandbox::secrets::{read_handover, MAX_HANDOVER, SECRETS_FD, SECRETS_FD_ENV};
 use microsandbox::sandbox::spec::SupervisorSpec;
-use microsandbox_network::secrets::SecretSet;
-use microsandbox_network::tls::{self, InterceptCa, LeafCache, TlsConfig};
+use microsandbox_network::intercept::Interception;
+use microsandbox_network::tls::{self, InterceptCa};
 use zeroize::Zeroizing;
 
-/// Everything the data path needs to intercept a connection.
-#[derive(Debug)]
-#[allow(dead_code)] // read by the network stack's TCP relay once interception is wired in
-pub struct Interception {
-    pub secrets: Arc<SecretSet>,
-    pub tls: TlsConfig,
-    pub ca: Arc<InterceptCa>,
-    pub leaves: Arc<LeafCache>,
-    pub server: Arc<tls::rustls::ServerConfig>,
-    pub upstream: Arc<tls::rustls::ClientConfig>,
+static STATE: OnceLock<Arc<Interception>> = OnceLock::new();
+static TERMINATE: OnceLock<tokio::sync::Notify> = OnceLock::new();
+
+/// The sandbox's interception state, when it intercepts anything.
+pub fn get() -> Option<Arc<Interception>> {
+    STATE.get().cloned()
 }
 
-static STATE: OnceLock<Interception> = OnceLock::new();
+fn terminate_notify() -> &'static tokio::sync::Notify {
+    TERMINATE.get_or_init(tokio::sync::Notify::new)
+}
 
-/// The sandbox's interception state, when it has secrets.
-#[allow(dead_code)] // read by the network stack's TCP relay
-pub fn get() -> Option<&'static Interception> {
-    STATE.get()
+/// Called by the network stack's thread on a `block_and_terminate` violation: the
+/// supervisor stops the sandbox (stop record source `secret-violation`).
+pub fn terminate(why: &str) {
+    eprintln!("msb: stopping the sandbox: {why} (block_and_terminate)");
+    terminate_notify().notify_one();
+}
+
+/// Resolves once [`terminate`] was called (a permit is kept if it came first).
+pub async fn terminated() {
+    terminate_notify().notified().await
 }
 
 /// Reads the handover when the engine sent one; `Err((code, message))` for the startup
@@ -63,12 +68,10 @@ pub fn load(spec: &SupervisorSpec) -> Result<(), (String, String)> {
         Some(ca) => ca,
         None => InterceptCa::generate(&spec.name).map_err(tls_fail)?,
     };
-    let ca = Arc::new(ca);
-    let leaves = Arc::new(LeafCache::new(Arc::clone(&ca), tls::leaf::DEFAULT_CAPACITY));
-    let server = tls::server_config(Arc::clone(&leaves)).map_err(tls_fail)?;
-    let upstream = tls::upstream_config(tls_cfg.verify_upstream, &tls_cfg.upstream_ca_certs, true).map_err(tls_fail)?;
     let names: Vec<&str> = set.secrets.iter().map(|s| s.env.as_str()).collect();
     eprintln!("msb: {} secret(s) held in memory for interception: {}", names.len(), names.join(", "));
-    let _ = STATE.set(Interception { secrets: Arc::new(set), tls: tls_cfg, ca, leaves, server, upstream });
+    // Upstream certificates are checked against the host's roots plus tls.upstream_ca_cert.
+    let state = Interception::new(set, tls_cfg, ca, true).map_err(tls_fail)?;
+    let _ = STATE.set(Arc::new(state));
     Ok(())
 }

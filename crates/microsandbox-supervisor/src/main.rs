@@ -8,6 +8,7 @@
 mod agent_link;
 mod control;
 mod flow;
+mod guest_ca;
 mod interception;
 mod liveness;
 mod logbook;

@@ -16,7 +16,12 @@ pub fn start(link: UnixStream, cfg: NetworkConfig, log: crate::logbook::LogSink)
     let c = counters.clone();
     let log: LogFn = Box::new(move |line: &str| log.record("system", None, line.as_bytes()));
     let spawned = std::thread::Builder::new().name("msb-net".into()).spawn(move || {
-        let result = Stack::new(link, cfg, c, log).and_then(Stack::run);
+        let result = Stack::new(link, cfg, c, log)
+            .map(|stack| match crate::interception::get() {
+                Some(i) => stack.with_interception(i, Box::new(crate::interception::terminate)),
+                None => stack,
+            })
+            .and_then(Stack::run);
         if let Err(e) = result {
             eprintln!("msb: the network stack stopped: {e}");
         }

@@ -133,6 +133,11 @@ impl Guest {
         }
     }
 
+    /// Writes `bytes` to `path` (mode `mode`), creating missing parent directories.
+    pub async fn write_file(&self, path: &str, mode: u32, bytes: &[u8]) -> Result<(), Failure> {
+        self.write(path, mode, Upload::Bytes(bytes)).await
+    }
+
     async fn write(&self, path: &str, mode: u32, upload: Upload<'_>) -> Result<(), Failure> {
         self.parents(path).await?;
         self.op(FsRequest { mode: Some(mode), ..req(FsOp::Write, path) }, upload).await.map(drop)

@@ -325,6 +325,29 @@ pub async fn supervise(spec: SupervisorSpec, report: fn(&StartupReport)) -> u8 {
             return 1;
         }
     }
+    // The interception CA (and host roots, with trust_host_cas) into the guest's trust
+    // store, at every boot: a restarted sandbox has a new CA.
+    let mut trusted = crate::interception::get().map(|i| i.ca().cert_pem().to_string()).unwrap_or_default();
+    if spec.trust_host_cas {
+        match crate::guest_ca::host_roots_pem() {
+            Some(roots) => trusted = format!("{roots}\n{trusted}"),
+            None => eprintln!("msb: trust_host_cas: the host has no CA bundle to copy"),
+        }
+    }
+    if !trusted.is_empty() {
+        let guest = crate::patches::Guest { router: router.clone(), to_agent: to_agent.clone() };
+        if let Err(why) = crate::guest_ca::install(&guest, &trusted).await {
+            let _ = qemu.start_kill();
+            let _ = qemu.wait().await;
+            cleanup(&spec);
+            let message = format!(
+                "sandbox {:?}: cannot install the CA certificates in the guest ({why}); secrets: and trust_host_cas: need a writable root filesystem",
+                spec.name
+            );
+            report(&StartupReport::Failed { code: "boot-failed".into(), message });
+            return 1;
+        }
+    }
     tokio::spawn(control::serve(control_listener, ctx));
     if let Some(req) = spec.main.clone() {
         crate::main_process::start(router, &to_agent, req).await;
@@ -349,6 +372,7 @@ pub async fn supervise(spec: SupervisorSpec, report: fn(&StartupReport)) -> u8 {
             t
         }
         reason = self_stop => { stop_by_itself = true; why_stop = reason; None }
+        _ = crate::interception::terminated() => { why_stop = source::SECRET_VIOLATION; None }
         status = qemu.wait() => { why_stop = source::VM_EXITED; vm_status = status.ok(); None }
         _ = liveness::owner_gone_unless_detached(owner.clone(), detached_rx) => { why_stop = source::OWNER_EXITED; None }
         _ = sigterm.recv() => None,

@@ -63,8 +63,8 @@ pub struct SandboxConfig {
     /// `tls:` — interception options (a PEM key text is never stored).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<super::secrets::TlsOptions>,
-    /// `trust_host_cas:` — copy the host's CA roots into the guest (applied once the
-    /// guest network lands).
+    /// `trust_host_cas:` — copy the host's CA roots into the guest's trust store at
+    /// every boot.
     #[serde(default)]
     pub trust_host_cas: bool,
     #[serde(default)]

@@ -172,6 +172,12 @@ impl Sandbox {
         let placeholders = cfg.secrets_view().placeholder_env();
         cfg.env.retain(|(k, _)| !placeholders.iter().any(|(p, _)| p == k));
         cfg.env.extend(placeholders);
+        // Where TLS clients find the CA bundle the supervisor writes at every boot.
+        if cfg.secrets_view().intercepts() || cfg.trust_host_cas {
+            let trust = secrets::trust_env();
+            let missing: Vec<_> = trust.into_iter().filter(|(k, _)| !cfg.env.iter().any(|(e, _)| e == k)).collect();
+            cfg.env.extend(missing);
+        }
         // Checked now so a bad entrypoint fails before anything starts.
         main_request(&cfg)?;
         // `volumes:` against the host (paths, volumes, locks) before anything is claimed.
@@ -364,6 +370,7 @@ impl Sandbox {
             tls: if cfg.secrets_view().intercepts() { Some(cfg.secrets_view().tls_config()?) } else { None },
             template,
             volumes: volume_runtime(&mounts)?,
+            trust_host_cas: cfg.trust_host_cas,
         };
         let spec_path = dir.join(spec::SPEC_FILE);
         std::fs::write(&spec_path, serde_json::to_vec_pretty(&spec).unwrap())
@@ -657,6 +664,15 @@ impl Sandbox {
     }
 
     fn not_running(&self) -> Error {
+        // A sandbox stopped for a secret violation says so (`block_and_terminate`).
+        let dir = self.home.sandbox_dir(&self.name);
+        if stop_record::read(&dir).is_some_and(|r| r.source == stop_record::source::SECRET_VIOLATION) {
+            return Error::SecretViolation(format!(
+                "sandbox {:?} was stopped: a secret's placeholder was headed to a host the secret does not name \
+                 (on_violation: block_and_terminate); its system log says which secret and where",
+                self.name
+            ));
+        }
         Error::SandboxNotRunning(format!(
             "sandbox {:?} is not running (stopped, killed or its VM exited); start it again with Sandbox.start",
             self.name

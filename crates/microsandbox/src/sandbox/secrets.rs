@@ -296,6 +296,22 @@ impl SandboxSecrets<'_> {
     }
 }
 
+/// The guest environment that points TLS clients at the CA files the supervisor writes
+/// at every boot (`/.msb/tls/`): the bundle (system roots + the sandbox's CA) for the
+/// variables that replace the default roots, the CA alone for Node's, which adds to them.
+pub fn trust_env() -> Vec<(String, String)> {
+    const BUNDLE: &str = "/.msb/tls/bundle.pem";
+    [
+        ("SSL_CERT_FILE", BUNDLE),
+        ("REQUESTS_CA_BUNDLE", BUNDLE),
+        ("CURL_CA_BUNDLE", BUNDLE),
+        ("NODE_EXTRA_CA_CERTS", "/.msb/tls/extra.pem"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
 /// Puts the caller's values (given again at start) into the stored entries; every
 /// stored secret needs one, and no unknown env may be given.
 pub fn merge_for_start(stored: &mut [SecretEntry], given: Vec<SecretEntry>) -> Result<()> {

@@ -60,6 +60,9 @@ pub struct SupervisorSpec {
     /// Volume locks to hold and `virtiofsd`s to run for `volumes:`; `None`: no volumes.
     #[serde(default)]
     pub volumes: Option<crate::volume::mount::VolumeRuntime>,
+    /// Copy the host's CA roots into the guest's trust store at boot (`trust_host_cas:`).
+    #[serde(default)]
+    pub trust_host_cas: bool,
 }
 
 /// First line the supervisor prints on stdout: it booted, or why it did not.

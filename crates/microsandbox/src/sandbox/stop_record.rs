@@ -34,6 +34,8 @@ pub mod source {
     pub const IDLE_TIMEOUT: &str = "idle-timeout";
     /// The (non-detached) owner process exited, which stops its sandboxes by design.
     pub const OWNER_EXITED: &str = "owner-exited";
+    /// A secret's placeholder headed where it may not go, with `block_and_terminate`.
+    pub const SECRET_VIOLATION: &str = "secret-violation";
     /// Someone sent the supervisor SIGTERM.
     pub const SIGTERM: &str = "sigterm";
     /// The VM (QEMU) ended without being asked: a guest power-off, panic or QEMU crash.

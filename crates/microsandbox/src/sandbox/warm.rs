@@ -159,6 +159,7 @@ async fn build(
         network: nic,
         // No secrets and no interception: nothing of any sandbox is in a template.
         tls: None,
+        trust_host_cas: false,
         template: Some(TemplateRun::Save { state: template::STATE_FILE.into(), qmp }),
         volumes: None,
     };
