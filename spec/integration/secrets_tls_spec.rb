@@ -56,6 +56,7 @@ RSpec.describe "secrets substituted on intercepted TLS" do
     # Fresh values per run, so a hit can only come from this run.
     @value = "sk-live-#{SecureRandom.hex(16)}"
     @second = "sk-second-#{SecureRandom.hex(8)}"
+    @third = "sk-third-#{SecureRandom.hex(8)}"
     @net = MicrosandboxSpec::NetNS.start!
     @ref = MicrosandboxSpec::DebianImage.push(MicrosandboxSpec::Registry.instance)
     @dir = Dir.mktmpdir("msb-tls-spec")
@@ -75,7 +76,8 @@ RSpec.describe "secrets substituted on intercepted TLS" do
       @name, image: @ref, registry_insecure: true,
              dns: { nameservers: [@net::DNS], query_timeout_ms: 2000 },
              secrets: [{ env: "API_KEY", value: @value, host: "inet.test" },
-                       { env: "SECOND_KEY", value: @second, host: "other.inet.test" }],
+                       { env: "SECOND_KEY", value: @second, host: "other.inet.test" },
+                       { env: "FORM_KEY", value: @third, host: "inet.test", inject_query: true, inject_body: true }],
              tls: { upstream_ca_cert: @ca, intercepted_ports: [443, 8443], bypass: ["alias.inet.test"] }
     )
     @sb.fs.write("/tmp/test-ca.pem", File.read(@ca))
@@ -111,10 +113,10 @@ RSpec.describe "secrets substituted on intercepted TLS" do
   # python3-minimal: no http.client, no json); prints "<status> <body>" or
   # "ERR <exception class>: <message>". Header values go through os.path.expandvars, so
   # "$API_KEY" is what a program reading the environment would send.
-  def guest_request(host, headers, port: 443, verify: :default, path: "/v1/x")
+  def guest_request(host, headers, port: 443, verify: :default, path: "/v1/x", body: nil, chunked: false)
     script = <<~'PY'
       import os, socket, ssl, sys
-      host, port, path, verify = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+      host, port, path, verify, body, chunked = sys.argv[1], int(sys.argv[2]), os.path.expandvars(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6] == "1"
       if verify == "none":
           ctx = ssl._create_unverified_context()
       elif verify == "default":
@@ -123,10 +125,22 @@ RSpec.describe "secrets substituted on intercepted TLS" do
           ctx = ssl.create_default_context(cafile=verify)
       try:
           s = ctx.wrap_socket(socket.create_connection((host, port), timeout=60), server_hostname=host)
-          req = "GET %s HTTP/1.1\r\nHost: %s\r\n" % (path, host if port == 443 else "%s:%d" % (host, port))
-          for h in sys.argv[5:]:
+          method = "POST" if body else "GET"
+          req = "%s %s HTTP/1.1\r\nHost: %s\r\n" % (method, path, host if port == 443 else "%s:%d" % (host, port))
+          for h in sys.argv[7:]:
               req += os.path.expandvars(h) + "\r\n"
-          s.sendall((req + "Connection: close\r\n\r\n").encode())
+          body = os.path.expandvars(body).encode()
+          if body and chunked:
+              # In two chunks, split inside the placeholder.
+              half = len(body) // 2
+              req += "Transfer-Encoding: chunked\r\n"
+              payload = b"%x\r\n%s\r\n%x\r\n%s\r\n0\r\n\r\n" % (half, body[:half], len(body) - half, body[half:])
+          elif body:
+              req += "Content-Length: %d\r\n" % len(body)
+              payload = body
+          else:
+              payload = b""
+          s.sendall((req + "Connection: close\r\n\r\n").encode() + payload)
           data = b""
           while b"\r\n\r\n" not in data:
               chunk = s.recv(65536)
@@ -144,10 +158,25 @@ RSpec.describe "secrets substituted on intercepted TLS" do
       except Exception as e:
           print("ERR", type(e).__name__ + ":", e)
     PY
-    args = [script, host, port.to_s, path, verify.to_s] + headers.map { |k, v| "#{k}: #{v}" }
+    args = [script, host, port.to_s, path, verify.to_s, body.to_s, chunked ? "1" : "0"] + headers.map { |k, v| "#{k}: #{v}" }
     out = @sb.exec("python3", ["-c", *args], timeout: 120)
     expect(out.stderr).to eq("")
     out.stdout
+  end
+
+  # The data of a chunked body (chunk sizes and framing removed).
+  def dechunk(body)
+    out = +""
+    rest = body
+    loop do
+      size, rest = rest.split("\r\n", 2)
+      n = size.to_i(16)
+      break if n.zero? || rest.nil?
+
+      out << rest[0, n]
+      rest = rest[(n + 2)..] || ""
+    end
+    out
   end
 
   def system_log
@@ -176,6 +205,22 @@ RSpec.describe "secrets substituted on intercepted TLS" do
     creds = Base64.strict_encode64("user:$MSB_API_KEY")
     expect(guest_request("inet.test", { "Authorization" => "Basic #{creds}" })).to start_with("200 ok")
     expect(recorded(1).first["request"]).to include("Authorization: Basic #{Base64.strict_encode64("user:#{@value}")}\r\n")
+  end
+
+  it "substitutes in the query and in fixed-length and chunked bodies when the secret enables them" do
+    expect(guest_request("inet.test", {}, path: "/q?key=$FORM_KEY&k2=%24MSB_FORM_KEY")).to start_with("200 ok")
+    expect(recorded(1).first["request"]).to start_with("GET /q?key=#{@third}&k2=#{@third} HTTP/1.1\r\n")
+    expect(guest_request("inet.test", {}, body: '{"token":"$FORM_KEY"}')).to start_with("200 ok")
+    req = recorded(1).first["request"]
+    expect(req).to include("Content-Length: #{%({"token":"#{@third}"}).bytesize}\r\n")
+    expect(req).to end_with(%(\r\n\r\n{"token":"#{@third}"}))
+    expect(guest_request("inet.test", {}, body: "token=$FORM_KEY", chunked: true)).to start_with("200 ok")
+    req = recorded(1).first["request"]
+    expect(req).to include("Transfer-Encoding: chunked\r\n")
+    expect(dechunk(req.split("\r\n\r\n", 2).last)).to eq("token=#{@third}")
+    # API_KEY enables neither: its placeholder in the query passes unchanged (it is not the value).
+    expect(guest_request("inet.test", {}, path: "/q?key=$API_KEY")).to start_with("200 ok")
+    expect(recorded(1).first["request"]).to start_with("GET /q?key=$MSB_API_KEY HTTP/1.1\r\n")
   end
 
   it "cuts a request that carries a placeholder to a host its secret does not name, and logs it by env name" do
@@ -218,7 +263,7 @@ RSpec.describe "secrets substituted on intercepted TLS" do
   end
 
   it "keeps the values out of the guest, the logs, inspect and the sandbox's files" do
-    [@value, @second].each do |v|
+    [@value, @second, @third].each do |v|
       out = @sb.shell("cat /proc/[0-9]*/environ | grep -c -F '#{v}'; grep -rlsF '#{v}' /etc /tmp /root /srv /run; dmesg | grep -cF '#{v}'")
       expect(out.stdout).to eq("0\n0\n")
       expect(@sb.logs.map(&:text).join).not_to include(v)
