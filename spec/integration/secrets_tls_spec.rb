@@ -3,55 +3,18 @@
 require "base64"
 require "json"
 require "open3"
-require "openssl"
 require "securerandom"
 require "tmpdir"
 require "timeout"
 require_relative "../support/netns"
 require_relative "../support/registry"
 require_relative "../support/debian_image"
+require_relative "../support/test_pki"
 
 # Secrets on real traffic: a Debian guest (python3) talks HTTPS to a server inside the
 # test internet (spec/support/tls_record_server.rb, certificates from a CA made here),
 # through the supervisor's TLS interception. The server records what it receives.
 RSpec.describe "secrets substituted on intercepted TLS" do
-  def self.cert(subject, key, issuer: nil, issuer_key: nil, ca: false, names: [])
-    c = OpenSSL::X509::Certificate.new
-    c.version = 2
-    c.serial = OpenSSL::BN.rand(64)
-    c.subject = OpenSSL::X509::Name.parse(subject)
-    c.issuer = issuer ? issuer.subject : c.subject
-    c.public_key = key
-    c.not_before = Time.now - 3600
-    c.not_after = Time.now + (2 * 86_400)
-    ef = OpenSSL::X509::ExtensionFactory.new
-    ef.subject_certificate = c
-    ef.issuer_certificate = issuer || c
-    if ca
-      c.add_extension(ef.create_extension("basicConstraints", "CA:TRUE", true))
-      c.add_extension(ef.create_extension("keyUsage", "keyCertSign,cRLSign", true))
-    else
-      c.add_extension(ef.create_extension("basicConstraints", "CA:FALSE", true))
-      c.add_extension(ef.create_extension("extendedKeyUsage", "serverAuth"))
-      c.add_extension(ef.create_extension("subjectAltName", names.map { |n| "DNS:#{n}" }.join(",")))
-    end
-    c.sign(issuer_key || key, OpenSSL::Digest.new("SHA256"))
-    c
-  end
-
-  # A test CA and a server certificate it signed, written to `dir`; returns [ca_path, cert_path, key_path].
-  def self.pki(dir, tag, names)
-    ca_key = OpenSSL::PKey::EC.generate("prime256v1")
-    ca = cert("/CN=msb spec #{tag} CA", ca_key, ca: true)
-    key = OpenSSL::PKey::EC.generate("prime256v1")
-    leaf = cert("/CN=#{names.first}", key, issuer: ca, issuer_key: ca_key, names: names)
-    paths = %w[ca.pem cert.pem key.pem].map { |f| File.join(dir, "#{tag}-#{f}") }
-    File.write(paths[0], ca.to_pem)
-    File.write(paths[1], leaf.to_pem)
-    File.write(paths[2], key.to_pem)
-    paths
-  end
-
   before(:all) do
     # Fresh values per run, so a hit can only come from this run.
     @value = "sk-live-#{SecureRandom.hex(16)}"
@@ -60,9 +23,9 @@ RSpec.describe "secrets substituted on intercepted TLS" do
     @net = MicrosandboxSpec::NetNS.start!
     @ref = MicrosandboxSpec::DebianImage.push(MicrosandboxSpec::Registry.instance)
     @dir = Dir.mktmpdir("msb-tls-spec")
-    @ca, cert, key = self.class.pki(@dir, "good", %w[inet.test other.inet.test alias.inet.test])
+    @ca, cert, key = MicrosandboxSpec::TestPki.write(@dir, "good", %w[inet.test other.inet.test alias.inet.test])
     # Port 8443 serves a certificate from a CA the sandbox does not trust.
-    _, bad_cert, bad_key = self.class.pki(@dir, "stranger", %w[inet.test])
+    _, bad_cert, bad_key = MicrosandboxSpec::TestPki.write(@dir, "stranger", %w[inet.test])
     script = File.expand_path("../support/tls_record_server.rb", __dir__)
     @server_out, w = IO.pipe
     @server_pid = Process.spawn("ip", "netns", "exec", @net.name, RbConfig.ruby, script, cert, key, bad_cert, bad_key,

@@ -6,7 +6,8 @@
 # certificate from the spec's own test CA, and on 203.0.113.10:8443 with one from a CA
 # nobody trusts; reads one HTTP/1.1 request per connection (head ≤ 64 KiB, a
 # Content-Length or chunked body ≤ 1 MiB) and prints it on stdout as one JSON line
-# {"addr", "request" (base64)}, then answers 200 with the request's size. Every connection
+# {"addr", "request" (base64)}, then answers 200 with the request's size. `GET /size/N`
+# (for bench/secrets_tls.rb) answers N bytes instead and records nothing. Every connection
 # is bounded in time (30 s); the process exits when its parent (the spec run) goes away.
 require "base64"
 require "json"
@@ -58,6 +59,15 @@ stranger = context(ARGV.fetch(2), ARGV.fetch(3))
         c.to_io.setsockopt(Socket::SOL_SOCKET, Socket::SO_RCVTIMEO, [30, 0].pack("l_2"))
         c.accept
         request = read_request(c)
+        if (size = request[%r{\AGET /size/(\d+) }, 1]&.to_i)
+          # Benchmark downloads: `size` bytes (≤ 64 MiB), not recorded.
+          size = [size, 64 << 20].min
+          c.write("HTTP/1.1 200 OK\r\nContent-Length: #{size}\r\nConnection: close\r\n\r\n")
+          chunk = "x" * 65_536
+          (size / chunk.bytesize).times { c.write(chunk) }
+          c.write(chunk[0, size % chunk.bytesize])
+          next
+        end
         LOCK.synchronize { puts JSON.generate("addr" => addr, "request" => Base64.strict_encode64(request)) }
         reply = "ok #{request.bytesize}\n"
         c.write("HTTP/1.1 200 OK\r\nContent-Length: #{reply.bytesize}\r\nConnection: close\r\n\r\n#{reply}")
