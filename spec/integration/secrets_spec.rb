@@ -35,6 +35,8 @@ RSpec.describe "secrets that never enter the VM" do
                       "xargs grep -lsF '#{value}'; dmesg | grep -cF '#{value}'")
       expect(grep.stdout).to eq("0\n")
       expect(sb.inspect).not_to include(value)
+      @first_ca = sb.fs.read("/.msb/tls/extra.pem")
+      expect(@first_ca).to start_with("-----BEGIN CERTIFICATE-----")
 
       log = File.read(File.join(sandbox_dir(name), "supervisor.log"))
       expect(log).to include("1 secret(s) held in memory for interception: API_KEY")
@@ -52,6 +54,13 @@ RSpec.describe "secrets that never enter the VM" do
     }
     Microsandbox::Sandbox.start(name, secrets: secrets) do |sb|
       expect(sb.shell("echo $API_KEY").stdout).to eq("$MSB_API_KEY\n")
+      # The busybox image has no CA bundle: it got one, holding this boot's CA only (the
+      # previous boot's block was replaced, not stacked).
+      out = sb.shell("grep -c 'BEGIN microsandbox' /etc/ssl/certs/ca-certificates.crt; " \
+                     "grep -c 'BEGIN CERTIFICATE' /etc/ssl/certs/ca-certificates.crt /.msb/tls/bundle.pem /.msb/tls/extra.pem")
+      expect(out.stdout).to eq("1\n/etc/ssl/certs/ca-certificates.crt:1\n/.msb/tls/bundle.pem:1\n/.msb/tls/extra.pem:1\n")
+      ca = sb.fs.read("/.msb/tls/extra.pem")
+      expect(ca).not_to eq(@first_ca)
     end
     expect(files_containing(sandbox_dir(name), value)).to eq([])
   ensure
@@ -80,6 +89,14 @@ RSpec.describe "secrets that never enter the VM" do
     expect(log).not_to include(value)
   ensure
     Microsandbox::Sandbox.remove(name) if name && Microsandbox::Sandbox.list.any? { |i| i.name == name && i.status != :running }
+  end
+
+  it "copies the host's CA roots into the guest with trust_host_cas: true (no secrets needed)" do
+    host_certs = File.read("/etc/ssl/certs/ca-certificates.crt").scan("BEGIN CERTIFICATE").size
+    Microsandbox::Sandbox.create(unique_name("sectrust"), image: rootfs, trust_host_cas: true, network: "none") do |sb|
+      out = sb.shell("grep -c 'BEGIN CERTIFICATE' /etc/ssl/certs/ca-certificates.crt; echo $SSL_CERT_FILE $NODE_EXTRA_CA_CERTS")
+      expect(out.stdout).to eq("#{host_certs}\n/.msb/tls/bundle.pem /.msb/tls/extra.pem\n")
+    end
   end
 
   it "refuses bad secret and tls options with typed errors that never echo a value" do
