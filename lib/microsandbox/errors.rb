@@ -144,14 +144,19 @@ module Microsandbox
   # {Volume.remove} of a volume a running sandbox mounts; the message names the sandbox.
   class VolumeInUseError < Error; CODE = "volume-in-use"; end
 
-  # Error classes of the reference gem for capabilities this gem does not have yet
-  # (snapshots). Never raised
-  # today; defined so that `rescue` clauses written against the reference gem resolve,
-  # and raised by those capabilities when they exist.
+  # No snapshot of that name, digest or path ({Snapshot.get}/{Snapshot.open}/…,
+  # `from_snapshot:`).
   class SnapshotNotFoundError < Error; CODE = "snapshot-not-found"; end
+  # {Snapshot.create}/{Snapshot.import} onto an existing snapshot (without `force: true`).
   class SnapshotAlreadyExistsError < Error; CODE = "snapshot-already-exists"; end
+  # {Snapshot.create} of a sandbox that is not stopped.
   class SnapshotSandboxRunningError < Error; CODE = "snapshot-sandbox-running"; end
+  # Never raised: this gem's snapshot disks are flattened (they hold the image's files),
+  # so booting one never needs the image. Defined for `rescue` clauses written against
+  # the reference gem.
   class SnapshotImageMissingError < Error; CODE = "snapshot-image-missing"; end
+  # A snapshot's manifest or disk does not match its digests (truncated, edited): it is
+  # never booted ({Snapshot.verify}, `from_snapshot:`, {Snapshot.open}, {Snapshot.import}).
   class SnapshotIntegrityError < Error; CODE = "snapshot-integrity"; end
 
   # A forked child called an object its parent opened before `fork` — an exec stream

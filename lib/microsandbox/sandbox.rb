@@ -103,6 +103,11 @@ module Microsandbox
       #   `intercept_ca_key:` (a path or PEM text; a key file must be mode 0600; a key given
       #   as text is not stored, so {Sandbox.start} needs it again)
       # @param trust_host_cas [Boolean] copy the host's CA roots into the guest (false)
+      # @param from_snapshot [String, nil] boot from a {Snapshot} (its name, digest
+      #   "sha256:…" or artifact directory) instead of `image:` (exclusive; one of them is
+      #   required). The snapshot's disk is checked against its digest first
+      #   ({SnapshotIntegrityError}); env, workdir, user and entrypoint default to the
+      #   snapshotted sandbox's. {SnapshotNotFoundError} when there is no such snapshot
       # @param volumes [Hash{String=>String, Hash}, nil] guest path => mount: a host
       #   directory String (bind mount) or a Hash with one of `bind: "/host/dir"`,
       #   `named: "volume"` ({Volume}), `tmpfs: true` (optional `size_mib:`), `disk: "/x.img"`
@@ -119,16 +124,17 @@ module Microsandbox
       # @raise [ArgumentError] a patch that is not a Hash, of an unknown kind, or with
       #   missing or unknown keys; a malformed `secrets:`/`tls:` option (names the key,
       #   never a value)
-      def create(name, image:, cpus: 1, memory: 512, env: {}, workdir: nil, shell: "/bin/sh",
+      def create(name, image: nil, cpus: 1, memory: 512, env: {}, workdir: nil, shell: "/bin/sh",
                  accel: nil, boot_timeout: nil, max_duration: nil, idle_timeout: nil, hostname: nil, user: nil, labels: {},
                  detached: false, replace: false, replace_with_timeout: nil, pull_policy: nil,
                  registry_auth: nil, registry_insecure: false, registry_ca_certs: nil,
                  entrypoint: nil, scripts: {}, patches: [], oci_upper_size: nil, network: nil, dns: nil,
                  rlimits: nil, log_level: nil, quiet_logs: false, security: nil, ephemeral: false, init: nil,
                  fstype: nil, secrets: nil, on_secret_violation: nil, tls: nil, trust_host_cas: false,
-                 template: nil, volumes: nil, &block)
+                 template: nil, volumes: nil, from_snapshot: nil, &block)
+        snapshot = snapshot_source!(image, from_snapshot)
         unsupported_options!(image, security, ephemeral, init, fstype)
-        config = build_config(name, image, cpus, memory, Validate.coerce_values!("env", env), workdir, accel, boot_timeout)
+        config = build_config(name, image || "", cpus, memory, Validate.coerce_values!("env", env), workdir, accel, boot_timeout)
         config.merge!(run_options(rlimits, log_level, quiet_logs))
         config["secrets"] = Secrets.secrets!(secrets)
         config["on_secret_violation"] = Secrets.violation!("on_secret_violation", on_secret_violation) unless on_secret_violation.nil?
@@ -157,6 +163,7 @@ module Microsandbox
         config["scripts"] = Validate.scripts!("scripts", scripts)
         config["patches"] = Patch.to_config_list!(patches || [])
         config["volumes"] = Volume::Mounts.coerce(volumes) unless volumes.nil?
+        config["from_snapshot"] = snapshot if snapshot
         placement = build_placement(Validate.coerce_values!("labels", labels), detached, replace, replace_with_timeout)
         Microsandbox.ensure_runtime!
         config["supervisor"] = Microsandbox.runtime_path
@@ -259,6 +266,20 @@ module Microsandbox
 
       # Create options of the reference gem this gem cannot honour yet: refused with a
       # typed error before anything starts, never silently ignored.
+      # `from_snapshot:` (a snapshot name, digest or artifact path) or `image:`, exactly one.
+      def snapshot_source!(image, from_snapshot)
+        if from_snapshot.nil?
+          raise ArgumentError, "missing keyword: :image (or from_snapshot:)" if image.nil?
+
+          return nil
+        end
+        raise ArgumentError, "image: and from_snapshot: are exclusive: a snapshot brings its own root" unless image.nil?
+
+        key = from_snapshot.respond_to?(:to_path) ? from_snapshot.to_path : from_snapshot
+        key = Validate.string!("from_snapshot", key)
+        key.start_with?("~", "./", "../") ? File.expand_path(key) : key
+      end
+
       def unsupported_options!(image, security, ephemeral, init, fstype)
         if image.is_a?(String) && DISK_IMAGE_EXTENSIONS.any? { |ext| image.downcase.end_with?(".#{ext}") }
           raise UnsupportedError, "disk-image roots (.#{DISK_IMAGE_EXTENSIONS.join(', .')}) are not supported yet; " \

@@ -135,6 +135,21 @@ module Microsandbox
       Sandbox.remove(name)
     end
 
+    # Saves this (stopped) sandbox's disk as the snapshot `name` ({Snapshot.create}).
+    # @param name [String]
+    # @return [SnapshotInfo]
+    # @raise [SnapshotSandboxRunningError, SnapshotAlreadyExistsError]
+    def snapshot(name)
+      Snapshot.create(self.name, name: name)
+    end
+
+    # Saves this (stopped) sandbox's disk as an artifact at `path` ({Snapshot.create}).
+    # @param path [String]
+    # @return [SnapshotInfo]
+    def snapshot_to(path)
+      Snapshot.create(self.name, path: path)
+    end
+
     # @return [String]
     def inspect
       "#<#{self.class.name} #{name.inspect} #{status}#{' detached' if detached?}>"

@@ -6,8 +6,8 @@
 # here (a compatible superset is fine: extra optional arguments, a block form). Return
 # classes that need a VM are checked in spec/integration/reference_api_live_spec.rb.
 #
-# Out of scope (other issues): networking, snapshots, SSH, the agent client. Volumes:
-# the `Volume`/`VolumeInfo`/`VolumeFs` checks below.
+# Out of scope (other issues): networking, SSH, the agent client. Volumes and snapshots:
+# the `Volume*` and `Snapshot*` checks below.
 RSpec.describe "reference gem 0.9.0 API compatibility" do
   # A reference signature: `req` positional arguments always passed, `opt` more that may be
   # passed, `keys` keyword names.
@@ -197,15 +197,26 @@ RSpec.describe "reference gem 0.9.0 API compatibility" do
                                    rename: sig(2), stat: sig(1) })
   end
 
+  it "Snapshot, SnapshotInfo and SnapshotVerifyReport" do
+    check_singleton(ms::Snapshot, { create: sig(1, 0, :name, :path, :labels, :force, :record_integrity), open: sig(1),
+                                    get: sig(1), list: sig, list_dir: sig(1), reindex: sig(0, 1), remove: sig(1, 0, :force),
+                                    verify: sig(1), export: sig(2, 0, :with_parents, :with_image, :plain_tar),
+                                    import: sig(1, 0, :dest) })
+    check_instance(ms::SnapshotInfo, %i[digest path name parent_digest image_ref image_manifest_digest fstype
+                                        source_sandbox labels size_bytes format created_at open].to_h { |m| [m, sig] })
+    check_instance(ms::SnapshotInfo, { remove: sig(0, 0, :force) })
+    check_instance(ms::SnapshotVerifyReport, %i[digest path status algorithm content_digest verified?
+                                                not_recorded?].to_h { |m| [m, sig] })
+    check_instance(ms::SandboxHandle, { snapshot: sig(1), snapshot_to: sig(1) })
+  end
+
   it "Sandbox class methods, SandboxHandle and SandboxStopResult" do
     check_singleton(ms::Sandbox, { start: sig(1, 0, :detached), get: sig(1), list: sig,
                                    list_with: sig(0, 0, :labels), remove: sig(1) })
     create_keys = %i[image cpus memory env workdir shell user hostname labels scripts entrypoint patches
                      oci_upper_size max_duration idle_timeout pull_policy registry_auth registry_insecure
                      registry_ca_certs detached replace replace_with_timeout secrets on_secret_violation tls
-                     trust_host_cas volumes]
-    # `image:` is required here: the reference makes it optional only for `from_snapshot:`
-    # boots (snapshots are another issue), so it is listed with the reference's keywords.
+                     trust_host_cas volumes from_snapshot]
     accepts!(ms::Sandbox, :create, ms::Sandbox.method(:create), sig(1, 0, *create_keys))
     check_instance(ms::Sandbox, { stop: sig, stop_and_wait: sig, kill: sig, drain: sig, wait: sig, status: sig,
                                   owns_lifecycle?: sig, detach: sig })

@@ -102,6 +102,18 @@ pub enum Error {
     /// The volume is mounted by a running sandbox (`Volume.remove` refused).
     #[error("{0}")]
     VolumeInUse(String),
+    /// No snapshot of that name, digest or path exists.
+    #[error("{0}")]
+    SnapshotNotFound(String),
+    /// A snapshot already exists at the destination.
+    #[error("{0}")]
+    SnapshotAlreadyExists(String),
+    /// `Snapshot.create` of a sandbox that is not stopped.
+    #[error("{0}")]
+    SnapshotSandboxRunning(String),
+    /// A snapshot's manifest or disk does not match its digests (truncated, edited).
+    #[error("{0}")]
+    SnapshotIntegrity(String),
     /// The operation does not apply to this object (e.g. host-side file access to a
     /// disk volume, whose files live inside its filesystem image).
     #[error("{0}")]
@@ -149,6 +161,10 @@ impl Error {
             Error::VolumeAlreadyExists(_) => "volume-already-exists",
             Error::VolumeInUse(_) => "volume-in-use",
             Error::UnsupportedOperation(_) => "unsupported-operation",
+            Error::SnapshotNotFound(_) => "snapshot-not-found",
+            Error::SnapshotAlreadyExists(_) => "snapshot-already-exists",
+            Error::SnapshotSandboxRunning(_) => "snapshot-sandbox-running",
+            Error::SnapshotIntegrity(_) => "snapshot-integrity",
             Error::Io { .. } => "io-error",
         }
     }

@@ -6,6 +6,7 @@
 //! - [`image`]: OCI registry images: pull, verify, shared read-only root disks.
 //! - [`vmm`]: VMM drivers (QEMU) and accelerator choice.
 //! - [`template`]: booted VMs saved once per configuration, restored instead of booted.
+//! - [`snapshot`]: stopped sandboxes' disks saved as artifacts to boot new sandboxes from.
 //! - [`volume`]: named volumes (host storage shared with sandboxes) and host-side access to them.
 //! - [`sandbox`]: create / exec / stop / kill, talking to the per-sandbox supervisor.
 //!
@@ -17,6 +18,7 @@ pub mod paths;
 pub mod rootfs;
 pub mod runtime;
 pub mod sandbox;
+pub mod snapshot;
 pub mod state;
 pub mod template;
 pub mod vmm;

@@ -17,6 +17,7 @@ mod metrics;
 mod network;
 mod runtime;
 mod sandbox;
+mod snapshot;
 mod volume;
 
 use magnus::{function, method, prelude::*, Error, Ruby};
@@ -68,6 +69,7 @@ fn init(ruby: &Ruby) -> Result<(), Error> {
     native.define_singleton_method("volume_list", function!(volume::list, 1))?;
     native.define_singleton_method("volume_remove", function!(volume::remove, 2))?;
     native.define_singleton_method("volume_fs", function!(volume::fs, 5))?;
+    native.define_singleton_method("snapshot", function!(snapshot::call, 3))?;
     native.define_singleton_method("set_virtiofsd_path", function!(volume::set_virtiofsd_path, 1))?;
     let pull = native.define_class("PullSession", ruby.class_object())?;
     pull.define_singleton_method("start", function!(image::RbPullSession::start, 3))?;

@@ -134,6 +134,13 @@ pub struct SandboxConfig {
     /// Do not record the output of commands and the main process in the logs.
     #[serde(default)]
     pub quiet_logs: bool,
+    /// `from_snapshot:` as given (a snapshot name, digest or artifact path); `image` is
+    /// then empty on input and set from the snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_snapshot: Option<String>,
+    /// The digest of the snapshot this sandbox was booted from (its snapshots' parent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_digest: Option<String>,
     /// `volumes:` mounts (see `volume::mount`); checked against the host at every boot.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<crate::volume::mount::MountSpec>,
@@ -320,7 +327,11 @@ impl SandboxConfig {
                 return Err(Error::InvalidConfig(format!("{what} must be positive")));
             }
         }
-        if self.image.is_empty() || self.image.contains('\0') {
+        if self.from_snapshot.is_some() {
+            if !self.image.is_empty() {
+                return Err(Error::InvalidConfig("image: and from_snapshot: are exclusive; a snapshot brings its own root".into()));
+            }
+        } else if self.image.is_empty() || self.image.contains('\0') {
             return Err(Error::InvalidConfig("image must be a non-empty path or image reference".into()));
         }
         self.pull_options()?;

@@ -72,6 +72,74 @@ pub struct Sandbox {
     pid: u32,
 }
 
+/// Resolves `from_snapshot:`: finds the snapshot, checks its disk against the manifest
+/// (a truncated or edited artifact never boots), and gives `cfg` the snapshot's image
+/// reference and inherited settings (the caller's own env entries, workdir, user,
+/// entrypoint win).
+fn from_snapshot(home: &Home, cfg: &mut SandboxConfig, key: &str) -> Result<crate::snapshot::SnapshotInfo> {
+    let info = crate::snapshot::get(home, key)?;
+    crate::snapshot::check_content(&info)?;
+    let inh = &info.body.inherited;
+    cfg.image = info.body.image_ref.clone().unwrap_or_else(|| format!("snapshot:{}", info.digest));
+    let mut env = inh.env.clone();
+    env.retain(|(k, _)| !cfg.env.iter().any(|(ck, _)| ck == k));
+    env.extend(std::mem::take(&mut cfg.env));
+    cfg.env = env;
+    if cfg.workdir.is_none() {
+        cfg.workdir = inh.workdir.clone();
+    }
+    if cfg.user.is_none() {
+        cfg.user = inh.user.clone();
+    }
+    if cfg.entrypoint.is_none() {
+        cfg.entrypoint = Some(inh.entrypoint.clone().unwrap_or_default());
+    }
+    cfg.from_snapshot = None;
+    cfg.snapshot_digest = Some(info.digest.clone());
+    Ok(info)
+}
+
+/// `Snapshot.create` of the stopped sandbox `name`: its root disk, flattened, with a
+/// manifest (see `crate::snapshot`).
+pub fn snapshot_sandbox(
+    home: Option<&std::path::Path>,
+    name: &str,
+    opts: &crate::snapshot::CreateOptions,
+) -> Result<crate::snapshot::SnapshotInfo> {
+    config::validate_name(name)?;
+    let home = Home::resolve(home)?;
+    let rec = StateDb::open(&home)?
+        .get(name)?
+        .ok_or_else(|| Error::SandboxNotFound(format!("no sandbox named {name:?}")))?;
+    if rec.status != Status::Stopped {
+        return Err(Error::SnapshotSandboxRunning(format!(
+            "sandbox {name:?} is running; stop it first (a snapshot is the disk of a stopped sandbox)"
+        )));
+    }
+    let cfg: SandboxConfig = serde_json::from_str(&rec.config)
+        .map_err(|e| Error::Runtime(format!("stored options of sandbox {name:?} are unreadable: {e}")))?;
+    let dir = home.sandbox_dir(name);
+    let (disk, format) = if dir.join(OVERLAY_DISK).is_file() { (dir.join(OVERLAY_DISK), "qcow2") } else { (dir.join(PRIVATE_DISK), "raw") };
+    if !disk.is_file() {
+        return Err(Error::Filesystem(format!("the root disk of sandbox {name:?} is missing")));
+    }
+    let src = crate::snapshot::Source {
+        name,
+        disk: &disk,
+        disk_format: format,
+        image_ref: (!cfg.image.starts_with("snapshot:")).then(|| cfg.image.clone()),
+        parent_digest: cfg.snapshot_digest.clone(),
+        inherited: crate::snapshot::Inherited {
+            env: cfg.env.clone(),
+            workdir: cfg.workdir.clone(),
+            user: cfg.user.clone(),
+            entrypoint: cfg.entrypoint.clone(),
+            shell: cfg.shell.clone(),
+        },
+    };
+    crate::snapshot::create(&home, &src, opts)
+}
+
 /// The devices and guest mounts of `cfg.volumes`, checked against the host; also probes
 /// the volume locks so a volume attached elsewhere fails here with `VolumeInUse`.
 fn volume_plan(home: &Home, cfg: &SandboxConfig) -> Result<crate::volume::mount::Plan> {
@@ -149,13 +217,18 @@ impl Sandbox {
         }
         let mut cfg = cfg;
         let home = Home::resolve(cfg.home.as_deref())?;
-        let local = config::is_local_path(&cfg.image);
+        // from_snapshot: checked whole (manifest and disk digests) before anything else.
+        let snapshot = match cfg.from_snapshot.clone() {
+            Some(key) => Some(from_snapshot(&home, &mut cfg, &key)?),
+            None => None,
+        };
+        let local = snapshot.is_none() && config::is_local_path(&cfg.image);
         if local {
             crate::rootfs::check_dir_image(&cfg.image)?;
         }
         let rt = load_runtime(&home)?;
         // Pull (or find) the image before claiming the name: a failed pull leaves nothing.
-        let prepared = if local {
+        let prepared = if local || snapshot.is_some() {
             None
         } else {
             let opts = cfg.pull_options()?;
@@ -214,6 +287,10 @@ impl Sandbox {
                     }
                     None => crate::image::create_overlay(&image.root_disk, &dir.join(OVERLAY_DISK), Some(size))?,
                 }
+            }
+            // A copy-on-write overlay on the snapshot's (read-only, flattened) disk.
+            None if snapshot.is_some() => {
+                crate::snapshot::overlay_on(snapshot.as_ref().expect("checked"), &dir.join(OVERLAY_DISK))?;
             }
             None => {
                 let image = PathBuf::from(&cfg.image);
@@ -929,6 +1006,8 @@ impl Drop for Sandbox {
 const PRIVATE_DISK: &str = "root.ext4";
 /// Root disk of a sandbox made from a registry image: overlay on the shared image root.
 const OVERLAY_DISK: &str = "root.qcow2";
+/// File name of a sandbox's qcow2 overlay (snapshots look for users of their disk).
+pub const OVERLAY_DISK_NAME: &str = OVERLAY_DISK;
 /// How long [`Sandbox::wait_until_stopped`] waits for QEMU after its supervisor is gone.
 const VMM_EXIT_GRACE: Duration = Duration::from_secs(5);
 
