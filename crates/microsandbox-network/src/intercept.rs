@@ -124,7 +124,7 @@ impl Interception {
         TlsRelay {
             shared: Arc::clone(self),
             pinned,
-            phase: Phase::Hello { acceptor: Acceptor::default(), seen: Vec::new() },
+            phase: Phase::Hello { acceptor: Box::default(), seen: Vec::new() },
             sni: None,
         }
     }
@@ -145,7 +145,7 @@ pub enum Cut {
 
 enum Phase {
     /// Reading the ClientHello; `seen` holds the raw bytes read so far.
-    Hello { acceptor: Acceptor, seen: Vec<u8> },
+    Hello { acceptor: Box<Acceptor>, seen: Vec<u8> },
     /// The upstream handshake runs; the guest waits for its ServerHello.
     Upstream { accepted: Box<Accepted>, client: Box<ClientConnection>, sub: Box<Substituter> },
     /// Both sides are up.
