@@ -244,7 +244,7 @@ RSpec.describe "microsandbox CLI" do
 
   describe "volumes" do
     if Microsandbox.const_defined?(:Volume, false)
-      it "volume create/ls/inspect/rm, and run -v mounts a named volume" do
+      it "volume create/ls/inspect/rm; run -v mounts a named volume or a host directory, --tmpfs a tmpfs" do
         vol = unique_name("clivol")
         expect(cli("volume", "create", "-l", "k=v", vol)).to eq(["#{vol}\n", "", 0])
         listed = JSON.parse(cli("--json", "volume", "ls").first).find { |v| v["name"] == vol }
@@ -254,6 +254,13 @@ RSpec.describe "microsandbox CLI" do
         expect(Microsandbox::Volume.fs(vol).read("f")).to eq("kept\n")
         out, = cli("run", "--rm", "-v", "#{vol}:/data:ro", rootfs, "--", "sh", "-c", "echo x > /data/g || echo read-only")
         expect(out).to end_with("read-only\n")
+        Dir.mktmpdir("cli-bind") do |host|
+          File.write(File.join(host, "from-host"), "hi\n")
+          out, err, status = cli("run", "--rm", "-v", "#{host}:/host:ro", "--tmpfs", "/scratch:16", rootfs, "--", "sh", "-c",
+                                 "cat /host/from-host; touch /host/x 2>/dev/null || echo ro; mount | grep -c ' /scratch type tmpfs'")
+          expect([out, err, status]).to eq(["hi\nro\n1\n", "", 0])
+          expect(Dir.children(host)).to eq(["from-host"])
+        end
         expect(JSON.parse(cli("volume", "inspect", vol).first)[0]).to include("name" => vol, "kind" => "dir")
         expect(cli("volume", "rm", vol)).to eq(["#{vol}\n", "", 0])
         expect(cli("volume", "inspect", vol)[2]).to eq(125)
