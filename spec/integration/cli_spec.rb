@@ -80,8 +80,15 @@ RSpec.describe "microsandbox CLI" do
         wait_for_output(buf, /# /)
         w.write("stty size; sleep 300\n")
         wait_for_output(buf, /33 97\r\n/)
-        w.write("\x03") # raw mode: a byte for the guest's terminal, which interrupts sleep
-        wait_for_output(buf, /\^C/)
+        # Raw mode: Ctrl-C is a byte for the guest's terminal, which interrupts sleep. Under
+        # load it can arrive before sleep runs (and be spent on the shell): send it again
+        # until the shell prompts once more.
+        mark = buf.size
+        back = 20.times.any? do
+          w.write("\x03")
+          wait_until(timeout: 3) { buf[mark..].match?(/\^C.*# /m) }
+        end
+        expect(back).to be(true), "no prompt after Ctrl-C: #{buf[mark..].inspect}"
         w.write("echo after-interrupt; exit 4\n")
       end
       expect(status).to eq(4)
@@ -147,9 +154,15 @@ RSpec.describe "microsandbox CLI" do
         writer.write("stty size\n")
         wait_for_output(buf, /30 100/)
         reader.winsize = [41, 123]
-        sleep 1 # SIGWINCH is forwarded asynchronously
-        writer.write("stty size; tty\n")
-        wait_for_output(buf, %r{41 123\r\n/dev/pts/})
+        # SIGWINCH is forwarded asynchronously: ask until the guest sees the new size.
+        mark = buf.size
+        resized = 20.times.any? do
+          writer.write("stty size\n")
+          wait_until(timeout: 3) { buf[mark..].include?("41 123\r\n") }
+        end
+        expect(resized).to be(true), "the guest never saw 41x123: #{buf[mark..].inspect}"
+        writer.write("tty\n")
+        wait_for_output(buf, %r{/dev/pts/\d+\r\n})
         writer.write("exit 5\n")
       end
       expect(status).to eq(5)
@@ -163,7 +176,8 @@ RSpec.describe "microsandbox CLI" do
       metrics_in, metrics_out, metrics_follower = Open3.popen2(RbConfig.ruby, "-I", lib, exe, "--json", "metrics", "-f",
                                                                "--interval", "0.5", name)
       metrics_in.close
-      sleep 2
+      first_sample = Timeout.timeout(120) { metrics_out.gets } # one sample before the sandbox stops
+      sleep 1
       expect(cli("exec", name, "echo", "while-following")).to eq(["while-following\n", "", 0])
       expect(cli("stop", name)).to eq(["#{name}\n", "", 0])
       expect(Timeout.timeout(60) { follower.value }.exitstatus).to eq(0)
@@ -171,7 +185,7 @@ RSpec.describe "microsandbox CLI" do
       expect(followed).to end_with("while-following\n")
       expect(followed).not_to include("main-out")
       expect(Timeout.timeout(60) { metrics_follower.value }.exitstatus).to eq(0) # ends when the sandbox stops
-      samples = metrics_out.read.lines.map { |l| JSON.parse(l) }
+      samples = ([first_sample] + metrics_out.read.lines).map { |l| JSON.parse(l) }
       expect(samples).not_to be_empty
       expect(samples).to all(include("name" => name))
       expect(samples.first).to include("cpu_percent", "memory_bytes", "uptime_secs", "timestamp")
