@@ -1,7 +1,8 @@
 # frozen_string_literal: true
 
 # Warm-start benchmark: create → first exec result, three ways in one run, alternating:
-# cold boot (`template: false`), restore from a template, checkout from a ready Pool.
+# cold boot (`template: false`), restore from a template, checkout from a ready Pool; then
+# Sandbox#fork of a sandbox with 256 MiB of touched memory.
 #
 #   ruby -Ilib bench/warm_start.rb [--runs N] [--memory MiB]     (or `bundle exec rake bench:warm`)
 #
@@ -16,6 +17,7 @@ require_relative "scratch_home"
 
 TARGET_RESTORE = 0.2 # template restore, relative to cold
 TARGET_POOL = 0.05   # pool checkout, relative to cold
+TARGET_FORK = 0.3    # fork of a sandbox with 256 MiB touched → first exec in the child
 
 opts = { runs: Integer(ENV.fetch("BENCH_RUNS", 5)), memory: 256 }
 OptionParser.new do |o|
@@ -86,6 +88,26 @@ Microsandbox::Pool.open(size: 1, **create_opts) do |pool|
   end
 end
 
+# Fork: a parent with 256 MiB of touched memory (random bytes in a guest tmpfs, so the
+# stream cannot skip them as zero pages), forked --runs times.
+forks = []
+parent_name = name.call("parent")
+Microsandbox::Sandbox.create(parent_name, **create_opts, memory: [opts[:memory], 512].max) do |parent|
+  parent.shell("mkdir -p /mnt/t && mount -t tmpfs -o size=300m tmpfs /mnt/t && " \
+               "dd if=/dev/urandom of=/mnt/t/fill bs=1M count=256 2>/dev/null && echo ok").stdout == "ok\n" or
+    raise "could not touch 256 MiB in the parent"
+  opts[:runs].times do
+    child = name.call("fork")
+    t0 = now
+    parent.fork(child) do |c|
+      c.exec("true")
+      forks << (now - t0)
+    end
+    Microsandbox::Sandbox.remove(child)
+  end
+end
+Microsandbox::Sandbox.remove(parent_name)
+
 c = median(cold)
 w = median(warm)
 pl = median(pooled)
@@ -95,4 +117,7 @@ puts format("  template restore → first exec %.3f s  %s  (boot_ms median %d)  
             w, list(warm), median(boot_ms[:warm]), w / c, TARGET_RESTORE, verdict(w / c <= TARGET_RESTORE))
 puts format("  pool checkout → first exec    %.3f s  %s  %.3f× cold  target ≤ %.2f×  %s",
             pl, list(pooled), pl / c, TARGET_POOL, verdict(pl / c <= TARGET_POOL))
+fk = median(forks)
+puts format("  fork (256 MiB touched) → first exec in the child %.3f s  %s  %.3f× cold  target ≤ %.2f×  %s",
+            fk, list(forks), fk / c, TARGET_FORK, verdict(fk / c <= TARGET_FORK))
 puts "  load average at end: #{File.read('/proc/loadavg').split.first(3).join(' ')}"

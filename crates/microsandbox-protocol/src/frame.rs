@@ -73,6 +73,10 @@ pub enum Kind {
     /// answers `Ready` again. (Numbered apart from the others so that kinds added by
     /// other features do not collide with it.)
     Restore = 40,
+    /// client → supervisor: snapshot this running VM for a fork ([`crate::ForkRequest`]);
+    /// answered with the same kind (empty payload) once the state and the disk copy are
+    /// written and the VM runs again, or with `Error`.
+    Fork = 41,
 }
 
 impl Kind {
@@ -104,6 +108,7 @@ impl Kind {
             22 => FsBulk,
             23 => FsAck,
             40 => Restore,
+            41 => Fork,
             _ => return None,
         })
     }

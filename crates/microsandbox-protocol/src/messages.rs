@@ -128,6 +128,10 @@ pub struct StopRequest {
     pub drain: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain_timeout_ms: Option<u64>,
+    /// Pause instead of shutting down: save the running VM (memory, devices) to the
+    /// sandbox's `paused.state` and end QEMU; the next start resumes it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pause: bool,
 }
 
 /// `Error` code of a session refused because the sandbox is draining.
@@ -137,6 +141,9 @@ pub const DRAINING: &str = "sandbox-draining";
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Stopped {
     pub graceful: bool,
+    /// A pause request saved the VM (false: the save failed and the VM shut down instead).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paused: bool,
 }
 
 /// `Info` answer: what the supervisor runs.
@@ -171,6 +178,18 @@ pub struct RestoreIdentity {
     pub realtime_ns: u64,
     /// The sandbox's hostname.
     pub hostname: String,
+}
+
+/// `Fork`: where the supervisor writes the snapshot of its running VM.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ForkRequest {
+    /// File name (no directory) of the migration stream, created in the sandbox directory.
+    pub state: String,
+    /// File name of the sandbox's root disk in its directory, to copy while the VM is paused.
+    pub disk: String,
+    /// Where the copy goes (the new sandbox's directory).
+    pub disk_to: std::path::PathBuf,
 }
 
 /// Bytes of entropy in a [`RestoreIdentity`] (a full ChaCha20 key twice over).

@@ -189,6 +189,16 @@ async fn client(stream: UnixStream, ctx: Ctx) {
             Kind::Info => {
                 let _ = tx.send(Frame::json(frame.id, Kind::Info, &ctx.info)).await;
             }
+            Kind::Fork => {
+                let answer = match frame.parse::<microsandbox_protocol::ForkRequest>() {
+                    Ok(req) => match crate::template::fork(req).await {
+                        Ok(()) => Frame::data(frame.id, Kind::Fork, Vec::new()),
+                        Err(why) => Frame::json(frame.id, Kind::Error, &microsandbox_protocol::ErrorMsg { code: "fork-failed".into(), message: why, errno: None }),
+                    },
+                    Err(e) => protocol_error(frame.id, &e.to_string()),
+                };
+                let _ = tx.send(answer).await;
+            }
             Kind::Stop => match frame.parse::<StopRequest>() {
                 Ok(req) if req.drain => {
                     // Refuse new sessions now; the stop itself waits in its own task, so

@@ -101,6 +101,13 @@ impl Router {
         g.routes.keys().filter(|id| !g.background.contains(id)).count()
     }
 
+    /// Numbers the next sessions after `base`. A resumed or forked VM's agent still runs
+    /// the sessions of the supervisor it was saved from, numbered from 1: starting at a
+    /// random base keeps new sessions apart from those.
+    pub fn start_ids_after(&self, base: u32) {
+        self.inner.lock().unwrap().next = base;
+    }
+
     /// Registers a session and returns its global id (never 0, which is the control id);
     /// `None` while draining.
     pub fn open(&self, route: Route) -> Option<u32> {

@@ -83,6 +83,9 @@ fn spawn_qemu(spec: &SupervisorSpec, nic: Option<&std::os::unix::net::UnixStream
             if libc::getppid() != parent {
                 libc::_exit(1); // the supervisor already died
             }
+            // Files QEMU creates — the console log, anything a monitor command writes —
+            // are the owner's alone: a saved state holds the guest's whole memory.
+            libc::umask(0o077);
             for (fd, target) in [(nic_fd, microsandbox::vmm::qemu::NET_FD), (state_fd, microsandbox::template::STATE_FD)] {
                 let Some(fd) = fd else { continue };
                 // dup2 onto the same number would keep close-on-exec: clear it instead.
@@ -95,6 +98,31 @@ fn spawn_qemu(spec: &SupervisorSpec, nic: Option<&std::os::unix::net::UnixStream
         });
     }
     cmd.spawn()
+}
+
+/// The file a paused sandbox's VM is saved to, in its directory (relative: it is QEMU's
+/// working directory); written under a temporary name and renamed once complete.
+pub const PAUSED_STATE: &str = "paused.state";
+const PAUSED_STATE_TMP: &str = "paused.state.tmp";
+/// Bound on saving a paused VM (its whole memory at most).
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Saves the running VM to [`PAUSED_STATE`] and waits for QEMU to quit. False (and no
+/// state file) when anything fails; QEMU may still be running then.
+async fn pause(spec: &SupervisorSpec, qmp: &Path, qemu: &mut Child) -> bool {
+    let tmp = spec.sandbox_dir.join(PAUSED_STATE_TMP);
+    let saved = match crate::template::save(qmp, &tmp, PAUSE_TIMEOUT).await {
+        Ok(()) => matches!(tokio::time::timeout(PAUSE_TIMEOUT, qemu.wait()).await, Ok(Ok(st)) if st.success()),
+        Err(e) => {
+            eprintln!("msb: pause failed: {e}");
+            false
+        }
+    };
+    if saved && std::fs::rename(&tmp, spec.sandbox_dir.join(PAUSED_STATE)).is_ok() {
+        return true;
+    }
+    let _ = std::fs::remove_file(&tmp);
+    false
 }
 
 /// Last lines of the guest console, to explain a failed boot.
@@ -126,6 +154,9 @@ fn write_stop_record(spec: &SupervisorSpec, why: &str, vm: Option<std::process::
 fn cleanup(spec: &SupervisorSpec) {
     let _ = std::fs::remove_file(&spec.control_socket);
     let _ = std::fs::remove_file(&spec.agent_socket);
+    if let Some(q) = &spec.qmp_socket {
+        let _ = std::fs::remove_file(q);
+    }
     // Scratch data of the VM that just ended; the engine creates it afresh at each boot.
     if let Some(t) = &spec.transfer {
         let _ = std::fs::remove_file(&t.path);
@@ -246,9 +277,15 @@ pub async fn supervise(spec: SupervisorSpec, report: fn(&StartupReport)) -> u8 {
         supervisor_pid: std::process::id(),
         kernel: ready.kernel.clone(),
         boot_ms: started.elapsed().as_millis() as u64,
-        start: if matches!(spec.template, Some(TemplateRun::Restore { .. })) { "restored" } else { "booted" }.into(),
+        start: match &spec.template {
+            Some(TemplateRun::Restore { forked: true, .. }) => "forked",
+            Some(TemplateRun::Restore { resumed: true, .. }) => "resumed",
+            Some(TemplateRun::Restore { .. }) => "restored",
+            _ => "booted",
+        }
+        .into(),
         template: match &spec.template {
-            Some(TemplateRun::Restore { template, .. }) => Some(template.clone()),
+            Some(TemplateRun::Restore { template, resumed: false, forked: false, .. }) => Some(template.clone()),
             _ => None,
         },
     };
@@ -256,7 +293,7 @@ pub async fn supervise(spec: SupervisorSpec, report: fn(&StartupReport)) -> u8 {
         // A template build: save the VM as it is now (agent ready, nothing of any sandbox
         // inside), wait for QEMU to finish writing and quit, and report.
         let within = Duration::from_secs(60);
-        let saved = match crate::template::save(qmp, state, within).await {
+        let saved = match crate::template::save(qmp, &spec.sandbox_dir.join(state), within).await {
             Ok(()) => match tokio::time::timeout(within, qemu.wait()).await {
                 Ok(Ok(st)) if st.success() => Ok(()),
                 Ok(st) => Err(format!("QEMU ended badly after saving ({st:?})")),
@@ -287,7 +324,13 @@ pub async fn supervise(spec: SupervisorSpec, report: fn(&StartupReport)) -> u8 {
         }
     };
 
+    if let Some(qmp) = &spec.qmp_socket {
+        crate::template::set_fork_source(qmp.clone(), spec.sandbox_dir.clone());
+    }
     let router = Arc::new(Router::default());
+    if matches!(spec.template, Some(TemplateRun::Restore { resumed: true, .. } | TemplateRun::Restore { forked: true, .. })) {
+        router.start_ids_after(crate::template::random_u32() | 1 << 30);
+    }
     if !spec.quiet_logs {
         router.set_log(log_sink);
     }
@@ -387,7 +430,19 @@ pub async fn supervise(spec: SupervisorSpec, report: fn(&StartupReport)) -> u8 {
         }
     }
 
+    // A pause: save the running VM into the sandbox directory and let QEMU quit; when
+    // that fails, the sandbox stops as for an ordinary stop request.
+    let mut paused = false;
+    if let (Some((req, _)), Some(qmp)) = (&stop_ticket, &spec.qmp_socket) {
+        if req.pause {
+            paused = pause(&spec, qmp, &mut qemu).await;
+            if paused {
+                why_stop = source::PAUSE;
+            }
+        }
+    }
     let clean_within = match &stop_ticket {
+        _ if paused => None,
         Some((req, _)) => Some(Duration::from_millis(req.timeout_ms)),
         None if stop_by_itself => Some(SELF_STOP_GRACE),
         None => None,
@@ -405,7 +460,7 @@ pub async fn supervise(spec: SupervisorSpec, report: fn(&StartupReport)) -> u8 {
     write_stop_record(&spec, why_stop, vm_status);
     cleanup(&spec);
     if let Some((_, done)) = stop_ticket {
-        let _ = done.send(Stopped { graceful });
+        let _ = done.send(Stopped { graceful: graceful || paused, paused });
         // Let the control task flush the answer before the process ends.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -54,6 +54,8 @@ fn init(ruby: &Ruby) -> Result<(), Error> {
     class.define_method("exec_stream", method!(sandbox::RbSandbox::exec_stream, 10))?;
     class.define_method("stop", method!(sandbox::RbSandbox::stop, 1))?;
     class.define_method("kill", method!(sandbox::RbSandbox::kill, 0))?;
+    class.define_method("pause", method!(sandbox::RbSandbox::pause, 1))?;
+    class.define_method("fork_sandbox", method!(sandbox::RbSandbox::fork_sandbox, 1))?;
     class.define_method("request_stop", method!(sandbox::RbSandbox::request_stop, 1))?;
     class.define_method("request_drain", method!(sandbox::RbSandbox::request_drain, 2))?;
     class.define_method("request_kill", method!(sandbox::RbSandbox::request_kill, 0))?;

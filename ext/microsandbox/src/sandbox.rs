@@ -289,6 +289,28 @@ impl RbSandbox {
         crate::gvl::run(async move { sb.wait_until_stopped(timeout.map(secs)).await }).map_err(|e| to_ruby(ruby, e))
     }
 
+    /// `pause(timeout_secs)`: save the VM to disk and end it (see `Sandbox::pause`).
+    pub fn pause(ruby: &Ruby, rb_self: &Self, timeout: f64) -> Result<Value, Error> {
+        if rb_self.is_inherited() {
+            return Ok(ruby.qnil().as_value());
+        }
+        let sb = rb_self.handle();
+        crate::gvl::run(async move { sb.pause(secs(timeout)).await }).map_err(|e| to_ruby(ruby, e))?;
+        Ok(ruby.qnil().as_value())
+    }
+
+    /// `fork_sandbox(name)`: a running copy of this running sandbox (see `Sandbox::fork`).
+    pub fn fork_sandbox(ruby: &Ruby, rb_self: &Self, name: String) -> Result<RbSandbox, Error> {
+        if rb_self.is_inherited() {
+            return Err(to_ruby(ruby, microsandbox::Error::InvalidConfig(
+                "a forked child process cannot fork its parent's sandbox; create or fork sandboxes of its own".into(),
+            )));
+        }
+        let sb = rb_self.handle();
+        let child = crate::gvl::run(async move { sb.fork(&name).await }).map_err(|e| to_ruby(ruby, e))?;
+        Ok(RbSandbox::wrap(child))
+    }
+
     pub fn kill(ruby: &Ruby, rb_self: &Self) -> Result<Value, Error> {
         if rb_self.is_inherited() {
             return Ok(ruby.qnil().as_value());

@@ -360,7 +360,23 @@ impl Sandbox {
                 "the root disk of sandbox {name:?} is missing; remove it (Sandbox.remove) and create it again"
             )));
         }
-        let sb = Sandbox::boot(&home, &rt, cfg, rec.labels, detached || rec.detached, &[], &warm::Start::Cold).await?;
+        let (start, dropped) = warm::resume_from(&dir, &rt);
+        if let Some(why) = &dropped {
+            warm::system_log(&dir, why);
+        }
+        let resuming = matches!(start, warm::Start::Resume { .. });
+        let sb = match Sandbox::boot(&home, &rt, cfg.clone(), rec.labels.clone(), detached || rec.detached, &[], &start).await {
+            Ok(sb) => sb,
+            Err(e) if resuming && warm::worth_cold_boot(&e) => {
+                warm::forget_pause(&dir);
+                warm::system_log(&dir, &format!("resuming the paused sandbox failed, booted cold (its processes are lost): {e}"));
+                Sandbox::boot(&home, &rt, cfg, rec.labels, detached || rec.detached, &[], &warm::Start::Cold).await?
+            }
+            Err(e) => return Err(e),
+        };
+        if resuming {
+            warm::forget_pause(&dir);
+        }
         guard.armed = false;
         Ok(sb)
     }
@@ -400,7 +416,7 @@ impl Sandbox {
         let hostname = cfg.hostname.clone().unwrap_or_else(|| config::default_hostname(&cfg.name));
         // A restored guest keeps the kernel command line it was saved with: the template's.
         let cmd_hostname = match start {
-            warm::Start::Cold => hostname.clone(),
+            warm::Start::Cold | warm::Start::Resume { .. } => hostname.clone(),
             warm::Start::Restore(_) => crate::template::TEMPLATE_HOSTNAME.to_string(),
         };
         let vm = warm::vm_spec(
@@ -424,7 +440,21 @@ impl Sandbox {
                 qemu_args.extend(extra);
                 Some(run)
             }
+            warm::Start::Resume { state, qemu_args: saved, forked } => {
+                qemu_args = saved.clone();
+                qemu_args.extend(["-incoming".to_string(), format!("fd:{}", crate::template::STATE_FD)]);
+                Some(crate::template::TemplateRun::Restore {
+                    state: state.clone(),
+                    template: String::new(),
+                    hostname,
+                    resumed: !forked,
+                    forked: *forked,
+                })
+            }
         };
+        // QMP: how the supervisor saves the VM for `pause`.
+        let qmp_socket = home.socket_path(&cfg.name, "qmp")?;
+        qemu_args.extend(["-qmp".to_string(), format!("unix:{},server=on,wait=off", qmp_socket.display())]);
         let spec = SupervisorSpec {
             name: cfg.name.clone(),
             sandbox_dir: dir.clone(),
@@ -440,11 +470,13 @@ impl Sandbox {
             quiet_logs: cfg.quiet_logs,
             max_duration_ms: cfg.max_duration_ms,
             idle_timeout_ms: cfg.idle_timeout_ms,
-            main: main_request(&cfg)?,
+            // A resumed VM's main process is still running in it.
+            main: if matches!(start, warm::Start::Resume { .. }) { None } else { main_request(&cfg)? },
             patches_file: write_patches(&dir, patches)?,
             transfer: Some(transfer),
             network,
             tls: if cfg.secrets_view().intercepts() { Some(cfg.secrets_view().tls_config()?) } else { None },
+            qmp_socket: Some(qmp_socket),
             template,
             volumes: volume_runtime(&mounts)?,
             trust_host_cas: cfg.trust_host_cas,
@@ -827,6 +859,109 @@ impl Sandbox {
         Ok(graceful)
     }
 
+    /// A new running sandbox named `child` that is a copy of this running one — memory,
+    /// processes, disk — at this instant ("branch like git"). The parent is paused while
+    /// its state is written and its disk copied, then runs on; the child gets fresh
+    /// entropy, the clock and its own hostname (the parent's `hostname:` if one was given)
+    /// before anything of it runs. Both then diverge. The child is owned by this process.
+    pub async fn fork(&self, child: &str) -> Result<Sandbox> {
+        config::validate_name(child)?;
+        if !self.is_running() {
+            return Err(self.not_running());
+        }
+        let home = self.home.clone();
+        let rt = load_runtime(&home)?;
+        let mut db = StateDb::open(&home)?;
+        let rec = db.get(&self.name)?.ok_or_else(|| self.not_running())?;
+        let mut cfg: SandboxConfig = serde_json::from_str(&rec.config)
+            .map_err(|e| Error::Runtime(format!("stored options of sandbox {:?} are unreadable: {e}", self.name)))?;
+        if !cfg.secrets.is_empty() || cfg.tls.is_some() {
+            return Err(Error::InvalidConfig(format!(
+                "sandbox {:?} has secrets; forking it is not supported (its secret values are never stored)",
+                self.name
+            )));
+        }
+        let parent_dir = home.sandbox_dir(&self.name);
+        let parent_spec: SupervisorSpec = serde_json::from_slice(
+            &std::fs::read(parent_dir.join(spec::SPEC_FILE)).context(|| format!("reading the spec of {:?}", self.name))?,
+        )
+        .map_err(|e| Error::Runtime(format!("the supervisor spec of {:?} is unreadable: {e}", self.name)))?;
+        cfg.name = child.to_string();
+        let config_json = serde_json::to_string(&cfg).expect("config serializes");
+        db.claim_new(child, &config_json, &rec.labels, false)?;
+        let dir = home.sandbox_dir(child);
+        let mut guard = ClaimGuard { home: home.clone(), name: child.into(), dir: dir.clone(), armed: true, keep: false };
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).context(|| format!("creating {}", dir.display()))?;
+        std::fs::write(dir.join(crate::paths::SANDBOX_NAME_FILE), child).context(|| format!("writing {}", dir.display()))?;
+        let disk = if parent_dir.join(OVERLAY_DISK).is_file() { OVERLAY_DISK } else { PRIVATE_DISK };
+        let state_name = format!("fork-{}-{}.state", std::process::id(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+        let req = microsandbox_protocol::ForkRequest { state: state_name.clone(), disk: disk.into(), disk_to: dir.join(disk) };
+        let mut conn = self.connect().await?;
+        microsandbox_protocol::write_frame_async(&mut conn, &Frame::json(0, Kind::Fork, &req)).await.map_err(|_| self.not_running())?;
+        let answer = microsandbox_protocol::read_frame_async(&mut conn).await;
+        let snapshot = parent_dir.join(&state_name);
+        let state = dir.join("fork.state");
+        match answer {
+            Ok(Some(f)) if f.kind == Kind::Fork => {
+                std::fs::rename(&snapshot, &state).context(|| format!("moving {}", snapshot.display()))?;
+            }
+            Ok(Some(f)) if f.kind == Kind::Error => {
+                let _ = std::fs::remove_file(&snapshot);
+                let e: microsandbox_protocol::ErrorMsg = f.parse().map_err(|e| Error::Protocol(e.to_string()))?;
+                return Err(Error::Runtime(format!("cannot fork sandbox {:?}: {}", self.name, e.message)));
+            }
+            _ => {
+                let _ = std::fs::remove_file(&snapshot);
+                return Err(self.not_running());
+            }
+        }
+        let agent = home.socket_path(child, "agent")?;
+        let qemu_args = warm::fork_args(&parent_spec, &dir, &agent);
+        let booted = Sandbox::boot(&home, &rt, cfg, rec.labels, false, &[], &warm::Start::Resume { state: state.clone(), qemu_args, forked: true }).await;
+        let _ = std::fs::remove_file(&state);
+        let sb = booted?;
+        guard.armed = false;
+        Ok(sb)
+    }
+
+    /// Saves the running VM — memory, devices, its processes — to the sandbox directory
+    /// and ends it, freeing its memory; [`Sandbox::start`] (from any process) resumes it
+    /// where it was. `timeout` bounds the clean shutdown used when the save fails (then
+    /// this returns an error and the sandbox is stopped as by [`stop`](Self::stop)).
+    pub async fn pause(&self, timeout: Duration) -> Result<()> {
+        if !self.is_running() {
+            return Err(self.not_running());
+        }
+        let mut conn = self.connect().await?;
+        let req = Frame::json(0, Kind::Stop, &StopRequest { timeout_ms: timeout.as_millis() as u64, pause: true, ..Default::default() });
+        microsandbox_protocol::write_frame_async(&mut conn, &req).await.map_err(|_| self.not_running())?;
+        let answer = tokio::time::timeout(timeout + Duration::from_secs(180), async {
+            while let Ok(Some(f)) = microsandbox_protocol::read_frame_async(&mut conn).await {
+                if f.kind == Kind::Stopped {
+                    return f.parse::<Stopped>().ok();
+                }
+            }
+            None
+        })
+        .await
+        .ok()
+        .flatten();
+        self.stopped.store(true, Ordering::SeqCst);
+        self.reap().await;
+        let dir = self.home.sandbox_dir(&self.name);
+        match answer {
+            Some(s) if s.paused => {
+                let rt = load_runtime(&self.home)?;
+                warm::record_pause(&dir, &rt).inspect_err(|_| warm::forget_pause(&dir))
+            }
+            _ => Err(Error::Runtime(format!(
+                "sandbox {:?} could not be paused (see its logs); it was stopped instead",
+                self.name
+            ))),
+        }
+    }
+
     /// Asks the guest to shut down (killed after `timeout`) and returns at once; see
     /// [`wait_until_stopped`](Self::wait_until_stopped).
     pub async fn request_stop(&self, timeout: Duration) -> Result<()> {
@@ -846,6 +981,7 @@ impl Sandbox {
             timeout_ms: stop_timeout.as_millis() as u64,
             drain: true,
             drain_timeout_ms: drain_timeout.map(|t| t.as_millis() as u64),
+            ..Default::default()
         };
         // The supervisor carries the drain out even after this connection closes.
         microsandbox_protocol::write_frame_async(&mut conn, &Frame::json(0, Kind::Stop, &req))

@@ -54,6 +54,9 @@ pub struct SupervisorSpec {
     /// secret values and a user CA key arrive on the `MSB_SECRETS_FD` socket instead.
     #[serde(default)]
     pub tls: Option<microsandbox_network::tls::TlsConfig>,
+    /// QEMU's QMP socket (pause, templates); `None` for supervisors of older specs.
+    #[serde(default)]
+    pub qmp_socket: Option<PathBuf>,
     /// Save this VM as a template, or restore it from one (`None`: an ordinary boot).
     #[serde(default)]
     pub template: Option<crate::template::TemplateRun>,

@@ -26,6 +26,8 @@ pub mod source {
     pub const STOP: &str = "stop";
     /// `request_drain`: sessions finished, then a stop.
     pub const DRAIN: &str = "drain";
+    /// `pause`: the VM was saved to `paused.state` (the next start resumes it).
+    pub const PAUSE: &str = "pause";
     /// `kill`/`request_kill`: SIGKILL to the supervisor and the VM.
     pub const KILL: &str = "kill";
     /// `max_duration` ran out.

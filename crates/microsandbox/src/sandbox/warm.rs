@@ -19,6 +19,103 @@ pub enum Start {
     /// QEMU loads the template's saved state; the sandbox's disk is an overlay on the
     /// template's disk layer.
     Restore(Template),
+    /// QEMU loads the sandbox's own state saved by `pause`, with the exact command line
+    /// it was saved from (without its `-qmp`/`-incoming`) — or, `forked`, the snapshot of
+    /// another running sandbox with that sandbox's command line moved to this one's paths.
+    Resume { state: PathBuf, qemu_args: Vec<String>, forked: bool },
+}
+
+/// What `pause` records beside `paused.state` (0600, in the sandbox directory).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct PausedMeta {
+    /// [`template::runtime_fingerprint`] when paused: another runtime cannot resume it.
+    pub runtime: String,
+    pub state_bytes: u64,
+    pub qemu_args: Vec<String>,
+}
+
+pub const PAUSED_STATE: &str = "paused.state";
+pub const PAUSED_META: &str = "paused.json";
+
+/// `args` without `-qmp X` and `-incoming X` (each run adds its own).
+pub(super) fn strip_run_args(args: &[String]) -> Vec<String> {
+    let mut out = Vec::with_capacity(args.len());
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "-qmp" || a == "-incoming" {
+            it.next();
+            continue;
+        }
+        out.push(a.clone());
+    }
+    out
+}
+
+/// Records a just-paused sandbox's state beside it; its command line comes from the spec
+/// its supervisor ran with.
+pub(super) fn record_pause(dir: &Path, rt: &Runtime) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let spec: spec::SupervisorSpec = serde_json::from_slice(&std::fs::read(dir.join(spec::SPEC_FILE)).context(|| "reading the supervisor spec".to_string())?)
+        .map_err(|e| Error::Runtime(format!("the supervisor spec is unreadable: {e}")))?;
+    let state_bytes = std::fs::metadata(dir.join(PAUSED_STATE)).context(|| "the paused state".to_string())?.len();
+    let meta = PausedMeta { runtime: template::runtime_fingerprint(rt, &spec.qemu), state_bytes, qemu_args: strip_run_args(&spec.qemu_args) };
+    let p = dir.join(PAUSED_META);
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&p).context(|| format!("writing {}", p.display()))?;
+    use std::io::Write;
+    f.write_all(&serde_json::to_vec(&meta).unwrap()).context(|| format!("writing {}", p.display()))
+}
+
+/// The parent's QEMU command line (from its supervisor spec) for a fork living in
+/// `child_dir`: every path in the parent's directory and the parent's agent socket now
+/// name the child's; the device list, machine and kernel stay exactly the parent's.
+pub(super) fn fork_args(parent: &spec::SupervisorSpec, child_dir: &Path, child_agent: &Path) -> Vec<String> {
+    let from_dir = format!("{}/", parent.sandbox_dir.display());
+    let to_dir = format!("{}/", child_dir.display());
+    let from_agent = parent.agent_socket.display().to_string();
+    let to_agent = child_agent.display().to_string();
+    strip_run_args(&parent.qemu_args)
+        .into_iter()
+        .map(|a| a.replace(&from_agent, &to_agent).replace(&from_dir, &to_dir))
+        .collect()
+}
+
+/// Deletes a paused sandbox's saved state (after it resumed, or when it cannot).
+pub(super) fn forget_pause(dir: &Path) {
+    let _ = std::fs::remove_file(dir.join(PAUSED_STATE));
+    let _ = std::fs::remove_file(dir.join(PAUSED_META));
+}
+
+/// How `Sandbox.start` brings up the sandbox in `dir`: resumed when it was paused and the
+/// saved state is complete and of this runtime, else cold — with why, for the log, when a
+/// saved state had to be dropped.
+pub(super) fn resume_from(dir: &Path, rt: &Runtime) -> (Start, Option<String>) {
+    let state = dir.join(PAUSED_STATE);
+    if !state.exists() {
+        return (Start::Cold, None);
+    }
+    let why = (|| {
+        let bytes = std::fs::read(dir.join(PAUSED_META)).map_err(|_| "its record is missing".to_string())?;
+        if bytes.len() > 1 << 20 {
+            return Err("its record is too large".into());
+        }
+        let meta: PausedMeta = serde_json::from_slice(&bytes).map_err(|e| format!("its record is unreadable: {e}"))?;
+        let qemu = vmm::qemu::binary().map_err(|e| e.to_string())?;
+        if meta.runtime != template::runtime_fingerprint(rt, &qemu) {
+            return Err("the runtime (kernel, agent or QEMU) changed since".into());
+        }
+        let len = std::fs::metadata(&state).map(|m| m.len()).unwrap_or(0);
+        if len != meta.state_bytes {
+            return Err(format!("the state file has {len} bytes, {} were saved", meta.state_bytes));
+        }
+        Ok(meta.qemu_args)
+    })();
+    match why {
+        Ok(qemu_args) => (Start::Resume { state, qemu_args, forked: false }, None),
+        Err(why) => {
+            forget_pause(dir);
+            (Start::Cold, Some(format!("the paused state cannot be resumed ({why}); booted cold, its processes are lost")))
+        }
+    }
 }
 
 /// Placeholder for per-sandbox paths in a template key.
@@ -160,6 +257,7 @@ async fn build(
         // No secrets and no interception: nothing of any sandbox is in a template.
         tls: None,
         trust_host_cas: false,
+        qmp_socket: None,
         template: Some(TemplateRun::Save { state: template::STATE_FILE.into(), qmp }),
         volumes: None,
     };
@@ -212,7 +310,7 @@ pub(super) fn system_log(dir: &Path, text: &str) {
 /// The `Restore` part of a supervisor spec and the extra QEMU arguments of a restore.
 pub(super) fn restore_run(t: &Template, hostname: String) -> (TemplateRun, [String; 2]) {
     (
-        TemplateRun::Restore { state: t.state_path(), template: t.id.clone(), hostname },
+        TemplateRun::Restore { state: t.state_path(), template: t.id.clone(), hostname, resumed: false, forked: false },
         ["-incoming".into(), format!("fd:{}", template::STATE_FD)],
     )
 }

@@ -48,11 +48,22 @@ const FORMAT: u32 = 1;
 #[serde(tag = "mode", rename_all = "snake_case")]
 pub enum TemplateRun {
     /// Boot, wait for `Ready`, save the running VM through QMP (at `qmp`) into `state`
-    /// (a name relative to the sandbox directory, QEMU's working directory), then exit.
+    /// (a file name in the sandbox directory), then exit.
     Save { state: String, qmp: PathBuf },
     /// QEMU loads `state` (inherited at [`STATE_FD`]); the supervisor then sends the
     /// sandbox's identity (`Restore` frame) and waits for the agent's new `Ready`.
-    Restore { state: PathBuf, template: String, hostname: String },
+    ///
+    /// With `resumed`, the state is the sandbox's own (`Sandbox#pause`), not a template's.
+    Restore {
+        state: PathBuf,
+        template: String,
+        hostname: String,
+        #[serde(default)]
+        resumed: bool,
+        /// The state is a snapshot of another running sandbox (`Sandbox#fork`).
+        #[serde(default)]
+        forked: bool,
+    },
 }
 
 /// The `template:` option of a create and the environment: whether this create may

@@ -1,0 +1,69 @@
+# frozen_string_literal: true
+
+require_relative "../support/registry"
+
+# Sandbox#fork: a running copy of a running sandbox (memory, processes, disk), with its own
+# identity, diverging from the parent afterwards.
+RSpec.describe "Sandbox#fork" do
+  it "copies a running sandbox's memory, processes and disk into a new running sandbox with its own identity" do
+    parent_name = unique_name("fork-p")
+    child_name = unique_name("fork-c")
+    Microsandbox::Sandbox.create(parent_name, image: rootfs, memory: 256) do |parent|
+      pid = parent.shell("sleep 1000 > /dev/null 2>&1 & echo $!").stdout.strip
+      parent.shell("echo before > /root/f")
+      parent_rand = parent.shell("od -An -tx1 -N32 /dev/urandom | tr -d ' \\n'").stdout
+
+      parent.fork(child_name) do |child|
+        expect(child.info[:start]).to eq("forked")
+        expect(child.name).to eq(child_name)
+        expect(child.shell("kill -0 #{pid} && echo alive").stdout).to eq("alive\n") # the parent's process, copied
+        expect(child.shell("cat /root/f").stdout).to eq("before\n") # the page cache and the disk came along
+        expect(child.shell("hostname").stdout.strip).to eq(child_name)
+        child_rand = child.shell("od -An -tx1 -N32 /dev/urandom | tr -d ' \\n'").stdout
+        expect(child_rand.size).to eq(64)
+        expect(child_rand).not_to eq(parent_rand)
+        expect(child.shell("od -An -tx1 -N32 /dev/urandom | tr -d ' \\n'").stdout)
+          .not_to eq(parent.shell("od -An -tx1 -N32 /dev/urandom | tr -d ' \\n'").stdout)
+
+        # They diverge.
+        child.shell("echo child > /root/f; sync")
+        parent.shell("echo parent > /root/g")
+        expect(parent.shell("cat /root/f").stdout).to eq("before\n")
+        expect(child.shell("cat /root/g 2>&1").exit_code).not_to eq(0)
+        expect(parent.shell("hostname").stdout.strip).to eq(parent_name)
+      end
+      expect(parent).to be_running
+      expect(parent.shell("echo still").stdout).to eq("still\n")
+      expect { parent.fork(parent_name) }.to raise_error(Microsandbox::SandboxAlreadyExistsError)
+      expect(Dir.glob(File.join(sandbox_dir(parent_name), "fork-*"))).to be_empty
+    end
+    expect(Dir.glob(File.join(sandbox_dir(child_name), "*.state"))).to be_empty
+  ensure
+    [parent_name, child_name].each { |n| Microsandbox::Sandbox.remove(n) if Microsandbox::Sandbox.list.any? { |s| s.name == n } }
+  end
+
+  it "forks a sandbox restored from a template (a NIC and a disk chain on the template's layer)" do
+    ref = MicrosandboxSpec::Registry.instance.push_dir("team/fork", "1.0", MicrosandboxSpec::Rootfs.busybox_dir,
+                                                       env: ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"])
+    names = [unique_name("fork-tp"), unique_name("fork-tc")]
+    Microsandbox::Sandbox.create(names[0], image: ref, registry_insecure: true, memory: 256) do |parent|
+      expect(parent.info[:start]).to eq("restored")
+      parent.shell("echo x > /root/x")
+      parent.fork(names[1]) do |child|
+        expect(child.shell("cat /root/x; hostname").stdout).to eq("x\n#{names[1]}\n")
+        expect(child.shell("grep 127.0.1.1 /etc/hosts").stdout).to include(names[1]) # its hostname line follows
+      end
+    end
+  ensure
+    names.each { |n| Microsandbox::Sandbox.remove(n) if Microsandbox::Sandbox.list.any? { |s| s.name == n } }
+  end
+
+  it "refuses a stopped sandbox and leaves no record behind" do
+    name = unique_name("fork-s")
+    sb = Microsandbox::Sandbox.create(name, image: rootfs, memory: 256)
+    sb.stop
+    expect { sb.fork(unique_name("fork-x")) }.to raise_error(Microsandbox::SandboxNotRunningError)
+  ensure
+    Microsandbox::Sandbox.remove(name)
+  end
+end
