@@ -9,6 +9,7 @@ require_relative "cli/progress"
 require_relative "cli/sandbox_commands"
 require_relative "cli/image_commands"
 require_relative "cli/volume_commands"
+require_relative "cli/snapshot_commands"
 require_relative "cli/doctor_command"
 
 module Microsandbox
@@ -27,6 +28,7 @@ module Microsandbox
     include SandboxCommands
     include ImageCommands
     include VolumeCommands
+    include SnapshotCommands
     include DoctorCommand
 
     # Exit statuses of the CLI itself. A command run in a sandbox passes its own status
@@ -73,6 +75,7 @@ module Microsandbox
       "pull" => ["pull an image, with a progress bar per layer", :cmd_pull],
       "image" => ["images: ls | inspect REF | rm REF... | prune", :cmd_image],
       "volume" => ["named volumes: create NAME | ls | inspect NAME | rm NAME...", :cmd_volume],
+      "snapshot" => ["snapshots: create SANDBOX | ls | inspect | rm | verify | export | import", :cmd_snapshot],
       "doctor" => ["check this host can run sandboxes, and how fast", :cmd_doctor],
       "version" => ["print the gem and runtime versions", :cmd_version],
       "help" => ["help for a command", :cmd_help]

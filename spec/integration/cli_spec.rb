@@ -293,6 +293,37 @@ RSpec.describe "microsandbox CLI" do
     end
   end
 
+  describe "snapshots" do
+    it "snapshot create/ls/inspect/verify/export/rm/import, and run --from-snapshot boots one" do
+      base = unique_name("cli-snapbase")
+      snap = unique_name("cli-snap")
+      expect(cli("run", "--name", base, rootfs, "--", "sh", "-c", "echo from-base > /root/marker")).to eq(["", "", 0])
+      out, err, status = cli("snapshot", "create", "--name", snap, "-l", "k=v", base)
+      expect([err, status]).to eq(["", 0])
+      expect(out).to match(/\A#{snap} sha256:[0-9a-f]{64}\n\z/)
+      digest = out.split.last
+      listed = JSON.parse(cli("--json", "snapshot", "ls").first).find { |s| s["name"] == snap }
+      expect(listed).to include("digest" => digest, "source_sandbox" => base, "labels" => { "k" => "v" })
+      expect(JSON.parse(cli("snapshot", "inspect", snap).first)[0]).to include("name" => snap, "digest" => digest)
+      out, _, status = cli("snapshot", "verify", snap)
+      expect(status).to eq(0)
+      expect(out).to end_with(" #{digest}\n")
+
+      expect(cli("run", "--rm", "--from-snapshot", snap, "--", "cat", "/root/marker")).to eq(["from-base\n", "", 0])
+
+      Dir.mktmpdir("cli-snap-export") do |dir|
+        tar = File.join(dir, "snap.tar")
+        expect(cli("snapshot", "export", snap, tar)).to eq(["#{tar}\n", "", 0])
+        expect(cli("snapshot", "rm", snap)).to eq(["#{snap}\n", "", 0])
+        expect(cli("snapshot", "inspect", snap)[2]).to eq(125)
+        out, err, status = cli("snapshot", "import", tar)
+        expect([out, err, status]).to eq(["#{snap} #{digest}\n", "", 0])
+      end
+      expect(cli("snapshot", "rm", "-f", snap)).to eq(["#{snap}\n", "", 0])
+      expect(cli("rm", base)).to eq(["#{base}\n", "", 0])
+    end
+  end
+
   describe "command-line errors (no VM)" do
     it "exits 2 with the usage on stderr" do
       out, err, status = cli("run", rootfs)

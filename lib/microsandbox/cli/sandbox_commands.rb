@@ -10,7 +10,7 @@ module Microsandbox
 
       def cmd_run(argv)
         o = { env: {}, labels: {}, ports: {}, ports_udp: {}, volumes: {} }
-        parser("run [OPTIONS] IMAGE [--] [COMMAND [ARG...]]") do |p|
+        parser("run [OPTIONS] IMAGE [--] [COMMAND [ARG...]]   (or: run --from-snapshot SNAP [OPTIONS] [--] [COMMAND…])") do |p|
           p.separator "IMAGE is an OCI reference or a local root directory (starting with / or .)."
           p.separator "Without -d the sandbox is stopped when COMMAND ends (removed with --rm), and"
           p.separator "the exit status is COMMAND's. With -d it keeps running (detached) and COMMAND,"
@@ -18,6 +18,7 @@ module Microsandbox
           p.separator ""
           p.on("--name NAME", "sandbox name (default run-<8 hex>)") { |v| o[:name] = v }
           p.on("--rm", "remove the sandbox when the command ends") { o[:rm] = true }
+          p.on("--from-snapshot SNAP", "boot from a snapshot (name, digest or path) instead of an IMAGE") { |v| o[:from_snapshot] = v }
           p.on("-d", "--detach", "leave the sandbox running; print its name") { o[:detach] = true }
           sandbox_options(p, o)
           exec_options(p, o)
@@ -31,7 +32,7 @@ module Microsandbox
           p.on("--pull POLICY", "always, if_missing (default) or never") { |v| o[:pull_policy] = v }
           p.on("--insecure", "the registry speaks plain HTTP") { o[:registry_insecure] = true }
         end.order!(argv)
-        image = argv.shift or raise UsageError, "run: missing IMAGE"
+        image = o[:from_snapshot] ? nil : (argv.shift or raise UsageError, "run: missing IMAGE")
         argv.shift if argv.first == "--"
         raise UsageError, "run: --rm and -d exclude each other (a detached sandbox outlives the command)" if o[:rm] && o[:detach]
         raise UsageError, "run: give a COMMAND, or -d to leave the sandbox running" if argv.empty? && !o[:detach]
@@ -245,10 +246,13 @@ module Microsandbox
       end
 
       def create_options(image, o)
-        options = { image: image, env: o[:env], labels: o[:labels], workdir: o[:workdir], user: o[:user],
+        options = { image: image, from_snapshot: o[:from_snapshot], env: o[:env], labels: o[:labels], workdir: o[:workdir], user: o[:user],
                     network: o[:network], memory: o[:memory], cpus: o[:cpus], pull_policy: o[:pull_policy],
                     registry_insecure: o[:registry_insecure] }.compact
         accepted = Sandbox.method(:create).parameters.map(&:last)
+        if options.key?(:from_snapshot) && !accepted.include?(:from_snapshot)
+          raise UnsupportedError, "--from-snapshot needs snapshots, which this version does not have yet"
+        end
         published = { ports: o[:ports], ports_udp: o[:ports_udp] }.reject { |_, v| v.empty? }
         unless published.empty?
           missing = published.keys - accepted
