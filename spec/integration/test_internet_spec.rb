@@ -62,7 +62,7 @@ RSpec.describe "the test internet (network namespace)" do
     name = net.name
     net.stop!
     expect(`ip netns list`).not_to include(name)
-    expect(`ip route show 203.0.113.0/24`.strip).to eq("")
+    expect(`ip route show #{net::ROUTE}`.strip).to eq("")
     net.start!
     expect(Net::HTTP.get(URI("http://#{net::WEB}/hello"))).to eq("hello from the test internet\n")
   end

@@ -14,7 +14,7 @@ module MicrosandboxSpec
   #   203.0.113.53  DNS :53 (dnsmasq-base), answering only the names in {NAMES}
   #
   # The host reaches it through 198.51.100.1 (its end of the veth; the namespace end is
-  # 198.51.100.2) and a route for 203.0.113.0/24. Nothing in it forwards anywhere else.
+  # 198.51.100.2) and a route for {ROUTE}. Nothing in it forwards anywhere else.
   #
   # Needs root (`ip netns`, veth). Without it {start!} raises with a clear message — a
   # spec that needs the internet fails, it is never skipped silently. Started once per
@@ -25,6 +25,10 @@ module MicrosandboxSpec
     PEER_ADDR = "198.51.100.2"
     WEB = "203.0.113.10"
     DNS = "203.0.113.53"
+    # Only the lower quarter of 203.0.113.0/24 is routed into the namespace: build machines
+    # may reach their package mirrors through a documentation address too (this one's is in
+    # the upper half), and a /24 route would send apt, cargo and pip there while a spec runs.
+    ROUTE = "203.0.113.0/26"
     # Names the DNS server answers, and their addresses (for rebind and CNAME tests).
     NAMES = {
       "inet.test" => WEB,
@@ -89,7 +93,7 @@ module MicrosandboxSpec
         end
         @pids = []
         if @name
-          sh("ip", "route", "del", "203.0.113.0/24", "via", PEER_ADDR, allow_fail: true)
+          sh("ip", "route", "del", ROUTE, "via", PEER_ADDR, allow_fail: true)
           sh("ip", "link", "del", "#{@veth}h", allow_fail: true)
           sh("ip", "netns", "del", @name, allow_fail: true)
         end
@@ -129,7 +133,7 @@ module MicrosandboxSpec
         ns("ip", "addr", "add", "#{PEER_ADDR}/24", "dev", "#{@veth}n")
         [WEB, "203.0.113.11", DNS].each { |a| ns("ip", "addr", "add", "#{a}/32", "dev", "#{@veth}n") }
         ns("ip", "link", "set", "#{@veth}n", "up")
-        sh("ip", "route", "add", "203.0.113.0/24", "via", PEER_ADDR)
+        sh("ip", "route", "add", ROUTE, "via", PEER_ADDR)
 
         big = File.join(@dir, "big.bin")
         File.open(big, "wb") do |f|
@@ -214,8 +218,10 @@ module MicrosandboxSpec
             nil
           end
           system("ip", "netns", "del", ns_name, out: File::NULL, err: File::NULL)
-          system("ip", "route", "del", "203.0.113.0/24", "via", PEER_ADDR, out: File::NULL, err: File::NULL)
+          system("ip", "route", "del", ROUTE, "via", PEER_ADDR, out: File::NULL, err: File::NULL)
         end
+        # Earlier versions routed the whole /24; a killed run of one could leave that behind.
+        system("ip", "route", "del", "203.0.113.0/24", "via", PEER_ADDR, out: File::NULL, err: File::NULL)
       end
     end
   end
