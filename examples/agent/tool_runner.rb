@@ -73,10 +73,14 @@ class ToolRunner
         bytes = event.bytes.byteslice(0, [room, 0].max)
         (event.stdout? ? out : err) << bytes
         yield(event.kind, Microsandbox::Text.lossy_utf8(bytes)) if block_given? && !bytes.empty?
-        next if bytes.bytesize == event.bytes.bytesize
+        next if bytes.bytesize == event.bytes.bytesize || truncated
 
         truncated = true
-        handle.kill # a program printing forever must not fill the host's memory
+        begin
+          handle.kill # a program printing forever must not fill the host's memory
+        rescue Microsandbox::ExecFailedError
+          nil # it finished on its own meanwhile; the events left drain below
+        end
       end
       exit_code = handle.exit_code
     rescue Microsandbox::ExecTimeoutError
