@@ -5,6 +5,8 @@ require "pty"
 require "io/console"
 require "base64"
 require "json"
+require "net/http"
+require "socket"
 require_relative "../support/registry"
 
 # The `microsandbox` executable, run as a subprocess exactly as a user runs it: exit
@@ -341,7 +343,25 @@ RSpec.describe "microsandbox CLI" do
       expect(cli("--version").first).to eq("microsandbox #{Microsandbox::VERSION} (runtime #{Microsandbox::RUNTIME_VERSION})\n")
     end
 
-    unless Microsandbox::Sandbox.method(:create).parameters.map(&:last).include?(:ports)
+    if Microsandbox::Sandbox.method(:create).parameters.map(&:last).include?(:ports)
+      it "-p publishes a guest port on the host's loopback" do
+        port = TCPServer.open("127.0.0.1", 0) { |s| s.addr[1] }
+        name = unique_name("cli-port")
+        out, err, status = cli("run", "-d", "--name", name, "-p", "#{port}:8080", rootfs, "--",
+                               "sh", "-c", "echo hello-port > /tmp/index.html; httpd -f -p 8080 -h /tmp")
+        expect([out, err, status]).to eq(["#{name}\n", "", 0])
+        body = nil
+        served = wait_until(timeout: 60, interval: 0.5) do
+          body = Net::HTTP.get(URI("http://127.0.0.1:#{port}/index.html"))
+        rescue SystemCallError, IOError, Net::ReadTimeout, Net::OpenTimeout
+          false
+        end
+        expect(served).to be_truthy
+        expect(body).to eq("hello-port\n")
+      ensure
+        cli("rm", "-f", name) if name
+      end
+    else
       it "refuses -p with the unsupported code while published ports do not exist" do
         out, err, status = cli("run", "-p", "8080:80", rootfs, "true")
         expect([out, status]).to eq(["", 125])
