@@ -10,7 +10,9 @@ RSpec.describe "pausing and resuming sandboxes" do
   it "saves a running sandbox with its processes, frees its VM, and resumes it where it was" do
     name = unique_name("pause")
     sb = Microsandbox::Sandbox.create(name, image: rootfs, memory: 256,
-                                            entrypoint: ["/bin/sh", "-c", "echo started >> /root/main.log; exec sleep 1000"])
+                                            entrypoint: ["/bin/sh", "-c", "echo started >> /root/main.log; " \
+                                                         "while [ ! -f /root/go ]; do sleep 0.2; done; " \
+                                                         "head -c 600000 /dev/zero; touch /root/done; exec sleep 1000"])
     begin
       pid = sb.shell("sleep 1000 > /dev/null 2>&1 & echo $!").stdout.strip
       expect(pid).to match(/\A\d+\z/)
@@ -33,6 +35,9 @@ RSpec.describe "pausing and resuming sandboxes" do
       expect(sb.shell("cut -d' ' -f1 /proc/uptime").stdout.to_f).to be >= up_before
       expect(sb.shell("cat /root/f").stdout).to eq("on-disk\n")
       expect(sb.shell("cat /root/main.log").stdout).to eq("started\n") # the main process was not started again
+      # Its output now goes to no client, yet it must not block once its flow window fills.
+      sb.shell("touch /root/go")
+      wait_until(timeout: 60) { sb.shell("test -f /root/done").exit_code.zero? }
       expect(sb.shell("date +%s").stdout.to_i).to be_within(30).of(Time.now.to_i)
       expect(File.exist?(state)).to be(false)
     ensure

@@ -98,7 +98,17 @@ pub async fn pump_from_agent(
             // The agent is done with the session's window even if its client is gone.
             windows.agent_done(frame.id);
         }
-        let Some(route) = router.get(frame.id) else { continue };
+        let Some(route) = router.get(frame.id) else {
+            // Output of a session this supervisor never opened: in a resumed or forked
+            // guest, the sessions of the supervisor it was saved from (its main process,
+            // commands left running). Nobody reads it; credit it back at once so such a
+            // process never blocks on a full window. (`try_send`: the pump never waits.)
+            if matches!(frame.kind, Kind::Stdout | Kind::Stderr) {
+                let bytes = flow::cost(frame.kind, frame.payload.len()) as u64;
+                let _ = to_agent.try_send(Frame::json(frame.id, Kind::Credit, &microsandbox_protocol::Credit { bytes }));
+            }
+            continue;
+        };
         if matches!(frame.kind, Kind::FsBulk | Kind::FsAck) {
             // The client would refuse a slot outside the window too; a guest that names
             // one is broken or hostile either way.
