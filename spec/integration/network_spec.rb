@@ -1,8 +1,11 @@
 # frozen_string_literal: true
 
 require "digest"
+require "resolv"
 require "socket"
 require_relative "../support/netns"
+require_relative "../support/registry"
+require_relative "../support/debian_image"
 
 # Guest networking against real VMs. Test traffic stays on loopback (inside the guest, or
 # the host's 127.0.0.1 reached through the sandbox's gateway) or goes to the suite's own
@@ -120,6 +123,56 @@ RSpec.describe "Guest networking" do
     end
   end
 
+  describe "UDP from a real client (the suite's Debian image, python3)" do
+    before(:all) do
+      @net = MicrosandboxSpec::NetNS.start!
+      ref = MicrosandboxSpec::DebianImage.push(MicrosandboxSpec::Registry.instance)
+      @sb = Microsandbox::Sandbox.create(unique_name("net-udp"), image: ref, registry_insecure: true,
+                                                              dns: { nameservers: [@net::DNS], query_timeout_ms: 2000 })
+    end
+    after(:all) { @sb&.kill }
+
+    # A UDP client in the guest: sends each payload (retrying a lost one), prints what
+    # came back as hex, one line per datagram.
+    def udp_client
+      <<~PY
+      import socket, sys
+      host, port = sys.argv[1], int(sys.argv[2])
+      s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+      s.settimeout(2)
+      for size in map(int, sys.argv[3:]):
+          payload = bytes((i * 7 + size) % 256 for i in range(size))
+          for attempt in range(3):
+              s.sendto(payload, (host, port))
+              try:
+                  data, peer = s.recvfrom(65535)
+              except socket.timeout:
+                  continue
+              print(peer[0], peer[1], len(data), data == payload)
+              break
+          else:
+              print("timeout", size)
+      PY
+    end
+
+    it "relays datagrams to the test internet's echo server and back, byte-exact" do
+      @sb.fs.write("/tmp/udp.py", udp_client)
+      out = @sb.exec("python3", ["/tmp/udp.py", MicrosandboxSpec::NetNS::WEB, "7", "1", "512", "1400", "8000"], timeout: 120)
+      expect(out.stderr).to eq("")
+      expect(out.stdout.lines.map(&:split)).to eq(
+        [[MicrosandboxSpec::NetNS::WEB, "7", "1", "True"], [MicrosandboxSpec::NetNS::WEB, "7", "512", "True"],
+         [MicrosandboxSpec::NetNS::WEB, "7", "1400", "True"], [MicrosandboxSpec::NetNS::WEB, "7", "8000", "True"]]
+      )
+    end
+
+    it "refuses UDP the policy forbids, and logs it" do
+      @sb.fs.write("/tmp/udp.py", udp_client)
+      out = @sb.exec("python3", ["/tmp/udp.py", "10.0.0.1", "7", "16"], timeout: 60)
+      expect(out.stdout).to eq("timeout 16\n")
+      expect(@sb.logs(sources: ["system"]).map(&:text).join("\n")).to include("refused UDP to 10.0.0.1:7")
+    end
+  end
+
   describe "the default policy (public_only) against the test internet" do
     before(:all) do
       @net = MicrosandboxSpec::NetNS.start!
@@ -143,6 +196,78 @@ RSpec.describe "Guest networking" do
         .to match(/NXDOMAIN|can't find/i)
       rebind = @sb.shell("nslookup rebind.test", timeout: 60)
       expect(rebind.stdout).not_to include("10.0.0.1")
+    end
+
+    # A query as a DNS-over-TCP client sends it: 2-byte length, then the message.
+    def tcp_dns_query(id, name)
+      msg = Resolv::DNS::Message.new(id)
+      msg.rd = 1
+      msg.add_question(name, Resolv::DNS::Resource::IN::A)
+      bytes = msg.encode
+      [bytes.bytesize].pack("n") + bytes
+    end
+
+    # The length-prefixed messages in `hex` (od output), decoded.
+    def tcp_dns_answers(hex)
+      bytes = [hex.split.join].pack("H*")
+      out = []
+      while bytes.bytesize >= 2
+        len = bytes.unpack1("n")
+        break if bytes.bytesize < 2 + len
+
+        out << Resolv::DNS::Message.decode(bytes.byteslice(2, len))
+        bytes = bytes.byteslice(2 + len..)
+      end
+      out
+    end
+
+    it "answers DNS over TCP through the same filter, pipelined, from the gateway and any address" do
+      @sb.fs.write("/tmp/q", tcp_dns_query(1, "inet.test") + tcp_dns_query(2, "rebind.test") +
+                             tcp_dns_query(3, "no-such-name.test"))
+      out = @sb.shell("nc -w 5 172.16.0.1 53 < /tmp/q | od -An -v -tx1", timeout: 60)
+      answers = tcp_dns_answers(out.stdout)
+      expect(answers.map(&:id)).to eq([1, 2, 3]), out.inspect
+      expect(answers[0].answer.map { |_, _, r| r.address.to_s }).to eq([net::WEB])
+      expect(answers[1].answer).to be_empty # rebind protection: the private answer is dropped
+      expect(answers[2].rcode).to eq(Resolv::DNS::RCode::NXDomain)
+      # To another address on port 53: answered by the gateway's filter, never relayed.
+      @sb.fs.write("/tmp/q2", tcp_dns_query(4, "other.inet.test"))
+      out = @sb.shell("nc -w 5 198.51.100.7 53 < /tmp/q2 | od -An -v -tx1", timeout: 60)
+      expect(tcp_dns_answers(out.stdout).map { |m| [m.id, m.answer.map { |_, _, r| r.address.to_s }] })
+        .to eq([[4, ["203.0.113.11"]]])
+    end
+
+    # net.ipv4.ping_group_range decides whether the supervisor (root here, gid 0) may open
+    # unprivileged ping sockets. It is per network namespace and this is the host's, so
+    # the spec sets it only for as long as it needs and puts the old value back.
+    def with_ping_group_range(value)
+      path = "/proc/sys/net/ipv4/ping_group_range"
+      old = File.read(path).split.join(" ")
+      File.write(path, value)
+      yield
+    ensure
+      File.write(path, old) if old
+    end
+
+    it "pings through host ping sockets where the host allows them, says why not where it does not" do
+      with_ping_group_range("1 0") do # nobody may
+        out = @sb.shell("ping -c 2 -W 2 #{net::WEB}; echo rc=$?", timeout: 60)
+        expect(out.stdout).to include("rc=1")
+      end
+      system_log = @sb.logs(sources: ["system"]).map(&:text).join("\n")
+      expect(system_log).to include("ICMP echo (ping) is unavailable", "net.ipv4.ping_group_range")
+      with_ping_group_range("0 0") do # root's group may
+        out = @sb.shell("ping -c 3 -W 5 #{net::WEB}", timeout: 60)
+        expect(out.stdout).to match(/3 packets transmitted, [1-3] packets received/), out.inspect
+        expect(out.exit_code).to eq(0)
+        # Refused by the policy: an immediate ICMP "administratively prohibited", logged.
+        out = @sb.shell("ping -c 1 -W 2 10.0.0.1; echo rc=$?", timeout: 60)
+        expect(out.stdout).to include("rc=1")
+      end
+      expect(@sb.logs(sources: ["system"]).map(&:text).join("\n")).to include("refused ICMP echo to 10.0.0.1")
+      # The gateway answers its own pings, whatever the host allows.
+      out = @sb.shell("ping -c 2 -W 2 172.16.0.1", timeout: 60)
+      expect(out.stdout).to include("2 packets received")
     end
 
     it "downloads 64 MiB byte-exact" do

@@ -47,6 +47,9 @@ pub enum Ingress {
     Syn(Syn),
     /// A complete (unfragmented) UDP datagram with a valid checksum.
     Udp(Udp),
+    /// An ICMP echo request (valid checksums, unfragmented): answered by the stack or
+    /// through a host ping socket (`icmp`), never by smoltcp.
+    Echo,
     /// Drop it; the reason is for counters and logs.
     Drop(DropReason),
 }
@@ -64,6 +67,19 @@ pub enum DropReason {
 pub struct Identity {
     pub guest_mac: [u8; 6],
     pub guest_ip: Ipv4Addr,
+}
+
+/// True when the frame's sender is the guest itself: its MAC, and for IPv4 its address.
+/// (What the reassembler asks before it keeps a fragment.)
+pub fn from_guest(frame: &[u8], me: &Identity) -> bool {
+    let Ok(eth) = EthernetFrame::new_checked(frame) else { return false };
+    if eth.src_addr().0 != me.guest_mac {
+        return false;
+    }
+    match eth.ethertype() {
+        EthernetProtocol::Ipv4 => Ipv4Packet::new_checked(eth.payload()).is_ok_and(|ip| ip.src_addr() == me.guest_ip),
+        _ => false,
+    }
 }
 
 /// Classifies one Ethernet frame from the guest.
@@ -89,11 +105,13 @@ pub fn inspect(frame: &[u8], me: &Identity) -> Ingress {
             if ip.src_addr() != me.guest_ip {
                 return Ingress::Drop(DropReason::SpoofedIp);
             }
+            // The stack reassembles fragments before asking (`frag`): a fragment here is
+            // not a packet to act on.
+            if ip.more_frags() || ip.frag_offset() != 0 {
+                return Ingress::Drop(DropReason::UnsupportedProtocol);
+            }
             if ip.next_header() == IpProtocol::Udp {
-                // UDP never goes to smoltcp; fragments are not reassembled (dropped).
-                if ip.more_frags() || ip.frag_offset() != 0 {
-                    return Ingress::Drop(DropReason::UnsupportedProtocol);
-                }
+                // UDP never goes to smoltcp.
                 let Ok(udp) = UdpPacket::new_checked(ip.payload()) else { return Ingress::Drop(DropReason::Malformed) };
                 let (src, dst) = (ip.src_addr().into(), ip.dst_addr().into());
                 if !udp.verify_checksum(&src, &dst) {
@@ -101,7 +119,10 @@ pub fn inspect(frame: &[u8], me: &Identity) -> Ingress {
                 }
                 return Ingress::Udp(Udp { src_port: udp.src_port(), dst: ip.dst_addr(), dst_port: udp.dst_port() });
             }
-            if ip.next_header() != IpProtocol::Tcp || ip.more_frags() || ip.frag_offset() != 0 {
+            if ip.next_header() == IpProtocol::Icmp && crate::icmp::parse_echo(frame).is_some() {
+                return Ingress::Echo;
+            }
+            if ip.next_header() != IpProtocol::Tcp {
                 return Ingress::Stack;
             }
             let Ok(tcp) = TcpPacket::new_checked(ip.payload()) else { return Ingress::Drop(DropReason::Malformed) };

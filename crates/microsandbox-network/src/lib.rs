@@ -18,12 +18,18 @@
 //! - [`config`]: what the engine hands the supervisor for a NIC ([`config::NetworkConfig`]:
 //!   addresses, MACs, MTU, limits).
 //! - [`frame`] (pure): QEMU's `-netdev stream` framing, a bounded incremental decoder.
+//! - [`frag`] (pure): IPv4 fragment reassembly in front of the guard, bounded (16
+//!   datagrams, 64 KiB, 128 pieces, 10 s; any overlap drops the datagram).
 //! - [`guard`] (pure): the first look at each guest frame — spoofed senders and unknown
 //!   protocols are dropped, TCP SYNs are singled out for the host-side connect.
+//! - [`icmp`]: ICMP echo — the gateway answers its own pings, others go through the
+//!   host's unprivileged ping sockets (one log line where the host forbids them).
 //! - [`device`]: the smoltcp device, two bounded frame queues (the back-pressure point).
 //! - [`stack`]: the event loop on its own thread — link, smoltcp, TCP relay to host
 //!   sockets, UDP relay, DNS transport; enforces the policy's verdicts (SYN, first
 //!   datagram, every DNS query) and logs refusals.
+//! - [`dns_tcp`]: DNS over TCP on port 53 — length-prefixed queries through the same
+//!   filter as UDP, forwarded to the resolvers over TCP, bounded per connection.
 //! - [`dns_transport`] (pure): the message surgery of the DNS transport (TC=1 truncation,
 //!   SERVFAIL, answer/query matching).
 //! - [`wire`] (pure): frames the stack builds itself (UDP to the guest).
@@ -36,6 +42,9 @@
 //!   intercepted ([`intercept::Interception`]) and the sans-I/O state of one intercepted
 //!   connection ([`intercept::TlsRelay`]: ClientHello, verified upstream handshake, the
 //!   secrets engine between the two TLS sessions).
+//! - `hostile` (hidden): a misbehaving guest without a VM — frame builders, a real
+//!   [`stack::Stack`] driven over a socketpair one iteration at a time, the bounds checked
+//!   after each; the stack's hostile-guest tests and the `frame_path` fuzz target use it.
 //! - `fuzzing` (hidden): the entry points of the `cargo fuzz` targets in `fuzz/`, also
 //!   replayed over the checked-in corpus by `tests/fuzz_corpus.rs` on stable.
 //!
@@ -45,13 +54,18 @@
 pub mod config;
 pub mod device;
 pub mod dns;
+pub mod dns_tcp;
 pub mod dns_transport;
 pub mod flow;
+pub mod frag;
 pub mod frame;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod guard;
 pub mod intercept;
+pub mod icmp;
+#[doc(hidden)]
+pub mod hostile;
 pub mod policy;
 pub mod secrets;
 pub mod stack;

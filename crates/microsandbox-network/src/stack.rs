@@ -32,11 +32,14 @@ use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, IpListe
 use crate::config::NetworkConfig;
 use crate::device::QueueDevice;
 use crate::dns::{DnsFilter, Nameserver, PinSet, QueryDecision};
+use crate::dns_tcp;
 use crate::dns_transport;
 use crate::flow::{Action, Direction, Flow, Protocol};
+use crate::frag;
 use crate::frame::{self, Decoded, Decoder};
 use crate::guard::{self, Identity, Ingress, Syn, Udp};
 use crate::intercept::{Cut, Interception, TlsRelay};
+use crate::icmp;
 use crate::policy::HostContext;
 use crate::wire;
 
@@ -47,7 +50,7 @@ const TCP_TIMEOUT: SmolDuration = SmolDuration::from_secs(60);
 /// Bytes read from the link per loop iteration at most (fairness with host sockets).
 const LINK_READ_BUDGET: usize = 1 << 20;
 /// Encoded frames waiting for the link; beyond this the stack stops producing frames.
-const LINK_OUT_LIMIT: usize = 1 << 20;
+pub(crate) const LINK_OUT_LIMIT: usize = 1 << 20;
 /// Longest sleep of the loop (smoltcp timers usually ask for less).
 const MAX_SLEEP: Duration = Duration::from_millis(500);
 /// Concurrent UDP sessions (guest port, destination) per sandbox.
@@ -169,6 +172,12 @@ pub struct Stack {
     link_out_pos: usize,
     pending: HashMap<Syn, Pending>,
     conns: HashMap<Syn, Conn>,
+    /// Guest DNS-over-TCP connections (port 53, terminated here: `dns_tcp`).
+    dns_tcp: HashMap<Syn, dns_tcp::Conn>,
+    /// Guest pings beyond the gateway (host ping sockets).
+    pinger: icmp::Pinger,
+    /// IPv4 fragments from the guest being put back together.
+    frags: frag::Reassembler,
     udp: HashMap<Udp, UdpSession>,
     dns_queries: Vec<DnsQuery>,
     nameservers: Vec<SocketAddr>,
@@ -284,6 +293,9 @@ impl Stack {
             link_out_pos: 0,
             pending: HashMap::new(),
             conns: HashMap::new(),
+            dns_tcp: HashMap::new(),
+            pinger: icmp::Pinger::new(),
+            frags: frag::Reassembler::new(),
             counters,
             epoch,
             intercept: None,
@@ -314,28 +326,45 @@ impl Stack {
 
     /// Runs until the link closes (QEMU exited) or fails.
     pub fn run(mut self) -> io::Result<()> {
-        loop {
-            if !self.read_link()? {
-                return Ok(());
-            }
-            self.finish_connects();
-            self.service_udp();
-            self.service_dns();
-            let now = self.now();
-            self.iface.poll(now, &mut self.device, &mut self.sockets);
-            self.relay();
-            self.iface.poll(now, &mut self.device, &mut self.sockets);
-            self.write_link()?;
-            self.reap();
+        while self.turn()? {
             self.wait()?;
         }
+        Ok(())
     }
 
-    /// Reads what the link has (bounded per iteration and by the rx queue). `false` at EOF.
+    /// One iteration of the loop without the sleep: everything that is ready moves on.
+    /// `false` when the link closed. (Tests and the frame fuzzer drive the stack with it.)
+    fn turn(&mut self) -> io::Result<bool> {
+        if !self.read_link()? {
+            return Ok(false);
+        }
+        self.finish_connects();
+        self.service_udp();
+        self.service_icmp();
+        if !self.frags.is_empty() {
+            self.frags.expire(StdInstant::now());
+        }
+        self.service_dns();
+        let now = self.now();
+        self.iface.poll(now, &mut self.device, &mut self.sockets);
+        self.relay();
+        self.service_dns_tcp();
+        self.iface.poll(now, &mut self.device, &mut self.sockets);
+        self.write_link()?;
+        self.reap();
+        Ok(true)
+    }
+
+    /// Reads what the link has (bounded per iteration and by both queues). `false` at EOF.
+    ///
+    /// The tx bound matters as much as rx: some guest frames are answered without smoltcp
+    /// (DNS refusals, relayed datagrams), so a guest that sends while never reading its
+    /// NIC would otherwise grow the tx queue without end. With tx full the stack stops
+    /// reading, and QEMU stops the guest's NIC.
     fn read_link(&mut self) -> io::Result<bool> {
         let mut buf = [0u8; 64 * 1024];
         let mut budget = LINK_READ_BUDGET;
-        while budget > 0 && !self.device.rx_full() {
+        while budget > 0 && !self.device.rx_full() && !self.device.tx_full() {
             let n = match self.link.read(&mut buf) {
                 Ok(0) => return Ok(false),
                 Ok(n) => n,
@@ -366,6 +395,27 @@ impl Stack {
     /// One frame from the guest.
     fn ingress(&mut self, frame: Vec<u8>) {
         self.counters.tx_bytes.fetch_add(frame.len() as u64, Ordering::Relaxed);
+        if frag::is_fragment(&frame) {
+            // Only the guest's own fragments are kept; the whole packet then takes the
+            // same path as an unfragmented one.
+            if !guard::from_guest(&frame, &self.me) {
+                self.counters.dropped_frames.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            match self.frags.push(&frame, StdInstant::now()) {
+                frag::Outcome::Complete(whole) => self.inspect(whole),
+                frag::Outcome::Pending => {}
+                frag::Outcome::Dropped(_) => {
+                    self.counters.dropped_frames.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            return;
+        }
+        self.inspect(frame);
+    }
+
+    /// One whole frame from the guest (reassembled if it came in fragments).
+    fn inspect(&mut self, frame: Vec<u8>) {
         match guard::inspect(&frame, &self.me) {
             Ingress::Stack => self.device.rx.push_back(frame),
             Ingress::Syn(syn) => self.on_syn(syn, frame),
@@ -377,15 +427,63 @@ impl Stack {
                     self.on_udp(udp, payload);
                 }
             }
+            Ingress::Echo => self.on_echo(&frame),
             Ingress::Drop(_) => {
                 self.counters.dropped_frames.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
 
+    fn icmp_link(&self) -> icmp::Link {
+        icmp::Link {
+            gateway_mac: self.cfg.gateway_mac,
+            guest_mac: self.cfg.guest_mac,
+            guest_ip: self.cfg.guest_ip,
+            max_frame: self.cfg.max_frame(),
+        }
+    }
+
+    /// A guest ping: the gateway answers its own; others, if the policy allows them, go
+    /// out through a host ping socket; a refused one gets "administratively prohibited".
+    fn on_echo(&mut self, frame: &[u8]) {
+        let Some(echo) = icmp::parse_echo(frame) else { return };
+        let link = self.icmp_link();
+        if echo.dst == self.cfg.gateway_ip {
+            if let Some(f) = icmp::reply_frame(&link, echo.dst, echo.ident, echo.seq_no, &echo.data) {
+                self.device.tx.push_back(f);
+            }
+            return;
+        }
+        let flow = Flow { direction: Direction::Egress, protocol: Protocol::Icmpv4, remote: IpAddr::V4(echo.dst), port: 0 };
+        let verdict = self.cfg.policy.decide(&flow, &self.host, &self.pins, StdInstant::now());
+        if verdict.action == Action::Deny {
+            self.logger.log(&format!("network: refused ICMP echo to {} ({})", echo.dst, verdict.reason));
+            if let Some(f) = icmp::prohibited_frame(&link, self.cfg.gateway_ip, frame) {
+                self.device.tx.push_back(f);
+            }
+            return;
+        }
+        let target = *self.host_addr(echo.dst, 0).ip();
+        let logger = &mut self.logger;
+        self.pinger.send(&echo, target, &mut |line| logger.log(line));
+    }
+
+    /// Echo replies from the host's ping sockets back to the guest.
+    fn service_icmp(&mut self) {
+        if self.pinger.is_empty() {
+            return;
+        }
+        let link = self.icmp_link();
+        let tx = &mut self.device.tx;
+        self.pinger.receive(&link, |f| {
+            tx.push_back(f);
+            tx.len() < crate::device::TX_FRAMES
+        });
+    }
+
     /// A new connection attempt: start the host-side connect, hold the SYN.
     fn on_syn(&mut self, syn: Syn, frame: Vec<u8>) {
-        if self.conns.contains_key(&syn) {
+        if self.conns.contains_key(&syn) || self.dns_tcp.contains_key(&syn) {
             // A retransmitted SYN of a known connection: smoltcp's socket answers it.
             self.device.rx.push_back(frame);
             return;
@@ -393,9 +491,9 @@ impl Stack {
         if self.pending.contains_key(&syn) {
             return; // a retransmission while the host connect is under way
         }
-        if syn.dst == self.cfg.gateway_ip && syn.dst_port == 53 {
-            self.logger.log("network: refused TCP to the gateway's DNS port: DNS over TCP is not supported yet (UDP is)");
-            self.device.rx.push_back(frame);
+        if syn.dst_port == 53 {
+            // DNS over TCP, whatever the address (as for UDP): answered here, never relayed.
+            self.accept_dns_tcp(syn, frame);
             return;
         }
         let flow = Flow { direction: Direction::Egress, protocol: Protocol::Tcp, remote: IpAddr::V4(syn.dst), port: syn.dst_port };
@@ -622,6 +720,61 @@ impl Stack {
         }
     }
 
+    /// A guest SYN to port 53: a smoltcp socket of the stack's own takes it (bounded by
+    /// `dns_tcp::MAX_CONNS`; beyond that, or when it cannot listen, a RST).
+    fn accept_dns_tcp(&mut self, syn: Syn, frame: Vec<u8>) {
+        if self.dns_tcp.len() >= dns_tcp::MAX_CONNS {
+            self.logger.log(&format!(
+                "network: refused DNS over TCP to {}:53: {} such connections open",
+                syn.dst,
+                dns_tcp::MAX_CONNS
+            ));
+            self.device.rx.push_back(frame);
+            return;
+        }
+        let mut socket = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; dns_tcp::RX_BUFFER]),
+            tcp::SocketBuffer::new(vec![0; dns_tcp::TX_BUFFER]),
+        );
+        socket.set_timeout(Some(TCP_TIMEOUT));
+        socket.set_nagle_enabled(false);
+        if socket.listen(IpListenEndpoint { addr: Some(IpAddress::Ipv4(syn.dst)), port: 53 }).is_err() {
+            self.device.rx.push_back(frame);
+            return;
+        }
+        let handle = self.sockets.add(socket);
+        // Alone, now, as in `accept`: the listening socket takes exactly this SYN.
+        self.device.rx.push_front(frame);
+        let now = self.now();
+        self.iface.poll_ingress_single(now, &mut self.device, &mut self.sockets);
+        if self.sockets.get::<tcp::Socket>(handle).state() == tcp::State::Listen {
+            self.sockets.remove(handle);
+            return;
+        }
+        self.dns_tcp.insert(syn, dns_tcp::Conn::new(handle));
+    }
+
+    /// Moves every DNS-over-TCP connection on (queries in, answers out, resolvers).
+    fn service_dns_tcp(&mut self) {
+        let timeout = self.dns_timeout();
+        let logger = &mut self.logger;
+        let mut log = |line: &str| logger.log(line);
+        let (intercept, on_terminate) = (self.intercept.as_deref(), self.on_terminate.as_ref());
+        let screen = |query: &[u8]| placeholder_screen(intercept, on_terminate, query);
+        let mut ctx = dns_tcp::Ctx {
+            screen: &screen,
+            filter: &self.dns_filter,
+            pins: &mut self.pins,
+            nameservers: &self.nameservers,
+            timeout,
+            log: &mut log,
+        };
+        for conn in self.dns_tcp.values_mut() {
+            let socket = self.sockets.get_mut::<tcp::Socket>(conn.handle);
+            conn.service(socket, &mut ctx);
+        }
+    }
+
     fn connect(&self, syn: &Syn) -> io::Result<socket2::Socket> {
         let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM.cloexec(), Some(socket2::Protocol::TCP))?;
         socket.set_nonblocking(true)?;
@@ -737,25 +890,8 @@ impl Stack {
     /// A guest DNS query whose name carries a secret's placeholder: the name would leave
     /// the host in the clear. `true` when it was answered here (NXDOMAIN).
     fn placeholder_in_query(&mut self, key: Udp, payload: &[u8]) -> bool {
-        let Some(i) = self.intercept.clone() else { return false };
-        let name = simple_dns::Packet::parse(payload)
-            .ok()
-            .and_then(|p| p.questions.first().map(|q| q.qname.to_string().into_bytes()))
-            .unwrap_or_else(|| payload.to_vec());
-        let Some(env) = i.secrets().placeholder_in_name(&name) else { return false };
-        let Some(secret) = i.secrets().secrets.iter().find(|s| s.env == env) else { return false };
-        let action = i.secrets().action_for(secret);
-        let shown: String = String::from_utf8_lossy(&name).chars().take(255).map(|c| if c.is_ascii_graphic() { c } else { '?' }).collect();
-        if action.passes(&shown) {
-            return false;
-        }
-        let line = format!("network: secret {env} placeholder in the DNS query name {shown}: answered NXDOMAIN");
-        if action.terminates() {
-            self.logger.log(&format!("{line}; stopping the sandbox (block_and_terminate)"));
-            if let Some(stop) = &self.on_terminate {
-                stop(&format!("secret {env} placeholder in a DNS query"));
-            }
-        } else if action.logs() {
+        let Some(line) = placeholder_screen(self.intercept.as_deref(), self.on_terminate.as_ref(), payload) else { return false };
+        if let Some(line) = line {
             self.logger.log(&line);
         }
         if let Some(a) = dns_transport::empty_answer(payload, 3, false) {
@@ -780,6 +916,25 @@ impl Stack {
         }
         for key in gone {
             if let Some(conn) = self.conns.remove(&key) {
+                self.sockets.remove(conn.handle);
+            }
+        }
+        let mut gone = Vec::new();
+        for (key, conn) in self.dns_tcp.iter_mut() {
+            let socket = self.sockets.get_mut::<tcp::Socket>(conn.handle);
+            if conn.idle() && socket.is_open() {
+                socket.abort(); // an idle resolver connection: closed, as RFC 7766 allows
+            }
+            if matches!(socket.state(), tcp::State::Closed | tcp::State::TimeWait) {
+                if conn.reap {
+                    gone.push(*key);
+                } else {
+                    conn.reap = true;
+                }
+            }
+        }
+        for key in gone {
+            if let Some(conn) = self.dns_tcp.remove(&key) {
                 self.sockets.remove(conn.handle);
             }
         }
@@ -816,7 +971,7 @@ impl Stack {
     fn wait(&mut self) -> io::Result<()> {
         let mut fds = Vec::with_capacity(1 + self.pending.len() + self.conns.len());
         let mut link_events = 0;
-        if !self.device.rx_full() {
+        if !self.device.rx_full() && !self.device.tx_full() {
             link_events |= libc::POLLIN;
         }
         if self.link_out_pos < self.link_out.len() {
@@ -835,6 +990,15 @@ impl Stack {
         }
         for q in &self.dns_queries {
             fds.push(libc::pollfd { fd: q.socket.as_raw_fd(), events: libc::POLLIN, revents: 0 });
+        }
+        for fd in self.pinger.fds() {
+            let events = if self.device.tx_full() { 0 } else { libc::POLLIN };
+            fds.push(libc::pollfd { fd: fd_for(fd, events), events, revents: 0 });
+        }
+        for conn in self.dns_tcp.values() {
+            if let Some(up) = &conn.upstream {
+                fds.push(libc::pollfd { fd: up.socket.as_raw_fd(), events: up.events(), revents: 0 });
+            }
         }
         let mut handshakes = false;
         for conn in self.conns.values() {
@@ -863,7 +1027,7 @@ impl Stack {
             Some(d) => Duration::from_micros(d.total_micros()).min(MAX_SLEEP),
             None => MAX_SLEEP,
         };
-        if !self.pending.is_empty() || !self.dns_queries.is_empty() {
+        if !self.pending.is_empty() || !self.dns_queries.is_empty() || self.dns_tcp.values().any(|c| c.waiting()) {
             sleep = sleep.min(Duration::from_millis(100)); // connect and DNS timeouts
         }
         if !self.udp.is_empty() {
@@ -871,6 +1035,9 @@ impl Stack {
         }
         if handshakes {
             sleep = sleep.min(Duration::from_secs(1)); // TLS handshake deadlines
+        }
+        if !self.dns_tcp.is_empty() || !self.pinger.is_empty() {
+            sleep = sleep.min(Duration::from_secs(1)); // idle DNS-over-TCP and ping sessions
         }
         if !self.device.rx.is_empty() && !self.device.tx_full() {
             sleep = Duration::ZERO; // smoltcp can take more frames now
@@ -886,6 +1053,33 @@ impl Stack {
         }
         Ok(())
     }
+}
+
+/// A secret's placeholder in a DNS query's name (over UDP or TCP): the name would leave
+/// the host in the clear. `None` when the query may go on; `Some(log line)` when it is to
+/// be answered NXDOMAIN (the line is `None` when the action does not log; a
+/// `block_and_terminate` action has already asked for the sandbox to stop).
+fn placeholder_screen(intercept: Option<&Interception>, on_terminate: Option<&TerminateFn>, payload: &[u8]) -> Option<Option<String>> {
+    let i = intercept?;
+    let name = simple_dns::Packet::parse(payload)
+        .ok()
+        .and_then(|p| p.questions.first().map(|q| q.qname.to_string().into_bytes()))
+        .unwrap_or_else(|| payload.to_vec());
+    let env = i.secrets().placeholder_in_name(&name)?;
+    let secret = i.secrets().secrets.iter().find(|s| s.env == env)?;
+    let action = i.secrets().action_for(secret);
+    let shown: String = String::from_utf8_lossy(&name).chars().take(255).map(|c| if c.is_ascii_graphic() { c } else { '?' }).collect();
+    if action.passes(&shown) {
+        return None;
+    }
+    let line = format!("network: secret {env} placeholder in the DNS query name {shown}: answered NXDOMAIN");
+    if action.terminates() {
+        if let Some(stop) = on_terminate {
+            stop(&format!("secret {env} placeholder in a DNS query"));
+        }
+        return Some(Some(format!("{line}; stopping the sandbox (block_and_terminate)")));
+    }
+    Some(action.logs().then_some(line))
 }
 
 /// Relays one connection as far as both sides take bytes right now.
@@ -1072,3 +1266,51 @@ fn relay_tls_inner(conn: &mut Conn, socket: &mut tcp::Socket) -> Result<(), Cut>
     }
     Ok(())
 }
+
+/// How much the stack holds of what the guest controls (see [`crate::hostile`]).
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy)]
+pub struct Occupancy {
+    pub rx_frames: usize,
+    pub tx_frames: usize,
+    pub link_out_bytes: usize,
+    /// TCP connections, established or connecting on the host side.
+    pub tcp: usize,
+    pub max_connections: usize,
+    pub dns_tcp: usize,
+    pub ping_sessions: usize,
+    pub fragments_held: usize,
+    pub reassemblies: usize,
+    pub udp_sessions: usize,
+    pub dns_queries: usize,
+    pub smoltcp_sockets: usize,
+}
+
+#[doc(hidden)]
+impl Stack {
+    /// One loop iteration without sleeping (tests, the frame fuzzer).
+    pub fn step(&mut self) -> io::Result<bool> {
+        self.turn()
+    }
+
+    pub fn occupancy(&self) -> Occupancy {
+        Occupancy {
+            rx_frames: self.device.rx.len(),
+            tx_frames: self.device.tx.len(),
+            link_out_bytes: self.link_out.len(),
+            tcp: self.pending.len() + self.conns.len(),
+            dns_tcp: self.dns_tcp.len(),
+            ping_sessions: self.pinger.len(),
+            fragments_held: self.frags.held(),
+            reassemblies: self.frags.len(),
+            max_connections: self.cfg.max_connections as usize,
+            udp_sessions: self.udp.len(),
+            dns_queries: self.dns_queries.len(),
+            smoltcp_sockets: self.sockets.iter().count(),
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "stack_hostile_tests.rs"]
+mod hostile_tests;

@@ -66,3 +66,19 @@ fn policy_decide_random_programs() {
         fuzzing::policy_decide(&data);
     }
 }
+
+#[test]
+fn frame_path_corpus() {
+    replay("frame_path", microsandbox_network::hostile::frame_path);
+}
+
+/// The hand-written seed programs, and every prefix of them (a program cut anywhere).
+#[test]
+fn frame_path_seed_programs() {
+    for p in microsandbox_network::hostile::seed_programs() {
+        for n in (0..=p.len()).step_by(7) {
+            microsandbox_network::hostile::frame_path(&p[..n]);
+        }
+        microsandbox_network::hostile::frame_path(&p);
+    }
+}
