@@ -67,6 +67,7 @@ class ToolRunner
     handle = @sandbox.exec_stream(argv[0], argv[1..] + [path], stdin: :null, timeout: timeout)
     begin
       handle.each do |event|
+        raise Microsandbox::ExecFailedError, event.data if event.failed? # no such interpreter
         next unless event.stdout? || event.stderr?
 
         room = @max_output - out.bytesize - err.bytesize

@@ -132,6 +132,9 @@ module Microsandbox
       def pump_output
         code = nil
         @handle.each do |ev|
+          raise ExecFailedError, ev.data if ev.failed? # the command could not be started
+          next if ev.started? || ev.stdin_error?
+
           if ev.exited?
             code = ev.exit_code
           else

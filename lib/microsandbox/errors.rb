@@ -169,6 +169,13 @@ module Microsandbox
   # `stdin: :pipe` or `tty: true`), or it has finished. An {ExecFailedError}, which such
   # writes raised before.
   class StdinClosedError < ExecFailedError; CODE = "stdin-closed"; end
+  # A write to a streaming command's stdin after the command stopped taking it: it
+  # closed its stdin (broken pipe, e.g. `head -c1` after one byte) or writing it failed
+  # in the guest. The stream reported it first as a `:stdin_error` event
+  # ({ExecEvent#stdin_error?}), whose message, like this one, says how many bytes reached
+  # the command. A {StdinClosedError}: stop writing; the output and exit status still
+  # arrive.
+  class StdinBrokenError < StdinClosedError; CODE = "stdin-broken"; end
 
   # {Pool#checkout} found no ready sandbox within its `timeout:` (the pool is still
   # filling, or creates are failing: the message says the last failure).
@@ -188,6 +195,6 @@ module Microsandbox
     VolumeNotFoundError, VolumeAlreadyExistsError, VolumeInUseError, SnapshotNotFoundError, SnapshotAlreadyExistsError,
     SnapshotSandboxRunningError, SnapshotImageMissingError, SnapshotIntegrityError,
     SecretViolationError, TlsError,
-    InheritedHandleError, StdinClosedError, PoolTimeoutError, PoolClosedError
+    InheritedHandleError, StdinClosedError, StdinBrokenError, PoolTimeoutError, PoolClosedError
   ].to_h { |c| [c::CODE, c] }.freeze
 end

@@ -3,50 +3,61 @@
 require "securerandom"
 
 module Microsandbox
-  # One piece of output, or the end, of a streaming exec.
+  # One thing that happened in a streaming exec. A stream yields, in this order:
+  # `:started` (with {#pid}), then `:stdout`/`:stderr` output and at most one
+  # `:stdin_error`, in the order they happened, then `:exited` (with {#code}); or, for a
+  # command that could not be started, a single `:failed` event (with the guest errno
+  # as {#code} and the reason as {#data}).
   #
   # Names of the reference gem 0.9.0 ({#type}, {#data}, {#code}, {#pid}, {#started?},
   # {#failed?}, {#stdin_error?}) and of this gem ({#kind}, {#bytes}, {#exit_code},
-  # {#signal}) both work. This gem produces `:stdout`, `:stderr` and `:exited` events only:
-  # a command that cannot start, times out or loses its sandbox raises a typed error from
-  # {ExecHandle#each} ({ExecFailedError}, {ExecTimeoutError}, {SandboxNotRunningError})
-  # instead of yielding a `:failed` event, and a stdin write that cannot reach the command
-  # raises from {ExecStdin#write} instead of a `:stdin_error` event. The predicates for
-  # those kinds exist (always false) so code written for the reference keeps running.
+  # {#signal}) both work.
   class ExecEvent
-    # @return [Symbol] :stdout, :stderr or :exited
+    # @return [Symbol] :started, :stdout, :stderr, :stdin_error, :exited or :failed
     attr_reader :kind
-    # @return [String] raw bytes (ASCII-8BIT); empty for :exited
+    # @return [String] raw bytes (ASCII-8BIT) of an output event; empty for the others
     attr_reader :bytes
     # @return [Integer, nil] exit status for :exited (128 + signal when killed)
     attr_reader :exit_code
     # @return [Integer, nil] the signal that killed the process, for :exited
     attr_reader :signal
+    # @return [Integer, nil] the command's process id in the guest, for :started
+    attr_reader :pid
 
     # @api private
-    def initialize(kind, bytes: "".b, exit_code: nil, signal: nil, text: nil)
+    def initialize(kind, bytes: "".b, exit_code: nil, signal: nil, text: nil, pid: nil, errno: nil, message: nil)
       @kind = kind
       @bytes = bytes.b.freeze
       @exit_code = exit_code
       @signal = signal
       @text = text&.freeze
+      @pid = pid
+      @errno = errno
+      @message = message&.dup&.force_encoding(Encoding::UTF_8)&.scrub&.freeze
     end
 
     # @return [Symbol] the event kind (the reference's name for {#kind})
     def type = kind
 
-    # @return [String, nil] raw bytes (ASCII-8BIT) of an output event; nil for :exited
+    # @return [String, nil] raw bytes (ASCII-8BIT) of an output event; the message
+    #   (UTF-8) of a :failed or :stdin_error event; nil for :started and :exited
     def data
-      exited? ? nil : @bytes
+      case kind
+      when :stdout, :stderr then @bytes
+      when :failed, :stdin_error then @message
+      end
     end
 
-    # @return [Integer, nil] the exit code of an :exited event, else nil
+    # @return [Integer, nil] the exit code of an :exited event; the guest errno of a
+    #   :failed event (e.g. 2 for a command not found, 13 for permission denied) or of a
+    #   :stdin_error event (32, EPIPE: the command closed its stdin; nil when it ended
+    #   before taking the bytes); else nil
     def code
-      exited? ? @exit_code : nil
+      case kind
+      when :exited then @exit_code
+      when :failed, :stdin_error then @errno
+      end
     end
-
-    # @return [nil] the guest process id is not reported (there is no :started event)
-    def pid = nil
 
     # @return [Boolean]
     def stdout? = kind == :stdout
@@ -54,24 +65,35 @@ module Microsandbox
     def stderr? = kind == :stderr
     # @return [Boolean]
     def exited? = kind == :exited
-    # @return [Boolean] always false: no :started event is produced
+    # @return [Boolean] true for the first event of a command that runs (see {#pid})
     def started? = kind == :started
-    # @return [Boolean] always false: start failures raise {ExecFailedError}
+    # @return [Boolean] true when the command could not be started (see {#code}, {#data})
     def failed? = kind == :failed
-    # @return [Boolean] always false: stdin failures raise from {ExecStdin#write}
+    # @return [Boolean] true when bytes written to stdin did not reach the command: it
+    #   closed its stdin or ended before taking them. {#data} says how many; later writes
+    #   raise {StdinBrokenError} (or {StdinClosedError} once it has finished).
     def stdin_error? = kind == :stdin_error
 
-    # @return [String, nil] UTF-8, always valid; nil for :exited. From {ExecHandle} it is
-    #   decoded across the events of the same stream: a character split between two events
-    #   appears whole in the event holding its last byte ("caf", then "é\n"); invalid bytes
-    #   are U+FFFD. {#bytes}/{#data} is exactly what the guest wrote.
+    # @return [String, nil] UTF-8, always valid: the output of :stdout/:stderr, the
+    #   message of :failed/:stdin_error; nil for :started and :exited. From {ExecHandle}
+    #   output is decoded across the events of the same stream: a character split between
+    #   two events appears whole in the event holding its last byte ("caf", then "é\n");
+    #   invalid bytes are U+FFFD. {#bytes}/{#data} is exactly what the guest wrote.
     def text
-      exited? ? nil : (@text || Text.lossy_utf8(@bytes))
+      case kind
+      when :stdout, :stderr then @text || Text.lossy_utf8(@bytes)
+      when :failed, :stdin_error then @message
+      end
     end
 
     # @return [String]
     def inspect
-      exited? ? "#<#{self.class.name} exited code=#{exit_code}>" : "#<#{self.class.name} #{kind} #{bytes.bytesize}B>"
+      case kind
+      when :exited then "#<#{self.class.name} exited code=#{exit_code}>"
+      when :started then "#<#{self.class.name} started pid=#{pid}>"
+      when :failed, :stdin_error then "#<#{self.class.name} #{kind} code=#{code.inspect} #{@message.inspect}>"
+      else "#<#{self.class.name} #{kind} #{bytes.bytesize}B>"
+      end
     end
   end
 
@@ -83,11 +105,16 @@ module Microsandbox
     end
 
     # Writes bytes to the command's stdin (waits while the guest is not reading).
+    # Returning means the bytes are on their way; if the command then does not take
+    # them (it closes its stdin, or ends first), the stream says so with a
+    # `:stdin_error` event ({ExecEvent#stdin_error?}) and later writes raise.
     # @param data [String]
     # @return [Integer] bytes written
     # @raise [StdinClosedError] (an {ExecFailedError}) when the bytes cannot reach the
     #   command: stdin was closed, the command was started without `stdin: :pipe` (or
     #   `tty: true`), or it has finished
+    # @raise [StdinBrokenError] (a {StdinClosedError}) the command has stopped taking
+    #   stdin (it closed it: broken pipe); the message says how many bytes reached it
     def write(data)
       data = Validate.string!("data", data)
       @native.write_stdin(data.b)
@@ -111,7 +138,9 @@ module Microsandbox
 
   # A running command whose output arrives as it is produced (see {Sandbox#exec_stream}).
   #
-  # Enumerable over {ExecEvent}s, ending with one `exited?` event. Single pass and single
+  # Enumerable over {ExecEvent}s: `:started` first, output (and at most one
+  # `:stdin_error`) as it happens, ending with one `exited?` event — or a single
+  # `failed?` event when the command could not be started. Single pass and single
   # consumer: iterate it from one thread at a time. Leaving `each` early (`break`, an
   # exception) leaves the command running and the rest of its events for a later
   # {#each}, {#collect} or {#wait}; {#close} (or {#kill}) ends the command.
@@ -145,7 +174,8 @@ module Microsandbox
       @tty
     end
 
-    # Yields each event as it arrives. Without a block, returns an Enumerator.
+    # Yields each event as it arrives. Without a block, returns an Enumerator. A command
+    # that cannot be started yields one `:failed` event (it does not raise here).
     # @yieldparam event [ExecEvent]
     # @return [self]
     # @raise [ExecTimeoutError, ExecFailedError, SandboxNotRunningError]
@@ -160,30 +190,38 @@ module Microsandbox
 
     # Waits for the command to finish, discarding the output not read yet.
     # @return [ExitStatus]
-    # @raise [ExecTimeoutError, ExecFailedError, SandboxNotRunningError]
+    # @raise [ExecFailedError] the command could not be started (its `:failed` event)
+    # @raise [ExecTimeoutError, SandboxNotRunningError]
     def wait
-      each { |_| nil }
+      each { |ev| raise_failed(ev) }
       ExitStatus.new(exit_code: @exit_code, signal: @signal)
     end
 
-    # With no block: drains the stream and returns an {ExecOutput}. With a block it is
-    # Enumerable#collect (map).
+    # With no block: drains the stream and returns an {ExecOutput} (whose
+    # {ExecOutput#stdin_error} carries a `:stdin_error` event's message). With a block it
+    # is Enumerable#collect (map).
     # After a partial {#each}, only the events not yet read are collected.
     # @return [ExecOutput, Array]
+    # @raise [ExecFailedError] the command could not be started (its `:failed` event)
+    # @raise [ExecTimeoutError, SandboxNotRunningError]
     def collect(&block)
       return super if block
 
       out = +"".b
       err = +"".b
       last = nil
+      stdin_error = nil
       each do |ev|
         case ev.kind
         when :stdout then out << ev.bytes
         when :stderr then err << ev.bytes
-        else last = ev
+        when :stdin_error then stdin_error = ev.data
+        when :exited then last = ev
+        else raise_failed(ev)
         end
       end
-      ExecOutput.new(exit_code: last&.exit_code, signal: last&.signal, stdout: out, stderr: err)
+      ExecOutput.new(exit_code: last&.exit_code, signal: last&.signal, stdout: out, stderr: err,
+                     stdin_error: stdin_error)
     end
 
     # @return [ExecStdin] the command's stdin (writable when started with `stdin: :pipe`
@@ -245,6 +283,11 @@ module Microsandbox
 
     private
 
+    # `collect` and `wait` have no exit status to return for a command that never ran.
+    def raise_failed(event)
+      raise ExecFailedError, event.data if event.failed?
+    end
+
     def next_event
       return nil if @done
 
@@ -261,12 +304,19 @@ module Microsandbox
         return nil
       end
       kind, a, b = raw
-      return ExecEvent.new(kind, bytes: a, text: @decoders.fetch(kind).feed(a)) unless kind == :exited
-
-      @done = true
-      @signal = b
-      @exit_code = a || (b ? 128 + b : -1)
-      ExecEvent.new(:exited, exit_code: @exit_code, signal: b)
+      case kind
+      when :stdout, :stderr then ExecEvent.new(kind, bytes: a, text: @decoders.fetch(kind).feed(a))
+      when :started then ExecEvent.new(:started, pid: a)
+      when :stdin_error then ExecEvent.new(:stdin_error, message: a, errno: b)
+      when :failed
+        @done = true
+        ExecEvent.new(:failed, message: a, errno: b)
+      else
+        @done = true
+        @signal = b
+        @exit_code = a || (b ? 128 + b : -1)
+        ExecEvent.new(:exited, exit_code: @exit_code, signal: b)
+      end
     end
   end
 end

@@ -11,13 +11,21 @@ module Microsandbox
     attr_reader :stdout_bytes
     # @return [String] raw stderr bytes (ASCII-8BIT)
     attr_reader :stderr_bytes
+    # @return [String, nil] nil when all of the `stdin:` bytes reached the command;
+    #   otherwise why and how many did not (it closed its stdin — `head -c1` — or exited
+    #   before reading them). Not an error: the command ran and {#exit_code} is its own,
+    #   as with `printf … | head -c1` in a shell. Bytes that reached its stdin pipe but
+    #   that it never read are not counted (as with any pipe). This gem's addition: the
+    #   reference gem does not report them.
+    attr_reader :stdin_error
 
     # @api private
-    def initialize(exit_code:, signal:, stdout:, stderr:)
+    def initialize(exit_code:, signal:, stdout:, stderr:, stdin_error: nil)
       @signal = signal
       @exit_code = exit_code || (signal ? 128 + signal : -1)
       @stdout_bytes = stdout.b.freeze
       @stderr_bytes = stderr.b.freeze
+      @stdin_error = stdin_error&.dup&.force_encoding(Encoding::UTF_8)&.scrub&.freeze
     end
 
     # @return [Boolean] true when the command exited with status 0
@@ -58,7 +66,8 @@ module Microsandbox
 
     # @return [String]
     def inspect
-      "#<#{self.class.name} exit_code=#{@exit_code} stdout=#{@stdout_bytes.bytesize}B stderr=#{@stderr_bytes.bytesize}B>"
+      stdin = @stdin_error ? " stdin_error=#{@stdin_error.inspect}" : ""
+      "#<#{self.class.name} exit_code=#{@exit_code} stdout=#{@stdout_bytes.bytesize}B stderr=#{@stderr_bytes.bytesize}B#{stdin}>"
     end
   end
 end

@@ -439,7 +439,9 @@ module Microsandbox
     # @param cwd [String, nil] working directory (default: the sandbox workdir, else "/")
     # @param env [Hash{String=>String}, nil] added to the sandbox environment
     # @param stdin [String, :null, nil] bytes fed to the command's stdin (closed
-    #   afterwards); nil or `:null`: an empty stdin
+    #   afterwards); nil or `:null`: an empty stdin. A command that takes only part of
+    #   them (`head -c1`) or none never makes this wait: it returns when the command ends,
+    #   with {ExecOutput#stdin_error} saying how many bytes did not reach it
     # @param timeout [Numeric, nil] seconds before the command is killed (nil: no limit;
     #   0: a deadline already passed, so {ExecTimeoutError} without running the command)
     # @param user [String, nil] guest user: "name", "uid", "name:group" or "uid:gid"
@@ -471,8 +473,9 @@ module Microsandbox
       limits = Validate.rlimits!("rlimits", rlimits)
       size = Validate.tty!(tty, rows, cols)
       Instrumentation.instrument("exec.microsandbox", Instrumentation.exec_payload(name, program, argv, size, seconds)) do |payload|
-        code, signal, out, err = @native.exec(program, argv, pairs, cwd, seconds, stdin, user, limits, size)
-        ExecOutput.new(exit_code: code, signal: signal, stdout: out, stderr: err).tap { |o| payload&.store(:exit_code, o.exit_code) }
+        code, signal, out, err, stdin_error = @native.exec(program, argv, pairs, cwd, seconds, stdin, user, limits, size)
+        ExecOutput.new(exit_code: code, signal: signal, stdout: out, stderr: err, stdin_error: stdin_error)
+                  .tap { |o| payload&.store(:exit_code, o.exit_code) }
       end
     end
 
@@ -502,6 +505,10 @@ module Microsandbox
     #   changes the size; `TERM` defaults to "xterm"
     # @param rows [Integer, nil] initial terminal height with `tty: true` (default 24)
     # @param cols [Integer, nil] initial terminal width with `tty: true` (default 80)
+    # A command that cannot be started (not found, not executable) yields a single
+    # `:failed` event; its {ExecHandle#collect}/{ExecHandle#wait} raise {ExecFailedError}.
+    # Stdin bytes the command does not take (it closes its stdin, or ends first) are
+    # reported by a `:stdin_error` event, and writes after it raise {StdinBrokenError}.
     # @return [ExecHandle]
     # @raise [InvalidConfigError] `rows:`/`cols:` out of range or given without `tty: true`
     def exec_stream(cmd, args = [], cwd: nil, env: nil, stdin: nil, timeout: nil, user: nil, rlimits: nil,

@@ -58,7 +58,7 @@ RSpec.describe "Sandbox#exec_stream in a real VM" do
     first = nil
     handle.each do |ev|
       first = ev
-      break
+      break if ev.stdout?
     end
     expect(first.text).to eq("one\n")
     expect(handle).not_to be_done
@@ -79,7 +79,9 @@ RSpec.describe "Sandbox#exec_stream in a real VM" do
     expect(out.text.valid_encoding?).to be(true)
     last = events.last
     expect([last.type, last.code, last.data, last.text]).to eq([:exited, 2, nil, nil])
-    expect(events.map { |e| [e.started?, e.failed?, e.stdin_error?] }.uniq).to eq([[false, false, false]])
+    expect(events.first).to be_started
+    expect(events.map(&:type)).to eq(%i[started stdout exited])
+    expect(events.map { |e| [e.failed?, e.stdin_error?] }.uniq).to eq([[false, false]])
     status = sb.shell_stream("kill -9 $$").wait
     expect([status.exit_code, status.signal, status.success?, status.failure?]).to eq([137, 9, false, true])
   end
@@ -106,7 +108,43 @@ RSpec.describe "Sandbox#exec_stream in a real VM" do
   end
 
   it "raises typed errors through the stream" do
-    expect { sb.exec_stream("no-such-binary").to_a }.to raise_error(Microsandbox::ExecFailedError)
+    expect { sb.exec_stream("no-such-binary").collect }.to raise_error(Microsandbox::ExecFailedError, /no-such-binary/)
+    expect { sb.exec_stream("no-such-binary").wait }.to raise_error(Microsandbox::ExecFailedError)
     expect { sb.exec_stream("sleep", ["30"], timeout: 1).to_a }.to raise_error(Microsandbox::ExecTimeoutError)
+  end
+
+  it "starts with a :started event carrying the guest pid" do
+    events = sb.shell_stream("echo $$; echo err >&2").to_a
+    started = events.first
+    expect([started.type, started.started?, started.data, started.text, started.code]).to eq([:started, true, nil, nil, nil])
+    expect(started.pid).to be_an(Integer).and(be > 1)
+    expect(events.find(&:stdout?).text).to eq("#{started.pid}\n")
+    expect(events.map(&:type).values_at(0, -1)).to eq(%i[started exited])
+    expect(events.count(&:started?)).to eq(1)
+    expect(started.inspect).to include("started pid=#{started.pid}")
+  end
+
+  it "yields one :failed event (errno and reason) for a command that cannot start; exec still raises" do
+    missing = sb.exec_stream("no-such-binary").to_a
+    expect(missing.size).to eq(1)
+    failed = missing.first
+    expect([failed.type, failed.failed?, failed.started?, failed.code]).to eq([:failed, true, false, 2])
+    expect(failed.data).to match(/no-such-binary/)
+    expect(failed.text).to eq(failed.data)
+    expect(failed.pid).to be_nil
+
+    sb.fs.write("/tmp/not-executable", "#!/bin/sh\necho no\n")
+    denied = sb.exec_stream("/tmp/not-executable").to_a
+    expect(denied.map(&:type)).to eq([:failed])
+    expect(denied.first.code).to eq(13)
+    expect(denied.first.data).to match(/not-executable/)
+
+    handle = sb.exec_stream("/tmp/not-executable")
+    expect(handle.each.to_a.map(&:type)).to eq([:failed])
+    expect(handle).to be_done
+    expect(handle.exit_code).to be_nil
+
+    expect { sb.exec("no-such-binary") }.to raise_error(Microsandbox::ExecFailedError, /no-such-binary/)
+    expect { sb.exec("/tmp/not-executable") }.to raise_error(Microsandbox::ExecFailedError, /not-executable/)
   end
 end

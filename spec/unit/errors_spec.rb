@@ -23,6 +23,13 @@ RSpec.describe Microsandbox::Error do
     expect(e.message).to eq("too slow")
   end
 
+  it "has a stdin-broken error that is a StdinClosedError (and so an ExecFailedError)" do
+    e = described_class.build("stdin-broken", "the command closed its stdin")
+    expect(e).to be_a(Microsandbox::StdinBrokenError).and be_a(Microsandbox::StdinClosedError)
+    expect(e).to be_a(Microsandbox::ExecFailedError)
+    expect(e.code).to eq("stdin-broken")
+  end
+
   it "falls back to the base class for an unknown code, keeping the code" do
     e = described_class.build("brand-new", "x")
     expect(e.class).to eq(described_class)

@@ -65,4 +65,32 @@ RSpec.describe Microsandbox::ExecEvent do
     done = described_class.new(:exited, exit_code: 3)
     expect([done.type, done.code, done.exit_code, done.data, done.text, done.exited?]).to eq([:exited, 3, 3, nil, nil, true])
   end
+
+  it "models the reference's :started, :failed and :stdin_error events" do
+    started = described_class.new(:started, pid: 42)
+    expect([started.started?, started.pid, started.code, started.data, started.text]).to eq([true, 42, nil, nil, nil])
+    expect(started.inspect).to include("started pid=42")
+
+    failed = described_class.new(:failed, message: "nope: No such file or directory", errno: 2)
+    expect([failed.failed?, failed.code, failed.data, failed.text, failed.pid, failed.exit_code])
+      .to eq([true, 2, "nope: No such file or directory", "nope: No such file or directory", nil, nil])
+    expect(failed.data.encoding).to eq(Encoding::UTF_8)
+
+    broken = described_class.new(:stdin_error, message: "bad \xFF".b, errno: 32)
+    expect([broken.stdin_error?, broken.code, broken.text]).to eq([true, 32, "bad \uFFFD"])
+    expect(broken.text).to be_valid_encoding
+    expect(broken.inspect).to include("stdin_error", "code=32")
+    expect(described_class.new(:stdin_error, message: "x").code).to be_nil
+  end
+end
+
+RSpec.describe Microsandbox::ExecOutput do
+  it "reports stdin bytes that did not reach the command, without failing" do
+    out = described_class.new(exit_code: 0, signal: nil, stdout: "a", stderr: "", stdin_error: "5 of 6 bytes not delivered")
+    expect([out.success?, out.stdin_error]).to eq([true, "5 of 6 bytes not delivered"])
+    expect(out.inspect).to include('stdin_error="5 of 6 bytes not delivered"')
+    clean = described_class.new(exit_code: 0, signal: nil, stdout: "", stderr: "")
+    expect(clean.stdin_error).to be_nil
+    expect(clean.inspect).not_to include("stdin_error")
+  end
 end

@@ -2,7 +2,7 @@
 //! that sends the final frame.
 //!
 //! Per session there are up to four threads: stdout and stderr pumps, a stdin feeder (only
-//! with `stdin: true`) and the monitor. Pumps send only within the session's flow-control
+//! with `stdin: true`) and the monitor. The first frame of a session is `Started`. Pumps send only within the session's flow-control
 //! window (flow.rs), so a host that stops reading one session stalls just that one.
 //! Invariants:
 //! - the final frame (`Exited`, or `Error` when the agent gave up on the session) is sent
@@ -11,17 +11,20 @@
 //! - a session leaves the table before its final frame, so the host may reuse the id
 //!   as soon as it sees that frame;
 //! - only the single dispatcher thread inserts sessions, so the duplicate-id check and
-//!   the insert need not be atomic.
+//!   the insert need not be atomic;
+//! - no stdin byte is dropped unreported: the feeder counts what it wrote, reports its
+//!   first failed write (`StdinError`, e.g. `EPIPE` when the command closed its stdin) and
+//!   the final count goes out in `Exited`, so the host can account for every byte it sent.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use microsandbox_protocol::{ExecRequest, Exited, Frame, Kind, WinSize, MAX_CHUNK};
+use microsandbox_protocol::{ExecRequest, Exited, Frame, Kind, Started, StdinError, WinSize, MAX_CHUNK};
 
 use crate::command::{self, Failure};
 use crate::flow::{self, Window, Windows};
@@ -48,6 +51,8 @@ struct Output {
     state: Mutex<OutState>,
     /// The session's flow-control window; pumps acquire before they send.
     window: Arc<Window>,
+    /// Stdin bytes the feeder has written into the command's stdin; `None` without stdin.
+    stdin_written: Option<AtomicU64>,
 }
 
 struct OutState {
@@ -63,6 +68,15 @@ impl Output {
         let state = lock(&self.state);
         if state.open {
             self.sink.send(&Frame::data(self.id, kind, bytes.to_vec()));
+        }
+    }
+
+    /// Sends a control frame of this session (`Started`, `StdinError`) unless the session
+    /// is finished.
+    fn control(&self, frame: Frame) {
+        let state = lock(&self.state);
+        if state.open {
+            self.sink.send(&frame);
         }
     }
 
@@ -83,6 +97,9 @@ impl Output {
                     code: s.code,
                     signal: s.signal,
                     timed_out,
+                    // Bytes the feeder writes after this (to a grandchild holding the
+                    // pipe) count as undelivered: the command itself has ended.
+                    stdin_written: self.stdin_written.as_ref().map(|w| w.load(Ordering::Acquire)),
                 };
                 self.sink.send(&Frame::json(self.id, Kind::Exited, &msg));
             }
@@ -166,13 +183,16 @@ impl Sessions {
                 failure: None,
             }),
             window: self.windows.open(id),
+            stdin_written: pipes.stdin.is_some().then(|| AtomicU64::new(0)),
         });
+        // Before any output: the pumps do not exist yet.
+        out.control(Frame::json(id, Kind::Started, &Started { pid: pid as u32 }));
         let tty = pipes.pty.is_some();
         let stdin = pipes.stdin.and_then(|pipe| {
             let (tx, rx) = channel();
             let queued = Arc::new(AtomicUsize::new(0));
-            let q = queued.clone();
-            util::spawn(&format!("stdin-{id}"), move || feed(pipe, rx, q, tty)).ok()?;
+            let (q, feed_out) = (queued.clone(), out.clone());
+            util::spawn(&format!("stdin-{id}"), move || feed(pipe, rx, q, tty, &feed_out)).ok()?;
             Some(StdinTx { tx, queued })
         });
         lock(&self.table).insert(
@@ -271,7 +291,8 @@ impl Sessions {
         self.windows.credit(id, bytes);
     }
 
-    /// Queues stdin bytes for session `id`; unknown sessions and closed stdin drop them.
+    /// Queues stdin bytes for session `id`. Unknown sessions and closed stdin drop them;
+    /// they are then missing from `Exited::stdin_written`, which tells the host.
     pub fn stdin(&self, id: u32, data: Vec<u8>) {
         let mut table = lock(&self.table);
         let Some(h) = table.get_mut(&id) else { return };
@@ -343,15 +364,20 @@ fn pump(mut pipe: File, kind: Kind, out: &Output, _eof: Sender<()>) {
     }
 }
 
-/// Writes queued stdin to the child until the queue closes. Once the child has closed
-/// its end (EPIPE), further data is dropped. A terminal cannot be half-closed, so the
-/// end of a tty session's stdin is its EOF character (what Ctrl-D types).
-fn feed(pipe: File, rx: Receiver<Vec<u8>>, queued: Arc<AtomicUsize>, tty: bool) {
+/// Writes queued stdin to the child until the queue closes, counting the bytes written
+/// in `out.stdin_written`. The first failed write (EPIPE once the child has closed its
+/// end) is reported to the host as `StdinError`; the pipe is then dropped and later data
+/// discarded — the host knows, from the count, that none of it arrived. A terminal
+/// cannot be half-closed, so the end of a tty session's stdin is its EOF character (what
+/// Ctrl-D types).
+fn feed(pipe: File, rx: Receiver<Vec<u8>>, queued: Arc<AtomicUsize>, tty: bool, out: &Output) {
     let mut pipe = Some(pipe);
     for chunk in rx {
         if let Some(p) = &mut pipe {
-            if p.write_all(&chunk).is_err() {
+            if let Err(e) = write_counted(p, &chunk, out.stdin_written.as_ref()) {
                 pipe = None;
+                let written = out.stdin_written.as_ref().map_or(0, |w| w.load(Ordering::Acquire));
+                out.control(Frame::json(out.id, Kind::StdinError, &StdinError { errno: e.raw_os_error(), written }));
             }
         }
         queued.fetch_sub(chunk.len(), Ordering::AcqRel);
@@ -359,6 +385,25 @@ fn feed(pipe: File, rx: Receiver<Vec<u8>>, queued: Arc<AtomicUsize>, tty: bool) 
     if let (Some(p), true) = (&mut pipe, tty) {
         let _ = p.write_all(&[eof_char(p)]);
     }
+}
+
+/// `write_all` that adds every byte the kernel accepted to `counter`, also when a later
+/// part of `buf` fails.
+fn write_counted(w: &mut File, mut buf: &[u8], counter: Option<&AtomicU64>) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        match w.write(buf) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                if let Some(c) = counter {
+                    c.fetch_add(n as u64, Ordering::AcqRel);
+                }
+                buf = &buf[n..];
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// The terminal's VEOF character (Ctrl-D unless the program changed it).

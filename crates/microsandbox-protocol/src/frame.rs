@@ -77,6 +77,13 @@ pub enum Kind {
     /// answered with the same kind (empty payload) once the state and the disk copy are
     /// written and the VM runs again, or with `Error`.
     Fork = 41,
+    /// agent → host: the session's process was spawned ([`crate::Started`]); the first
+    /// frame of a successful exec session, before any output.
+    Started = 24,
+    /// agent → host: the session's stdin cannot take bytes any more ([`crate::StdinError`]):
+    /// the command closed it (`EPIPE`) or writing failed otherwise. At most once per
+    /// session; stdin bytes that arrive after it are discarded by the agent.
+    StdinError = 25,
 }
 
 impl Kind {
@@ -109,6 +116,8 @@ impl Kind {
             23 => FsAck,
             40 => Restore,
             41 => Fork,
+            24 => Started,
+            25 => StdinError,
             _ => return None,
         })
     }

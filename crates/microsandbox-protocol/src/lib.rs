@@ -20,6 +20,12 @@
 //! types the terminal's EOF character (the terminal cannot be half-closed), and
 //! `Resize` ([`WinSize`]) changes the terminal size (ignored for pipe sessions).
 //!
+//! An exec session's first frame is `Started` (the guest pid) unless it fails to start
+//! (then `Error` is its only frame). Stdin is accounted for: the agent counts the bytes it
+//! wrote into the command's stdin, sends `StdinError` once when a write fails (the command
+//! closed its stdin: `EPIPE`), and reports the count in `Exited`, so the host can tell the
+//! caller about every byte it accepted that never reached the command.
+//!
 //! Flow control is per session so that one host consumer that stops reading cannot stall
 //! the shared stream for the others: the agent keeps at most [`WINDOW`] bytes of a
 //! session's data frames uncredited and waits for `Credit` ([`Credit`]) beyond that; the
@@ -41,7 +47,10 @@ pub use path_bytes::{escape, PathBytes};
 /// 2: per-session flow control (`Credit`, [`WINDOW`]).
 /// 3: bulk transfers through the transfer disk (`FsWindow`, `FsBulk`, `FsAck`,
 /// `FsRequest.window`).
-pub const PROTOCOL_VERSION: u32 = 4;
+/// 4: paths as bytes ([`PathBytes`]).
+/// 5: exec sessions report their start (`Started`, [`Started`]) and undeliverable stdin
+/// (`StdinError`, [`StdinError`], and [`Exited::stdin_written`]).
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Per-session flow-control window: the agent never has more than this many bytes of a
 /// session's `Stdout`/`Stderr`/`FsData`/`FsBulk`/`FsAck` frames (header + payload each) outstanding, i.e.

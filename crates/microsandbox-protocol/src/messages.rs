@@ -80,8 +80,25 @@ pub const RLIMIT_NAMES: &[&str] = &[
     "sigpending", "stack",
 ];
 
+/// `Started`: the session's process runs; sent before any of its output.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Started {
+    /// Its process id in the guest (also its process group id).
+    pub pid: u32,
+}
+
+/// `StdinError`: writing the session's stdin failed; nothing more will be written to it.
+/// Carries numbers only: the host words the message (guest text is not trusted).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StdinError {
+    /// The guest errno of the failed write (`EPIPE`: the command closed its stdin).
+    pub errno: Option<i32>,
+    /// Stdin bytes written into the command's stdin before the failure.
+    pub written: u64,
+}
+
 /// `Exited`: how the process ended. Sent after all of its output frames.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
 pub struct Exited {
     /// Exit status when the process exited normally.
     pub code: Option<i32>,
@@ -90,6 +107,11 @@ pub struct Exited {
     /// True when the agent killed it because `timeout_ms` elapsed.
     #[serde(default)]
     pub timed_out: bool,
+    /// Stdin bytes written into the command's stdin (delivered to its pipe or terminal)
+    /// by the time it ended; `None` when the session had no stdin. The host compares it
+    /// with what it sent: the difference never reached the command.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdin_written: Option<u64>,
 }
 
 /// `Error`: a session failed before or instead of producing an exit status.
@@ -393,6 +415,16 @@ mod tests {
         assert!(!BulkWindow { offset: 512, ..w }.fits(u64::MAX));
         assert!(!BulkWindow { offset: u64::MAX - 4095, ..w }.fits(u64::MAX));
         assert!(!BulkWindow { slots: 0, ..w }.fits(u64::MAX));
+    }
+
+    #[test]
+    fn stdin_written_is_optional_on_the_wire() {
+        let ex: Exited = serde_json::from_str(r#"{"code":0,"signal":null}"#).unwrap();
+        assert_eq!(ex, Exited { code: Some(0), ..Default::default() });
+        let json = serde_json::to_string(&ex).unwrap();
+        assert!(!json.contains("stdin_written"), "{json}");
+        let ex = Exited { stdin_written: Some(7), ..ex };
+        assert_eq!(serde_json::from_str::<Exited>(&serde_json::to_string(&ex).unwrap()).unwrap(), ex);
     }
 
     #[test]

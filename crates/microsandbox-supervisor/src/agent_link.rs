@@ -8,15 +8,15 @@
 use std::sync::Arc;
 
 use microsandbox_protocol::{
-    read_frame_async, write_frame_async, ErrorMsg, Exited, Frame, FsDone, Kind, Ready, SignalMsg, PROTOCOL_VERSION,
-    WINDOW,
+    read_frame_async, write_frame_async, ErrorMsg, Exited, Frame, FsDone, Kind, Ready, SignalMsg, Started, StdinError,
+    PROTOCOL_VERSION, WINDOW,
 };
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 
 use crate::flow::{self, Overrun};
-use crate::router::{Routed, Router};
+use crate::router::{Once, Routed, Router};
 use crate::transfer::{check_bulk, Windows};
 
 /// Frames queued toward the agent before senders wait.
@@ -90,6 +90,25 @@ pub async fn pump_from_agent(
                     return "the guest sent a malformed Error frame".into();
                 }
                 true
+            }
+            // Once per session each: they cost no window, so repeats are dropped.
+            Kind::Started => {
+                if frame.parse::<Started>().is_err() {
+                    return "the guest sent a malformed Started frame".into();
+                }
+                if !router.first(frame.id, Once::Started) {
+                    continue;
+                }
+                false
+            }
+            Kind::StdinError => {
+                if frame.parse::<StdinError>().is_err() {
+                    return "the guest sent a malformed StdinError frame".into();
+                }
+                if !router.first(frame.id, Once::StdinError) {
+                    continue;
+                }
+                false
             }
             // Anything else is not the agent's to send; ignore it rather than trust it.
             _ => continue,
@@ -218,6 +237,34 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn started_and_stdin_error_pass_once_per_session() {
+        let router = Arc::new(Router::default());
+        let (id, mut rx) = open_session(&router);
+        let mut bytes = Vec::new();
+        for _ in 0..1000 {
+            bytes.extend(Frame::json(id, Kind::Started, &Started { pid: 42 }).encode());
+            bytes.extend(Frame::json(id, Kind::StdinError, &StdinError { errno: Some(32), written: 3 }).encode());
+        }
+        bytes.extend(Frame::json(id + 100, Kind::Started, &Started { pid: 1 }).encode());
+        let why = pump_with(bytes, router).await;
+        assert!(why.contains("closed"), "{why}");
+        let started = rx.recv().await.unwrap();
+        assert_eq!((started.id, started.kind), (7, Kind::Started));
+        assert_eq!(started.parse::<Started>().unwrap().pid, 42);
+        let err = rx.recv().await.unwrap();
+        assert_eq!(err.parse::<StdinError>().unwrap(), StdinError { errno: Some(32), written: 3 });
+        assert!(rx.try_recv().is_err(), "repeats and other sessions' frames are dropped");
+    }
+
+    #[tokio::test]
+    async fn malformed_started_payload_ends_the_link() {
+        let router = Arc::new(Router::default());
+        let (id, _rx) = open_session(&router);
+        let why = pump_with(Frame::data(id, Kind::Started, b"{\"pid\":-1}".to_vec()).encode(), router).await;
+        assert!(why.contains("malformed Started"), "{why}");
+    }
+
+    #[tokio::test]
     async fn malformed_exit_payload_ends_the_link() {
         let router = Arc::new(Router::default());
         let (id, _rx) = open_session(&router);
@@ -229,7 +276,7 @@ mod tests {
     async fn session_closes_after_exit_and_late_frames_are_dropped() {
         let router = Arc::new(Router::default());
         let (id, mut rx) = open_session(&router);
-        let exit = Exited { code: Some(0), signal: None, timed_out: false };
+        let exit = Exited { code: Some(0), ..Default::default() };
         let mut bytes = Frame::json(id, Kind::Exited, &exit).encode();
         bytes.extend(Frame::data(id, Kind::Stdout, b"late".to_vec()).encode());
         pump_with(bytes, router.clone()).await;

@@ -63,9 +63,9 @@ mod tests {
 
     #[test]
     fn ends_are_described() {
-        let exit = Frame::json(1, Kind::Exited, &Exited { code: Some(3), signal: None, timed_out: false });
+        let exit = Frame::json(1, Kind::Exited, &Exited { code: Some(3), ..Default::default() });
         assert_eq!(describe_end("/app", &exit).unwrap(), "main process /app exited with code 3");
-        let killed = Frame::json(1, Kind::Exited, &Exited { code: None, signal: Some(9), timed_out: false });
+        let killed = Frame::json(1, Kind::Exited, &Exited { signal: Some(9), ..Default::default() });
         assert!(describe_end("/app", &killed).unwrap().contains("signal 9"));
         let err = Frame::json(1, Kind::Error, &ErrorMsg { code: "exec-failed".into(), message: "ENOENT".into(), errno: None });
         assert!(describe_end("/app", &err).unwrap().contains("could not start: ENOENT"));

@@ -57,6 +57,17 @@ struct Inner {
     background: std::collections::HashSet<u32>,
     /// Transfer-disk windows lent to open filesystem sessions (transfer.rs).
     windows: HashMap<u32, BulkWindow>,
+    /// Once-per-session frames already forwarded ([`Router::first`]), as bits.
+    seen: HashMap<u32, u8>,
+}
+
+/// Frames an agent sends at most once per session; repeats are dropped so that a
+/// hostile guest cannot queue unbounded control frames (they cost no flow-control window).
+#[derive(Debug, Clone, Copy)]
+#[repr(u8)]
+pub enum Once {
+    Started = 1,
+    StdinError = 2,
 }
 
 impl Router {
@@ -148,6 +159,20 @@ impl Router {
         g.routes.remove(&id);
         g.background.remove(&id);
         g.windows.remove(&id);
+        g.seen.remove(&id);
+    }
+
+    /// True the first time open session `id` sends `what`; false for repeats and for
+    /// sessions that are not open.
+    pub fn first(&self, id: u32, what: Once) -> bool {
+        let mut g = self.inner.lock().unwrap();
+        if !g.routes.contains_key(&id) {
+            return false;
+        }
+        let bits = g.seen.entry(id).or_default();
+        let new = *bits & what as u8 == 0;
+        *bits |= what as u8;
+        new
     }
 
     /// Records the transfer-disk window lent to open session `id`.
@@ -193,6 +218,20 @@ mod tests {
         assert_eq!(r.window(a), None);
         r.set_window(a, w);
         assert_eq!(r.window(a), None, "a closed session gets no window");
+    }
+
+    #[test]
+    fn once_frames_pass_once_per_open_session() {
+        let r = Router::default();
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let a = r.open(Route { client: tx, local_id: 1, flow: Default::default() }).unwrap();
+        assert!(r.first(a, Once::Started));
+        assert!(!r.first(a, Once::Started));
+        assert!(r.first(a, Once::StdinError));
+        assert!(!r.first(a, Once::StdinError));
+        assert!(!r.first(a + 1, Once::Started), "not an open session");
+        r.close(a);
+        assert!(!r.first(a, Once::StdinError));
     }
 
     #[test]

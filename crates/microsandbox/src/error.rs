@@ -83,6 +83,11 @@ pub enum Error {
     /// caller, was never a pipe, or the command has finished.
     #[error("{0}")]
     StdinClosed(String),
+    /// A write to a streaming command's stdin after the command stopped taking it (it
+    /// closed its stdin, or writing it failed in the guest); the stream reported it as a
+    /// stdin error event.
+    #[error("{0}")]
+    StdinBroken(String),
     /// Metrics cannot be read on this host for a running sandbox (no procfs, or the VM
     /// process's statistics are not readable).
     #[error("{0}")]
@@ -154,6 +159,7 @@ impl Error {
             Error::Cancelled => "cancelled",
             Error::InheritedHandle(_) => "inherited-handle",
             Error::StdinClosed(_) => "stdin-closed",
+            Error::StdinBroken(_) => "stdin-broken",
             Error::MetricsUnavailable(_) => "metrics-unavailable",
             Error::Tls(_) => "tls-error",
             Error::SecretViolation(_) => "secret-violation",

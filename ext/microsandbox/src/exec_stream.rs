@@ -32,7 +32,9 @@ impl RbExecStream {
         self.control.get().cloned().ok_or_else(|| to_ruby(ruby, inherited_error("exec stream")))
     }
 
-    /// `nil` at the end, else `[:stdout, bytes]`, `[:stderr, bytes]` or `[:exited, code, signal]`.
+    /// `nil` at the end, else `[:started, pid]`, `[:stdout, bytes]`, `[:stderr, bytes]`,
+    /// `[:stdin_error, message, errno]`, `[:exited, code, signal]` or
+    /// `[:failed, message, errno]`.
     pub fn next_event(ruby: &Ruby, rb_self: &Self) -> Result<Value, Error> {
         let stream = rb_self.stream.get().cloned().ok_or_else(|| to_ruby(ruby, inherited_error("exec stream")))?;
         let ev = crate::gvl::run(async move {
@@ -46,6 +48,10 @@ impl RbExecStream {
         let Some(ev) = ev else { return Ok(ruby.qnil().as_value()) };
         let out: RArray = ruby.ary_new_capa(3);
         match ev {
+            ExecEvent::Started { pid } => {
+                out.push(ruby.to_symbol("started"))?;
+                out.push(pid)?;
+            }
             ExecEvent::Stdout(b) => {
                 out.push(ruby.to_symbol("stdout"))?;
                 out.push(ruby.str_from_slice(&b))?;
@@ -54,10 +60,20 @@ impl RbExecStream {
                 out.push(ruby.to_symbol("stderr"))?;
                 out.push(ruby.str_from_slice(&b))?;
             }
+            ExecEvent::StdinError { errno, message } => {
+                out.push(ruby.to_symbol("stdin_error"))?;
+                out.push(ruby.str_new(&message))?;
+                out.push(errno)?;
+            }
             ExecEvent::Exited { code, signal } => {
                 out.push(ruby.to_symbol("exited"))?;
                 out.push(code)?;
                 out.push(signal)?;
+            }
+            ExecEvent::Failed { errno, message } => {
+                out.push(ruby.to_symbol("failed"))?;
+                out.push(ruby.str_new(&message))?;
+                out.push(errno)?;
             }
         }
         Ok(out.as_value())

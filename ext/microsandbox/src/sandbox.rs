@@ -191,8 +191,8 @@ impl RbSandbox {
     }
 
     /// `exec(program, args, env_pairs, cwd, timeout_secs, stdin, user, rlimits, tty)` →
-    /// `[exit_code, signal, stdout, stderr]` with binary strings; `tty` is nil or
-    /// `[rows, cols]`.
+    /// `[exit_code, signal, stdout, stderr, stdin_error]` with binary strings (the last nil
+    /// or a message); `tty` is nil or `[rows, cols]`.
     #[allow(clippy::too_many_arguments)]
     pub fn exec(
         ruby: &Ruby,
@@ -212,11 +212,12 @@ impl RbSandbox {
         let call = exec_call(program, args, env, cwd, timeout, stdin, user, rlimits, tty);
         let sb = rb_self.handle();
         let res = crate::gvl::run(async move { sb.exec(call).await }).map_err(|e| to_ruby(ruby, e))?;
-        let out = ruby.ary_new_capa(4);
+        let out = ruby.ary_new_capa(5);
         out.push(res.code)?;
         out.push(res.signal)?;
         out.push(ruby.str_from_slice(&res.stdout))?;
         out.push(ruby.str_from_slice(&res.stderr))?;
+        out.push(res.stdin_error.as_deref().map(|m| ruby.str_new(m)))?;
         Ok(out)
     }
 

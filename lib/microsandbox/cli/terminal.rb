@@ -65,6 +65,7 @@ module Microsandbox
         handle.each do |event|
           if event.stdout? then @out.write(event.bytes)
           elsif event.stderr? then @err.write(event.bytes)
+          elsif event.failed? then raise ExecFailedError, event.data # exit status 126/127
           end
         end
         handle.exit_code

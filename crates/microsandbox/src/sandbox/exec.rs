@@ -3,7 +3,8 @@
 use std::time::Duration;
 
 use microsandbox_protocol::{
-    read_frame_async, write_frame_async, ErrorMsg, ExecRequest, Exited, Frame, Kind, WinSize, MAX_CHUNK,
+    read_frame_async, write_frame_async, ErrorMsg, ExecRequest, Exited, Frame, Kind, Started, StdinError, WinSize,
+    MAX_CHUNK,
 };
 use tokio::net::UnixStream;
 
@@ -55,12 +56,45 @@ pub fn validate_winsize(size: WinSize) -> Result<()> {
 }
 
 /// A finished command.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ExecResult {
     pub code: Option<i32>,
     pub signal: Option<i32>,
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
+    /// Set when part of the call's stdin never reached the command (it closed its stdin
+    /// or exited first): says how much, and why.
+    pub stdin_error: Option<String>,
+}
+
+/// Linux's errno for a write to a pipe nobody reads (the same number in every guest).
+const EPIPE: i32 = 32;
+
+/// Words an agent's `StdinError` for the caller: `accepted` bytes were handed to the
+/// stream, `written` of them reached the command. The errno comes from the guest, so
+/// only a plausible number is translated.
+pub(crate) fn stdin_failed_message(err: &StdinError, accepted: u64) -> String {
+    let why = match err.errno {
+        Some(EPIPE) => "the command closed its stdin (broken pipe)".to_string(),
+        Some(e) if (1..4096).contains(&e) => format!("writing the command's stdin failed ({})", std::io::Error::from_raw_os_error(e)),
+        _ => "writing the command's stdin failed".to_string(),
+    };
+    let lost = accepted.saturating_sub(err.written);
+    format!("{why} after {} bytes reached it; {lost} of the {accepted} bytes written to stdin so far were not delivered", err.written)
+}
+
+/// Words bytes the agent never got into the command's stdin before it ended.
+pub(crate) fn stdin_unread_message(written: u64, accepted: u64) -> String {
+    format!(
+        "the command ended after {written} bytes reached its stdin; {} of the {accepted} bytes written to stdin were not delivered",
+        accepted.saturating_sub(written)
+    )
+}
+
+/// The caller's stdin bytes that an `Exited` says never reached the command, as a message.
+pub(crate) fn undelivered_at_exit(ex: &Exited, accepted: u64) -> Option<String> {
+    let written = ex.stdin_written?;
+    (accepted > written).then(|| stdin_unread_message(written, accepted))
 }
 
 impl ExecCall {
@@ -133,35 +167,48 @@ fn vm_gone() -> Error {
 }
 
 /// Sends `req` (and `stdin`) and collects output until the session ends.
+///
+/// Stdin the command does not take (it closes its stdin, or exits, before reading it all)
+/// never makes this wait: the session ends with the command, the rest of `stdin` is not
+/// sent, and [`ExecResult::stdin_error`] says how many bytes were not delivered.
 pub async fn run(conn: UnixStream, req: ExecRequest, stdin: Option<Vec<u8>>, timeout: Option<Duration>) -> Result<ExecResult> {
     let program = req.program.clone();
     let (mut rd, mut wr) = conn.into_split();
     write_frame_async(&mut wr, &Frame::json(SESSION, Kind::Exec, &req)).await.map_err(|_| vm_gone())?;
+    let accepted = stdin.as_ref().map_or(0, |d| d.len() as u64);
 
     let writer = async move {
         if let Some(data) = stdin {
             for chunk in data.chunks(MAX_CHUNK) {
                 if write_frame_async(&mut wr, &Frame::data(SESSION, Kind::Stdin, chunk.to_vec())).await.is_err() {
-                    return wr;
+                    return std::future::pending::<std::convert::Infallible>().await;
                 }
             }
             let _ = write_frame_async(&mut wr, &Frame::data(SESSION, Kind::StdinEof, Vec::new())).await;
         }
-        wr
+        // Keep the connection's write half open until the reader ends.
+        std::future::pending::<std::convert::Infallible>().await
     };
 
     let name = program.clone();
     let reader = async move {
         let program = name;
-        let mut out = ExecResult { code: None, signal: None, stdout: Vec::new(), stderr: Vec::new() };
+        let mut out = ExecResult::default();
         loop {
             let frame = read_frame_async(&mut rd).await?.ok_or_else(vm_gone)?;
             if frame.id != SESSION {
                 return Err(Error::Protocol(format!("frame for unknown session {}", frame.id)));
             }
             match frame.kind {
+                Kind::Started => {
+                    frame.parse::<Started>()?;
+                }
                 Kind::Stdout => out.stdout.extend_from_slice(&frame.payload),
                 Kind::Stderr => out.stderr.extend_from_slice(&frame.payload),
+                Kind::StdinError => {
+                    let err: StdinError = frame.parse()?;
+                    out.stdin_error.get_or_insert_with(|| stdin_failed_message(&err, accepted));
+                }
                 Kind::Exited => {
                     let ex: Exited = frame.parse()?;
                     if ex.timed_out {
@@ -171,6 +218,9 @@ pub async fn run(conn: UnixStream, req: ExecRequest, stdin: Option<Vec<u8>>, tim
                     }
                     out.code = ex.code;
                     out.signal = ex.signal;
+                    if out.stdin_error.is_none() {
+                        out.stdin_error = undelivered_at_exit(&ex, accepted);
+                    }
                     return Ok(out);
                 }
                 Kind::Error => {
@@ -194,9 +244,12 @@ pub async fn run(conn: UnixStream, req: ExecRequest, stdin: Option<Vec<u8>>, tim
         }
     };
 
+    // The session ends with the reader; stdin not yet sent then has nowhere to go.
     let both = async {
-        let (_wr, res) = tokio::join!(writer, reader);
-        res
+        tokio::select! {
+            res = reader => res,
+            never = writer => match never {},
+        }
     };
     match timeout {
         // The agent enforces the timeout; this is the backstop for an agent that doesn't.

@@ -6,10 +6,10 @@
 //! so an abandoned stream never leaves a process running.
 
 use microsandbox_protocol::{
-    read_frame_async, write_frame_async, ErrorMsg, ExecRequest, Exited, Frame, Kind, SignalMsg, WinSize, MAX_CHUNK,
+    read_frame_async, write_frame_async, ErrorMsg, ExecRequest, Exited, Frame, Kind, SignalMsg, Started, StdinError,
+    WinSize, MAX_CHUNK,
 };
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
@@ -21,13 +21,31 @@ const SESSION: u32 = 1;
 /// slower than the guest, the task stops reading and back-pressure reaches the guest.
 const EVENT_QUEUE: usize = 32;
 
-/// One thing that happened in a streaming exec.
+/// One thing that happened in a streaming exec, in this order: `Started`, then output
+/// and at most one `StdinError` in the order they happened, then `Exited` — or only
+/// `Failed` when the command could not be started.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExecEvent {
+    /// The command runs, as guest process `pid`; the first event.
+    Started { pid: u32 },
     Stdout(Vec<u8>),
     Stderr(Vec<u8>),
-    /// Always the last event of a successful stream.
+    /// Bytes written to stdin did not reach the command (it closed its stdin, or ended
+    /// before taking them); `message` says how many. At most once per stream; later
+    /// writes raise [`Error::StdinBroken`].
+    StdinError { errno: Option<i32>, message: String },
+    /// Always the last event of a command that ran.
     Exited { code: Option<i32>, signal: Option<i32> },
+    /// The command could not be started (not found, not executable, no such cwd or
+    /// user…); the only event of such a stream. `errno` is the guest's, when there is one.
+    Failed { errno: Option<i32>, message: String },
+}
+
+impl ExecEvent {
+    /// True for the last event of a stream (`Exited`, `Failed`).
+    pub fn is_last(&self) -> bool {
+        matches!(self, ExecEvent::Exited { .. } | ExecEvent::Failed { .. })
+    }
 }
 
 enum Control {
@@ -45,14 +63,59 @@ pub struct ExecStream {
     done: bool,
     /// The command runs on a pseudo-terminal (it can be resized).
     tty: bool,
-    stdin: Arc<AtomicU8>,
+    stdin: Arc<Mutex<StdinState>>,
 }
 
-/// [`ExecControl`]'s stdin states.
-const STDIN_OPEN: u8 = 0;
-const STDIN_CLOSED: u8 = 1;
-const STDIN_NOT_A_PIPE: u8 = 2;
+/// The stdin side of a stream, shared by [`ExecControl`]'s clones and the session task.
+///
+/// Invariant: every chunk queued for the guest is counted in `accepted` under this lock,
+/// and only while `mode` is `Open`; the task sets `Broken`/`Finished` under the same lock
+/// when it compares `accepted` with what the agent wrote. So a byte a write accepted is
+/// either counted in that comparison (and reported if it did not arrive) or the write
+/// raised — never silently dropped.
+#[derive(Debug)]
+struct StdinState {
+    mode: StdinMode,
+    /// Bytes handed to the session for the command's stdin (the `stdin:` String included).
+    accepted: u64,
+}
 
+#[derive(Debug, Clone)]
+enum StdinMode {
+    Open,
+    /// Closed by the caller.
+    Closed,
+    /// Started without a pipe the caller may write.
+    NotAPipe,
+    /// The command stopped taking stdin; the message says what happened.
+    Broken(String),
+    /// The command has ended.
+    Finished,
+}
+
+impl StdinState {
+    /// The command ended: an open stdin is now finished. The other modes keep their
+    /// reason (closed by the caller, never a pipe, broken), which says more.
+    fn finish(&mut self) {
+        if matches!(self.mode, StdinMode::Open) {
+            self.mode = StdinMode::Finished;
+        }
+    }
+
+    fn writable(&self) -> Result<()> {
+        match &self.mode {
+            StdinMode::Open => Ok(()),
+            StdinMode::Closed => Err(Error::StdinClosed("stdin is already closed; a closed stdin cannot be written again".into())),
+            StdinMode::NotAPipe => Err(Error::StdinClosed(
+                "this command has no stdin to write: start it with stdin: :pipe (or tty: true) to write to it".into(),
+            )),
+            StdinMode::Broken(why) => Err(Error::StdinBroken(format!(
+                "cannot write to stdin: {why}. The command reads no more input: stop writing (its output and exit status still arrive)"
+            ))),
+            StdinMode::Finished => Err(Error::StdinClosed("the command has finished; its stdin is closed".into())),
+        }
+    }
+}
 fn vm_gone() -> Error {
     Error::SandboxNotRunning("the sandbox VM exited during the command".into())
 }
@@ -64,6 +127,11 @@ impl ExecStream {
     pub(crate) async fn start(conn: UnixStream, req: ExecRequest, stdin: Option<Vec<u8>>, writable: bool) -> Result<ExecStream> {
         let program = req.program.clone();
         let tty = req.tty.is_some();
+        let state = Arc::new(Mutex::new(StdinState {
+            mode: if writable { StdinMode::Open } else { StdinMode::NotAPipe },
+            accepted: stdin.as_ref().map_or(0, |d| d.len() as u64),
+        }));
+        let task_state = state.clone();
         let (mut rd, mut wr) = conn.into_split();
         write_frame_async(&mut wr, &Frame::json(SESSION, Kind::Exec, &req)).await.map_err(|_| vm_gone())?;
         let (ev_tx, ev_rx) = mpsc::channel(EVENT_QUEUE);
@@ -96,23 +164,54 @@ impl ExecStream {
                 std::future::pending::<()>().await;
             };
             let reader = async move {
+                let state = task_state;
+                // A stream reports undeliverable stdin once: the first report covers
+                // every byte accepted until then, and later writes raise.
+                let mut reported = false;
                 loop {
                     let event = match read_frame_async(&mut rd).await {
                         Err(e) => Err(e.into()),
                         Ok(None) => Err(vm_gone()),
                         Ok(Some(f)) if f.id != SESSION => Err(Error::Protocol(format!("frame for unknown session {}", f.id))),
                         Ok(Some(f)) => match f.kind {
+                            Kind::Started => f.parse::<Started>().map(|s| ExecEvent::Started { pid: s.pid }).map_err(Error::from),
                             Kind::Stdout => Ok(ExecEvent::Stdout(f.payload)),
                             Kind::Stderr => Ok(ExecEvent::Stderr(f.payload)),
+                            Kind::StdinError => match f.parse::<StdinError>() {
+                                Ok(_) if reported => continue,
+                                Ok(err) => {
+                                    reported = true;
+                                    let mut s = state.lock().unwrap();
+                                    let message = super::exec::stdin_failed_message(&err, s.accepted);
+                                    if matches!(s.mode, StdinMode::Open | StdinMode::Closed) {
+                                        s.mode = StdinMode::Broken(message.clone());
+                                    }
+                                    Ok(ExecEvent::StdinError { errno: err.errno, message })
+                                }
+                                Err(e) => Err(e.into()),
+                            },
                             Kind::Exited => match f.parse::<Exited>() {
                                 Ok(ex) if ex.timed_out => Err(Error::ExecTimeout(format!(
                                     "{program} did not finish within its timeout and was killed"
                                 ))),
-                                Ok(ex) => Ok(ExecEvent::Exited { code: ex.code, signal: ex.signal }),
+                                Ok(ex) => {
+                                    let lost = {
+                                        let mut s = state.lock().unwrap();
+                                        s.finish();
+                                        super::exec::undelivered_at_exit(&ex, s.accepted)
+                                    };
+                                    if let (Some(message), false) = (lost, reported) {
+                                        let ev = Ok(ExecEvent::StdinError { errno: None, message });
+                                        if ev_tx.send(ev).await.is_err() {
+                                            return;
+                                        }
+                                    }
+                                    Ok(ExecEvent::Exited { code: ex.code, signal: ex.signal })
+                                }
                                 Err(e) => Err(e.into()),
                             },
                             Kind::Error => match f.parse::<ErrorMsg>() {
-                                Ok(e) if e.code == "exec-failed" => Err(Error::ExecFailed(e.message)),
+                                Ok(e) if e.code == "exec-failed" => Ok(ExecEvent::Failed { errno: e.errno, message: e.message }),
                                 Ok(e) => Err(Error::from_supervisor_code(&e.code, &e.message)
                                     .unwrap_or_else(|| Error::Protocol(format!("agent error {}: {}", e.code, e.message)))),
                                 Err(e) => Err(e.into()),
@@ -120,7 +219,10 @@ impl ExecStream {
                             other => Err(Error::Protocol(format!("unexpected {other:?} frame in an exec session"))),
                         },
                     };
-                    let last = !matches!(event, Ok(ExecEvent::Stdout(_)) | Ok(ExecEvent::Stderr(_)));
+                    let last = !matches!(&event, Ok(ev) if !ev.is_last());
+                    if last {
+                        state.lock().unwrap().finish();
+                    }
                     if ev_tx.send(event).await.is_err() || last {
                         return;
                     }
@@ -131,8 +233,7 @@ impl ExecStream {
                 _ = reader => {},
             }
         });
-        let state = if writable { STDIN_OPEN } else { STDIN_NOT_A_PIPE };
-        Ok(ExecStream { events: ev_rx, control: ctl_tx, task, done: false, tty, stdin: Arc::new(AtomicU8::new(state)) })
+        Ok(ExecStream { events: ev_rx, control: ctl_tx, task, done: false, tty, stdin: state })
     }
 
     /// The next event; `None` after the last one (`Exited` or an error).
@@ -141,7 +242,7 @@ impl ExecStream {
             return None;
         }
         let ev = self.events.recv().await;
-        if !matches!(ev, Some(Ok(ExecEvent::Stdout(_))) | Some(Ok(ExecEvent::Stderr(_)))) {
+        if !matches!(&ev, Some(Ok(e)) if !e.is_last()) {
             self.done = true;
         }
         ev
@@ -170,8 +271,8 @@ impl Drop for ExecStream {
 pub struct ExecControl {
     control: mpsc::Sender<Control>,
     tty: bool,
-    /// Shared by every clone: one `close_stdin` closes it for all.
-    stdin: Arc<AtomicU8>,
+    /// Shared by every clone and the session task: one `close_stdin` closes it for all.
+    stdin: Arc<Mutex<StdinState>>,
 }
 
 impl ExecControl {
@@ -179,32 +280,40 @@ impl ExecControl {
         Error::ExecFailed("the command has already finished; its stdin and signals are closed".into())
     }
 
-    /// Writes to the command's stdin. Raises [`Error::StdinClosed`] when the bytes cannot
-    /// reach it: stdin was closed ([`close_stdin`](Self::close_stdin)), the stream was
-    /// started without a stdin pipe, or the command has finished.
+    /// Writes to the command's stdin (waiting while the session's queue is full).
+    /// Returning means the bytes are on their way; if the command then does not take
+    /// them, the stream reports it with an [`ExecEvent::StdinError`].
+    ///
+    /// Raises [`Error::StdinClosed`] when the bytes cannot reach the command: stdin was
+    /// closed ([`close_stdin`](Self::close_stdin)), the stream was started without a
+    /// stdin pipe, or the command has finished; [`Error::StdinBroken`] once the command
+    /// has stopped taking stdin (the stream reported a `StdinError`).
     pub async fn write_stdin(&self, data: Vec<u8>) -> Result<()> {
-        match self.stdin.load(Ordering::SeqCst) {
-            STDIN_CLOSED => {
-                return Err(Error::StdinClosed("stdin is already closed; a closed stdin cannot be written again".into()))
-            }
-            STDIN_NOT_A_PIPE => {
-                return Err(Error::StdinClosed(
-                    "this command has no stdin to write: start it with stdin: :pipe (or tty: true) to write to it".into(),
-                ))
-            }
-            _ => {}
-        }
+        self.stdin.lock().unwrap().writable()?;
         let finished = || Error::StdinClosed("the command has finished; its stdin is closed".into());
         for chunk in data.chunks(MAX_CHUNK) {
-            self.control.send(Control::Stdin(chunk.to_vec())).await.map_err(|_| finished())?;
+            let permit = self.control.reserve().await.map_err(|_| finished())?;
+            // Count and queue under the lock (see `StdinState`).
+            let mut s = self.stdin.lock().unwrap();
+            s.writable()?;
+            s.accepted += chunk.len() as u64;
+            permit.send(Control::Stdin(chunk.to_vec()));
         }
         Ok(())
     }
 
     /// Closes the command's stdin (end of file). Idempotent; a no-op once the command has
-    /// finished or when it never had a stdin pipe.
+    /// finished, has stopped taking stdin, or when it never had a stdin pipe.
     pub async fn close_stdin(&self) -> Result<()> {
-        if self.stdin.compare_exchange(STDIN_OPEN, STDIN_CLOSED, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
+        let open = {
+            let mut s = self.stdin.lock().unwrap();
+            let open = matches!(s.mode, StdinMode::Open);
+            if open {
+                s.mode = StdinMode::Closed;
+            }
+            open
+        };
+        if open {
             let _ = self.control.send(Control::StdinEof).await;
         }
         Ok(())
@@ -229,5 +338,110 @@ impl ExecControl {
         let size = WinSize { rows, cols };
         super::exec::validate_winsize(size)?;
         self.control.send(Control::Resize(size)).await.map_err(|_| Self::closed())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The session task against a fake supervisor at the other end of the connection.
+    use super::*;
+    use microsandbox_protocol::{read_frame_async, write_frame_async};
+
+    async fn start(writable: bool, stdin: Option<Vec<u8>>) -> (ExecStream, UnixStream) {
+        let (host, mut peer) = UnixStream::pair().unwrap();
+        let req = ExecRequest { program: "prog".into(), stdin: true, ..Default::default() };
+        let stream = ExecStream::start(host, req, stdin, writable).await.unwrap();
+        let exec = read_frame_async(&mut peer).await.unwrap().unwrap();
+        assert_eq!(exec.kind, Kind::Exec);
+        (stream, peer)
+    }
+
+    async fn send<T: serde::Serialize>(peer: &mut UnixStream, kind: Kind, msg: &T) {
+        write_frame_async(peer, &Frame::json(SESSION, kind, msg)).await.unwrap();
+    }
+
+    async fn next(s: &mut ExecStream) -> ExecEvent {
+        s.next().await.unwrap().unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_stdin_error_is_one_event_and_later_writes_raise_stdin_broken() {
+        let (mut s, mut peer) = start(true, None).await;
+        let ctl = s.control();
+        send(&mut peer, Kind::Started, &Started { pid: 7 }).await;
+        assert_eq!(next(&mut s).await, ExecEvent::Started { pid: 7 });
+        ctl.write_stdin(vec![b'x'; 10]).await.unwrap();
+        let stdin = read_frame_async(&mut peer).await.unwrap().unwrap();
+        assert_eq!((stdin.kind, stdin.payload.len()), (Kind::Stdin, 10));
+        send(&mut peer, Kind::StdinError, &StdinError { errno: Some(32), written: 4 }).await;
+        let ExecEvent::StdinError { errno, message } = next(&mut s).await else { panic!("not a stdin error") };
+        assert_eq!(errno, Some(32));
+        assert!(message.contains("closed its stdin (broken pipe) after 4 bytes"), "{message}");
+        assert!(message.contains("6 of the 10 bytes"), "{message}");
+        let err = ctl.write_stdin(b"more".to_vec()).await.unwrap_err();
+        assert_eq!(err.code(), "stdin-broken");
+        assert!(err.to_string().contains("stop writing"), "{err}");
+        ctl.close_stdin().await.unwrap(); // a no-op, never an error
+        // A repeat from the guest is ignored; the exit does not report the bytes again.
+        send(&mut peer, Kind::StdinError, &StdinError { errno: Some(32), written: 4 }).await;
+        send(&mut peer, Kind::Exited, &Exited { code: Some(0), stdin_written: Some(4), ..Default::default() }).await;
+        assert_eq!(next(&mut s).await, ExecEvent::Exited { code: Some(0), signal: None });
+        assert!(s.next().await.is_none());
+        assert_eq!(ctl.write_stdin(b"x".to_vec()).await.unwrap_err().code(), "stdin-broken");
+    }
+
+    #[tokio::test]
+    async fn bytes_the_command_never_took_are_reported_before_exited() {
+        // The `stdin:` String counts as accepted.
+        let (mut s, mut peer) = start(false, Some(b"hello".to_vec())).await;
+        send(&mut peer, Kind::Exited, &Exited { code: Some(0), stdin_written: Some(2), ..Default::default() }).await;
+        let ExecEvent::StdinError { errno: None, message } = next(&mut s).await else { panic!("not a stdin error") };
+        assert!(message.contains("after 2 bytes reached its stdin; 3 of the 5 bytes"), "{message}");
+        assert_eq!(next(&mut s).await, ExecEvent::Exited { code: Some(0), signal: None });
+        assert!(s.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_clean_run_has_no_stdin_error_and_writes_after_exit_raise_stdin_closed() {
+        let (mut s, mut peer) = start(true, None).await;
+        let ctl = s.control();
+        ctl.write_stdin(b"abc".to_vec()).await.unwrap();
+        ctl.close_stdin().await.unwrap();
+        send(&mut peer, Kind::Exited, &Exited { code: Some(0), stdin_written: Some(3), ..Default::default() }).await;
+        assert_eq!(next(&mut s).await, ExecEvent::Exited { code: Some(0), signal: None });
+        let err = ctl.write_stdin(b"x".to_vec()).await.unwrap_err();
+        assert_eq!(err.code(), "stdin-closed");
+        assert!(err.to_string().contains("already closed"), "the caller's close is the reason: {err}");
+
+        // Open until the end: finished. Never a pipe: says so, also after the end.
+        let (mut s, mut peer) = start(true, None).await;
+        let ctl = s.control();
+        send(&mut peer, Kind::Exited, &Exited { code: Some(0), stdin_written: Some(0), ..Default::default() }).await;
+        next(&mut s).await;
+        assert!(ctl.write_stdin(b"x".to_vec()).await.unwrap_err().to_string().contains("finished"));
+        let (mut s, mut peer) = start(false, None).await;
+        let ctl = s.control();
+        send(&mut peer, Kind::Exited, &Exited { code: Some(0), ..Default::default() }).await;
+        next(&mut s).await;
+        assert!(ctl.write_stdin(b"x".to_vec()).await.unwrap_err().to_string().contains("stdin: :pipe"));
+    }
+
+    #[tokio::test]
+    async fn a_spawn_failure_is_a_failed_event_and_the_end() {
+        let (mut s, mut peer) = start(false, None).await;
+        let msg = ErrorMsg { code: "exec-failed".into(), message: "prog: No such file or directory".into(), errno: Some(2) };
+        send(&mut peer, Kind::Error, &msg).await;
+        assert_eq!(next(&mut s).await, ExecEvent::Failed { errno: Some(2), message: msg.message.clone() });
+        assert!(s.is_done());
+        assert!(s.next().await.is_none());
+    }
+
+    #[test]
+    fn guest_errno_is_translated_only_when_plausible() {
+        let m = super::super::exec::stdin_failed_message(&StdinError { errno: Some(5), written: 0 }, 3);
+        assert!(m.contains("writing the command's stdin failed (Input/output error"), "{m}");
+        let m = super::super::exec::stdin_failed_message(&StdinError { errno: Some(-7), written: 9 }, 3);
+        assert!(m.starts_with("writing the command's stdin failed after 9 bytes"), "{m}");
+        assert!(m.contains("0 of the 3 bytes"), "{m}");
     }
 }
