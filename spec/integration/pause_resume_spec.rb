@@ -12,7 +12,7 @@ RSpec.describe "pausing and resuming sandboxes" do
     sb = Microsandbox::Sandbox.create(name, image: rootfs, memory: 256,
                                             entrypoint: ["/bin/sh", "-c", "echo started >> /root/main.log; " \
                                                          "while [ ! -f /root/go ]; do sleep 0.2; done; " \
-                                                         "head -c 600000 /dev/zero; touch /root/done; exec sleep 1000"])
+                                                         "head -c 3000000 /dev/zero; touch /root/done; exec sleep 1000"])
     begin
       pid = sb.shell("sleep 1000 > /dev/null 2>&1 & echo $!").stdout.strip
       expect(pid).to match(/\A\d+\z/)
@@ -37,7 +37,7 @@ RSpec.describe "pausing and resuming sandboxes" do
       expect(sb.shell("cat /root/main.log").stdout).to eq("started\n") # the main process was not started again
       # Its output now goes to no client, yet it must not block once its flow window fills.
       sb.shell("touch /root/go")
-      wait_until(timeout: 60) { sb.shell("test -f /root/done").exit_code.zero? }
+      expect(wait_until(timeout: 60) { sb.shell("test -f /root/done").exit_code.zero? }).to be(true)
       expect(sb.shell("date +%s").stdout.to_i).to be_within(30).of(Time.now.to_i)
       expect(File.exist?(state)).to be(false)
     ensure

@@ -14,7 +14,7 @@ RSpec.describe Microsandbox::Pool do
   let(:opts) { { image: @ref, registry_insecure: true, memory: 256 } }
 
   def wait_ready(pool, count, timeout: 120)
-    wait_until(timeout: timeout, interval: 0.1) { pool.ready_count >= count }
+    expect(wait_until(timeout: timeout, interval: 0.1) { pool.ready_count >= count }).to be(true)
   end
 
   it "hands out running sandboxes at once, uses each once, refills, and cleans up on shutdown" do
@@ -36,7 +36,7 @@ RSpec.describe Microsandbox::Pool do
       expect(names.uniq.size).to eq(2)
       expect(pool.ready_count).to be <= 2
     end
-    wait_until(timeout: 30) { Microsandbox::Sandbox.list.none? { |s| s.name.start_with?(prefix) } }
+    expect(wait_until(timeout: 30) { Microsandbox::Sandbox.list.none? { |s| s.name.start_with?(prefix) } }).to be(true)
     expect(processes_mentioning("sandboxes/#{prefix}")).to be_empty
   end
 
@@ -97,7 +97,7 @@ RSpec.describe Microsandbox::Pool do
     expect(processes_mentioning("sandboxes/#{prefix}")).not_to be_empty
     Process.kill(:KILL, io.pid)
     Process.wait(io.pid)
-    wait_until(timeout: 30) { processes_mentioning("sandboxes/#{prefix}").empty? }
+    expect(wait_until(timeout: 30) { processes_mentioning("sandboxes/#{prefix}").empty? }).to be(true)
     Microsandbox::Sandbox.list.each { |s| Microsandbox::Sandbox.remove(s.name) if s.name.start_with?(prefix) && !s.running? }
   ensure
     io&.close
