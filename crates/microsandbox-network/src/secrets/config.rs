@@ -188,11 +188,19 @@ impl Secret {
     }
 }
 
+/// Bytes of fixed-length bodies that all connections sharing one [`SecretSet`] may hold
+/// for substitution at the same time (each is also capped at
+/// [`super::stream::MAX_SUBST_BODY`]).
+pub const MAX_BUFFERED_BODIES: u64 = 64 * 1024 * 1024;
+
 /// Every secret of one sandbox plus the sandbox-wide violation action.
 #[derive(Debug, Clone)]
 pub struct SecretSet {
     pub secrets: Vec<Secret>,
     pub on_violation: ViolationAction,
+    /// Body bytes held for substitution right now, across connections (a budget of
+    /// [`MAX_BUFFERED_BODIES`], so many connections cannot add up to gigabytes).
+    pub(crate) buffered: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl SecretSet {
@@ -265,7 +273,7 @@ impl SecretSet {
                 }
             }
         }
-        Ok(SecretSet { secrets, on_violation })
+        Ok(SecretSet { secrets, on_violation, buffered: Default::default() })
     }
 }
 

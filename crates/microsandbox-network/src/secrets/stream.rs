@@ -184,6 +184,14 @@ pub struct Substituter {
     buf: Vec<u8>,
     /// After an `Upgrade` request: the opaque state begins once its body is done.
     upgrade_next: bool,
+    /// Bytes of the set's shared body budget this connection holds (a buffered body).
+    reserved: u64,
+}
+
+impl Drop for Substituter {
+    fn drop(&mut self) {
+        self.release();
+    }
 }
 
 impl fmt::Debug for Substituter {
@@ -210,7 +218,7 @@ impl Substituter {
                 }
             }
         }
-        Ok(Substituter { set, id, state: State::Head, buf: Vec::new(), upgrade_next: false })
+        Ok(Substituter { set, id, state: State::Head, buf: Vec::new(), upgrade_next: false, reserved: 0 })
     }
 
     /// Feeds the next bytes from the guest; appends the bytes for the upstream to `out`.
@@ -222,8 +230,36 @@ impl Substituter {
         if r.is_err() {
             self.state = State::Failed;
             self.buf.clear();
+            self.release();
         }
         r
+    }
+
+    /// Takes `n` bytes of the shared body budget; false when it would go over.
+    fn reserve(&mut self, n: u64) -> bool {
+        use std::sync::atomic::Ordering;
+        let budget = &self.set.buffered;
+        let mut cur = budget.load(Ordering::Relaxed);
+        loop {
+            if cur.saturating_add(n) > super::config::MAX_BUFFERED_BODIES {
+                return false;
+            }
+            match budget.compare_exchange_weak(cur, cur + n, Ordering::AcqRel, Ordering::Relaxed) {
+                Ok(_) => {
+                    self.reserved += n;
+                    return true;
+                }
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    /// Gives back what [`Substituter::reserve`] took.
+    fn release(&mut self) {
+        if self.reserved > 0 {
+            self.set.buffered.fetch_sub(self.reserved, std::sync::atomic::Ordering::AcqRel);
+            self.reserved = 0;
+        }
     }
 
     /// The guest closed its sending side: anything incomplete is an error.
@@ -398,6 +434,7 @@ impl Substituter {
     }
 
     fn end_request(&mut self) {
+        self.release();
         let prev = std::mem::replace(&mut self.state, State::Head);
         if self.upgrade_next {
             self.upgrade_next = false;
@@ -607,7 +644,13 @@ impl Substituter {
                 if len > MAX_SUBST_BODY {
                     return Err(Refusal::TooLarge("body over 16 MiB with inject_body on"));
                 }
-                Some((new_head, Vec::with_capacity(len as usize)))
+                if !self.reserve(len) {
+                    return Err(Refusal::TooLarge(
+                        "bodies held for substitution across this sandbox's connections over 64 MiB",
+                    ));
+                }
+                // Grows as the body arrives: a head alone never allocates the whole length.
+                Some((new_head, Vec::with_capacity((len as usize).min(64 * 1024))))
             } else {
                 out.extend_from_slice(&new_head);
                 None

@@ -337,3 +337,29 @@ fn config_errors_name_keys_never_values() {
     assert!(!format!("{ok:?}").contains("s3cr3t"));
     assert!(ok.on_violation.passes("y.x.test"));
 }
+
+#[test]
+fn buffered_bodies_share_one_budget_across_connections() {
+    let set = set(r#","inject":{"body":true}"#);
+    let head = |len: u64| format!("POST / HTTP/1.1\r\nHost: api.example.com\r\nContent-Length: {len}\r\n\r\n$MSB_API_KEY");
+    let mut out = Vec::new();
+    let mut held = Vec::new();
+    // Four connections each hold a 16 MiB body (head and first bytes sent): 64 MiB.
+    for _ in 0..4 {
+        let mut s = Substituter::new(Arc::clone(&set), id("api.example.com")).unwrap();
+        s.feed(head(MAX_SUBST_BODY).as_bytes(), &mut out).unwrap();
+        held.push(s);
+    }
+    let mut fifth = Substituter::new(Arc::clone(&set), id("api.example.com")).unwrap();
+    assert!(matches!(fifth.feed(head(1024).as_bytes(), &mut out), Err(Refusal::TooLarge(_))));
+    // A connection that goes away gives its share back.
+    held.pop();
+    let mut sixth = Substituter::new(Arc::clone(&set), id("api.example.com")).unwrap();
+    sixth.feed(head(1024).as_bytes(), &mut out).unwrap();
+    // A completed body gives it back too.
+    let mut body_out = Vec::new();
+    sixth.feed(&vec![b'x'; 1024 - "$MSB_API_KEY".len()], &mut body_out).unwrap();
+    assert!(contains(&body_out, VALUE.as_bytes()));
+    drop(held);
+    assert_eq!(set.buffered.load(std::sync::atomic::Ordering::SeqCst), 0);
+}
