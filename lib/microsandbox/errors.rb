@@ -42,6 +42,10 @@ module Microsandbox
   # address, port `"10-5"`, unknown group, preset, protocol or key… The message names the
   # key (e.g. `network.rules[2].ports[0]`) and what it expects, never the value.
   class NetworkPolicyError < InvalidConfigError; CODE = "network-policy-error"; end
+  # A published host port (`ports:`, `ports_udp:`) is already taken by another program or
+  # sandbox. Raised by {Sandbox.create} / {Sandbox.start} before the VM starts; nothing is
+  # left running. Choose another host port or stop what holds it.
+  class PortInUseError < InvalidConfigError; CODE = "port-in-use"; end
   # No sandbox with that name exists.
   class SandboxNotFoundError < Error; CODE = "sandbox-not-found"; end
 
@@ -185,7 +189,7 @@ module Microsandbox
 
   # Every error class by its code.
   ERRORS_BY_CODE = [
-    Error, InvalidConfigError, NetworkPolicyError, SandboxNotFoundError, SandboxAlreadyExistsError,
+    Error, InvalidConfigError, NetworkPolicyError, PortInUseError, SandboxNotFoundError, SandboxAlreadyExistsError,
     SandboxStillRunningError, SandboxNotRunningError, SandboxDrainingError, ExecTimeoutError, ExecFailedError,
     FilesystemError, PathNotFoundError, PatchFailedError, ImageNotFoundError, ImageInUseError,
     ImagePullFailedError, MetricsDisabledError, MetricsUnavailableError,

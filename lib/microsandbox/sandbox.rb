@@ -67,6 +67,19 @@ module Microsandbox
       #   host's resolvers from /etc/resolv.conf)
       # @raise [NetworkPolicyError] for a malformed `network:` or `dns:` (names the key, not
       #   the value)
+      # @param ports [Hash, nil] published TCP ports, `{ host_port => guest_port }`: a
+      #   connection to the host port (bound on 127.0.0.1, as in the reference gem) reaches
+      #   the guest port. A key `"address:port"` (`"0.0.0.0:8080"`, `"[::1]:8080"`) binds
+      #   another host address. Keys and values may be Integers or Strings of digits.
+      #   Inbound connections obey the policy's ingress rules (the peer's address, the
+      #   guest port); refused ones are reset and logged. The listeners live in the
+      #   sandbox's supervisor and close with the sandbox
+      # @param ports_udp [Hash, nil] published UDP ports, same forms as `ports:`
+      # @param ipv4_pool [String, nil] IPv4 CIDR the guest's and gateway's addresses come
+      #   from (the first /30 of it: gateway .1, guest .2; default 172.16.0.0/30)
+      # @param max_connections [Integer, nil] concurrent TCP connections through the NIC,
+      #   both ways (1-4096, default 256); a connection beyond it is refused (RST) and logged
+      # @raise [PortInUseError] a published host port is taken (nothing is left running)
       # @param hostname [String, nil] guest hostname (default: the sandbox name)
       # @param template [Boolean, nil] warm start (registry images): restore a VM saved once
       #   per configuration instead of booting (see {Templates}). `false` always boots cold;
@@ -129,6 +142,7 @@ module Microsandbox
                  detached: false, replace: false, replace_with_timeout: nil, pull_policy: nil,
                  registry_auth: nil, registry_insecure: false, registry_ca_certs: nil,
                  entrypoint: nil, scripts: {}, patches: [], oci_upper_size: nil, network: nil, dns: nil,
+                 ports: nil, ports_udp: nil, ipv4_pool: nil, max_connections: nil,
                  rlimits: nil, log_level: nil, quiet_logs: false, security: nil, ephemeral: false, init: nil,
                  fstype: nil, secrets: nil, on_secret_violation: nil, tls: nil, trust_host_cas: false,
                  template: nil, volumes: nil, from_snapshot: nil, &block)
@@ -146,6 +160,7 @@ module Microsandbox
         config["entrypoint"] = Validate.string_array!("entrypoint", entrypoint).map { |a| Validate.utf8!("entrypoint", a) } if entrypoint
         config["oci_upper_size_mib"] = Validate.positive_integer!("oci_upper_size", oci_upper_size) if oci_upper_size
         config["network"] = NetworkPolicy.coerce(network).to_h unless network.nil?
+        config.merge!(NetOptions.config(ports, ports_udp, ipv4_pool, max_connections))
         unless dns.nil?
           raise TypeError, "dns must be a Hash (got #{dns.class})" unless dns.is_a?(Hash)
 

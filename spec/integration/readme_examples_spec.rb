@@ -14,8 +14,9 @@ require_relative "../support/tar_writer"
 # true`). "alpine:latest" there is the suite's busybox root, "python:3-slim" its Debian
 # python3 image. What the README shows in comments (`# => …`) or prints is checked.
 #
-# Not run here, because they belong to other issues: Configuration (`ports:`, `network:`),
-# Named volumes, and Private registries (registry.example.com, needs credentials).
+# Not run here, because they belong to other issues: Named volumes, and Private registries
+# (registry.example.com, needs credentials). Configuration publishes the host's port 8080
+# (on 127.0.0.1), so it needs that port free.
 RSpec.describe "the reference gem's README examples" do
   def mirror = "public.ecr.aws/docker/library/"
 
@@ -30,7 +31,7 @@ RSpec.describe "the reference gem's README examples" do
     @registry.push_layers("docker/library/python", "3-slim", MicrosandboxSpec::DebianImage.layers + [shim],
                           env: MicrosandboxSpec::DebianImage::ENV, workdir: MicrosandboxSpec::DebianImage::WORKDIR,
                           cmd: ["python3"])
-    @names = %w[hello box exec-demo fs-demo obs stream dup]
+    @names = %w[hello box exec-demo fs-demo obs stream dup configured]
   end
 
   after(:all) { FileUtils.rm_rf(@shim_dir) if @shim_dir }
@@ -71,6 +72,32 @@ RSpec.describe "the reference gem's README examples" do
     RUBY
     expect(printed).to eq("Hello, World!\ntrue\n")
     expect(Microsandbox::Sandbox.get("hello").status).to eq(:stopped)
+  end
+
+  it "Configuration" do
+    run_readme(<<~'RUBY')
+      Microsandbox::Sandbox.create(
+        "configured",
+        image:    "public.ecr.aws/docker/library/python:3-slim",
+        cpus:     2,
+        memory:   1024,                      # MiB
+        env:      { "API_BASE" => "https://example.com" },
+        workdir:  "/app",
+        labels:   { "team" => "research" },
+        ports:    { 8080 => 80 },            # host => guest (TCP)
+        network:  "public_only",             # or "none" for airgapped
+        replace:  true                       # replace an existing sandbox of the same name
+      ) do |sb|
+        # ...
+      end
+    RUBY
+    handle = Microsandbox::Sandbox.get("configured")
+    expect(handle.status).to eq(:stopped)
+    expect(handle.labels).to eq("team" => "research")
+    expect(handle.config).to include("cpus" => 2, "memory_mib" => 1024, "workdir" => "/app",
+                                     "ports" => [{ "host_port" => 8080, "guest_port" => 80 }])
+    # The published port closed with the sandbox.
+    expect { TCPSocket.new("127.0.0.1", 8080) }.to raise_error(Errno::ECONNREFUSED)
   end
 
   it "Lifecycle" do

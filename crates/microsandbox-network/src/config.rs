@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::dns::DnsConfig;
 use crate::policy::NetworkPolicy;
+use crate::published::PublishedPort;
 
 /// Default MTU of the guest NIC. Under `-netdev stream` QEMU turns off checksum and
 /// segmentation offloads, so the emulated guest segments at the MTU itself: large frames
@@ -45,6 +46,10 @@ pub struct NetworkConfig {
     /// The `dns:` options (`DnsConfig::from_wire`). Absent = defaults.
     #[serde(default)]
     pub dns: DnsConfig,
+    /// Published ports (`ports:`, `ports_udp:`); the supervisor binds them before QEMU
+    /// starts. Absent = none.
+    #[serde(default)]
+    pub ports: Vec<PublishedPort>,
 }
 
 fn default_tcp_buffer() -> usize {
@@ -66,7 +71,37 @@ impl NetworkConfig {
             tcp_buffer: DEFAULT_TCP_BUFFER,
             policy: NetworkPolicy::default(),
             dns: DnsConfig::default(),
+            ports: Vec::new(),
         }
+    }
+
+    /// Takes the link's addresses from `ipv4_pool:` (a CIDR): the first /30 of the pool,
+    /// gateway at its first address, guest at its second. Only a /30 is on the guest's
+    /// link, so every other address — in the pool or not — goes through the gateway and
+    /// the policy (a wider on-link prefix would make the guest ARP for its neighbours,
+    /// which nobody answers: a hang instead of a refusal). Every sandbox has its own
+    /// stack, so sandboxes may share a pool. The error names the option, never the value.
+    pub fn apply_ipv4_pool(&mut self, pool: &str) -> Result<(), String> {
+        let net: ipnet::Ipv4Net = pool
+            .trim()
+            .parse()
+            .map_err(|_| "ipv4_pool: must be an IPv4 CIDR such as \"10.0.0.0/24\"".to_string())?;
+        if net.prefix_len() > 30 {
+            return Err("ipv4_pool: the prefix must be /30 or shorter (the link needs a gateway and a guest address)".into());
+        }
+        let base = u32::from(net.network());
+        let (gateway, guest) = (Ipv4Addr::from(base + 1), Ipv4Addr::from(base + 2));
+        // Ranges whose addresses mean something else to the guest's or the host's kernel.
+        let reserved = |ip: Ipv4Addr| {
+            ip.is_loopback() || ip.is_link_local() || ip.is_multicast() || ip.is_broadcast() || ip.octets()[0] == 0 || ip.octets()[0] >= 240
+        };
+        if reserved(gateway) || reserved(guest) {
+            return Err("ipv4_pool: must not be in 0.0.0.0/8, 127.0.0.0/8, 169.254.0.0/16, 224.0.0.0/4 or 240.0.0.0/4".into());
+        }
+        self.gateway_ip = gateway;
+        self.guest_ip = guest;
+        self.prefix = 30;
+        Ok(())
     }
 
     /// The largest Ethernet frame on this link.
@@ -97,6 +132,24 @@ mod tests {
         assert!(c.max_frame() <= crate::frame::MAX_STREAM_FRAME);
         let json = serde_json::to_string(&c).unwrap();
         assert_eq!(serde_json::from_str::<NetworkConfig>(&json).unwrap(), c);
+    }
+
+    #[test]
+    fn ipv4_pool_takes_the_first_slash_30() {
+        let mut c = NetworkConfig::with_defaults();
+        c.apply_ipv4_pool("10.9.0.0/24").unwrap();
+        assert_eq!(c.kernel_param(), "msb.net=10.9.0.2/30,10.9.0.1,65520");
+        c.apply_ipv4_pool("192.168.77.8/30").unwrap();
+        assert_eq!((c.gateway_ip, c.guest_ip), (Ipv4Addr::new(192, 168, 77, 9), Ipv4Addr::new(192, 168, 77, 10)));
+        // host bits are ignored: the pool is the network it names
+        c.apply_ipv4_pool("10.1.2.3/16").unwrap();
+        assert_eq!(c.gateway_ip, Ipv4Addr::new(10, 1, 0, 1));
+        for bad in ["10.0.0.0/31", "10.0.0.0/32", "fd00::/64", "10.0.0.0", "nonsense/8", "10.0.0.0/33", "127.0.0.0/8", "169.254.0.0/16", "0.0.0.0/0", "224.0.0.0/4", "240.0.0.0/4"] {
+            let e = c.apply_ipv4_pool(bad).unwrap_err();
+            assert!(e.starts_with("ipv4_pool: "), "{bad}: {e}");
+            assert!(!e.contains(bad), "{e}");
+        }
+        assert_eq!(c.gateway_ip, Ipv4Addr::new(10, 1, 0, 1), "a rejected pool changes nothing");
     }
 
     #[test]

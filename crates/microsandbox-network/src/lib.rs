@@ -16,7 +16,9 @@
 //!   ([`dns::DnsConfig`]) and the pin set ([`dns::PinSet`]) that ties domain rules to the
 //!   addresses this sandbox resolved.
 //! - [`config`]: what the engine hands the supervisor for a NIC ([`config::NetworkConfig`]:
-//!   addresses, MACs, MTU, limits).
+//!   addresses (`ipv4_pool:`), MACs, MTU, limits, published ports).
+//! - [`published`] (pure): `ports:`/`ports_udp:` entries — parsing, validation, the
+//!   default loopback bind address.
 //! - [`frame`] (pure): QEMU's `-netdev stream` framing, a bounded incremental decoder.
 //! - [`frag`] (pure): IPv4 fragment reassembly in front of the guard, bounded (16
 //!   datagrams, 64 KiB, 128 pieces, 10 s; any overlap drops the datagram).
@@ -67,6 +69,7 @@ pub mod icmp;
 #[doc(hidden)]
 pub mod hostile;
 pub mod policy;
+pub mod published;
 pub mod secrets;
 pub mod stack;
 pub mod tls;

@@ -43,10 +43,12 @@ use crate::icmp;
 use crate::policy::HostContext;
 use crate::wire;
 
+pub mod ports;
+
 /// How long a host-side connect may take before the guest gets a RST.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A connection whose peer stops acknowledging for this long is aborted (smoltcp timer).
-const TCP_TIMEOUT: SmolDuration = SmolDuration::from_secs(60);
+pub(crate) const TCP_TIMEOUT: SmolDuration = SmolDuration::from_secs(60);
 /// Bytes read from the link per loop iteration at most (fairness with host sockets).
 const LINK_READ_BUDGET: usize = 1 << 20;
 /// Encoded frames waiting for the link; beyond this the stack stops producing frames.
@@ -146,7 +148,7 @@ struct Intercepted {
 }
 
 /// One relayed TCP connection.
-struct Conn {
+pub(crate) struct Conn {
     handle: SocketHandle,
     host: TcpStream,
     /// The host side sent FIN (or failed): nothing more to read from it.
@@ -190,6 +192,8 @@ pub struct Stack {
     /// TLS interception and secrets ([`Stack::with_interception`]).
     intercept: Option<Arc<Interception>>,
     on_terminate: Option<TerminateFn>,
+    /// Published ports (`ports`): listeners and inbound connections.
+    inbound: ports::Inbound,
 }
 
 /// The host's own interface addresses (the `host` group besides the gateway).
@@ -300,6 +304,7 @@ impl Stack {
             epoch,
             intercept: None,
             on_terminate: None,
+            inbound: ports::Inbound::default(),
         })
     }
 
@@ -345,6 +350,8 @@ impl Stack {
             self.frags.expire(StdInstant::now());
         }
         self.service_dns();
+        self.accept_inbound();
+        self.service_inbound_udp();
         let now = self.now();
         self.iface.poll(now, &mut self.device, &mut self.sockets);
         self.relay();
@@ -421,6 +428,9 @@ impl Stack {
             Ingress::Syn(syn) => self.on_syn(syn, frame),
             Ingress::Udp(udp) => {
                 let payload = guard::udp_payload(&frame).unwrap_or_default();
+                if self.inbound_udp_reply(&udp, payload) {
+                    return; // the answer to a host peer of a published UDP port
+                }
                 if udp.dst_port == 53 {
                     self.on_dns_query(udp, payload);
                 } else {
@@ -504,7 +514,7 @@ impl Stack {
             self.device.rx.push_back(frame);
             return;
         }
-        if self.conns.len() + self.pending.len() >= self.cfg.max_connections as usize {
+        if self.conns.len() + self.pending.len() + self.inbound.tcp_count() >= self.cfg.max_connections as usize {
             self.logger.log(&format!(
                 "network: refused TCP connection to {}:{}: max_connections ({}) reached",
                 syn.dst, syn.dst_port, self.cfg.max_connections
@@ -856,6 +866,7 @@ impl Stack {
         for (key, sni, cut) in cuts {
             self.on_cut(&key, sni, cut);
         }
+        self.relay_inbound();
     }
 
     /// Logs why an intercepted connection was cut (secrets by env name, never a value)
@@ -938,6 +949,7 @@ impl Stack {
                 self.sockets.remove(conn.handle);
             }
         }
+        self.reap_inbound();
     }
 
     /// Encodes frames from smoltcp for the link and writes what the link takes.
@@ -1022,6 +1034,7 @@ impl Stack {
             }
             fds.push(libc::pollfd { fd: fd_for(conn.host.as_raw_fd(), events), events, revents: 0 });
         }
+        self.inbound_pollfds(&mut fds);
         let now = self.now();
         let mut sleep = match self.iface.poll_delay(now, &self.sockets) {
             Some(d) => Duration::from_micros(d.total_micros()).min(MAX_SLEEP),
@@ -1030,7 +1043,7 @@ impl Stack {
         if !self.pending.is_empty() || !self.dns_queries.is_empty() || self.dns_tcp.values().any(|c| c.waiting()) {
             sleep = sleep.min(Duration::from_millis(100)); // connect and DNS timeouts
         }
-        if !self.udp.is_empty() {
+        if !self.udp.is_empty() || self.inbound_has_peers() {
             sleep = sleep.min(Duration::from_secs(5)); // idle sessions
         }
         if handshakes {
@@ -1083,7 +1096,7 @@ fn placeholder_screen(intercept: Option<&Interception>, on_terminate: Option<&Te
 }
 
 /// Relays one connection as far as both sides take bytes right now.
-fn relay_one(conn: &mut Conn, socket: &mut tcp::Socket) {
+pub(crate) fn relay_one(conn: &mut Conn, socket: &mut tcp::Socket) {
     // Guest → host: hand the host what smoltcp received; what the host does not take
     // stays in smoltcp's receive buffer and closes the guest's window.
     while !conn.host_write_shut && socket.can_recv() {

@@ -185,6 +185,19 @@ pub struct Info {
     /// The template a restored VM came from (its key, hex), else `None`.
     #[serde(default)]
     pub template: Option<String>,
+    /// The NIC's traffic so far, filled in live by the supervisor's `Info` answer (absent
+    /// without a NIC, and in the `Info` recorded at boot).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net: Option<NetCounters>,
+}
+
+/// Bytes through a sandbox's NIC (whole Ethernet frames), counted by the host's stack.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NetCounters {
+    /// Delivered to the guest.
+    pub rx_bytes: u64,
+    /// Sent by the guest (also frames the stack dropped).
+    pub tx_bytes: u64,
 }
 
 /// `Restore`: what makes a VM restored from a template this sandbox. Every field is

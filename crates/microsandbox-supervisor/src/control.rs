@@ -35,6 +35,8 @@ pub struct Ctx {
     pub stop: mpsc::Sender<StopTicket>,
     /// Set when a client detaches the sandbox from its owner process.
     pub detached: tokio::sync::watch::Sender<bool>,
+    /// The NIC's byte counters (`None`: no NIC), reported live in `Info` answers.
+    pub net: Option<Arc<microsandbox_network::stack::Counters>>,
 }
 
 /// Accepts clients forever.
@@ -187,7 +189,12 @@ async fn client(stream: UnixStream, ctx: Ctx) {
                 let _ = tx.send(Frame::data(frame.id, Kind::Detach, Vec::new())).await;
             }
             Kind::Info => {
-                let _ = tx.send(Frame::json(frame.id, Kind::Info, &ctx.info)).await;
+                let mut info = ctx.info.clone();
+                if let Some(c) = &ctx.net {
+                    use std::sync::atomic::Ordering::Relaxed;
+                    info.net = Some(microsandbox_protocol::NetCounters { rx_bytes: c.rx_bytes.load(Relaxed), tx_bytes: c.tx_bytes.load(Relaxed) });
+                }
+                let _ = tx.send(Frame::json(frame.id, Kind::Info, &info)).await;
             }
             Kind::Fork => {
                 let answer = match frame.parse::<microsandbox_protocol::ForkRequest>() {
@@ -264,6 +271,7 @@ mod tests {
             boot_ms: 0,
             start: "booted".into(),
             template: None,
+            net: None,
         };
         let ctx = Ctx {
             router: Arc::new(Router::default()),
@@ -272,6 +280,7 @@ mod tests {
             info,
             stop,
             detached: tokio::sync::watch::channel(false).0,
+            net: None,
         };
         Setup { _dir: dir, ctx, agent }
     }

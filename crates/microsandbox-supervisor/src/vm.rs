@@ -207,6 +207,17 @@ pub async fn supervise(spec: SupervisorSpec, report: fn(&StartupReport)) -> u8 {
             return 1;
         }
     };
+    // Published ports are bound before QEMU starts: a port in use fails the create with
+    // a typed error and nothing running. They are close-on-exec (QEMU does not get them).
+    let listeners = match spec.network.as_ref().map(|n| microsandbox_network::stack::ports::bind(&n.ports)).transpose() {
+        Ok(l) => l,
+        Err(e) => {
+            cleanup(&spec);
+            let code = if e.in_use() { "port-in-use" } else { "invalid-config" };
+            report(&StartupReport::Failed { code: code.into(), message: format!("sandbox {:?}: {e}", spec.name) });
+            return 1;
+        }
+    };
     // A restore: QEMU reads the template's saved state from this file (`-incoming fd:`).
     let state = match &spec.template {
         Some(TemplateRun::Restore { state, .. }) => match std::fs::File::open(state) {
@@ -221,10 +232,12 @@ pub async fn supervise(spec: SupervisorSpec, report: fn(&StartupReport)) -> u8 {
     };
     let spawned = spawn_qemu(&spec, nic.as_ref().map(|(_, qemu_end)| qemu_end), state.as_ref());
     drop(state);
+    let mut net_counters = None;
     if let (Some((stack_end, qemu_end)), Some(cfg)) = (nic, spec.network.clone()) {
         drop(qemu_end);
         if spawned.is_ok() {
-            crate::net::start(stack_end, cfg, log_sink.clone());
+            let net_log = (!spec.quiet_logs).then(|| log_sink.clone());
+            net_counters = Some(crate::net::start(stack_end, cfg, listeners.unwrap_or_default(), net_log));
         }
     }
     let mut qemu = match spawned {
@@ -288,6 +301,7 @@ pub async fn supervise(spec: SupervisorSpec, report: fn(&StartupReport)) -> u8 {
             Some(TemplateRun::Restore { template, resumed: false, forked: false, .. }) => Some(template.clone()),
             _ => None,
         },
+        net: None,
     };
     if let Some(TemplateRun::Save { state, qmp }) = &spec.template {
         // A template build: save the VM as it is now (agent ready, nothing of any sandbox
@@ -346,6 +360,7 @@ pub async fn supervise(spec: SupervisorSpec, report: fn(&StartupReport)) -> u8 {
         info: info.clone(),
         stop: stop_tx,
         detached: detached_tx,
+        net: net_counters,
     };
     let router_for_idle = router.clone();
     let mut pump = tokio::spawn(agent_link::pump_from_agent(rd, router.clone(), to_agent.clone(), windows));

@@ -15,6 +15,10 @@ pub enum Error {
     /// A malformed `network:` or `dns:` value (the message names the key, never a value).
     #[error("{0}")]
     NetworkPolicy(String),
+    /// A published host port (`ports:`, `ports_udp:`) is held by another socket; nothing
+    /// was started.
+    #[error("{0}")]
+    PortInUse(String),
     /// No sandbox of that name exists (or it is stopped).
     #[error("{0}")]
     SandboxNotFound(String),
@@ -138,6 +142,7 @@ impl Error {
         match self {
             Error::InvalidConfig(_) => "invalid-config",
             Error::NetworkPolicy(_) => "network-policy-error",
+            Error::PortInUse(_) => "port-in-use",
             Error::SandboxNotFound(_) => "sandbox-not-found",
             Error::SandboxAlreadyExists(_) => "sandbox-already-exists",
             Error::SandboxStillRunning(_) => "sandbox-still-running",

@@ -101,6 +101,19 @@ pub struct SandboxConfig {
     /// `dns:` as Ruby sends it (`nameservers`, `query_timeout_ms`, `rebind_protection`).
     #[serde(default)]
     pub dns: Option<serde_json::Value>,
+    /// Published TCP ports (`ports:`, normalised by Ruby), checked by `network::ports`.
+    #[serde(default)]
+    pub ports: Vec<microsandbox_network::published::PortSpec>,
+    /// Published UDP ports (`ports_udp:`).
+    #[serde(default)]
+    pub ports_udp: Vec<microsandbox_network::published::PortSpec>,
+    /// CIDR the link's addresses come from (`ipv4_pool:`; default 172.16.0.0/30).
+    #[serde(default)]
+    pub ipv4_pool: Option<String>,
+    /// Cap on concurrent TCP connections through the NIC (`max_connections:`, 1–4096,
+    /// default 256).
+    #[serde(default)]
+    pub max_connections: Option<i64>,
     /// Engine home; defaults to `$MICROSANDBOX_HOME` or `~/.microsandbox`.
     #[serde(default)]
     pub home: Option<PathBuf>,
@@ -294,7 +307,7 @@ impl SandboxConfig {
             )));
         }
         validate_env(&self.env)?;
-        super::network::validate(self.network.as_ref(), self.dns.as_ref())?;
+        super::network::validate(self)?;
         self.secrets_view().validate(&self.env)?;
         if let Some(w) = &self.workdir {
             validate_guest_path("workdir", w)?;

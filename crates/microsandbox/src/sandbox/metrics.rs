@@ -26,7 +26,8 @@ pub struct Metrics {
     /// Bytes the VM read from / wrote to its disks since boot.
     pub disk_read_bytes: u64,
     pub disk_write_bytes: u64,
-    /// Guest network traffic (no network device yet: always 0).
+    /// Bytes the NIC delivered to the guest / the guest sent, whole Ethernet frames,
+    /// counted by the supervisor's network stack (0 without a NIC).
     pub net_rx_bytes: u64,
     pub net_tx_bytes: u64,
     pub uptime_secs: f64,

@@ -412,7 +412,7 @@ impl Sandbox {
         };
         let mounts = volume_plan(home, &cfg)?;
         let transfer = transfer::prepare(&dir)?;
-        let network = network::nic(cfg.network.as_ref(), cfg.dns.as_ref())?;
+        let network = network::nic(&cfg)?;
         let hostname = cfg.hostname.clone().unwrap_or_else(|| config::default_hostname(&cfg.name));
         // A restored guest keeps the kernel command line it was saved with: the template's.
         let cmd_hostname = match start {
@@ -608,6 +608,7 @@ impl Sandbox {
                 boot_ms: 0,
                 start: String::new(),
                 template: None,
+                net: None,
             });
         Ok(Sandbox {
             control: home.socket_path(&rec.name, "ctl")?,
@@ -662,13 +663,38 @@ impl Sandbox {
         }
         let dir = self.home.sandbox_dir(&self.name);
         let upper = [OVERLAY_DISK, PRIVATE_DISK].iter().map(|f| dir.join(f)).find(|p| p.is_file());
-        metrics::collect(self.info.vmm_pid, self.memory_mib, upper.as_deref()).await.map_err(|e| match e {
+        let mut m = metrics::collect(self.info.vmm_pid, self.memory_mib, upper.as_deref()).await.map_err(|e| match e {
             Error::SandboxNotRunning(_) => {
                 self.stopped.store(true, Ordering::SeqCst);
                 self.not_running()
             }
             e => e,
+        })?;
+        if let Some(net) = self.net_counters().await {
+            m.net_rx_bytes = net.rx_bytes;
+            m.net_tx_bytes = net.tx_bytes;
+        }
+        Ok(m)
+    }
+
+    /// The NIC's byte counters, asked from the supervisor (its stack counts them); `None`
+    /// without a NIC or when the supervisor does not answer within a second (the other
+    /// figures are still worth returning then).
+    async fn net_counters(&self) -> Option<microsandbox_protocol::NetCounters> {
+        let mut conn = UnixStream::connect(&self.control).await.ok()?;
+        let ask = Frame::data(1, Kind::Info, Vec::new());
+        tokio::time::timeout(Duration::from_secs(1), async {
+            microsandbox_protocol::write_frame_async(&mut conn, &ask).await.ok()?;
+            while let Ok(Some(f)) = microsandbox_protocol::read_frame_async(&mut conn).await {
+                if f.kind == Kind::Info {
+                    return f.parse::<Info>().ok()?.net;
+                }
+            }
+            None
         })
+        .await
+        .ok()
+        .flatten()
     }
 
     /// The last `tail` log entries from `sources` (stdout, stderr, system; all when empty).

@@ -148,6 +148,7 @@ pub async fn read_startup(child: &mut tokio::process::Child, within: Duration) -
 pub fn error_from_code(code: &str, message: String) -> Error {
     match code {
         "invalid-config" => Error::InvalidConfig(message),
+        "port-in-use" => Error::PortInUse(message),
         "exec-failed" => Error::ExecFailed(message),
         "runtime-error" => Error::Runtime(message),
         "protocol-error" => Error::Protocol(message),

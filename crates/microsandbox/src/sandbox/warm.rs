@@ -162,7 +162,7 @@ pub(super) fn vm_spec(
 
 /// The template key of a sandbox of `cfg` whose disk is `disk_bytes` over `image_root`.
 fn key(rt: &Runtime, cfg: &SandboxConfig, accel: Accel, qemu: &Path, image_root: &Path, disk_bytes: u64) -> Result<Key> {
-    let nic = network::nic(cfg.network.as_ref(), cfg.dns.as_ref())?;
+    let nic = network::nic(cfg)?;
     let p = PathBuf::from(ANY);
     let vm = vm_spec(rt, cfg, accel, template::TEMPLATE_HOSTNAME, p.clone(), "qcow2", p.clone(), p.clone(), p, nic.as_ref())?;
     Ok(Key {
@@ -231,7 +231,12 @@ async fn build(
     let control = home.socket_path(&sock_name, "ctl")?;
     let qmp = home.socket_path(&sock_name, "qmp")?;
     std::fs::create_dir_all(home.run_dir()).context(|| format!("creating {}", home.run_dir().display()))?;
-    let nic = network::nic(cfg.network.as_ref(), cfg.dns.as_ref())?;
+    let mut nic = network::nic(cfg)?;
+    // A template VM publishes nothing: its host ports belong to the sandbox restored
+    // from it (bound by that sandbox's supervisor), never to the build.
+    if let Some(n) = nic.as_mut() {
+        n.ports.clear();
+    }
     let vm = vm_spec(rt, cfg, accel, template::TEMPLATE_HOSTNAME, disk, "qcow2", agent_socket.clone(), dir.join("console.log"), transfer.path.clone(), nic.as_ref())?;
     let mut qemu_args = vmm::qemu::args(&vm);
     qemu_args.extend(["-qmp".into(), format!("unix:{},server=on,wait=off", qmp.display())]);

@@ -1,0 +1,260 @@
+# frozen_string_literal: true
+
+require "digest"
+require "socket"
+require_relative "../support/registry"
+require_relative "../support/debian_image"
+
+# Published ports (`ports:`, `ports_udp:`), ingress rules, `max_connections:`,
+# `ipv4_pool:` and the NIC's byte counters, against real VMs. All traffic is host loopback
+# (127.0.0.0/8) into the sandbox's published ports.
+RSpec.describe "Published ports" do
+  # A host port nothing listens on (bound and released: another process could take it in
+  # between, which would fail the spec loudly, never pass it wrongly).
+  def free_port(proto = :tcp)
+    s = proto == :tcp ? TCPServer.new("127.0.0.1", 0) : UDPSocket.new.tap { |u| u.bind("127.0.0.1", 0) }
+    s.addr[1]
+  ensure
+    s&.close
+  end
+
+  def wait_listening(sb, port, proto = "t")
+    ok = wait_until(timeout: 60, interval: 0.3) { sb.shell("netstat -ln#{proto}").stdout.include?(":#{port} ") }
+    raise "the guest server on port #{port} did not start" unless ok
+  end
+
+  # Sends `data` through the guest echo on `port` and returns what came back.
+  def echo(port, data, host: "127.0.0.1", local: nil)
+    s = local ? Socket.tcp(host, port, local, 0) : TCPSocket.new(host, port)
+    s.write(data)
+    s.close_write
+    Timeout.timeout(60) { s.read }
+  ensure
+    s&.close
+  end
+
+  def system_log(sb) = sb.logs(sources: ["system"]).map(&:text).join("\n")
+
+  # The host client was reset: a read sees ECONNRESET, a write after the RST arrived EPIPE.
+  def reset_error
+    satisfy("ECONNRESET or EPIPE") { |e| [Errno::ECONNRESET, Errno::EPIPE].include?(e.class) }
+  end
+
+  # Kills a guest server that may have ended with its sandbox already.
+  def stop_server(handle)
+    handle&.kill
+  rescue Microsandbox::Error
+    nil
+  end
+
+  describe "TCP, default policy" do
+    before(:all) do
+      @p = Array.new(5) { free_port }
+      @sb = Microsandbox::Sandbox.create(unique_name("ports"), image: rootfs,
+                                                               ports: { @p[0] => 8000, "127.0.0.2:#{@p[1]}" => 8000,
+                                                                        @p[2].to_s => 8001, @p[3] => 8002, @p[4] => 8003 })
+      # A persistent echo server: one `cat` per connection.
+      @echo = @sb.shell_stream("nc -ll -p 8000 -e cat")
+      wait_listening(@sb, 8000)
+    end
+    after(:all) do
+      stop_server(@echo)
+      @sb&.kill
+    end
+
+    it "answers on 127.0.0.1 by default, and on the address an \"address:port\" key names" do
+      expect(echo(@p[0], "hello\n")).to eq("hello\n")
+      expect(echo(@p[1], "there\n", host: "127.0.0.2")).to eq("there\n")
+      expect { TCPSocket.new("127.0.0.2", @p[0]) }.to raise_error(Errno::ECONNREFUSED)
+      expect { TCPSocket.new("127.0.0.1", @p[1]) }.to raise_error(Errno::ECONNREFUSED)
+    end
+
+    it "resets the host client at once when nothing listens on the guest port" do
+      started = Process.clock_gettime(Process::CLOCK_MONOTONIC)
+      s = TCPSocket.new("127.0.0.1", @p[2])
+      expect { Timeout.timeout(30) { s.write("x") && s.read } }.to raise_error(reset_error)
+      expect(Process.clock_gettime(Process::CLOCK_MONOTONIC) - started).to be < 10
+    ensure
+      s&.close
+    end
+
+    it "serves 32 concurrent connections, each its own bytes" do
+      results = Array.new(32) do |i|
+        Thread.new { echo(@p[0], "conn-#{i}-" + ("x" * (1000 + i * 97)) + "\n") }
+      end.map(&:value)
+      results.each_with_index do |r, i|
+        expect(r).to eq("conn-#{i}-" + ("x" * (1000 + i * 97)) + "\n")
+      end
+    end
+
+    it "moves 16 MiB each way byte-exact, and Metrics counts the bytes" do
+      data = Random.new(7).bytes(16 << 20)
+      before = @sb.metrics
+      up = @sb.shell_stream("nc -l -p 8002 | sha256sum")
+      wait_listening(@sb, 8002)
+      s = TCPSocket.new("127.0.0.1", @p[3])
+      s.write(data)
+      s.close_write
+      Timeout.timeout(60) { s.read }
+      s.close
+      expect(up.collect.stdout).to eq("#{Digest::SHA256.hexdigest(data)}  -\n")
+
+      blob = @sb.shell("head -c 16777216 /dev/urandom > /tmp/blob && sha256sum < /tmp/blob", timeout: 120).stdout
+      down = @sb.shell_stream("nc -l -p 8003 < /tmp/blob")
+      wait_listening(@sb, 8003)
+      got = Timeout.timeout(300) { TCPSocket.open("127.0.0.1", @p[4]) { |c| c.read } }
+      down.wait
+      expect(got.bytesize).to eq(16 << 20)
+      expect("#{Digest::SHA256.hexdigest(got)}  -\n").to eq(blob)
+
+      after = @sb.metrics
+      expect(after.net_rx_bytes - before.net_rx_bytes).to be >= (16 << 20)
+      expect(after.net_tx_bytes - before.net_tx_bytes).to be >= (16 << 20)
+    end
+
+    it "closes every listener with the sandbox" do
+      stop_server(@echo)
+      @sb.stop
+      [["127.0.0.1", @p[0]], ["127.0.0.2", @p[1]], ["127.0.0.1", @p[2]]].each do |host, port|
+        expect { TCPSocket.new(host, port) }.to raise_error(Errno::ECONNREFUSED)
+      end
+    end
+  end
+
+  describe "ingress rules and max_connections" do
+    before(:all) do
+      @port = free_port
+      policy = Microsandbox::NetworkPolicy.custom(
+        default_egress: :deny, default_ingress: :allow,
+        rules: [Microsandbox::Rule.deny(destination: "127.0.0.3", direction: :ingress)]
+      )
+      @sb = Microsandbox::Sandbox.create(unique_name("ingress"), image: rootfs, network: policy,
+                                                                 ports: { @port => 8000 }, max_connections: 2)
+      @echo = @sb.shell_stream("nc -ll -p 8000 -e cat")
+      wait_listening(@sb, 8000)
+    end
+    after(:all) do
+      stop_server(@echo)
+      @sb&.kill
+    end
+
+    it "resets a peer an ingress rule denies, logs why, and serves the others" do
+      expect { echo(@port, "no\n", local: "127.0.0.3") }.to raise_error(reset_error)
+      expect(echo(@port, "yes\n")).to eq("yes\n")
+      expect(system_log(@sb)).to match(/refused inbound TCP from 127\.0\.0\.3:\d+ to published port 127\.0\.0\.1:#{@port} \(guest port 8000\) \(rule 0/)
+    end
+
+    it "refuses a connection beyond max_connections with a log entry, and serves again once one closes" do
+      held = Array.new(2) do
+        s = TCPSocket.new("127.0.0.1", @port)
+        s.write("held\n")
+        expect(Timeout.timeout(30) { s.gets }).to eq("held\n")
+        s
+      end
+      expect { echo(@port, "third\n") }.to raise_error(reset_error)
+      expect(system_log(@sb)).to include("to published port 127.0.0.1:#{@port} (guest port 8000): max_connections (2) reached")
+      held.pop.close
+      ok = wait_until(timeout: 30, interval: 0.5) do
+        echo(@port, "again\n") == "again\n"
+      rescue Errno::ECONNRESET, Errno::EPIPE
+        false
+      end
+      expect(ok).to be(true)
+    ensure
+      held&.each(&:close)
+    end
+  end
+
+  it "leaves the stack's refusals out of the logs with quiet_logs: true (the reference's \"no runtime logs\")" do
+    port = free_port
+    Microsandbox::Sandbox.create(unique_name("quiet"), image: rootfs, quiet_logs: true, ports: { port => 8000 },
+                                                       network: { default_egress: :deny, default_ingress: :deny }) do |sb|
+      expect { echo(port, "no\n") }.to raise_error(reset_error)
+      expect(sb.shell("nc 172.16.0.1 #{port} </dev/null; echo rc=$?", timeout: 60).stdout).to include("rc=1")
+      expect(system_log(sb)).not_to include("refused")
+    end
+  end
+
+  describe "creating with a port in use, or a bad option" do
+    it "raises PortInUseError before the VM starts and leaves nothing behind" do
+      taken = TCPServer.new("127.0.0.1", 0)
+      name = unique_name("inuse")
+      expect do
+        Microsandbox::Sandbox.create(name, image: rootfs, ports: { taken.addr[1] => 80 })
+      end.to raise_error(Microsandbox::PortInUseError, /ports: cannot publish host 127\.0\.0\.1:#{taken.addr[1]} \(guest port 80\)/)
+      expect(Microsandbox::PortInUseError.ancestors).to include(Microsandbox::InvalidConfigError)
+      expect(Microsandbox::Sandbox.list.map(&:name)).not_to include(name)
+      expect(processes_mentioning(sandbox_dir(name))).to be_empty
+      expect(Dir.exist?(sandbox_dir(name))).to be(false)
+    ensure
+      taken&.close
+    end
+
+    it "rejects malformed ports, ipv4_pool and max_connections with typed errors naming the option" do
+      cases = {
+        { ports: { 0 => 80 } } => [Microsandbox::InvalidConfigError, /ports\[0\]: host_port must be between 1 and 65535/],
+        { ports_udp: { 53 => 70_000 } } => [Microsandbox::InvalidConfigError, /ports_udp\[0\]: guest_port/],
+        { ports: { "8080" => 80, 8080 => 81 } } => [Microsandbox::InvalidConfigError, /host port 8080 is published twice/],
+        { ports: { "nope:80" => 80 } } => [Microsandbox::InvalidConfigError, /ports\[0\]: the host address/],
+        { ports: { "80:90:100" => 80 } } => [ArgumentError, /ports: a host port is/],
+        { ports: [8080] } => [TypeError, /ports must be a Hash/],
+        { network: "none", ports: { 8080 => 80 } } => [Microsandbox::InvalidConfigError, /no NIC/],
+        { ipv4_pool: "10.0.0.0/31" } => [Microsandbox::InvalidConfigError, %r{ipv4_pool: the prefix must be /30 or shorter}],
+        { ipv4_pool: "not-a-cidr" } => [Microsandbox::InvalidConfigError, /ipv4_pool: must be an IPv4 CIDR/],
+        { max_connections: 0 } => [Microsandbox::InvalidConfigError, /max_connections must be between 1 and 4096/],
+        { max_connections: "many" } => [ArgumentError, /max_connections must be an Integer/]
+      }
+      cases.each do |opts, (klass, message)|
+        name = unique_name("badopt")
+        expect { Microsandbox::Sandbox.create(name, image: rootfs, **opts) }.to raise_error(klass, message), opts.inspect
+        expect(Microsandbox::Sandbox.list.map(&:name)).not_to include(name)
+      end
+    end
+  end
+
+  describe "UDP and ipv4_pool (Debian image with python3)" do
+    ECHO_UDP = <<~PY
+      import socket
+      s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+      s.bind(("0.0.0.0", 5000))
+      print("ready", flush=True)
+      while True:
+          data, peer = s.recvfrom(65535)
+          s.sendto(data.upper() + b" from " + peer[0].encode(), peer)
+    PY
+
+    before(:all) do
+      ref = MicrosandboxSpec::DebianImage.push(MicrosandboxSpec::Registry.instance)
+      @udp = free_port(:udp)
+      @sb = Microsandbox::Sandbox.create(unique_name("udp"), image: ref, registry_insecure: true,
+                                                             ports_udp: { @udp => 5000 }, ipv4_pool: "10.77.0.0/24")
+      @server = @sb.exec_stream("python3", ["-c", ECHO_UDP])
+      ready = @server.each.find { |ev| ev.stdout? || ev.exited? }
+      raise "the guest UDP echo did not start: #{ready.inspect}" unless ready&.stdout?
+    end
+    after(:all) do
+      stop_server(@server)
+      @sb&.kill
+    end
+
+    it "takes the link's addresses from ipv4_pool" do
+      out = @sb.shell("cat /proc/net/route; cat /etc/resolv.conf /etc/hosts; python3 -c \"import socket; print(socket.gethostbyname('host.microsandbox.internal'))\"")
+      expect(out.stdout).to include("nameserver 10.77.0.1", "10.77.0.1\thost.microsandbox.internal")
+      expect(out.stdout.lines.last).to eq("10.77.0.1\n")
+      # the default route's gateway, little-endian hex: 10.77.0.1
+      expect(out.stdout).to match(/^eth0\s+00000000\s+01004D0A\s/)
+    end
+
+    it "relays datagrams both ways, each host peer answered on its own" do
+      peers = Array.new(2) { UDPSocket.new.tap { |u| u.connect("127.0.0.1", @udp) } }
+      peers.each_with_index { |u, i| u.send("ping #{i}", 0) }
+      answers = peers.map { |u| Timeout.timeout(30) { u.recv(1000) } }
+      expect(answers).to eq(["PING 0 from 10.77.0.1", "PING 1 from 10.77.0.1"])
+      big = "z" * 30_000
+      peers[0].send(big, 0)
+      expect(Timeout.timeout(30) { peers[0].recv(65_535) }).to eq("#{"Z" * 30_000} from 10.77.0.1")
+    ensure
+      peers&.each(&:close)
+    end
+  end
+end
