@@ -46,7 +46,7 @@ RSpec.describe "the reference gem's README examples" do
   # Evaluates README code with the mirror replaced by the local registry; returns what it
   # printed to stdout and its value.
   def run_readme(code)
-    local = code.gsub(/image: "#{Regexp.escape(mirror)}([^"]+)"/) { %(image: "#{@registry.host}/docker/library/#{Regexp.last_match(1)}", registry_insecure: true) }
+    local = code.gsub(/image:\s*"#{Regexp.escape(mirror)}([^"]+)"/) { %(image: "#{@registry.host}/docker/library/#{Regexp.last_match(1)}", registry_insecure: true) }
                 .gsub(mirror, "#{@registry.host}/docker/library/")
     out = StringIO.new
     old = $stdout
