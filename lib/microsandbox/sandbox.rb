@@ -17,9 +17,14 @@ module Microsandbox
     # Default seconds {#stop} waits for a clean shutdown before killing the VM.
     DEFAULT_STOP_TIMEOUT = 10
 
-    # File extensions of the reference gem's disk-image roots (`image: "root.qcow2"`).
-    # Such roots are not supported yet: {create} raises {UnsupportedError} for them.
+    # File extensions of disk-image roots (`image: "/srv/root.qcow2"`), as in the
+    # reference gem. The image must be an ext2/3/4 filesystem without a partition table;
+    # the sandbox writes to an overlay, never to the image.
     DISK_IMAGE_EXTENSIONS = %w[raw qcow2 vmdk].freeze
+
+    # `security:` profiles. "restricted": every command and the main process run with no
+    # new privileges and no capabilities at all (also as root); "default": as root can.
+    SECURITY_PROFILES = %w[default restricted].freeze
 
     # `log_level:` values, least verbose first.
     LOG_LEVELS = %w[error warn info debug trace].freeze
@@ -37,7 +42,14 @@ module Microsandbox
       #   (`to_s` of a Symbol)
       # @param image [String] an OCI image reference ("alpine", "registry:5000/app:1",
       #   "app@sha256:…"), pulled as needed; or the path (starting with "/" or ".") of a
-      #   local root filesystem directory, of which the guest gets a private copy
+      #   local root filesystem directory, of which the guest gets a private copy; or the
+      #   path of a disk image ending in .raw, .qcow2 or .vmdk ({DISK_IMAGE_EXTENSIONS}):
+      #   an ext2/3/4 filesystem without a partition table, booted through a copy-on-write
+      #   overlay (the image is only read; it must stay in place for {Sandbox.start})
+      # @param fstype [String, Symbol, nil] filesystem of a disk-image root: "ext4", "ext3"
+      #   or "ext2" (detected from the image when nil); anything else is {UnsupportedError}
+      #   (the guest kernel mounts ext roots only). ArgumentError for a root that is not a
+      #   disk image
       # @param pull_policy [String, Symbol] "always", "if_missing" (default) or "never"
       # @param registry_auth [Hash, nil] `{ username:, password: }` (else ~/.docker/config.json)
       # @param registry_insecure [Boolean] plain HTTP to the registry
@@ -99,6 +111,23 @@ module Microsandbox
       # @param scripts [Hash{String=>String}] `name => source`, written to
       #   `/.msb/scripts/<name>` (mode 0755) at create; that directory is appended to PATH,
       #   so `sb.shell("name")` runs one. Names are file names (no "/", not "." or "..")
+      # @param init [String, Symbol, Hash, nil] hand guest PID 1 to an init system once the
+      #   guest has booted: an absolute guest path ("/lib/systemd/systemd"), "auto" (the
+      #   first of /sbin/init, /lib/systemd/systemd, /usr/lib/systemd/systemd, /init), or
+      #   `{ cmd:, args: [], env: {} }`. The agent goes on as its child; commands, {FS} and
+      #   the main process work as before. If the init exits the VM ends (a crash). A
+      #   missing init fails the boot ({BootFailedError})
+      # @param security [String, Symbol, nil] "default" (nil) or "restricted": every command
+      #   and the main process start with no new privileges (setuid programs and file
+      #   capabilities grant nothing) and every capability dropped, bounding set included,
+      #   so root in the guest cannot mount, chown others' files, use raw sockets, load
+      #   modules or trace other users' processes. {FS} calls and patches are not commands
+      #   and are not restricted
+      # @param ephemeral [Boolean] remove the sandbox once it stops, however it stops: its
+      #   root disk and logs go at once, its record at the next lookup, so {Sandbox.get}
+      #   raises {SandboxNotFoundError}, {Sandbox.list} omits it and the name is free. A
+      #   handle already open still reports how the run ended ({#last_stop},
+      #   {#stop_and_wait})
       # @param patches [Array<Hash>, nil] root filesystem changes made at create, in order,
       #   before `create` returns: Hashes from the {Patch} factories or built by hand
       # @param secrets [Array<Hash>, nil] secrets the guest never sees (README "Secrets"):
@@ -132,6 +161,8 @@ module Microsandbox
       #   a directory), TypeError
       # @yieldparam sandbox [Sandbox]
       # @return [Sandbox, Object] the sandbox, or the block's value
+      # @raise [UnsupportedError] a disk image whose filesystem the guest cannot mount
+      # @raise [ImageNotFoundError] a disk image or root directory that does not exist
       # @raise [InvalidConfigError, ImageNotFoundError, SandboxAlreadyExistsError,
       #   RuntimeUnavailableError, BootFailedError, PatchFailedError, TlsError]
       # @raise [ArgumentError] a patch that is not a Hash, of an unknown kind, or with
@@ -147,9 +178,12 @@ module Microsandbox
                  fstype: nil, secrets: nil, on_secret_violation: nil, tls: nil, trust_host_cas: false,
                  template: nil, volumes: nil, from_snapshot: nil, &block)
         snapshot = snapshot_source!(image, from_snapshot)
-        unsupported_options!(image, security, ephemeral, init, fstype)
+        fstype_option!(image, fstype)
         config = build_config(name, image || "", cpus, memory, Validate.coerce_values!("env", env), workdir, accel, boot_timeout)
         config.merge!(run_options(rlimits, log_level, quiet_logs))
+        config.merge!(profile_options(security, ephemeral))
+        config["fstype"] = fstype.to_s unless fstype.nil?
+        config["init"] = init_option(init) unless init.nil?
         config["secrets"] = Secrets.secrets!(secrets)
         config["on_secret_violation"] = Secrets.violation!("on_secret_violation", on_secret_violation) unless on_secret_violation.nil?
         config["tls"] = Secrets.tls!(tls) unless tls.nil?
@@ -279,8 +313,6 @@ module Microsandbox
 
       private
 
-      # Create options of the reference gem this gem cannot honour yet: refused with a
-      # typed error before anything starts, never silently ignored.
       # `from_snapshot:` (a snapshot name, digest or artifact path) or `image:`, exactly one.
       def snapshot_source!(image, from_snapshot)
         if from_snapshot.nil?
@@ -295,20 +327,50 @@ module Microsandbox
         key.start_with?("~", "./", "../") ? File.expand_path(key) : key
       end
 
-      def unsupported_options!(image, security, ephemeral, init, fstype)
-        if image.is_a?(String) && DISK_IMAGE_EXTENSIONS.any? { |ext| image.downcase.end_with?(".#{ext}") }
-          raise UnsupportedError, "disk-image roots (.#{DISK_IMAGE_EXTENSIONS.join(', .')}) are not supported yet; " \
-                                  "use an OCI image reference or a root directory"
-        end
-        raise UnsupportedError, "fstype: applies to disk-image roots, which are not supported yet" unless fstype.nil?
-        unless security.nil? || security.to_s == "default"
-          raise UnsupportedError, "security: #{security.to_s.inspect} is not supported yet; only \"default\" is"
-        end
-        raise UnsupportedError, "ephemeral: true is not supported yet; remove the sandbox with Sandbox.remove" if ephemeral
-        return if init.nil?
+      # `fstype:` belongs to disk-image roots (ArgumentError otherwise, as in the reference).
+      def fstype_option!(image, fstype)
+        return if fstype.nil?
+        raise TypeError, "fstype must be a String or Symbol (got #{fstype.class})" unless fstype.is_a?(String) || fstype.is_a?(Symbol)
+        return if disk_image?(image)
 
-        raise UnsupportedError, "init: is not supported yet: the guest agent stays PID 1; " \
-                                "start services with entrypoint: or scripts: instead"
+        raise ArgumentError, "fstype: applies to disk-image roots (.#{DISK_IMAGE_EXTENSIONS.join(', .')}) only"
+      end
+
+      # `init:` as the engine takes it: `{ "cmd" =>, "args" =>, "env" => [[k, v], ...] }`.
+      def init_option(init)
+        case init
+        when String, Symbol then { "cmd" => init.to_s }
+        when Hash
+          opts = init.transform_keys(&:to_s)
+          unknown = opts.keys - %w[cmd args env]
+          raise ArgumentError, "init: unknown key(s) #{unknown.join(', ')}; use cmd:, args:, env:" unless unknown.empty?
+
+          cmd = opts.fetch("cmd") { raise ArgumentError, "init: a Hash needs cmd:" }
+          spec = { "cmd" => cmd.to_s }
+          spec["args"] = Array(opts["args"]).map(&:to_s) unless opts["args"].nil?
+          spec["env"] = Validate.env!("init env", Validate.coerce_values!("init env", opts["env"])) unless opts["env"].nil?
+          spec
+        else
+          raise TypeError, "init must be a String, Symbol or Hash (got #{init.class})"
+        end
+      end
+
+      # `security:` and `ephemeral:` as the engine takes them.
+      def profile_options(security, ephemeral)
+        opts = {}
+        opts["ephemeral"] = true if ephemeral
+        return opts if security.nil?
+
+        unless security.is_a?(String) || security.is_a?(Symbol)
+          raise TypeError, "security must be a String or Symbol (got #{security.class})"
+        end
+        profile = security.to_s
+        unless SECURITY_PROFILES.include?(profile)
+          raise InvalidConfigError, "security must be one of #{SECURITY_PROFILES.join(', ')} (got #{profile.inspect})"
+        end
+
+        opts["security"] = profile
+        opts
       end
 
       # `rlimits:`, `log_level:`, `quiet_logs:` as the engine takes them.
@@ -337,6 +399,12 @@ module Microsandbox
         ensure
           sandbox.__send__(:release)
         end
+      end
+
+      # A local path ending in one of {DISK_IMAGE_EXTENSIONS} (any case).
+      def disk_image?(image)
+        image.is_a?(String) && local_path?(image) &&
+          DISK_IMAGE_EXTENSIONS.include?(File.extname(image).delete_prefix(".").downcase)
       end
 
       # Paths name local root directories; anything else is an image reference.

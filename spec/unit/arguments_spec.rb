@@ -33,15 +33,14 @@ RSpec.describe "argument validation" do
       .to eq({ "A" => "1", b: "x", "C" => "s" })
   end
 
-  it "refuses reference-gem create options it cannot honour with UnsupportedError, before anything starts" do
-    Microsandbox::Sandbox::DISK_IMAGE_EXTENSIONS.each do |ext|
-      expect { create.call("a", image: "/srv/root.#{ext}") }.to raise_error(Microsandbox::UnsupportedError, /disk-image/)
-    end
+  it "checks the reference gem's create options (fstype:, init:, log_level:, rlimits:) before anything starts" do
     expect(Microsandbox::Sandbox::DISK_IMAGE_EXTENSIONS).to eq(%w[raw qcow2 vmdk])
-    expect { create.call("a", image: "/x", fstype: "ext4") }.to raise_error(Microsandbox::UnsupportedError, /fstype/)
-    expect { create.call("a", image: "/x", security: "restricted") }.to raise_error(Microsandbox::UnsupportedError, /security/)
-    expect { create.call("a", image: "/x", ephemeral: true) }.to raise_error(Microsandbox::UnsupportedError, /ephemeral/)
-    expect { create.call("a", image: "/x", init: "auto") }.to raise_error(Microsandbox::UnsupportedError, /init/)
+    expect { create.call("a", image: "/x", fstype: "ext4") }.to raise_error(ArgumentError, /fstype.*disk-image/)
+    expect { create.call("a", image: "alpine.raw", fstype: "ext4") }.to raise_error(ArgumentError, /fstype/) # not a path
+    expect { create.call("a", image: "/x.qcow2", fstype: 4) }.to raise_error(TypeError, /fstype/)
+    expect { create.call("a", image: "/x", init: 5) }.to raise_error(TypeError, /init/)
+    expect { create.call("a", image: "/x", init: { args: ["x"] }) }.to raise_error(ArgumentError, /cmd/)
+    expect { create.call("a", image: "/x", init: { cmd: "/i", user: "x" }) }.to raise_error(ArgumentError, /unknown key/)
     expect { create.call("a", image: "/x", log_level: :loud) }.to raise_error(Microsandbox::InvalidConfigError, /log_level/)
     expect { create.call("a", image: "/x", rlimits: { nofile: -1 }) }.to raise_error(TypeError, /rlimits/)
   end

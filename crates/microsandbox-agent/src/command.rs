@@ -184,11 +184,12 @@ pub fn prepare(req: &ExecRequest) -> Result<Prepared, Failure> {
             return Err(Failure::invalid(format!("terminal size {}x{} must be at least 1x1", size.rows, size.cols)));
         }
     }
-    if req.user.is_some() || !req.rlimits.is_empty() || !identity.groups.is_empty() {
-        // Through the trampoline: it sets limits and credentials, then execs `path`.
-        // (Plain root without supplementary groups needs neither and spawns directly.)
+    if req.user.is_some() || !req.rlimits.is_empty() || !identity.groups.is_empty() || req.restricted {
+        // Through the trampoline: it sets limits, credentials and the security profile,
+        // then execs `path`. (Plain root without supplementary groups, limits or profile
+        // needs none of that and spawns directly.)
         let limits = crate::identity::encode_limits(&req.rlimits).map_err(Failure::invalid)?;
-        let mut t: Vec<CString> = crate::identity::trampoline_args(&identity, &limits)
+        let mut t: Vec<CString> = crate::identity::trampoline_args(&identity, &limits, req.restricted)
             .into_iter()
             .map(|a| cstring("argument", a))
             .collect::<Result<_, _>>()?;

@@ -1,9 +1,11 @@
-//! Running a command as another user or with resource limits.
+//! Running a command as another user, with resource limits or under the `restricted`
+//! security profile.
 //!
 //! `posix_spawn` can neither change credentials nor set limits, so such commands start
 //! through a trampoline: the agent binary itself (`/proc/self/exe`, reachable after the
-//! root switch because it is a magic link) run as `msb-agent --exec-as UID GID LIMITS --
-//! PATH ARGV...`, which applies the limits, drops privileges and `execve`s the program.
+//! root switch because it is a magic link) run as `msb-agent --exec-as UID GID GROUPS
+//! LIMITS PROFILE -- PATH ARGV...`, which applies the limits, drops privileges (and under
+//! `restricted` every capability) and `execve`s the program.
 //! It is a fresh process, so the usual post-fork restrictions of a threaded parent do not
 //! apply to it.
 
@@ -136,10 +138,61 @@ pub fn encode_limits(limits: &[Rlimit]) -> Result<String, String> {
 }
 
 /// Trampoline arguments placed before `-- PATH ARGV...`: uid, gid, supplementary groups
-/// (comma-separated, `-` for none) and limits.
-pub fn trampoline_args(id: &Identity, limits: &str) -> Vec<String> {
+/// (comma-separated, `-` for none), limits and the security profile (`default` or
+/// `restricted`).
+pub fn trampoline_args(id: &Identity, limits: &str, restricted: bool) -> Vec<String> {
     let groups = if id.groups.is_empty() { "-".to_string() } else { id.groups.iter().map(u32::to_string).collect::<Vec<_>>().join(",") };
-    vec!["msb-agent".into(), TRAMPOLINE_FLAG.into(), id.ids.uid.to_string(), id.ids.gid.to_string(), groups, limits.into()]
+    let profile = if restricted { "restricted" } else { "default" };
+    vec!["msb-agent".into(), TRAMPOLINE_FLAG.into(), id.ids.uid.to_string(), id.ids.gid.to_string(), groups, limits.into(), profile.into()]
+}
+
+/// The `restricted` profile, first half (while still root: dropping from the bounding
+/// set needs CAP_SETPCAP): no new privileges, empty bounding set, no ambient caps.
+fn restrict_before_setuid() {
+    // SAFETY: plain prctl calls with integer arguments.
+    unsafe {
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+            fail("PR_SET_NO_NEW_PRIVS", std::io::Error::last_os_error());
+        }
+        // Capability numbers up to the kernel's last one; EINVAL past it.
+        for cap in 0..64 {
+            if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 {
+                let err = std::io::Error::last_os_error();
+                if err.raw_os_error() == Some(libc::EINVAL) {
+                    break;
+                }
+                fail("PR_CAPBSET_DROP", err);
+            }
+        }
+        if libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0 {
+            fail("PR_CAP_AMBIENT_CLEAR_ALL", std::io::Error::last_os_error());
+        }
+    }
+}
+
+/// The `restricted` profile, second half (after setuid): empty permitted, effective and
+/// inheritable sets. With the bounding set empty, `execve` grants nothing back, also to
+/// uid 0 and to setuid or file-capability programs.
+fn restrict_after_setuid() {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+    let header = Header { version: LINUX_CAPABILITY_VERSION_3, pid: 0 };
+    let data = [Data { effective: 0, permitted: 0, inheritable: 0 }; 2];
+    // SAFETY: capset reads one header and two data structs (version 3) from valid pointers.
+    if unsafe { libc::syscall(libc::SYS_capset, &header as *const Header, data.as_ptr()) } != 0 {
+        fail("capset", std::io::Error::last_os_error());
+    }
 }
 
 fn fail(what: &str, err: std::io::Error) -> ! {
@@ -147,7 +200,8 @@ fn fail(what: &str, err: std::io::Error) -> ! {
     std::process::exit(127)
 }
 
-/// Trampoline mode: `args` = [exe, --exec-as, uid, gid, groups, limits, --, path, argv...].
+/// Trampoline mode: `args` = [exe, --exec-as, uid, gid, groups, limits, profile, --, path,
+/// argv...].
 /// Never returns.
 pub fn trampoline(args: &[CString]) -> ! {
     let s = |i: usize| args.get(i).and_then(|a| a.to_str().ok()).unwrap_or("");
@@ -178,7 +232,12 @@ pub fn trampoline(args: &[CString]) -> ! {
             }
         }
     }
-    if s(6) != "--" || args.len() < 9 {
+    let restricted = match s(6) {
+        "default" => false,
+        "restricted" => true,
+        _ => fail("bad trampoline arguments", std::io::Error::from_raw_os_error(libc::EINVAL)),
+    };
+    if s(7) != "--" || args.len() < 10 {
         fail("bad trampoline arguments", std::io::Error::from_raw_os_error(libc::EINVAL));
     }
     // SAFETY: plain syscalls; group list first, then gid, then uid (after which we could not).
@@ -190,12 +249,19 @@ pub fn trampoline(args: &[CString]) -> ! {
         if libc::setgid(gid) != 0 {
             fail("setgid", std::io::Error::last_os_error());
         }
-        if libc::setuid(uid) != 0 {
-            fail("setuid", std::io::Error::last_os_error());
-        }
     }
-    let path: &CStr = &args[7];
-    let mut argv: Vec<*const libc::c_char> = args[8..].iter().map(|a| a.as_ptr()).collect();
+    if restricted {
+        restrict_before_setuid();
+    }
+    // SAFETY: plain syscall.
+    if unsafe { libc::setuid(uid) } != 0 {
+        fail("setuid", std::io::Error::last_os_error());
+    }
+    if restricted {
+        restrict_after_setuid();
+    }
+    let path: &CStr = &args[8];
+    let mut argv: Vec<*const libc::c_char> = args[9..].iter().map(|a| a.as_ptr()).collect();
     argv.push(std::ptr::null());
     extern "C" {
         static environ: *const *const libc::c_char;

@@ -11,6 +11,7 @@ mod flow;
 mod fs;
 mod growfs;
 mod identity;
+mod init;
 mod net;
 mod port;
 mod procfs;
@@ -57,6 +58,9 @@ fn main() {
 
 fn run() -> Result<Infallible, String> {
     let port = boot::boot()?;
+    // `init:`: PID 1 becomes the init, this process goes on in a child (before any thread).
+    let cmdline = std::fs::read_to_string("/proc/cmdline").map_err(|e| format!("cannot read /proc/cmdline: {e}"))?;
+    init::handoff(&cmdline)?;
     let writer = port
         .try_clone()
         .map_err(|e| format!("cannot dup the agent port: {e}"))?;

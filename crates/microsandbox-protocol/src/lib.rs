@@ -32,6 +32,7 @@
 //! host returns credit as it passes the frames on.
 
 mod frame;
+mod init;
 mod messages;
 mod mounts;
 mod path_bytes;
@@ -41,6 +42,7 @@ pub use frame::{read_frame, write_frame, Frame, FrameError, Kind, HEADER_LEN, MA
 pub use frame::{read_frame_async, write_frame_async};
 pub use messages::*;
 pub use mounts::{decode_mounts, encode_mounts, GuestMount, MOUNTS_PARAM};
+pub use init::{InitSpec, AUTO, AUTO_INIT, INIT_PARAM, MAX_INIT_PARAM};
 pub use path_bytes::{escape, PathBytes};
 
 /// Version of this protocol; the agent reports it in [`Ready`] and the host refuses others.

@@ -50,6 +50,12 @@ pub struct ExecRequest {
     /// character, and `Resize` changes the size. `None`: pipes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tty: Option<WinSize>,
+    /// The `restricted` security profile: the process starts with no new privileges
+    /// (`PR_SET_NO_NEW_PRIVS`: setuid/file capabilities grant nothing) and with every
+    /// capability dropped (bounding, inheritable, ambient, permitted, effective), so even
+    /// uid 0 cannot mount, load modules, change ownership, trace others, etc.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub restricted: bool,
 }
 
 /// Size of a session's terminal in character cells. Both must be at least 1.

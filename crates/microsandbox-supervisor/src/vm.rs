@@ -166,6 +166,8 @@ fn cleanup(spec: &SupervisorSpec) {
     }
     if spec.remove_dir_on_exit {
         let _ = std::fs::remove_dir_all(&spec.sandbox_dir);
+    } else if spec.ephemeral {
+        microsandbox::sandbox::ephemeral::clear_run_data(&spec.sandbox_dir);
     } else {
         let _ = std::fs::remove_file(spec.sandbox_dir.join(SUPERVISOR_PID_FILE));
     }

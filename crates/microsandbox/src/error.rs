@@ -127,6 +127,10 @@ pub enum Error {
     /// disk volume, whose files live inside its filesystem image).
     #[error("{0}")]
     UnsupportedOperation(String),
+    /// Something this engine cannot do (e.g. a disk-image root whose filesystem the guest
+    /// kernel cannot mount).
+    #[error("{0}")]
+    Unsupported(String),
     /// Any other host I/O failure.
     #[error("{context}: {source}")]
     Io {
@@ -176,6 +180,7 @@ impl Error {
             Error::SnapshotAlreadyExists(_) => "snapshot-already-exists",
             Error::SnapshotSandboxRunning(_) => "snapshot-sandbox-running",
             Error::SnapshotIntegrity(_) => "snapshot-integrity",
+            Error::Unsupported(_) => "unsupported",
             Error::Io { .. } => "io-error",
         }
     }

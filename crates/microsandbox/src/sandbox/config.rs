@@ -157,6 +157,22 @@ pub struct SandboxConfig {
     /// `volumes:` mounts (see `volume::mount`); checked against the host at every boot.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<crate::volume::mount::MountSpec>,
+    /// Security profile of every command and the main process: `default` or `restricted`
+    /// (see `sandbox::security`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security: Option<String>,
+    /// Remove the sandbox (record, root disk, logs) once it has stopped (see
+    /// `sandbox::ephemeral`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ephemeral: bool,
+    /// Filesystem of a disk-image root (`ext4`, `ext3`, `ext2`); detected when unset
+    /// (see `sandbox::disk_image`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fstype: Option<String>,
+    /// A custom init the agent hands PID 1 to after boot (`init:`; see the agent's
+    /// `init.rs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<microsandbox_protocol::InitSpec>,
 }
 
 /// Kernel `loglevel=` for a `log_level:` (messages below it reach the console).
@@ -307,6 +323,13 @@ impl SandboxConfig {
             )));
         }
         validate_env(&self.env)?;
+        super::security::restricted(self.security.as_deref())?;
+        if let Some(f) = &self.fstype {
+            super::disk_image::check_fstype(f)?;
+        }
+        if let Some(init) = &self.init {
+            init.validate().map_err(Error::InvalidConfig)?;
+        }
         super::network::validate(self)?;
         self.secrets_view().validate(&self.env)?;
         if let Some(w) = &self.workdir {

@@ -158,6 +158,7 @@ impl ExecCall {
             user,
             rlimits: self.rlimits.clone(),
             tty: self.tty,
+            restricted: false,
         })
     }
 }

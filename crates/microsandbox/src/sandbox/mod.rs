@@ -15,6 +15,9 @@ mod fs;
 pub mod liveness;
 pub mod patch;
 pub mod secrets;
+pub mod security;
+pub mod ephemeral;
+pub mod disk_image;
 mod owner;
 pub mod spec;
 pub mod stop_record;
@@ -60,6 +63,8 @@ pub struct Sandbox {
     memory_mib: u64,
     /// Sandbox-wide resource limits (`rlimits:` at create), under each exec's own.
     rlimits: Vec<microsandbox_protocol::Rlimit>,
+    /// The `restricted` security profile (see [`security`]) for every command.
+    restricted: bool,
     info: Info,
     supervisor: Mutex<Option<tokio::process::Child>>,
     /// Closing this (drop) tells the supervisor its owner is gone.
@@ -223,9 +228,25 @@ impl Sandbox {
             None => None,
         };
         let local = snapshot.is_none() && config::is_local_path(&cfg.image);
-        if local {
-            crate::rootfs::check_dir_image(&cfg.image)?;
-        }
+        // A local .raw/.qcow2/.vmdk file: booted through an overlay (see `disk_image`).
+        let disk = match disk_image::format_of(&cfg.image).filter(|_| local) {
+            Some(_) => {
+                let (path, format) = disk_image::check(&cfg.image, cfg.fstype.as_deref())?;
+                cfg.image = path.to_string_lossy().into_owned();
+                Some((path, format))
+            }
+            None => {
+                if cfg.fstype.is_some() {
+                    return Err(Error::InvalidConfig(
+                        "fstype: applies to disk-image roots (.raw, .qcow2, .vmdk) only".into(),
+                    ));
+                }
+                if local {
+                    crate::rootfs::check_dir_image(&cfg.image)?;
+                }
+                None
+            }
+        };
         let rt = load_runtime(&home)?;
         // Pull (or find) the image before claiming the name: a failed pull leaves nothing.
         let prepared = if local || snapshot.is_some() {
@@ -261,7 +282,12 @@ impl Sandbox {
         }
         let dir = home.sandbox_dir(&cfg.name);
         let config_json = serde_json::to_string(&cfg).expect("config serializes");
-        StateDb::open(&home)?.claim_new(&cfg.name, &config_json, &place.labels, place.detached)?;
+        let mut db = StateDb::open(&home)?;
+        if let Some(old) = db.get(&cfg.name)? {
+            // A stopped ephemeral sandbox of that name is gone already, not in the way.
+            ephemeral::purge(&home, &db, &old)?;
+        }
+        db.claim_new(&cfg.name, &config_json, &place.labels, place.detached)?;
         let mut guard = ClaimGuard { home: home.clone(), name: cfg.name.clone(), dir: dir.clone(), armed: true, keep: false };
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).context(|| format!("creating {}", dir.display()))?;
@@ -291,6 +317,10 @@ impl Sandbox {
             // A copy-on-write overlay on the snapshot's (read-only, flattened) disk.
             None if snapshot.is_some() => {
                 crate::snapshot::overlay_on(snapshot.as_ref().expect("checked"), &dir.join(OVERLAY_DISK))?;
+            }
+            None if disk.is_some() => {
+                let (image, format) = disk.as_ref().expect("checked");
+                disk_image::create_overlay(image, format, &dir.join(OVERLAY_DISK))?
             }
             None => {
                 let image = PathBuf::from(&cfg.image);
@@ -339,7 +369,13 @@ impl Sandbox {
         config::validate_name(name)?;
         let home = Home::resolve(home)?;
         let rt = load_runtime(&home)?;
-        let rec = StateDb::open(&home)?.claim_start(name)?;
+        let db = StateDb::open(&home)?;
+        if let Some(old) = db.get(name)? {
+            if ephemeral::purge(&home, &db, &old)? {
+                return Err(not_found(name));
+            }
+        }
+        let rec = db.claim_start(name)?;
         let dir = home.sandbox_dir(name);
         let mut guard = ClaimGuard { home: home.clone(), name: name.into(), dir: dir.clone(), armed: true, keep: true };
         let mut cfg: SandboxConfig = serde_json::from_str(&rec.config)
@@ -392,6 +428,7 @@ impl Sandbox {
         patches: &[patch::PatchStep],
         start: &warm::Start,
     ) -> Result<Sandbox> {
+        let restricted = security::restricted(cfg.security.as_deref())?;
         let accel = Accel::resolve(cfg.accel.as_deref())?;
         let qemu = vmm::qemu::binary()?;
         let supervisor_bin = cfg.supervisor.clone().unwrap_or_else(|| rt.supervisor.clone());
@@ -467,6 +504,7 @@ impl Sandbox {
             boot_timeout_ms: cfg.boot_timeout().as_millis() as u64,
             kernel_release: rt.manifest.kernel_release.clone(),
             remove_dir_on_exit: false,
+            ephemeral: cfg.ephemeral,
             quiet_logs: cfg.quiet_logs,
             max_duration_ms: cfg.max_duration_ms,
             idle_timeout_ms: cfg.idle_timeout_ms,
@@ -538,6 +576,7 @@ impl Sandbox {
             shell: cfg.shell.clone().unwrap_or_else(|| config::DEFAULT_SHELL.into()),
             memory_mib: cfg.memory_mib,
             rlimits: cfg.rlimits.clone(),
+            restricted,
             info,
             supervisor: Mutex::new(child),
             liveness: std::sync::Mutex::new(liveness),
@@ -551,21 +590,22 @@ impl Sandbox {
     pub fn get(home: Option<&std::path::Path>, name: &str) -> Result<Sandbox> {
         config::validate_name(name)?;
         let home = Home::resolve(home)?;
-        let rec = StateDb::open(&home)?
-            .get(name)?
-            .ok_or_else(|| Error::SandboxNotFound(format!("no sandbox named {name:?}")))?;
+        let rec = lookup(&home, name)?;
         Sandbox::from_record(&home, rec)
     }
 
     /// Every known sandbox, running or stopped.
     pub fn list(home: Option<&std::path::Path>) -> Result<Vec<Record>> {
-        StateDb::open(&Home::resolve(home)?)?.list()
+        let home = Home::resolve(home)?;
+        let db = StateDb::open(&home)?;
+        ephemeral::sweep(&home, &db, db.list()?)
     }
 
     /// Every known sandbox with how its last run ended (None while running or starting).
     pub fn list_with_stops(home: Option<&std::path::Path>) -> Result<Vec<(Record, Option<stop_record::StopRecord>)>> {
         let home = Home::resolve(home)?;
-        let recs = StateDb::open(&home)?.list()?;
+        let db = StateDb::open(&home)?;
+        let recs = ephemeral::sweep(&home, &db, db.list()?)?;
         Ok(recs.into_iter().map(|r| {
             let stop = Self::stop_of(&home, &r);
             (r, stop)
@@ -576,9 +616,7 @@ impl Sandbox {
     pub fn record(home: Option<&std::path::Path>, name: &str) -> Result<(Record, Option<stop_record::StopRecord>)> {
         config::validate_name(name)?;
         let home = Home::resolve(home)?;
-        let rec = StateDb::open(&home)?
-            .get(name)?
-            .ok_or_else(|| Error::SandboxNotFound(format!("no sandbox named {name:?}")))?;
+        let rec = lookup(&home, name)?;
         let stop = Self::stop_of(&home, &rec);
         Ok((rec, stop))
     }
@@ -621,6 +659,7 @@ impl Sandbox {
             shell: cfg.shell.clone().unwrap_or_else(|| config::DEFAULT_SHELL.into()),
             memory_mib: cfg.memory_mib,
             rlimits: cfg.rlimits.clone(),
+            restricted: security::restricted(cfg.security.as_deref())?,
             info,
             supervisor: Mutex::new(None),
             liveness: std::sync::Mutex::new(None),
@@ -635,7 +674,10 @@ impl Sandbox {
         config::validate_name(name)?;
         let home = Home::resolve(home)?;
         let db = StateDb::open(&home)?;
-        let rec = db.get(name)?.ok_or_else(|| Error::SandboxNotFound(format!("no sandbox named {name:?}")))?;
+        let rec = db.get(name)?.ok_or_else(|| not_found(name))?;
+        if ephemeral::purge(&home, &db, &rec)? {
+            return Err(not_found(name));
+        }
         if rec.status != Status::Stopped {
             return Err(Error::SandboxStillRunning(format!(
                 "sandbox {name:?} is running; stop it before removing it"
@@ -758,6 +800,7 @@ impl Sandbox {
             shell: self.shell.clone(),
             memory_mib: self.memory_mib,
             rlimits: self.rlimits.clone(),
+            restricted: self.restricted,
             info: self.info.clone(),
             supervisor: Mutex::new(None),
             liveness: std::sync::Mutex::new(None),
@@ -832,7 +875,8 @@ impl Sandbox {
     pub async fn exec(&self, mut call: ExecCall) -> Result<ExecResult> {
         call.rlimits = config::merge_rlimits(&self.rlimits, &call.rlimits);
         let conn = self.connect().await?;
-        let req = call.into_request(&self.env, self.workdir.as_deref(), self.user.as_deref())?;
+        let mut req = call.into_request(&self.env, self.workdir.as_deref(), self.user.as_deref())?;
+        req.restricted = self.restricted;
         exec::run(conn, req, call_stdin(&call), call.timeout).await.map_err(|e| match e {
             Error::SandboxNotRunning(_) => {
                 self.stopped.store(true, Ordering::SeqCst);
@@ -849,6 +893,7 @@ impl Sandbox {
         call.rlimits = config::merge_rlimits(&self.rlimits, &call.rlimits);
         let conn = self.connect().await?;
         let mut req = call.into_request(&self.env, self.workdir.as_deref(), self.user.as_deref())?;
+        req.restricted = self.restricted;
         req.stdin = stdin_pipe || call.stdin.is_some() || call.tty.is_some();
         // Writable through the stream: a pipe the caller asked for, or a terminal not fed
         // from `call.stdin`. Otherwise writes raise instead of vanishing in the guest.
@@ -1229,9 +1274,25 @@ fn main_request(cfg: &SandboxConfig) -> Result<Option<microsandbox_protocol::Exe
         return Ok(None);
     };
     let call = ExecCall { program: program.clone(), args: args.to_vec(), rlimits: cfg.rlimits.clone(), ..Default::default() };
-    call.into_request(&cfg.env, cfg.workdir.as_deref(), cfg.user.as_deref())
-        .map(Some)
-        .map_err(|e| Error::InvalidConfig(format!("entrypoint: {e}")))
+    let mut req = call
+        .into_request(&cfg.env, cfg.workdir.as_deref(), cfg.user.as_deref())
+        .map_err(|e| Error::InvalidConfig(format!("entrypoint: {e}")))?;
+    req.restricted = security::restricted(cfg.security.as_deref())?;
+    Ok(Some(req))
+}
+
+fn not_found(name: &str) -> Error {
+    Error::SandboxNotFound(format!("no sandbox named {name:?}"))
+}
+
+/// The record named `name`; a stopped ephemeral one is purged and reported absent.
+fn lookup(home: &Home, name: &str) -> Result<Record> {
+    let db = StateDb::open(home)?;
+    let rec = db.get(name)?.ok_or_else(|| not_found(name))?;
+    if ephemeral::purge(home, &db, &rec)? {
+        return Err(not_found(name));
+    }
+    Ok(rec)
 }
 
 fn load_runtime(home: &Home) -> Result<runtime::Runtime> {

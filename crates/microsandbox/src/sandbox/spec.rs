@@ -26,6 +26,10 @@ pub struct SupervisorSpec {
     pub kernel_release: String,
     /// Delete `sandbox_dir` when the supervisor exits.
     pub remove_dir_on_exit: bool,
+    /// `ephemeral: true`: at exit, delete everything in `sandbox_dir` but the stop record
+    /// (see `sandbox::ephemeral`).
+    #[serde(default)]
+    pub ephemeral: bool,
     /// Do not record command and main-process output in the logs (`quiet_logs:`).
     #[serde(default)]
     pub quiet_logs: bool,

@@ -141,6 +141,10 @@ pub(super) fn vm_spec(
         cmdline.push(' ');
         cmdline.push_str(&n.kernel_param());
     }
+    if let Some(init) = &cfg.init {
+        cmdline.push(' ');
+        cmdline.push_str(&init.to_param());
+    }
     Ok(VmSpec {
         accel,
         cpus: cfg.cpus as u32,
@@ -191,6 +195,11 @@ pub(super) async fn template_for(
     // A template's saved VM has no volume devices (virtio-fs daemons, volume disks) and
     // its kernel command line no mount list: a sandbox with `volumes:` boots cold.
     if !cfg.volumes.is_empty() {
+        return (None, None);
+    }
+    // `init:` hands PID 1 over during the boot itself (see the agent's init.rs): a
+    // restored VM would have done that in the template, so such sandboxes boot cold.
+    if cfg.init.is_some() {
         return (None, None);
     }
     let attempt = async {
@@ -252,6 +261,7 @@ async fn build(
         boot_timeout_ms: cfg.boot_timeout().as_millis() as u64,
         kernel_release: rt.manifest.kernel_release.clone(),
         remove_dir_on_exit: false,
+        ephemeral: false,
         quiet_logs: true,
         max_duration_ms: None,
         idle_timeout_ms: None,
