@@ -14,6 +14,12 @@ use microsandbox_protocol::GuestMount;
 use nix::errno::Errno;
 use nix::mount::{mount, MsFlags};
 
+/// Read-ahead of volume mounts, as for the root disk (`boot::ROOT_READ_AHEAD_KB`): every
+/// request is an emulated round trip under TCG, and the data is in the host's page cache.
+/// Measured on a virtio-fs bind mount (256 MiB sequential read after `drop_caches`): the
+/// kernel's 128 KiB gave ~240 MB/s, 4 MiB ~610 MB/s.
+const READ_AHEAD_KB: &str = "4096";
+
 /// How long a device (virtio-fs tag or disk) may take to appear after the modules loaded.
 const DEVICE_WAIT: Duration = Duration::from_secs(15);
 const POLL: Duration = Duration::from_millis(5);
@@ -76,7 +82,10 @@ fn mount_one(m: &GuestMount) -> Result<(), String> {
     let mut data = m.data.clone();
     loop {
         match mount(Some(source.as_str()), m.target.as_str(), Some(m.fstype.as_str()), flags, data.as_deref()) {
-            Ok(()) => return Ok(()),
+            Ok(()) => {
+                tune_read_ahead(&m.target);
+                return Ok(());
+            }
             // A read-only device whose ext journal needs replaying (its last writer was
             // killed): mount it without the replay, as it was at the last commit point.
             Err(Errno::EROFS) if m.readonly && m.fstype.starts_with("ext") && data.is_none() => {
@@ -87,6 +96,15 @@ fn mount_one(m: &GuestMount) -> Result<(), String> {
             Err(e) => return Err(format!("cannot mount {} ({}) on it: {e}", m.source, m.fstype)),
         }
     }
+}
+
+/// Sets the read-ahead of the filesystem mounted at `target` (its backing device info,
+/// `/sys/class/bdi/<major>:<minor>`). Best effort: only a tuning knob; a tmpfs has none.
+fn tune_read_ahead(target: &str) {
+    let Ok(st) = nix::sys::stat::stat(target) else { return };
+    let dev = st.st_dev;
+    let path = format!("/sys/class/bdi/{}:{}/read_ahead_kb", libc::major(dev), libc::minor(dev));
+    let _ = fs::write(path, READ_AHEAD_KB);
 }
 
 /// Unmounts the volumes (last first) at shutdown, so a block volume's filesystem is

@@ -63,6 +63,9 @@ fn start_inner(rt: &VolumeRuntime, sandbox_dir: &std::path::Path) -> Result<Runn
             // Guest reads and writes reach the host file at once (no writeback cache);
             // attributes and directory entries are cached for about a second.
             .args(["--cache=auto", "--sandbox=namespace", "--seccomp=kill", "--log-level=error", "--inode-file-handles=never"])
+            // Requests served by a pool instead of the queue's own thread: sequential reads
+            // of a bind mount went from ~0.1x to ~0.4x of the root disk (bench/volumes.rb).
+            .arg("--thread-pool-size=4")
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(log)
