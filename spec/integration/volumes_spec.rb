@@ -130,6 +130,11 @@ RSpec.describe "volumes" do
     Microsandbox::Sandbox.create(c, image: rootfs, volumes: { "/disk" => { named: blk.name, ro: true } }) do |sb|
       expect(sb.fs.read_text("/disk/kept.txt")).to eq("on-disk\n")
     end
+    # Sandbox.start mounts the volumes again (planned and locked afresh at every boot).
+    Microsandbox::Sandbox.start(c) do |sb|
+      expect(mounts_of(sb, "/disk")).to include("ext4 ro")
+      expect(sb.fs.read_text("/disk/kept.txt")).to eq("on-disk\n")
+    end
     Microsandbox::Sandbox.remove(c)
     # No virtiofsd is left running for these sandboxes.
     expect(processes_mentioning("virtiofsd --fd")).to eq([])
