@@ -65,22 +65,36 @@ module Microsandbox
       @follow
     end
 
+    # Without `follow:`, one bounded read (like {Sandbox#logs}). With `follow:`, the history,
+    # then every `interval` seconds only what was logged since: each poll reads just the
+    # bytes appended to the log files, follows a rotation of the output log (no entry lost
+    # or repeated), and the stream ends once the sandbox stopped (after a last poll) or
+    # `until_ms` has passed.
     # @yieldparam entry [LogEntry]
     # @return [self, Enumerator]
     # @raise [InvalidConfigError] an unknown source or a malformed cursor
-    def each
+    def each(&block)
       return enum_for(:each) unless block_given?
 
-      cursor = @from_cursor
+      unless @follow
+        @sandbox.__send__(:log_entries, nil, @from_cursor ? nil : @since_ms, @until_ms, @from_cursor, @sources).each(&block)
+        return self
+      end
+
+      follower = nil
       loop do
         # Whether the sandbox still runs is checked before reading, so a final read after
         # it stopped still returns what it logged last.
-        live = @follow && @sandbox.running? && !past_until?
-        entries = @sandbox.__send__(:log_entries, nil, cursor ? nil : @since_ms, @until_ms, cursor, @sources)
-        entries.each do |e|
-          cursor = e.cursor
-          yield e
-        end
+        live = @sandbox.running? && !past_until?
+        entries =
+          if follower
+            JSON.parse(follower.poll_json).map { |h| LogEntry.new(h) }
+          else
+            follower, history = @sandbox.__send__(:log_follow, @from_cursor ? nil : @since_ms, @until_ms, @from_cursor,
+                                                  @sources)
+            history
+          end
+        entries.each(&block)
         return self unless live
 
         sleep @interval
@@ -152,6 +166,14 @@ module Microsandbox
 
     def log_entries(tail, since_ms, until_ms, cursor, sources)
       JSON.parse(@native.logs_json(tail, since_ms, until_ms, cursor, sources)).map { |h| LogEntry.new(h) }
+    end
+
+    # The history a follow-mode {LogStream} starts with, and the native follower that then
+    # reads only what is new.
+    # @return [Array(Native::LogFollower, Array<LogEntry>)]
+    def log_follow(since_ms, until_ms, cursor, sources)
+      follower, json = @native.log_follow(since_ms, until_ms, cursor, sources)
+      [follower, JSON.parse(json).map { |h| LogEntry.new(h) }]
     end
 
     def log_sources!(sources)

@@ -46,6 +46,7 @@ fn init(ruby: &Ruby) -> Result<(), Error> {
     class.define_method("detach", method!(sandbox::RbSandbox::detach, 0))?;
     class.define_method("metrics_json", method!(metrics::metrics_json, 0))?;
     class.define_method("logs_json", method!(logs::logs_json, 5))?;
+    class.define_method("log_follow", method!(logs::log_follow, 4))?;
     class.define_method("name", method!(sandbox::RbSandbox::name, 0))?;
     class.define_method("shell", method!(sandbox::RbSandbox::shell, 0))?;
     class.define_method("info_json", method!(sandbox::RbSandbox::info_json, 0))?;
@@ -98,6 +99,9 @@ fn init(ruby: &Ruby) -> Result<(), Error> {
     fs_write.define_method("write", method!(fs::RbFsWriteSink::write, 1))?;
     fs_write.define_method("finish", method!(fs::RbFsWriteSink::finish, 0))?;
     fs_write.define_method("close", method!(fs::RbFsWriteSink::close, 0))?;
+
+    let follower = native.define_class("LogFollower", ruby.class_object())?;
+    follower.define_method("poll_json", method!(logs::RbLogFollower::poll_json, 0))?;
 
     let stream = native.define_class("ExecStream", ruby.class_object())?;
     stream.define_method("next_event", method!(exec_stream::RbExecStream::next_event, 0))?;

@@ -171,25 +171,31 @@ pub fn decode_chunk(buf: &[u8], hold: bool) -> (String, usize) {
     }
 }
 
+/// A session's output stream: boot, session, source. Text is decoded per stream.
+type StreamKey = (Option<u64>, Option<u32>, String);
+
+/// Bytes of an incomplete character at the end of each stream, waiting for the rest.
+pub(crate) type Carry = HashMap<StreamKey, Vec<u8>>;
+
 /// Fills in `text` of session entries (whose `data` is set), decoding each stream
-/// (session, source) across its entries in order. Entries without a session keep their
-/// text.
-fn decode_streams(entries: &mut [LogEntry], raw: &[bool], boots: &[Option<u64>]) {
-    type Key = (Option<u64>, Option<u32>, String);
-    let key = |i: usize, e: &LogEntry| -> Key { (boots[i], e.session_id, e.source.clone()) };
-    let mut last: HashMap<Key, usize> = HashMap::new();
+/// (session, source) across its entries in order, starting from `carry` and leaving in
+/// it what the last chunk of each stream held back. Without `hold_last`, the last chunk of
+/// a stream holds nothing back (an incomplete character there is U+FFFD). Entries without
+/// a session keep their text.
+fn decode_streams(entries: &mut [LogEntry], raw: &[bool], boots: &[Option<u64>], carry: &mut Carry, hold_last: bool) {
+    let key = |i: usize, e: &LogEntry| -> StreamKey { (boots[i], e.session_id, e.source.clone()) };
+    let mut last: HashMap<StreamKey, usize> = HashMap::new();
     for (i, e) in entries.iter().enumerate() {
         if raw[i] && e.session_id.is_some() {
             last.insert(key(i, e), i);
         }
     }
-    let mut carry: HashMap<Key, Vec<u8>> = HashMap::new();
     for i in 0..entries.len() {
         if !raw[i] {
             continue;
         }
         let k = key(i, &entries[i]);
-        let hold = entries[i].session_id.is_some() && last.get(&k) != Some(&i);
+        let hold = entries[i].session_id.is_some() && (hold_last || last.get(&k) != Some(&i));
         let mut buf = carry.remove(&k).unwrap_or_default();
         buf.extend_from_slice(&entries[i].data);
         let (text, held) = decode_chunk(&buf, hold);
@@ -200,18 +206,23 @@ fn decode_streams(entries: &mut [LogEntry], raw: &[bool], boots: &[Option<u64>])
     }
 }
 
-/// The last `MAX_READ` bytes of `path`, starting at a line boundary.
-fn tail_of(path: &Path) -> Vec<u8> {
-    tail_at(path).0
+/// The end of a file, as read: its bytes from `start`, and which file it was.
+struct Tail {
+    buf: Vec<u8>,
+    start: u64,
+    /// The file's inode (a rotation replaces the file under the same name).
+    ino: Option<u64>,
 }
 
-/// [`tail_of`] and the file offset where the returned bytes start.
-fn tail_at(path: &Path) -> (Vec<u8>, u64) {
-    let Ok(mut f) = std::fs::File::open(path) else { return (Vec::new(), 0) };
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    let mut start = len.saturating_sub(MAX_READ);
+/// The last `MAX_READ` bytes of `path`, starting at a line boundary.
+fn tail_at(path: &Path) -> Tail {
+    use std::os::unix::fs::MetadataExt;
+    let empty = Tail { buf: Vec::new(), start: 0, ino: None };
+    let Ok(mut f) = std::fs::File::open(path) else { return empty };
+    let Ok(meta) = f.metadata() else { return empty };
+    let mut start = meta.len().saturating_sub(MAX_READ);
     if f.seek(SeekFrom::Start(start)).is_err() {
-        return (Vec::new(), 0);
+        return empty;
     }
     let mut buf = Vec::new();
     let _ = f.take(MAX_READ).read_to_end(&mut buf);
@@ -224,7 +235,7 @@ fn tail_at(path: &Path) -> (Vec<u8>, u64) {
             None => buf.clear(),
         }
     }
-    (buf, start)
+    Tail { buf, start, ino: Some(meta.ino()) }
 }
 
 /// The last `tail` entries of `dir`'s logs from `sources` (all when empty).
@@ -232,70 +243,136 @@ pub fn read(dir: &Path, tail: usize, sources: &[String]) -> Result<Vec<LogEntry>
     query(dir, &LogQuery { tail: Some(tail), sources: sources.to_vec(), ..Default::default() })
 }
 
-/// The entries of `dir`'s logs that `q` selects, in log order (see [`Cursor`]).
-pub fn query(dir: &Path, q: &LogQuery) -> Result<Vec<LogEntry>> {
-    if let Some(bad) = q.sources.iter().find(|s| !SOURCES.contains(&s.as_str())) {
-        return Err(Error::InvalidConfig(format!(
-            "unknown log source {bad:?}; use \"stdout\", \"stderr\", \"system\", \"output\" or \"all\""
-        )));
+/// Which entries a read keeps (a [`LogQuery`] without its tail).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Select {
+    sources: Vec<String>,
+    since_ms: Option<u64>,
+    until_ms: Option<u64>,
+    after: Cursor,
+}
+
+impl Select {
+    fn new(q: &LogQuery) -> Result<Select> {
+        if let Some(bad) = q.sources.iter().find(|s| !SOURCES.contains(&s.as_str())) {
+            return Err(Error::InvalidConfig(format!(
+                "unknown log source {bad:?}; use \"stdout\", \"stderr\", \"system\", \"output\" or \"all\""
+            )));
+        }
+        Ok(Select { sources: q.sources.clone(), since_ms: q.since_ms, until_ms: q.until_ms, after: q.after.unwrap_or_default() })
     }
-    let sources = &q.sources;
-    let want = |s: &str| {
-        sources.is_empty()
-            || sources.iter().any(|x| x == s || x == "all" || (x == "output" && (s == "stdout" || s == "stderr")))
-    };
-    let timed = q.since_ms.is_some() || q.until_ms.is_some();
-    let in_window = |t: u64| q.since_ms.map_or(true, |s| t >= s) && q.until_ms.map_or(true, |u| t < u);
-    let after = q.after.unwrap_or_default();
-    let mut out = Vec::new();
-    // Whether an entry's text is still to be decoded from its data, and its boot.
-    let mut raw = Vec::new();
-    let mut boots = Vec::new();
-    // Whether an entry is selected (decoding needs the unselected chunks of a stream too).
-    let mut keep = Vec::new();
-    let (console, console_start) = tail_at(&dir.join("console.log"));
-    let console_len = console_start + console.len() as u64;
-    if want("system") {
-        let mut end = console_start;
-        // A last line still being written (no newline yet) is shown as it is; a read after
-        // its cursor shows it again, whole, once it grew (its end moved past the cursor).
-        for l in console.split_inclusive(|&b| b == b'\n') {
+
+    fn want(&self, s: &str) -> bool {
+        self.sources.is_empty()
+            || self.sources.iter().any(|x| x == s || x == "all" || (x == "output" && (s == "stdout" || s == "stderr")))
+    }
+
+    /// Console lines carry no time, so a time bound leaves them out.
+    fn timed(&self) -> bool {
+        self.since_ms.is_some() || self.until_ms.is_some()
+    }
+
+    fn in_window(&self, t: u64) -> bool {
+        self.since_ms.map_or(true, |s| t >= s) && self.until_ms.map_or(true, |u| t < u)
+    }
+}
+
+/// Numbers output lines within their millisecond ([`Cursor::k`]), across the lines read.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Numbering {
+    last_t: u64,
+    k: u64,
+}
+
+impl Default for Numbering {
+    fn default() -> Self {
+        Numbering { last_t: u64::MAX, k: 0 }
+    }
+}
+
+impl Numbering {
+    /// The ordinal of the next line, recorded at millisecond `t`.
+    fn next(&mut self, t: u64) -> u64 {
+        if t == self.last_t {
+            self.k += 1;
+        } else {
+            (self.last_t, self.k) = (t, 1);
+        }
+        self.k
+    }
+
+    /// The position of the last line numbered: (t, k), (0, 0) before any.
+    fn passed(&self) -> (u64, u64) {
+        if self.last_t == u64::MAX {
+            (0, 0)
+        } else {
+            (self.last_t, self.k)
+        }
+    }
+}
+
+/// Entries read, in log order, before decoding and selection (decoding needs the
+/// unselected chunks of a stream too).
+#[derive(Default)]
+struct Batch {
+    entries: Vec<LogEntry>,
+    /// Whether an entry's text is still to be decoded from its data.
+    raw: Vec<bool>,
+    boots: Vec<Option<u64>>,
+    keep: Vec<bool>,
+}
+
+impl Batch {
+    /// Adds the console lines of `buf`, which starts at file offset `start`. With
+    /// `complete_only`, a last line without its newline is left out (a follower shows it
+    /// once it is complete); otherwise it is shown as it is, and a read after its cursor
+    /// shows it again, whole, once it grew. `output` is the output position the entries'
+    /// cursors carry. Returns the offset after the last complete line.
+    fn console_lines(&mut self, buf: &[u8], start: u64, sel: &Select, complete_only: bool, output: (u64, u64)) -> u64 {
+        let mut end = start;
+        let mut complete_end = start;
+        for l in buf.split_inclusive(|&b| b == b'\n') {
             end += l.len() as u64;
+            let whole = l.ends_with(b"\n");
+            if whole {
+                complete_end = end;
+            } else if complete_only {
+                break;
+            }
             let l = l.strip_suffix(b"\n").unwrap_or(l);
-            if l.iter().all(u8::is_ascii_whitespace) || timed || end <= after.console_end {
+            if !sel.want("system") || l.iter().all(u8::is_ascii_whitespace) || sel.timed() || end <= sel.after.console_end {
                 continue;
             }
-            out.push(LogEntry {
+            self.entries.push(LogEntry {
                 source: "system".into(),
                 text: String::from_utf8_lossy(l).into_owned(),
                 data: l.to_vec(),
                 session_id: None,
                 timestamp_ms: None,
-                cursor: Cursor { console_end: end, t: 0, k: 0 }.encode(),
+                cursor: Cursor { console_end: end, t: output.0, k: output.1 }.encode(),
             });
-            raw.push(false);
-            boots.push(None);
-            keep.push(true);
+            self.raw.push(false);
+            self.boots.push(None);
+            self.keep.push(true);
         }
+        complete_end
     }
-    // Output lines passed so far with the current millisecond, to number them.
-    let (mut last_t, mut k) = (u64::MAX, 0u64);
-    let b64 = base64::engine::general_purpose::STANDARD;
-    for file in ["logs.jsonl.1", "logs.jsonl"] {
-        for l in tail_of(&dir.join(file)).split(|&b| b == b'\n') {
+
+    /// Adds the output lines of `buf` (whole lines; a line that does not parse, e.g. cut
+    /// by a crash, is skipped), numbering them with `num`. `console_end` is the console
+    /// position their cursors carry.
+    fn output_lines(&mut self, buf: &[u8], num: &mut Numbering, console_end: u64, sel: &Select) {
+        let b64 = base64::engine::general_purpose::STANDARD;
+        for l in buf.split(|&b| b == b'\n') {
             // The file is ours, but a line cut by a crash must not fail the whole read.
             let Ok(line) = serde_json::from_slice::<Line>(l) else { continue };
             // Number every output line (selected or not), so positions do not depend on
             // the query.
-            if line.t == last_t {
-                k += 1;
-            } else {
-                (last_t, k) = (line.t, 1);
-            }
-            if !want(&line.source) {
+            let k = num.next(line.t);
+            if !sel.want(&line.source) {
                 continue;
             }
-            let selected = in_window(line.t) && (line.t, k) > (after.t, after.k);
+            let selected = sel.in_window(line.t) && (line.t, k) > (sel.after.t, sel.after.k);
             let (data, text, is_raw) = match (line.data, line.text) {
                 (Some(d), _) => match b64.decode(d) {
                     Ok(bytes) => (bytes, String::new(), true),
@@ -304,15 +381,33 @@ pub fn query(dir: &Path, q: &LogQuery) -> Result<Vec<LogEntry>> {
                 (None, Some(t)) => (t.clone().into_bytes(), t, false),
                 (None, None) => continue,
             };
-            let cursor = Cursor { console_end: console_len, t: line.t, k }.encode();
-            out.push(LogEntry { source: line.source, text, data, session_id: line.session, timestamp_ms: Some(line.t), cursor });
-            raw.push(is_raw);
-            boots.push(line.boot);
-            keep.push(selected);
+            let cursor = Cursor { console_end, t: line.t, k }.encode();
+            self.entries.push(LogEntry { source: line.source, text, data, session_id: line.session, timestamp_ms: Some(line.t), cursor });
+            self.raw.push(is_raw);
+            self.boots.push(line.boot);
+            self.keep.push(selected);
         }
     }
-    decode_streams(&mut out, &raw, &boots);
-    let mut kept: Vec<LogEntry> = out.into_iter().zip(keep).filter_map(|(e, k)| k.then_some(e)).collect();
+
+    /// Decodes (see [`decode_streams`]) and returns the selected entries.
+    fn finish(mut self, carry: &mut Carry, hold_last: bool) -> Vec<LogEntry> {
+        decode_streams(&mut self.entries, &self.raw, &self.boots, carry, hold_last);
+        self.entries.into_iter().zip(self.keep).filter_map(|(e, k)| k.then_some(e)).collect()
+    }
+}
+
+/// The entries of `dir`'s logs that `q` selects, in log order (see [`Cursor`]).
+pub fn query(dir: &Path, q: &LogQuery) -> Result<Vec<LogEntry>> {
+    let sel = Select::new(q)?;
+    let mut batch = Batch::default();
+    let console = tail_at(&dir.join("console.log"));
+    let console_len = console.start + console.buf.len() as u64;
+    batch.console_lines(&console.buf, console.start, &sel, false, (0, 0));
+    let mut num = Numbering::default();
+    for file in ["logs.jsonl.1", "logs.jsonl"] {
+        batch.output_lines(&tail_at(&dir.join(file)).buf, &mut num, console_len, &sel);
+    }
+    let mut kept = batch.finish(&mut Carry::new(), false);
     if let Some(tail) = q.tail {
         let skip = kept.len().saturating_sub(tail);
         kept = kept.split_off(skip);
@@ -320,6 +415,144 @@ pub fn query(dir: &Path, q: &LogQuery) -> Result<Vec<LogEntry>> {
     Ok(kept)
 }
 
+/// Where a [`LogFollower`] is in one file.
+#[derive(Debug, Clone, Copy, Default)]
+struct FilePos {
+    /// The file being read (`None`: it did not exist yet).
+    ino: Option<u64>,
+    /// Bytes consumed: the end of the last whole line read.
+    offset: u64,
+}
+
+/// `log_stream(follow: true)`: the history a [`LogQuery`] selects, then only what is new.
+///
+/// The history is one bounded read like [`query`]; after it the follower keeps, per file,
+/// its inode and the offset after the last whole line it consumed, so each
+/// [`poll`](Self::poll) reads just the bytes appended since (at most `MAX_READ` per file
+/// and poll; the rest waits for the next poll). When the supervisor rotates `logs.jsonl`
+/// (renames it to `logs.jsonl.1` and starts a new one), the follower finishes the old file
+/// under its new name from its offset, then reads the new file from its start: no entry is
+/// lost or shown twice. Only two rotations between polls (16 MiB logged within one poll
+/// interval) lose the file in between (and, as the newest file may then reuse the freed
+/// inode, possibly the one after it up to that poll). A restart truncates `console.log`; the follower
+/// then reads it from its start. Line numbering and the UTF-8 decoding of each stream
+/// continue across polls, so cursors are those [`query`] gives and a character split
+/// between polls is whole in the later entry.
+#[derive(Debug)]
+pub struct LogFollower {
+    dir: std::path::PathBuf,
+    sel: Select,
+    console: FilePos,
+    output: FilePos,
+    num: Numbering,
+    carry: Carry,
+    /// Bytes read from files by the last history read or poll (for tests).
+    last_read: u64,
+}
+
+/// Reads what `path` holds past `pos` (at most `limit` bytes, whole lines), advancing
+/// `pos`. A different file under the name (rotated, recreated) or a shorter one
+/// (truncated) is read from its start. Returns the bytes and the offset they start at.
+fn read_new(path: &Path, pos: &mut FilePos, limit: u64, read: &mut u64) -> (Vec<u8>, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(mut f) = std::fs::File::open(path) else { return (Vec::new(), pos.offset) };
+    let Ok(meta) = f.metadata() else { return (Vec::new(), pos.offset) };
+    if pos.ino != Some(meta.ino()) || meta.len() < pos.offset {
+        *pos = FilePos { ino: Some(meta.ino()), offset: 0 };
+    }
+    let start = pos.offset;
+    if meta.len() == start || f.seek(SeekFrom::Start(start)).is_err() {
+        return (Vec::new(), start);
+    }
+    let mut buf = Vec::new();
+    let _ = f.take(limit).read_to_end(&mut buf);
+    *read += buf.len() as u64;
+    match buf.iter().rposition(|&b| b == b'\n') {
+        Some(nl) => buf.truncate(nl + 1),
+        // One line longer than the limit can never be read whole: pass over it.
+        None if buf.len() as u64 == limit => buf.clear(),
+        None => {
+            buf.clear();
+            return (buf, start);
+        }
+    }
+    pos.offset = start + if buf.is_empty() { limit } else { buf.len() as u64 };
+    (buf, start)
+}
+
+fn ino_of(path: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| m.ino())
+}
+
+/// A rotated file holds at most this much (the supervisor rotates at 8 MiB); the rest of
+/// one is read in a single poll.
+const MAX_ROTATED: u64 = 16 << 20;
+
+impl LogFollower {
+    /// Reads the history `q` selects (its `tail` is ignored) and returns it with a
+    /// follower positioned after it.
+    pub fn start(dir: &Path, q: &LogQuery) -> Result<(LogFollower, Vec<LogEntry>)> {
+        let sel = Select::new(q)?;
+        let mut batch = Batch::default();
+        let console = tail_at(&dir.join("console.log"));
+        let console_end = batch.console_lines(&console.buf, console.start, &sel, true, (0, 0));
+        let mut num = Numbering::default();
+        let old = tail_at(&dir.join("logs.jsonl.1"));
+        batch.output_lines(&old.buf, &mut num, console_end, &sel);
+        let cur = tail_at(&dir.join("logs.jsonl"));
+        // Only whole lines are consumed: a line still being written is read next time.
+        let whole = cur.buf.iter().rposition(|&b| b == b'\n').map_or(0, |nl| nl + 1);
+        batch.output_lines(&cur.buf[..whole], &mut num, console_end, &sel);
+        let mut carry = Carry::new();
+        let history = batch.finish(&mut carry, true);
+        let follower = LogFollower {
+            dir: dir.to_path_buf(),
+            // What follows is after the history by construction: comparing with the
+            // starting cursor could only hide lines (a clock stepping back, a console
+            // log that a restart truncated).
+            sel: Select { after: Cursor::default(), ..sel },
+            console: FilePos { ino: console.ino, offset: console_end },
+            output: FilePos { ino: cur.ino, offset: cur.start + whole as u64 },
+            num,
+            carry,
+            last_read: (console.buf.len() + old.buf.len() + cur.buf.len()) as u64,
+        };
+        Ok((follower, history))
+    }
+
+    /// The entries logged since the last call (or the history), in log order.
+    pub fn poll(&mut self) -> Vec<LogEntry> {
+        let mut read = 0;
+        let mut batch = Batch::default();
+        let (console, start) = read_new(&self.dir.join("console.log"), &mut self.console, MAX_READ, &mut read);
+        batch.console_lines(&console, start, &self.sel, true, self.num.passed());
+        let current = self.dir.join("logs.jsonl");
+        let rotated = self.dir.join("logs.jsonl.1");
+        let now = ino_of(&current);
+        if self.output.ino.is_some() && now != self.output.ino {
+            // Rotated since the last poll: finish the file we were reading, now under the
+            // rotated name; if that is another file already, it was rotated twice and
+            // only the newer one is left: read it whole.
+            let mut old = self.output;
+            if ino_of(&rotated) != old.ino {
+                old = FilePos::default();
+            }
+            let (buf, _) = read_new(&rotated, &mut old, MAX_ROTATED, &mut read);
+            batch.output_lines(&buf, &mut self.num, self.console.offset, &self.sel);
+            self.output = FilePos { ino: now, offset: 0 };
+        }
+        let (buf, _) = read_new(&current, &mut self.output, MAX_READ, &mut read);
+        batch.output_lines(&buf, &mut self.num, self.console.offset, &self.sel);
+        self.last_read = read;
+        batch.finish(&mut self.carry, true)
+    }
+
+    /// Bytes the last [`start`](Self::start) or [`poll`](Self::poll) read from files.
+    pub fn last_read_bytes(&self) -> u64 {
+        self.last_read
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -436,6 +669,101 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         write_boots(d.path(), &[("stdout", 100, 1, b"a\xC3"), ("stdout", 200, 1, b"\xA9b")]);
         assert_eq!(texts(d.path(), 100), ["a\u{FFFD}", "\u{FFFD}b"]);
+    }
+
+    fn append(path: &Path, bytes: &[u8]) {
+        use std::io::Write;
+        std::fs::OpenOptions::new().create(true).append(true).open(path).unwrap().write_all(bytes).unwrap();
+    }
+
+    fn texts_of(entries: &[LogEntry]) -> Vec<&str> {
+        entries.iter().map(|e| e.text.as_str()).collect()
+    }
+
+    #[test]
+    fn follower_reads_only_what_is_new_and_loses_nothing_across_rotations() {
+        let d = tempfile::tempdir().unwrap();
+        let (log, rotated, console) = (d.path().join("logs.jsonl"), d.path().join("logs.jsonl.1"), d.path().join("console.log"));
+        let line = |t: u64, bytes: &[u8]| output_line(t, "stdout", 1, 1, bytes);
+        // A big history: the follower reads it once, then only what is appended.
+        let filler = "x".repeat(1000);
+        for t in 0..2000 {
+            append(&log, line(t, filler.as_bytes()).as_bytes());
+        }
+        append(&log, line(2000, b"a").as_bytes());
+        std::fs::write(&console, "boot\n").unwrap();
+        let (mut f, history) = LogFollower::start(d.path(), &LogQuery { sources: vec!["all".into()], ..Default::default() }).unwrap();
+        assert_eq!(history.first().unwrap().text, "boot");
+        assert_eq!(history.last().unwrap().text, "a");
+        assert!(f.last_read_bytes() > 2_000_000);
+        assert!(f.poll().is_empty());
+        assert_eq!(f.last_read_bytes(), 0, "nothing new, nothing read");
+
+        let c = line(2001, b"c");
+        append(&log, c.as_bytes());
+        append(&console, b"more\n");
+        assert_eq!(texts_of(&f.poll()), ["more", "c"]);
+        assert_eq!(f.last_read_bytes(), c.len() as u64 + 5);
+
+        // A line seen half-written is read once it is whole.
+        let l = line(2002, b"d");
+        append(&log, &l.as_bytes()[..10]);
+        assert!(f.poll().is_empty());
+        append(&log, &l.as_bytes()[10..]);
+        assert_eq!(texts_of(&f.poll()), ["d"]);
+
+        // Rotation: what was appended to the old file before it was renamed still comes,
+        // once, then the new file from its start.
+        append(&log, line(2003, b"e").as_bytes());
+        std::fs::rename(&log, &rotated).unwrap();
+        append(&log, line(2004, b"f").as_bytes());
+        let got = f.poll();
+        assert_eq!(texts_of(&got), ["e", "f"]);
+        append(&log, line(2005, b"g").as_bytes());
+        let g = f.poll();
+        assert_eq!(texts_of(&g), ["g"]);
+        assert!(f.poll().is_empty());
+        // Cursors are the ones a query gives: resuming from one with a query continues there.
+        assert_eq!(Cursor::parse(&g[0].cursor).unwrap(), Cursor { console_end: 10, t: 2005, k: 1 });
+        let after_e = LogQuery { after: Some(Cursor::parse(&got[0].cursor).unwrap()), ..Default::default() };
+        assert_eq!(texts_of(&query(d.path(), &after_e).unwrap()), ["f", "g"]);
+
+        // A character split between two polls is whole in the later entry.
+        append(&log, line(2006, b"caf\xC3").as_bytes());
+        assert_eq!(texts_of(&f.poll()), ["caf"]);
+        append(&log, line(2007, b"\xA9!").as_bytes());
+        assert_eq!(texts_of(&f.poll()), ["é!"]);
+
+        // Two rotations within one poll: the file in between is gone, the rest comes.
+        append(&log, line(2008, b"h").as_bytes());
+        std::fs::rename(&log, &rotated).unwrap();
+        append(&log, line(2009, b"i").as_bytes());
+        std::fs::rename(&log, &rotated).unwrap();
+        append(&log, line(2010, b"j").as_bytes());
+        // The file freed by the second rotation may lend its inode to the newest one, so
+        // "i" may be missed too; what comes is new, once, and ends with "j".
+        let got = f.poll();
+        assert_eq!(got.last().map(|e| e.text.as_str()), Some("j"));
+        assert!(texts_of(&got).iter().all(|t| ["i", "j"].contains(t)), "{:?}", texts_of(&got));
+
+        // A restart truncates the console log: it is read again from its start.
+        std::fs::write(&console, "new boot\n").unwrap();
+        assert_eq!(texts_of(&f.poll()), ["new boot"]);
+    }
+
+    #[test]
+    fn follower_applies_the_query_and_a_missing_log_appears_later() {
+        let d = tempfile::tempdir().unwrap();
+        let log = d.path().join("logs.jsonl");
+        let q = LogQuery { sources: vec!["stderr".into()], since_ms: Some(5), ..Default::default() };
+        let (mut f, history) = LogFollower::start(d.path(), &q).unwrap();
+        assert!(history.is_empty());
+        std::fs::write(d.path().join("console.log"), "boot\n").unwrap();
+        append(&log, output_line(1, "stderr", 1, 1, b"early").as_bytes());
+        append(&log, output_line(6, "stdout", 1, 1, b"out").as_bytes());
+        append(&log, output_line(7, "stderr", 1, 1, b"err").as_bytes());
+        assert_eq!(texts_of(&f.poll()), ["err"]);
+        assert!(LogFollower::start(d.path(), &LogQuery { sources: vec!["bogus".into()], ..Default::default() }).is_err());
     }
 
     #[test]

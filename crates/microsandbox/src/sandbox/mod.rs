@@ -749,6 +749,12 @@ impl Sandbox {
         logs::query(&self.home.sandbox_dir(&self.name), q)
     }
 
+    /// The history `q` selects and a follower that reads only what is logged after it
+    /// (`log_stream(follow: true)`).
+    pub fn log_follower(&self, q: &logs::LogQuery) -> Result<(logs::LogFollower, Vec<logs::LogEntry>)> {
+        logs::LogFollower::start(&self.home.sandbox_dir(&self.name), q)
+    }
+
     /// Labels given at create.
     pub fn labels(&self) -> &BTreeMap<String, String> {
         &self.labels
