@@ -16,6 +16,8 @@ module Microsandbox
     # @param timeout [Numeric] seconds for the clean shutdown used if the save fails
     # @return [nil]
     # @raise [SandboxNotRunningError] when it is not running
+    # @raise [UnsupportedError] when it mounts host volumes (anything but `tmpfs:`), which a
+    #   saved VM state cannot carry; the sandbox keeps running
     # @raise [RuntimeUnavailableError] when the VM could not be saved (it is stopped then;
     #   starting it boots cold)
     def pause(timeout: DEFAULT_STOP_TIMEOUT)
@@ -56,6 +58,7 @@ module Microsandbox
     # @raise [SandboxNotRunningError] when this sandbox is not running
     # @raise [SandboxAlreadyExistsError] when `name` is taken
     # @raise [InvalidConfigError] for a sandbox with secrets, or in a forked child process
+    # @raise [UnsupportedError] when this sandbox mounts host volumes (anything but `tmpfs:`)
     def fork(name, &block)
       copy = Sandbox.new(@native.fork_sandbox(Validate.name!(name)), shell: @shell)
       Sandbox.send(:scoped, copy, &block)

@@ -58,6 +58,21 @@ RSpec.describe "Sandbox#fork" do
     names.each { |n| Microsandbox::Sandbox.remove(n) if Microsandbox::Sandbox.list.any? { |s| s.name == n } }
   end
 
+  it "refuses to fork or pause a sandbox with a host volume, which keeps running untouched" do
+    name = unique_name("fork-v")
+    host_dir = Dir.mktmpdir("fork-vol")
+    File.write(File.join(host_dir, "seen"), "host\n")
+    Microsandbox::Sandbox.create(name, image: rootfs, memory: 256, volumes: { "/data" => host_dir }) do |sb|
+      child = unique_name("fork-vc")
+      expect { sb.fork(child) }.to raise_error(Microsandbox::UnsupportedError, /host volumes/)
+      expect(Microsandbox::Sandbox.list.map(&:name)).not_to include(child)
+      expect { sb.pause }.to raise_error(Microsandbox::UnsupportedError, /host volumes/)
+      expect(sb.shell("cat /data/seen").stdout).to eq("host\n")
+    end
+  ensure
+    FileUtils.remove_entry(host_dir) if host_dir
+  end
+
   it "refuses a stopped sandbox and leaves no record behind" do
     name = unique_name("fork-s")
     sb = Microsandbox::Sandbox.create(name, image: rootfs, memory: 256)

@@ -958,6 +958,7 @@ impl Sandbox {
                 self.name
             )));
         }
+        refuse_host_volumes(&cfg, &self.name, "forking")?;
         let parent_dir = home.sandbox_dir(&self.name);
         let parent_spec: SupervisorSpec = serde_json::from_slice(
             &std::fs::read(parent_dir.join(spec::SPEC_FILE)).context(|| format!("reading the spec of {:?}", self.name))?,
@@ -1010,6 +1011,10 @@ impl Sandbox {
         if !self.is_running() {
             return Err(self.not_running());
         }
+        let rec = StateDb::open(&self.home)?.get(&self.name)?.ok_or_else(|| self.not_running())?;
+        let cfg: SandboxConfig = serde_json::from_str(&rec.config)
+            .map_err(|e| Error::Runtime(format!("stored options of sandbox {:?} are unreadable: {e}", self.name)))?;
+        refuse_host_volumes(&cfg, &self.name, "pausing")?;
         let mut conn = self.connect().await?;
         let req = Frame::json(0, Kind::Stop, &StopRequest { timeout_ms: timeout.as_millis() as u64, pause: true, ..Default::default() });
         microsandbox_protocol::write_frame_async(&mut conn, &req).await.map_err(|_| self.not_running())?;
@@ -1308,4 +1313,16 @@ fn load_runtime(home: &Home) -> Result<runtime::Runtime> {
             home.root().display()
         ))
     })
+}
+
+/// Host-backed volumes (virtio-fs daemons, block drives this sandbox holds locked) are not part of
+/// a saved VM state, so pause and fork refuse them before touching the VM; tmpfs mounts live in
+/// guest memory and travel with it.
+fn refuse_host_volumes(cfg: &SandboxConfig, name: &str, what: &str) -> Result<()> {
+    if cfg.volumes.iter().any(|m| !m.tmpfs) {
+        return Err(Error::Unsupported(format!(
+            "{what} sandbox {name:?} is not supported: it mounts host volumes, which cannot be saved with the VM; stop it instead"
+        )));
+    }
+    Ok(())
 }
