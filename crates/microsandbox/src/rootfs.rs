@@ -42,6 +42,15 @@ pub fn check_dir_image(image: &str) -> Result<()> {
     }
 }
 
+/// The error for an `mke2fs` that could not be started (shared with volume formatting).
+pub(crate) fn mke2fs_spawn_error(e: std::io::Error) -> Error {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        Error::Runtime("mke2fs is not installed; install Debian's e2fsprogs package".into())
+    } else {
+        Error::Io { context: "running mke2fs".into(), source: e }
+    }
+}
+
 /// Builds a sparse ext4 image at `disk` holding a copy of `dir`.
 pub fn build_disk_from_dir(dir: &Path, disk: &Path) -> Result<()> {
     let size_mib = (tree_size(dir) * 5 / 4 + HEADROOM) >> 20;
@@ -52,13 +61,7 @@ pub fn build_disk_from_dir(dir: &Path, disk: &Path) -> Result<()> {
         .arg(disk)
         .arg(format!("{size_mib}M"))
         .output()
-        .map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                Error::Runtime("mke2fs is not installed; install Debian's e2fsprogs package".into())
-            } else {
-                Error::Io { context: "running mke2fs".into(), source: e }
-            }
-        })?;
+        .map_err(mke2fs_spawn_error)?;
     if !out.status.success() {
         let _ = std::fs::remove_file(disk);
         return Err(Error::Filesystem(format!(

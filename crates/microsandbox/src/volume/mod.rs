@@ -317,13 +317,7 @@ pub fn format_ext4(path: &Path, bytes: u64) -> Result<()> {
         .args(["-q", "-F", "-t", "ext4", "-m", "0", "-E", "root_owner=0:0,lazy_itable_init=1", "-L", "msb-volume"])
         .arg(path)
         .output()
-        .map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                Error::Runtime("mke2fs is not installed; install Debian's e2fsprogs package".into())
-            } else {
-                Error::Io { context: "running mke2fs".into(), source: e }
-            }
-        })?;
+        .map_err(crate::rootfs::mke2fs_spawn_error)?;
     if !out.status.success() {
         return Err(Error::Filesystem(format!(
             "mke2fs failed to format {}: {}",
