@@ -19,6 +19,8 @@ RSpec.describe "pausing and resuming sandboxes" do
       sb.shell("echo on-disk > /root/f")
       up_before = sb.shell("cut -d' ' -f1 /proc/uptime").stdout.to_f
       vmm = sb.info[:vmm_pid]
+      machine_id = sb.shell("cat /etc/machine-id").stdout
+      expect(machine_id).to match(/\A\h{32}\n\z/)
 
       sb.pause
       expect(sb).not_to be_running
@@ -34,6 +36,7 @@ RSpec.describe "pausing and resuming sandboxes" do
       expect(sb.shell("kill -0 #{pid} && echo alive").stdout).to eq("alive\n") # same process, not a reboot
       expect(sb.shell("cut -d' ' -f1 /proc/uptime").stdout.to_f).to be >= up_before
       expect(sb.shell("cat /root/f").stdout).to eq("on-disk\n")
+      expect(sb.shell("cat /etc/machine-id").stdout).to eq(machine_id) # the same sandbox keeps its id
       expect(sb.shell("cat /root/main.log").stdout).to eq("started\n") # the main process was not started again
       # Its output now goes to no client, yet it must not block once its flow window fills.
       sb.shell("touch /root/go")

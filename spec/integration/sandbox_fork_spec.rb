@@ -12,6 +12,7 @@ RSpec.describe "Sandbox#fork" do
       pid = parent.shell("sleep 1000 > /dev/null 2>&1 & echo $!").stdout.strip
       parent.shell("echo before > /root/f")
       parent_rand = parent.shell("od -An -tx1 -N32 /dev/urandom | tr -d ' \\n'").stdout
+      parent_machine_id = parent.shell("cat /etc/machine-id").stdout
 
       parent.fork(child_name) do |child|
         expect(child.info[:start]).to eq("forked")
@@ -19,6 +20,8 @@ RSpec.describe "Sandbox#fork" do
         expect(child.shell("kill -0 #{pid} && echo alive").stdout).to eq("alive\n") # the parent's process, copied
         expect(child.shell("cat /root/f").stdout).to eq("before\n") # the page cache and the disk came along
         expect(child.shell("hostname").stdout.strip).to eq(child_name)
+        expect(child.shell("cat /etc/machine-id").stdout).to match(/\A\h{32}\n\z/)
+        expect(child.shell("cat /etc/machine-id").stdout).not_to eq(parent_machine_id)
         child_rand = child.shell("od -An -tx1 -N32 /dev/urandom | tr -d ' \\n'").stdout
         expect(child_rand.size).to eq(64)
         expect(child_rand).not_to eq(parent_rand)

@@ -47,6 +47,10 @@ RSpec.describe "templates (restoring booted VMs)" do
         boot_ids = [a, b].map { |sb| sb.shell("cat /proc/sys/kernel/random/boot_id").stdout.strip }
         expect(boot_ids[0]).to match(/\A\h{8}-/)
         expect(boot_ids[0]).not_to eq(boot_ids[1])
+        # The template's disk has the machine id its boot wrote; each restore writes its own.
+        machine_ids = [a, b].map { |sb| sb.shell("cat /etc/machine-id").stdout }
+        machine_ids.each { |m| expect(m).to match(/\A\h{12}4\h{3}[89ab]\h{15}\n\z/) }
+        expect(machine_ids[0]).not_to eq(machine_ids[1])
 
         expect(a.shell("hostname").stdout.strip).to eq(a_name)
         expect(b.shell("hostname").stdout.strip).to eq(b_name)
@@ -69,6 +73,8 @@ RSpec.describe "templates (restoring booted VMs)" do
     sandbox("warm-off", template: false) do |sb|
       expect(sb.info).to include(start: "booted", template: nil)
       expect(sb.shell("hostname").stdout.strip).to eq(sb.name)
+      # The busybox image has no /etc/machine-id: a cold boot writes one (systemd semantics).
+      expect(sb.shell("cat /etc/machine-id; stat -c %a /etc/machine-id").stdout).to match(/\A\h{32}\n444\n\z/)
     end
     ENV["MICROSANDBOX_TEMPLATES"] = "off"
     begin

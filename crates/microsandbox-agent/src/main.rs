@@ -12,6 +12,7 @@ mod fs;
 mod growfs;
 mod identity;
 mod init;
+mod machine_id;
 mod net;
 mod port;
 mod procfs;
@@ -60,6 +61,8 @@ fn run() -> Result<Infallible, String> {
     let port = boot::boot()?;
     // `init:`: PID 1 becomes the init, this process goes on in a child (before any thread).
     let cmdline = std::fs::read_to_string("/proc/cmdline").map_err(|e| format!("cannot read /proc/cmdline: {e}"))?;
+    // Before any command of the sandbox (and before an `init:`, which then owns the file).
+    machine_id::ensure_at_boot(&cmdline);
     init::handoff(&cmdline)?;
     let writer = port
         .try_clone()

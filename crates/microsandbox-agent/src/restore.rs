@@ -15,6 +15,8 @@
 //! - **Clock**: `CLOCK_REALTIME` from the host (`CLOCK_MONOTONIC` continues from the
 //!   template's, as a monotonic clock may).
 //! - **Hostname** and its `/etc/hosts` line (when the sandbox has a NIC).
+//! - **Machine id**: the fresh `/etc/machine-id` the host sends for a new sandbox
+//!   (see `machine_id`); a failure to write it fails the restore.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -81,10 +83,18 @@ pub fn apply(id: &RestoreIdentity) -> Result<(), String> {
     if host.is_empty() || host.len() > 64 || !host.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.') {
         return Err(format!("invalid hostname {host:?}"));
     }
+    if let Some(m) = &id.machine_id {
+        if !crate::machine_id::valid(m) {
+            return Err("invalid machine id".into());
+        }
+    }
     reseed(&entropy)?;
     set_clock(id.realtime_ns)?;
     let old = nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_default();
     nix::unistd::sethostname(host).map_err(|e| format!("cannot set hostname {host:?}: {e}"))?;
+    if let Some(m) = &id.machine_id {
+        crate::machine_id::write(m)?;
+    }
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     if procfs::net(&cmdline).is_some() && !old.is_empty() {
         // The boot wrote "127.0.1.1 <template's hostname>" into a fresh /etc/hosts; best
@@ -121,7 +131,7 @@ mod tests {
     use super::*;
 
     fn id(entropy: String) -> RestoreIdentity {
-        RestoreIdentity { entropy, realtime_ns: 0, hostname: "h".into() }
+        RestoreIdentity { entropy, realtime_ns: 0, hostname: "h".into(), machine_id: None }
     }
 
     #[test]

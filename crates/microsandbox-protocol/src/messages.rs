@@ -219,15 +219,20 @@ pub struct RestoreIdentity {
     pub realtime_ns: u64,
     /// The sandbox's hostname.
     pub hostname: String,
+    /// A fresh `/etc/machine-id` (32 lowercase hex digits) for a new sandbox (template
+    /// restore, fork); `None` for a resumed one, which keeps its own.
+    #[serde(default)]
+    pub machine_id: Option<String>,
 }
 
-/// `Fork`: where the supervisor writes the snapshot of its running VM.
+/// `Fork`: where the supervisor streams its running VM and copies its disk.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct ForkRequest {
-    /// File name (no directory) of the migration stream, created in the sandbox directory.
-    pub state: String,
-    /// File name of the sandbox's root disk in its directory, to copy while the VM is paused.
+    /// A FIFO (in the new sandbox's directory) whose reader is the new sandbox's QEMU:
+    /// the migration stream goes there, loaded as it is written.
+    pub fifo: std::path::PathBuf,
+    /// File name of the sandbox's root disk in its directory, to copy while the VM is stopped.
     pub disk: String,
     /// Where the copy goes (the new sandbox's directory).
     pub disk_to: std::path::PathBuf,

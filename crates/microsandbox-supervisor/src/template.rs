@@ -111,36 +111,23 @@ fn send_with_fd(sock: &impl std::os::fd::AsRawFd, cmd: &[u8], fd: std::os::fd::R
     Ok(())
 }
 
-/// What a migration leaves the source VM doing.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum After {
-    /// `quit`: the VM ends (template build, pause).
-    Quit,
-    /// Keep the source paused, for the caller to copy its disk and `cont` it (fork).
-    Paused,
-}
-
-/// Writes the running VM's migration stream into `out` (a file the supervisor opened,
-/// handed to QEMU with `getfd`, so no path or shell is involved). The guest is idle or
-/// nearly so, so a live migration converges in a pass or two; at `completed` QEMU has
-/// written the whole stream to the file and flushed and released the disks, and the VM
-/// is paused. Returns the QMP connection for [`After::Paused`].
-pub async fn save_to(qmp: &std::path::Path, out: &std::fs::File, within: Duration, after: After) -> Result<Option<QmpConn>, String> {
-    use std::os::fd::AsRawFd;
-    let deadline = Instant::now() + within;
-    let mut q = Qmp::connect(qmp, within).await?;
+/// Streams the VM's migration into `out` (a file or FIFO the supervisor opened, handed to
+/// QEMU with `getfd`, so no path or shell is involved) and waits for `completed`: QEMU
+/// has then written the whole stream, flushed and released the disks, and the VM is
+/// paused (`postmigrate`; `cont` activates the disks again).
+async fn migrate_into(q: &mut Qmp, out: &impl std::os::fd::AsRawFd, deadline: Instant) -> Result<(), String> {
     let mut cmd = serde_json::to_vec(&json!({"execute": "getfd", "arguments": {"fdname": "msbstate"}})).unwrap();
     cmd.push(b'\n');
     q.wr.writable().await.map_err(|e| format!("QMP: {e}"))?;
     send_with_fd(q.wr.as_ref(), &cmd, out.as_raw_fd()).map_err(|e| format!("QMP getfd: {e}"))?;
     q.answer("getfd").await?;
-    // QEMU 7.2 throttles migration to 32 MiB/s by default; this is a local file.
+    // QEMU 7.2 throttles migration to 32 MiB/s by default; this is a local file or pipe.
     q.execute("migrate-set-parameters", json!({"max-bandwidth": 16u64 << 30, "downtime-limit": 2000})).await?;
     q.execute("migrate", json!({"uri": "fd:msbstate"})).await?;
     loop {
         let st = q.execute("query-migrate", json!({})).await?;
         match st.get("status").and_then(Value::as_str) {
-            Some("completed") => break,
+            Some("completed") => return Ok(()),
             Some("failed") | Some("cancelled") => {
                 return Err(format!(
                     "QEMU could not save the VM: {}",
@@ -154,23 +141,17 @@ pub async fn save_to(qmp: &std::path::Path, out: &std::fs::File, within: Duratio
             _ => tokio::time::sleep(POLL).await,
         }
     }
-    match after {
-        After::Quit => {
-            let _ = q.execute("quit", json!({})).await;
-            Ok(None)
-        }
-        After::Paused => Ok(Some(QmpConn(q))),
-    }
 }
 
-/// A QMP connection kept open after a save (the source VM is paused).
-pub struct QmpConn(Qmp);
-
-impl QmpConn {
-    /// Lets the paused source VM run again (its disks are re-activated by `cont`).
-    pub async fn resume(mut self) -> Result<(), String> {
-        self.0.execute("cont", json!({})).await.map(|_| ())
-    }
+/// Writes the running VM's migration stream into `out` and has QEMU quit (template
+/// build, pause). The guest is idle or nearly so, so a live migration converges in a
+/// pass or two.
+async fn save_to(qmp: &std::path::Path, out: &std::fs::File, within: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + within;
+    let mut q = Qmp::connect(qmp, within).await?;
+    migrate_into(&mut q, out, deadline).await?;
+    let _ = q.execute("quit", json!({})).await;
+    Ok(())
 }
 
 /// Saves the running VM into `dir/<name>` (created 0600) and has QEMU quit.
@@ -183,7 +164,7 @@ pub async fn save(qmp: &std::path::Path, path: &std::path::Path, within: Duratio
         .mode(0o600)
         .open(path)
         .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
-    save_to(qmp, &out, within, After::Quit).await?;
+    save_to(qmp, &out, within).await?;
     out.sync_all().map_err(|e| format!("cannot sync {}: {e}", path.display()))
 }
 
@@ -194,50 +175,140 @@ pub fn set_fork_source(qmp: std::path::PathBuf, dir: std::path::PathBuf) {
     let _ = FORK_SOURCE.set((qmp, dir));
 }
 
-/// Bound on snapshotting the VM for a fork (its whole memory at most).
+/// Bound on streaming the VM to a fork (its whole memory at most), and on waiting for
+/// the child's QEMU to open the stream.
 const FORK_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How often the parent looks for the child's reader on the fork FIFO.
+const FIFO_POLL: Duration = Duration::from_millis(5);
 
 fn plain_file_name(n: &str) -> bool {
     !n.is_empty() && n.len() <= 128 && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-') && !n.starts_with('.')
 }
 
-/// Snapshots the running VM for `Sandbox#fork`: the migration stream into `req.state`
-/// (in the sandbox directory), then — while the VM is paused at the end of the
-/// migration, its disk flushed and released — a copy of its root disk to `req.disk_to`,
-/// then the VM runs on. The VM is resumed whatever happened after the save.
+/// Clears `O_NONBLOCK` on `f` (QEMU gets a blocking descriptor).
+fn set_blocking(f: &std::fs::File) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fcntl on a descriptor `f` owns.
+    unsafe {
+        let fl = libc::fcntl(f.as_raw_fd(), libc::F_GETFL);
+        if fl < 0 || libc::fcntl(f.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK) < 0 {
+            return Err(format!("fcntl: {}", std::io::Error::last_os_error()));
+        }
+    }
+    Ok(())
+}
+
+/// The parent's end of the fork FIFO: opened for writing once the child's supervisor has
+/// it open for reading (`ENXIO` until then). The engine deletes the FIFO when it gives
+/// the child up, which ends the wait (`ENOENT`).
+async fn open_fifo_writer(path: &std::path::Path, deadline: Instant) -> Result<std::fs::File, String> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    loop {
+        match std::fs::OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(path) {
+            Ok(f) => {
+                if !f.metadata().map(|m| m.file_type().is_fifo()).unwrap_or(false) {
+                    return Err(format!("{} is not a FIFO", path.display()));
+                }
+                set_blocking(&f)?;
+                // Larger pipe buffer, fewer wake-ups (best effort: capped by pipe-max-size).
+                // SAFETY: fcntl on a descriptor `f` owns.
+                unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&f), libc::F_SETPIPE_SZ, 1 << 20) };
+                return Ok(f);
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) && Instant::now() < deadline => tokio::time::sleep(FIFO_POLL).await,
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => return Err("the new sandbox did not start reading the state in time".into()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err("the new sandbox was given up".into()),
+            Err(e) => return Err(format!("cannot open {}: {e}", path.display())),
+        }
+    }
+}
+
+/// `Sandbox#fork`, the parent's side: the VM is stopped (QEMU flushes its disks), its
+/// root disk copied to `req.disk_to`, then its migration stream written into the FIFO
+/// `req.fifo`, whose reader is the new sandbox's QEMU (`-incoming fd:`), which loads it
+/// as it arrives: save and restore overlap, and nothing of the memory touches a file.
+/// The VM runs on afterwards, whatever happened (`cont`).
+///
+/// Stopping first (rather than a live migration of the running VM) is what makes the disk
+/// copy consistent with the memory: the child's QEMU opens its disk when it starts, so the
+/// copy must be complete before the first byte of the stream — and a stopped VM streams in
+/// one pass. The stream then says "paused", so the child's supervisor `cont`s the child
+/// once it is loaded ([`cont_after_load`]).
 pub async fn fork(req: microsandbox_protocol::ForkRequest) -> Result<(), String> {
-    use std::os::unix::fs::OpenOptionsExt;
     let (qmp, dir) = FORK_SOURCE.get().ok_or("this sandbox cannot be forked (its QEMU has no QMP socket)")?;
-    if !plain_file_name(&req.state) || !plain_file_name(&req.disk) {
+    if !plain_file_name(&req.disk) {
         return Err("invalid fork file names".into());
     }
-    let path = dir.join(&req.state);
-    let out = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)
-        .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
-    let conn = match save_to(qmp, &out, FORK_TIMEOUT, After::Paused).await {
-        Ok(c) => c.expect("a paused save returns its connection"),
-        Err(e) => {
-            let _ = std::fs::remove_file(&path);
-            return Err(e);
-        }
-    };
-    let (from, to) = (dir.join(&req.disk), req.disk_to.clone());
-    let copied = tokio::task::spawn_blocking(move || std::fs::copy(&from, &to).map(|_| ()).map_err(|e| format!("cannot copy the disk: {e}")))
-        .await
-        .map_err(|e| e.to_string())
-        .and_then(|r| r);
-    let resumed = conn.resume().await;
-    let synced = out.sync_all().map_err(|e| format!("cannot sync the state: {e}"));
-    if copied.is_err() || synced.is_err() {
-        let _ = std::fs::remove_file(&path);
+    let deadline = Instant::now() + FORK_TIMEOUT;
+    let mut q = Qmp::connect(qmp, FORK_TIMEOUT).await?;
+    q.execute("stop", json!({})).await?;
+    let streamed = async {
+        let (from, to) = (dir.join(&req.disk), req.disk_to.clone());
+        tokio::task::spawn_blocking(move || std::fs::copy(&from, &to).map(|_| ()).map_err(|e| format!("cannot copy the disk: {e}")))
+            .await
+            .map_err(|e| e.to_string())??;
+        let fifo = open_fifo_writer(&req.fifo, deadline).await?;
+        migrate_into(&mut q, &fifo, deadline).await
+        // `fifo` (our copy of the write end) closes here; QEMU closed its own at completion.
     }
-    copied?;
-    synced?;
-    resumed.map_err(|e| format!("the sandbox did not run again after the snapshot: {e}"))
+    .await;
+    let resumed = q.execute("cont", json!({})).await;
+    streamed?;
+    resumed.map(|_| ()).map_err(|e| format!("the sandbox did not run again after the snapshot: {e}"))
+}
+
+/// `Sandbox#fork`, the child's side: its end of the fork FIFO, opened for reading without
+/// waiting for a writer, then (up to `within`) until the parent's QEMU has written the
+/// first bytes — a QEMU reading a FIFO that never had a writer would see end-of-file. The
+/// returned file is blocking, for QEMU (`-incoming fd:`).
+pub async fn open_fork_stream(path: &std::path::Path, within: Duration) -> Result<std::fs::File, String> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| format!("cannot open the fork stream {}: {e}", path.display()))?;
+    if !f.metadata().map(|m| m.file_type().is_fifo()).unwrap_or(false) {
+        return Err(format!("{} is not a FIFO", path.display()));
+    }
+    let ms = within.as_millis().min(i32::MAX as u128) as i32;
+    let (f, revents) = tokio::task::spawn_blocking(move || {
+        let mut p = libc::pollfd { fd: f.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd. Before a writer ever opened the FIFO, Linux reports
+        // neither POLLIN nor POLLHUP for it.
+        let n = loop {
+            let n = unsafe { libc::poll(&mut p, 1, ms) };
+            if n >= 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+                break n;
+            }
+        };
+        (f, if n > 0 { p.revents } else { 0 })
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    if revents & libc::POLLIN == 0 {
+        return Err(if revents == 0 { "the parent sandbox did not send its state in time".into() } else { "the parent sandbox gave up sending its state".into() });
+    }
+    set_blocking(&f)?;
+    Ok(f)
+}
+
+/// Waits until the child's QEMU has loaded the stream (`inmigrate` → `paused`: the parent
+/// was stopped when it was streamed) and lets it run (`cont`).
+pub async fn cont_after_load(qmp: &std::path::Path, within: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + within;
+    let mut q = Qmp::connect(qmp, within).await?;
+    loop {
+        let st = q.execute("query-status", json!({})).await?;
+        match st.get("status").and_then(Value::as_str) {
+            Some("inmigrate") | Some("prelaunch") if Instant::now() < deadline => tokio::time::sleep(POLL).await,
+            Some("paused") | Some("postmigrate") => return q.execute("cont", json!({})).await.map(|_| ()),
+            Some("running") => return Ok(()),
+            other => return Err(format!("the forked VM did not load its state (QEMU status {})", other.unwrap_or("unknown"))),
+        }
+    }
 }
 
 /// A random number from the host (0 if the kernel refuses, which it does not).
@@ -270,14 +341,25 @@ fn fill_random(buf: &mut [u8]) -> Result<(), String> {
     Ok(())
 }
 
+/// A fresh machine id (see the agent's `machine_id`): 128 random bits, UUID v4 bits set.
+fn machine_id() -> Result<String, String> {
+    let mut b = [0u8; 16];
+    fill_random(&mut b)?;
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    Ok(b.iter().map(|b| format!("{b:02x}")).collect())
+}
+
 /// Makes the just-restored guest this sandbox: sends its identity and waits for the
-/// agent's `Ready`, which it sends only after applying all of it.
-pub async fn handshake(stream: &mut UnixStream, hostname: &str) -> Result<Ready, String> {
+/// agent's `Ready`, which it sends only after applying all of it. `new_sandbox` (a
+/// template restore or a fork, not a resume) also gives it a fresh machine id.
+pub async fn handshake(stream: &mut UnixStream, hostname: &str, new_sandbox: bool) -> Result<Ready, String> {
     let realtime_ns = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_err(|e| e.to_string())?
         .as_nanos() as u64;
-    let id = RestoreIdentity { entropy: entropy()?, realtime_ns, hostname: hostname.to_string() };
+    let machine_id = if new_sandbox { Some(machine_id()?) } else { None };
+    let id = RestoreIdentity { entropy: entropy()?, realtime_ns, hostname: hostname.to_string(), machine_id };
     write_frame_async(stream, &Frame::json(0, Kind::Restore, &id)).await.map_err(|e| format!("agent channel: {e}"))?;
     let frame = read_frame_async(stream)
         .await

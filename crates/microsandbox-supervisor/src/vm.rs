@@ -220,8 +220,19 @@ pub async fn supervise(spec: SupervisorSpec, report: fn(&StartupReport)) -> u8 {
             return 1;
         }
     };
-    // A restore: QEMU reads the template's saved state from this file (`-incoming fd:`).
+    // A restore: QEMU reads the template's saved state from this file (`-incoming fd:`);
+    // a fork: from the FIFO the parent's QEMU streams into.
     let state = match &spec.template {
+        Some(TemplateRun::Restore { state, forked: true, .. }) => {
+            match crate::template::open_fork_stream(state, ready_within(&spec, Duration::from_millis(spec.boot_timeout_ms))).await {
+                Ok(f) => Some(f),
+                Err(e) => {
+                    cleanup(&spec);
+                    report(&StartupReport::Failed { code: "restore-failed".into(), message: format!("sandbox {:?}: {e}", spec.name) });
+                    return 1;
+                }
+            }
+        }
         Some(TemplateRun::Restore { state, .. }) => match std::fs::File::open(state) {
             Ok(f) => Some(f),
             Err(e) => {
@@ -255,9 +266,13 @@ pub async fn supervise(spec: SupervisorSpec, report: fn(&StartupReport)) -> u8 {
     let booted = tokio::select! {
         r = async {
             let (mut stream, _) = agent_listener.accept().await.map_err(|e| e.to_string())?;
+            if let (Some(TemplateRun::Restore { forked: true, .. }), Some(qmp)) = (&spec.template, &spec.qmp_socket) {
+                // The parent was stopped when it streamed: the loaded child waits for `cont`.
+                crate::template::cont_after_load(qmp, ready_within(&spec, boot_timeout)).await?;
+            }
             let ready = match &spec.template {
                 // The restored agent already said Ready (to the template's supervisor).
-                Some(TemplateRun::Restore { hostname, .. }) => crate::template::handshake(&mut stream, hostname).await?,
+                Some(TemplateRun::Restore { hostname, resumed, .. }) => crate::template::handshake(&mut stream, hostname, !*resumed).await?,
                 _ => agent_link::wait_ready(&mut stream).await?,
             };
             Ok::<_, String>((stream, ready))

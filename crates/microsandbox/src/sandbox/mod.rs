@@ -973,32 +973,56 @@ impl Sandbox {
         std::fs::create_dir_all(&dir).context(|| format!("creating {}", dir.display()))?;
         std::fs::write(dir.join(crate::paths::SANDBOX_NAME_FILE), child).context(|| format!("writing {}", dir.display()))?;
         let disk = if parent_dir.join(OVERLAY_DISK).is_file() { OVERLAY_DISK } else { PRIVATE_DISK };
-        let state_name = format!("fork-{}-{}.state", std::process::id(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
-        let req = microsandbox_protocol::ForkRequest { state: state_name.clone(), disk: disk.into(), disk_to: dir.join(disk) };
+        // The parent's QEMU streams its state into this FIFO, the child's QEMU loads it
+        // as it comes (see `warm::make_fork_fifo`).
+        let fifo = warm::make_fork_fifo(&dir)?;
+        let req = microsandbox_protocol::ForkRequest { fifo: fifo.clone(), disk: disk.into(), disk_to: dir.join(disk) };
         let mut conn = self.connect().await?;
         microsandbox_protocol::write_frame_async(&mut conn, &Frame::json(0, Kind::Fork, &req)).await.map_err(|_| self.not_running())?;
-        let answer = microsandbox_protocol::read_frame_async(&mut conn).await;
-        let snapshot = parent_dir.join(&state_name);
-        let state = dir.join("fork.state");
-        match answer {
-            Ok(Some(f)) if f.kind == Kind::Fork => {
-                std::fs::rename(&snapshot, &state).context(|| format!("moving {}", snapshot.display()))?;
+        let name = self.name.clone();
+        let answer = async {
+            match microsandbox_protocol::read_frame_async(&mut conn).await {
+                Ok(Some(f)) if f.kind == Kind::Fork => Ok(()),
+                Ok(Some(f)) if f.kind == Kind::Error => {
+                    let e: microsandbox_protocol::ErrorMsg = f.parse().map_err(|e| Error::Protocol(e.to_string()))?;
+                    Err(Error::Runtime(format!("cannot fork sandbox {name:?}: {}", e.message)))
+                }
+                _ => Err(self.not_running()),
             }
-            Ok(Some(f)) if f.kind == Kind::Error => {
-                let _ = std::fs::remove_file(&snapshot);
-                let e: microsandbox_protocol::ErrorMsg = f.parse().map_err(|e| Error::Protocol(e.to_string()))?;
-                return Err(Error::Runtime(format!("cannot fork sandbox {:?}: {}", self.name, e.message)));
-            }
-            _ => {
-                let _ = std::fs::remove_file(&snapshot);
-                return Err(self.not_running());
-            }
-        }
+        };
         let agent = home.socket_path(child, "agent")?;
         let qemu_args = warm::fork_args(&parent_spec, &dir, &agent);
-        let booted = Sandbox::boot(&home, &rt, cfg, rec.labels, false, &[], &warm::Start::Resume { state: state.clone(), qemu_args, forked: true }).await;
-        let _ = std::fs::remove_file(&state);
-        let sb = booted?;
+        let start = warm::Start::Resume { state: fifo.clone(), qemu_args, forked: true };
+        let boot = Sandbox::boot(&home, &rt, cfg, rec.labels, false, &[], &start);
+        tokio::pin!(answer);
+        tokio::pin!(boot);
+        // The parent answers once its whole state went through the FIFO (or it failed);
+        // the child is ready once it loaded the state and took its identity.
+        let (booted, answered) = tokio::select! {
+            b = &mut boot => {
+                if b.is_err() {
+                    // A parent still waiting for a reader stops waiting (it runs on).
+                    let _ = std::fs::remove_file(&fifo);
+                }
+                (b, answer.await)
+            }
+            a = &mut answer => match a {
+                // Dropping the boot kills the child's supervisor (and its QEMU).
+                Err(e) => (Err(e), Err(Error::Runtime(String::new()))),
+                Ok(()) => (boot.await, Ok(())),
+            },
+        };
+        let _ = std::fs::remove_file(&fifo);
+        let sb = match (booted, answered) {
+            (Ok(sb), Ok(())) => sb,
+            (Ok(sb), Err(e)) => {
+                // Not expected (the child loaded a whole stream): never keep a child whose
+                // parent reported a failure.
+                let _ = sb.kill().await;
+                return Err(e);
+            }
+            (Err(e), _) => return Err(e),
+        };
         guard.armed = false;
         Ok(sb)
     }

@@ -20,8 +20,9 @@ pub enum Start {
     /// template's disk layer.
     Restore(Template),
     /// QEMU loads the sandbox's own state saved by `pause`, with the exact command line
-    /// it was saved from (without its `-qmp`/`-incoming`) — or, `forked`, the snapshot of
-    /// another running sandbox with that sandbox's command line moved to this one's paths.
+    /// it was saved from (without its `-qmp`/`-incoming`) — or, `forked`, another running
+    /// sandbox streamed through the FIFO `state`, with that sandbox's command line moved to
+    /// this one's paths.
     Resume { state: PathBuf, qemu_args: Vec<String>, forked: bool },
 }
 
@@ -77,6 +78,24 @@ pub(super) fn fork_args(parent: &spec::SupervisorSpec, child_dir: &Path, child_a
         .into_iter()
         .map(|a| a.replace(&from_agent, &to_agent).replace(&from_dir, &to_dir))
         .collect()
+}
+
+/// Name of the fork FIFO in the new sandbox's directory.
+pub const FORK_FIFO: &str = "fork.fifo";
+
+/// Creates the FIFO (0600) through which a fork's state goes from the parent's QEMU to
+/// the child's: the parent's supervisor opens it for writing once the child's supervisor
+/// has it open for reading; deleting it tells a parent still waiting to give up.
+pub(super) fn make_fork_fifo(dir: &Path) -> Result<PathBuf> {
+    let p = dir.join(FORK_FIFO);
+    let _ = std::fs::remove_file(&p);
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| Error::Filesystem(format!("invalid path {}", p.display())))?;
+    // SAFETY: a NUL-terminated path.
+    if unsafe { libc::mkfifo(c.as_ptr(), 0o600) } != 0 {
+        return Err(Error::Filesystem(format!("cannot create {}: {}", p.display(), std::io::Error::last_os_error())));
+    }
+    Ok(p)
 }
 
 /// Deletes a paused sandbox's saved state (after it resumed, or when it cannot).
