@@ -98,8 +98,9 @@ RSpec.describe "Sandbox#exec in a real VM" do
     ticker = Thread.new { loop { ticks += 1; sleep 0.01 } }
     sb.exec("sleep", ["2"])
     ticker.kill
-    # 2 s at 10 ms per tick would be ~200 ticks if the GVL were free the whole time.
-    expect(ticks).to be > 100
+    # 2 s at 10 ms per tick is ~200 ticks with the GVL free; a held GVL allows one or two
+    # (before and after). A loaded host stretches each sleep, so the bar is well below 200.
+    expect(ticks).to be >= 20
   end
 
   it "is interruptible: Timeout.timeout stops a blocked exec and the sandbox keeps working" do

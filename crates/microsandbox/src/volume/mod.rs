@@ -478,10 +478,24 @@ pub fn users(home: &Home, name: &str) -> Vec<String> {
         .collect()
 }
 
+/// The exclusive lock, retried for at most ~100 ms. A lock this process released can
+/// still be held for a moment by a child that another thread is spawning: the fork
+/// shares the open file description until the child's exec closes it (O_CLOEXEC).
+/// A real user (a supervisor) holds it for its whole life, so it stays refused.
+fn lock_exclusive_briefly(home: &Home, name: &str) -> Result<VolumeLock> {
+    for _ in 0..10 {
+        match lock(home, name, libc::LOCK_EX | libc::LOCK_NB) {
+            Err(Error::VolumeInUse(_)) => std::thread::sleep(std::time::Duration::from_millis(10)),
+            r => return r,
+        }
+    }
+    lock(home, name, libc::LOCK_EX | libc::LOCK_NB)
+}
+
 /// Deletes volume `name` and its data. Refused while a sandbox mounts it.
 pub fn remove(home: &Home, name: &str) -> Result<()> {
     read_meta(home, name)?;
-    let guard = lock(home, name, libc::LOCK_EX | libc::LOCK_NB).map_err(|e| match e {
+    let guard = lock_exclusive_briefly(home, name).map_err(|e| match e {
         Error::VolumeInUse(_) => {
             let who = users(home, name);
             let who = if who.is_empty() { "a running sandbox".to_string() } else { format!("sandbox {}", who.join(", ")) };
