@@ -208,6 +208,21 @@ module Microsandbox
       !(value.empty? || %w[0 false no].include?(value))
     end
 
+    # The data of every `#write` ({FS#write}, {ExecStdin#write}, {FsWriteSink#write},
+    # {VolumeFs#write}): a String, or an object that converts implicitly (`#to_str`),
+    # returned as that String. Anything else is refused before a byte is sent: writing
+    # its `to_s` (an IO's inspect, "42") would silently store the wrong bytes.
+    # @api private
+    # @param data [Object]
+    # @return [String] `data` itself when it is a String
+    # @raise [TypeError] unless `data` is a String or converts to one
+    def coerce_write_bytes(data)
+      bytes = String.try_convert(data)
+      return bytes if bytes
+
+      raise TypeError, "write data must be a String (got #{data.class}); nothing was written"
+    end
+
     # The instrumenter used for `*.microsandbox` events: the one set with
     # {instrumenter=}, else ActiveSupport::Notifications when it is loaded, else none.
     # @return [#instrument, nil]

@@ -116,7 +116,7 @@ module Microsandbox
     # @raise [StdinBrokenError] (a {StdinClosedError}) the command has stopped taking
     #   stdin (it closed it: broken pipe); the message says how many bytes reached it
     def write(data)
-      data = Validate.string!("data", data)
+      data = Microsandbox.coerce_write_bytes(data)
       @native.write_stdin(data.b)
       data.bytesize
     end

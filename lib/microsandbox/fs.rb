@@ -169,10 +169,10 @@ module Microsandbox
     # Appends bytes to the guest file (waits while the guest is behind).
     # @param data [String]
     # @return [Integer] bytes written
-    # @raise [TypeError] data is not a String
+    # @raise [TypeError] data is not a String (nor converts to one with `#to_str`)
     # @raise [FilesystemError] the guest failed (e.g. disk full)
     def write(data)
-      data = Validate.string!("data", data)
+      data = Microsandbox.coerce_write_bytes(data)
       @native.write(data) # the native side copies the bytes, whatever the encoding
       @written += data.bytesize
       data.bytesize
@@ -249,10 +249,10 @@ module Microsandbox
     # @param path [String]
     # @param data [String] bytes (any encoding; written as is)
     # @return [Integer] bytes written
-    # @raise [TypeError] data is not a String
+    # @raise [TypeError] data is not a String (nor converts to one with `#to_str`)
     def write(path, data)
       path = guest_path!(path)
-      data = Validate.string!("data", data)
+      data = Microsandbox.coerce_write_bytes(data)
       @native.fs_write(path, data) # the native side copies the bytes
     end
 

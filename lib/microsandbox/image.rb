@@ -109,6 +109,23 @@ module Microsandbox
     attr_reader :root_disk_bytes
     # @return [Array<String>] sandboxes whose root is backed by this image
     attr_reader :in_use_by
+    # @return [Integer, nil] compressed bytes of config and layers as the manifest lists
+    #   them ({#content_bytes}); nil when the manifest is not in the store
+    attr_reader :size_bytes
+    # @return [String, nil] CPU architecture the image was built for, e.g. "amd64" (from
+    #   its config, else the platform it was pulled for)
+    attr_reader :architecture
+    # @return [String, nil] e.g. "linux" (as {#architecture})
+    attr_reader :os
+    # @return [Integer] layers in the manifest (0 when the manifest is not in the store)
+    attr_reader :layer_count
+    # @return [Time] when this reference first entered the local store (a later pull of
+    #   it keeps the time; {#pulled_at} is the latest pull). The image's build time is
+    #   not this: see `Image.inspect(ref).config`
+    attr_reader :created_at
+    # @return [Time, nil] when {Sandbox.create} last booted a sandbox from this
+    #   reference; nil when it never did
+    attr_reader :last_used_at
 
     # @api private
     def initialize(h)
@@ -119,15 +136,28 @@ module Microsandbox
       @content_bytes = h["content_bytes"].to_i
       @root_disk_bytes = h["root_disk_bytes"].to_i
       @in_use_by = h["in_use_by"] || []
+      @size_bytes = h["size_bytes"]
+      @architecture = h["architecture"]
+      @os = h["os"]
+      @layer_count = h["layer_count"].to_i
+      @created_at = ms_time(h["created_at_ms"]) || @pulled_at
+      @last_used_at = ms_time(h["last_used_at_ms"])
     end
 
     # @return [String]
     def inspect
       "#<#{self.class.name} #{reference} #{manifest_digest[0, 19]}>"
     end
+
+    private
+
+    def ms_time(ms)
+      ms.is_a?(Integer) ? Time.at(ms / 1000, ms % 1000, :millisecond) : nil
+    end
   end
 
-  # Details of a stored image: {ImageInfo} plus its config and layers.
+  # Details of a stored image: {ImageInfo} plus its config and layers. It is an
+  # {ImageInfo} itself; {#handle} gives the plain one, as the reference gem does.
   class ImageDetail < ImageInfo
     # @return [Hash{String=>Object}] env, entrypoint, cmd, working_dir, user, labels, …
     attr_reader :config
@@ -138,15 +168,34 @@ module Microsandbox
 
     # @api private
     def initialize(h)
-      super(h.fetch("summary"))
+      @summary = h.fetch("summary")
+      super(@summary)
       @config = h["config"]
       @layers = h["layers"]
       @config_digest = h["config_digest"]
     end
+
+    # The image's {ImageInfo} (the reference gem's name for it; this detail is one too).
+    # @return [ImageInfo]
+    def handle
+      @handle ||= ImageInfo.new(@summary)
+    end
   end
 
-  # Result of {Image.prune}.
-  ImagePruneReport = Struct.new(:bytes_reclaimed, keyword_init: true)
+  # Result of {Image.prune}: what was deleted (the counter names are the reference gem's).
+  #
+  # - `image_refs_removed`: stored references that could boot nothing (an unreadable
+  #   record, or one whose manifest is gone; a pull fetches it again)
+  # - `manifests_removed`: unreferenced metadata blobs (manifests, indexes, image configs)
+  # - `layers_removed`: unreferenced layer blobs
+  # - `fsmeta_removed`: root disks (the filesystem built from an image's layers) that no
+  #   stored image and no sandbox needs
+  # - `vmdk_removed`: always 0; this store builds no VMDK descriptors (an image's disk is
+  #   its root disk, counted in `fsmeta_removed`)
+  # - `bytes_reclaimed`: host bytes freed by all of it, unused warm-start templates and
+  #   leftovers of interrupted pulls
+  ImagePruneReport = Struct.new(:image_refs_removed, :manifests_removed, :layers_removed, :fsmeta_removed,
+                                :vmdk_removed, :bytes_reclaimed, keyword_init: true)
 
   # The local OCI image store (`<home>/images`): content-addressed blobs shared between
   # images and one prepared read-only root disk per image.
@@ -213,10 +262,13 @@ module Microsandbox
         nil
       end
 
-      # Deletes blobs and root disks no stored image references.
-      # @return [ImagePruneReport]
+      # Deletes stored references that can boot nothing, then the blobs and root disks
+      # no stored image references (those a sandbox is built on stay), unused warm-start
+      # templates and leftovers of interrupted pulls.
+      # @return [ImagePruneReport] the counts of what was deleted and the bytes freed
       def prune
-        ImagePruneReport.new(bytes_reclaimed: Native.image_prune(Microsandbox.home))
+        counts = JSON.parse(Native.image_prune(Microsandbox.home))
+        ImagePruneReport.new(**ImagePruneReport.members.to_h { |m| [m, counts.fetch(m.to_s)] })
       end
 
       # Registry options as the engine expects them.

@@ -472,11 +472,13 @@ module Microsandbox
       !running?
     end
 
-    # The live status: :running, or once it ended :stopped, or :crashed when the run
-    # ended on its own (see {SandboxStopResult#status}).
+    # The live status: :running, :draining while a drain asked by any process
+    # ({#drain}, {#request_drain}) lets the running commands finish, then once it ended
+    # :stopped, or :crashed when the run ended on its own (see {SandboxStopResult#status}).
+    # {#running?} is true for :running and :draining (the VM runs).
     # @return [Symbol]
     def status
-      return :running if running?
+      return(@native.draining? ? :draining : :running) if running?
 
       last_stop&.crashed? ? :crashed : :stopped
     end

@@ -21,14 +21,15 @@ module Microsandbox
     extend Forwardable
 
     # Status values the reference gem documents, and which of them this gem reports:
-    # `:starting` (booting), `:running`, `:stopped`, `:crashed` (the last run ended on its
-    # own: the VM exited or vanished unasked). `:created` and `:paused` never occur here
-    # (create boots at once; there is no pause), nor `:draining` in a handle's snapshot.
+    # `:starting` (booting), `:running`, `:draining` (running, and a drain asked by any
+    # process lets its commands finish before it stops), `:stopped`, `:crashed` (the last
+    # run ended on its own: the VM exited or vanished unasked). `:created` and `:paused`
+    # never occur here (create boots at once; a paused sandbox is stopped, its VM saved).
     STATUSES = %i[created starting running draining paused stopped crashed].freeze
 
     # @return [String]
     attr_reader :name
-    # @return [Symbol] :starting, :running, :stopped or :crashed, as when fetched
+    # @return [Symbol] :starting, :running, :draining, :stopped or :crashed, as when fetched
     attr_reader :status
     # @return [Hash{String=>String}]
     attr_reader :labels
@@ -50,6 +51,7 @@ module Microsandbox
       stop = record["last_stop"]
       @last_stop = stop && SandboxStopResult.from_record(@name, stop)
       @status = @last_stop&.crashed? ? :crashed : record.fetch("status").to_sym
+      @status = :draining if @status == :running && record["draining"] == true
       @labels = record.fetch("labels", {}).freeze
       @detached = record.fetch("detached", false)
       @created_at = Time.at(record.fetch("created_at"))
@@ -60,8 +62,10 @@ module Microsandbox
       @shell = shell
     end
 
-    # @return [Boolean] true when it was running when fetched
-    def running? = status == :running
+    # @return [Boolean] true when it was running (or draining: the VM still runs) when fetched
+    def running? = %i[running draining].include?(status)
+    # @return [Boolean] true when it was draining when fetched
+    def draining? = status == :draining
     # @return [Boolean] true when it was stopped (or crashed) when fetched
     def stopped? = %i[stopped crashed].include?(status)
     # @return [Boolean] true when its last run crashed

@@ -186,9 +186,9 @@ module Microsandbox
     # @param path [String]
     # @param data [String]
     # @return [nil]
-    # @raise [TypeError] data is not a String
+    # @raise [TypeError] data is not a String (nor converts to one with `#to_str`)
     def write(path, data)
-      call("write", path, Validate.string!("data", data))
+      call("write", path, Microsandbox.coerce_write_bytes(data))
       nil
     end
 

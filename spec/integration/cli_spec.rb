@@ -235,6 +235,8 @@ RSpec.describe "microsandbox CLI" do
       expect(JSON.parse(cli("--json", "image", "ls").first).map { |i| i["reference"] }).not_to include(@ref)
       prune = JSON.parse(cli("--json", "image", "prune").first)
       expect(prune["bytes_reclaimed"]).to be_a(Integer)
+      expect(prune.keys).to include("image_refs_removed", "manifests_removed", "layers_removed", "fsmeta_removed",
+                                    "vmdk_removed")
       out, err, status = cli("image", "inspect", @ref)
       expect([out, status]).to eq(["", 125])
       expect(err).to start_with("microsandbox: image-not-found: ")

@@ -80,12 +80,35 @@ RSpec.describe "sandbox handles and how runs end" do
     end
   end
 
-  it "drains, then waits for the end" do
-    sb = Microsandbox::Sandbox.create(unique_name("hdrain"), image: rootfs)
+  it "drains, reports :draining to every process while it does, then waits for the end" do
+    name = unique_name("hdrain")
+    sb = Microsandbox::Sandbox.create(name, image: rootfs)
+    # A command that holds the drain open until it gets a line on stdin.
+    cmd = sb.exec_stream("sh", ["-c", "echo started; read line; echo \"got $line\""], stdin: :pipe)
+    first = cmd.each { |ev| break ev if ev.stdout? }
+    expect(first.text).to eq("started\n")
+    expect(Microsandbox::Sandbox.get(name).status).to eq(:running)
+
     expect(sb.drain).to be_nil
+    expect([sb.status, sb.running?]).to eq([:draining, true])
+    h = Microsandbox::Sandbox.get(name)
+    expect([h.status, h.running?, h.draining?, h.stopped?]).to eq([:draining, true, true, false])
+    out = IO.popen([RbConfig.ruby, "-I#{lib}", "-e", <<~RUBY], err: File::NULL, &:read)
+      require "microsandbox"
+      h = Microsandbox::Sandbox.get(#{name.inspect})
+      listed = Microsandbox::Sandbox.list.find { |x| x.name == h.name }
+      puts [h.status, listed.status, h.sandbox.status].join(" ")
+    RUBY
+    expect(out.strip).to eq("draining draining draining")
+
+    cmd.stdin.write("go\n")
+    cmd.stdin.close
+    expect(cmd.collect.stdout).to eq("got go\n")
     status = sb.wait
     expect([status.exit_code, status.success?]).to eq([0, true])
     expect(sb.last_stop.source).to eq("drain")
+    expect(sb.status).to eq(:stopped)
+    expect(Microsandbox::Sandbox.get(name).status).to eq(:stopped)
   end
 
   it "stops a detached sandbox when the create block returns" do

@@ -19,9 +19,12 @@ RSpec.describe "registry images" do
     expect(events).not_to be_empty
     expect(events.last.done).to eq(events.last.total)
 
+    before_create = Time.now - 0.001 # last_used_at has millisecond resolution
     Microsandbox::Sandbox.create(unique_name("img"), image: ref, env: { "MINE" => "1" }, **insecure) do |sb|
       expect(sb.shell("echo $FROM_IMAGE $MINE; pwd").stdout).to eq("yes 1\n/etc\n")
       expect(sb.exec("ls", ["/bin/busybox"]).success?).to be(true)
+      # Creating a sandbox from the image marks it used.
+      expect(Microsandbox::Image.get(ref).last_used_at).to be_between(before_create, Time.now)
     end
   end
 
@@ -63,12 +66,18 @@ RSpec.describe "registry images" do
     expect(result[:manifest_digest]).to start_with("sha256:")
   end
 
-  it "lists and inspects stored images" do
+  it "lists and inspects stored images, with the reference gem's fields" do
+    Microsandbox::Image.pull(ref, **insecure)
     info = Microsandbox::Image.list.find { |i| i.reference == ref }
     expect(info).not_to be_nil
+    expect([info.layer_count, info.os, info.architecture]).to eq([1, "linux", "amd64"])
+    expect(info.size_bytes).to eq(info.content_bytes).and be > 0
+    expect(info.created_at).to be_a(Time).and be <= info.pulled_at + 1
     detail = Microsandbox::Image.inspect(ref)
     expect(detail.layers.size).to eq(1)
     expect(detail.config["working_dir"]).to eq("/etc")
+    expect(detail.handle).to be_an_instance_of(Microsandbox::ImageInfo)
+    expect([detail.handle.reference, detail.handle.layer_count]).to eq([ref, 1])
   end
 
   it "raises ImageNotFoundError for unknown tags and for pull_policy never" do

@@ -13,7 +13,7 @@ RSpec.describe "engine calls without the GVL" do
         calls = 0
         deadline = Process.clock_gettime(Process::CLOCK_MONOTONIC) + 3
         while Process.clock_gettime(Process::CLOCK_MONOTONIC) < deadline
-          expect(Microsandbox::Native.image_prune(home)).to eq(0)
+          expect(JSON.parse(Microsandbox::Native.image_prune(home))["bytes_reclaimed"]).to eq(0)
           calls += 1
         end
         expect(calls).to be > 20

@@ -1,5 +1,7 @@
 # frozen_string_literal: true
 
+require "stringio"
+
 # Walks the public API of the reference gem 0.9.0 (/work/shared/reference/API-0.9.0.md,
 # section 2) item by item for the classes this gem implements: every constant, method,
 # positional arity and keyword name a caller of the reference can use must be accepted
@@ -160,6 +162,56 @@ RSpec.describe "reference gem 0.9.0 API compatibility" do
     expect(ms.runtime_version).to eq(ms::RUNTIME_VERSION)
     expect(ms.default_backend_kind).to eq(:local)
     expect(ms.with_backend(:local) { 42 }).to eq(42)
+  end
+
+  it "Image, ImageInfo, ImageDetail and ImagePruneReport" do
+    check_singleton(ms::Image, { list: sig, get: sig(1), inspect: sig(0, 1), remove: sig(1, 0, :force), prune: sig })
+    check_instance(ms::ImageInfo, %i[reference size_bytes manifest_digest architecture os layer_count created_at
+                                     last_used_at].to_h { |m| [m, sig] })
+    check_instance(ms::ImageDetail, %i[handle config layers].to_h { |m| [m, sig] })
+    check_instance(ms::ImagePruneReport, %i[image_refs_removed manifests_removed layers_removed fsmeta_removed
+                                            vmdk_removed bytes_reclaimed].to_h { |m| [m, sig] })
+
+    summary = { "reference" => "docker.io/library/alpine:3", "manifest_digest" => "sha256:#{'a' * 64}",
+                "platform" => "linux/amd64", "pulled_at" => 1_700_000_100, "content_bytes" => 42, "root_disk_bytes" => 0,
+                "in_use_by" => [], "size_bytes" => 42, "architecture" => "amd64", "os" => "linux", "layer_count" => 3,
+                "created_at_ms" => 1_700_000_000_250, "last_used_at_ms" => nil }
+    info = ms::ImageInfo.new(summary)
+    expect([info.size_bytes, info.architecture, info.os, info.layer_count]).to eq([42, "amd64", "linux", 3])
+    expect(info.created_at).to eq(Time.at(1_700_000_000, 250, :millisecond))
+    expect(info.last_used_at).to be_nil
+    expect(ms::ImageInfo.new(summary.merge("last_used_at_ms" => 1_700_000_200_001)).last_used_at.to_r)
+      .to eq(Rational(1_700_000_200_001, 1000))
+    # A record from before created_at existed reports its pull time.
+    expect(ms::ImageInfo.new(summary.merge("created_at_ms" => nil)).created_at).to eq(Time.at(1_700_000_100))
+    detail = ms::ImageDetail.new("summary" => summary, "config" => {}, "layers" => [], "config_digest" => "sha256:c")
+    expect(detail).to be_a(ms::ImageInfo)
+    expect(detail.handle).to be_an_instance_of(ms::ImageInfo)
+    expect(detail.handle).to have_attributes(reference: info.reference, layer_count: 3, created_at: info.created_at)
+  end
+
+  it "coerce_write_bytes: a String (or #to_str) passes unchanged, anything else is TypeError" do
+    s = +"bytes\xFF".b
+    expect(ms.coerce_write_bytes(s)).to equal(s)
+    path = Object.new.tap { |o| o.define_singleton_method(:to_str) { "converted" } }
+    expect(ms.coerce_write_bytes(path)).to eq("converted")
+    [nil, 42, :sym, ["a"], StringIO.new("io")].each do |bad|
+      expect { ms.coerce_write_bytes(bad) }.to raise_error(TypeError, /must be a String \(got #{bad.class}\)/)
+    end
+    # The writes of FS, ExecStdin and FsWriteSink share it: checked before anything is sent.
+    fs = ms::FS.allocate
+    expect { fs.write("/x", 42) }.to raise_error(TypeError, /got Integer/)
+  end
+
+  it "SandboxHandle reports :draining from a running record with an active drain" do
+    record = { "name" => "box", "status" => "running", "labels" => {}, "detached" => false, "created_at" => 1,
+               "updated_at" => 2, "config" => "{}", "last_stop" => nil }
+    expect(ms::SandboxHandle.new(record).status).to eq(:running)
+    h = ms::SandboxHandle.new(record.merge("draining" => true))
+    expect([h.status, h.running?, h.draining?, h.stopped?]).to eq([:draining, true, true, false])
+    expect(ms::SandboxHandle::STATUSES).to include(h.status)
+    # A stopped record never drains, whatever a leftover marker said.
+    expect(ms::SandboxHandle.new(record.merge("status" => "stopped", "draining" => true)).status).to eq(:stopped)
   end
 
   it "every error class of the reference, with its code, as a class and an instance method" do

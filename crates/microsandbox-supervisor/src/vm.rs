@@ -152,6 +152,8 @@ fn write_stop_record(spec: &SupervisorSpec, why: &str, vm: Option<std::process::
 }
 
 fn cleanup(spec: &SupervisorSpec) {
+    // The run is over: other processes stop reporting it as draining.
+    let _ = microsandbox::sandbox::drain_marker::clear(&spec.sandbox_dir);
     let _ = std::fs::remove_file(&spec.control_socket);
     let _ = std::fs::remove_file(&spec.agent_socket);
     if let Some(q) = &spec.qmp_socket {

@@ -396,6 +396,14 @@ async fn pulls_and_builds_root_with_exact_metadata() {
     assert_eq!(list.len(), 1);
     assert_eq!(list[0].in_use_by, vec!["s1".to_string()]);
     assert!(list[0].root_disk_bytes > 0);
+    // The reference gem's fields: from the manifest, the config and the store's records.
+    assert_eq!(list[0].layer_count, 3);
+    assert_eq!(list[0].size_bytes, Some(list[0].content_bytes));
+    assert_eq!((list[0].os.as_deref(), list[0].architecture.as_deref()), (Some("linux"), Some("amd64")));
+    assert!(list[0].created_at_ms / 1000 >= list[0].pulled_at.saturating_sub(1));
+    assert_eq!(list[0].last_used_at_ms, None);
+    image::usage::mark_used(&home, &reference).await.unwrap();
+    assert!(image::list(&home).unwrap()[0].last_used_at_ms.is_some());
     let details = image::inspect(&home, &reference).unwrap();
     assert_eq!(details.layers.len(), 3);
     assert_eq!(details.config, img.config);
@@ -411,12 +419,16 @@ async fn pulls_and_builds_root_with_exact_metadata() {
 
     // remove refuses while a sandbox overlay uses the root; prune keeps what is referenced.
     assert!(matches!(image::remove(&home, &reference, false).await, Err(Error::ImageInUse(_))));
-    assert_eq!(image::prune(&home).await.unwrap(), 0);
+    assert_eq!(image::prune(&home).await.unwrap(), image::PruneReport::default());
     std::fs::remove_dir_all(&sb).unwrap();
     image::remove(&home, &reference, false).await.unwrap();
     assert!(!img.root_disk.exists());
-    let freed = image::prune(&home).await.unwrap();
-    assert!(freed > 0);
+    let blobs = blob_count(home_dir.path()) as u64;
+    let report = image::prune(&home).await.unwrap();
+    assert!(report.bytes_reclaimed > 0);
+    assert_eq!(report.layers_removed, 3);
+    assert_eq!(report.manifests_removed + report.layers_removed, blobs, "{report:?}");
+    assert_eq!((report.image_refs_removed, report.fsmeta_removed, report.vmdk_removed), (0, 0, 0));
     assert_eq!(blob_count(home_dir.path()), 0);
     assert!(matches!(image::ensure_image(&home, &reference, &never, &mut |_| {}).await, Err(Error::ImageNotFound(_))));
 }

@@ -33,9 +33,11 @@ pub fn remove(ruby: &Ruby, dir: Option<String>, reference: String, force: bool) 
     Ok(ruby.qnil().as_value())
 }
 
-pub fn prune(ruby: &Ruby, dir: Option<String>) -> Result<u64, Error> {
+/// `image_prune(home)`: what was deleted, as the JSON of an `image::PruneReport`.
+pub fn prune(ruby: &Ruby, dir: Option<String>) -> Result<String, Error> {
     let h = home(ruby, dir)?;
-    crate::gvl::run(async move { image::prune(&h).await }).map_err(|e| to_ruby(ruby, e))
+    let report = crate::gvl::run(async move { image::prune(&h).await }).map_err(|e| to_ruby(ruby, e))?;
+    Ok(serde_json::to_string(&report).unwrap())
 }
 
 enum PullEvent {

@@ -51,6 +51,7 @@ fn init(ruby: &Ruby) -> Result<(), Error> {
     class.define_method("shell", method!(sandbox::RbSandbox::shell, 0))?;
     class.define_method("info_json", method!(sandbox::RbSandbox::info_json, 0))?;
     class.define_method("running?", method!(sandbox::RbSandbox::is_running, 0))?;
+    class.define_method("draining?", method!(sandbox::RbSandbox::is_draining, 0))?;
     class.define_method("exec", method!(sandbox::RbSandbox::exec, 9))?;
     class.define_method("exec_stream", method!(sandbox::RbSandbox::exec_stream, 10))?;
     class.define_method("stop", method!(sandbox::RbSandbox::stop, 1))?;

@@ -7,6 +7,7 @@ use magnus::{prelude::*, Error, RArray, RString, Ruby, Value};
 use std::path::Path;
 
 use microsandbox::sandbox::Placement;
+use microsandbox::paths::Home;
 use microsandbox::{ExecCall, Sandbox, SandboxConfig};
 
 use crate::errors::to_ruby;
@@ -52,13 +53,22 @@ impl RbSandbox {
     }
 }
 
+/// A record as Ruby's `SandboxHandle` reads it: plus `last_stop`, and `draining` (a drain
+/// was asked of the running sandbox, see `drain_marker`).
 fn record_with_stop(
+    home: &Home,
     rec: microsandbox::sandbox::SandboxRecord,
     stop: Option<microsandbox::sandbox::stop_record::StopRecord>,
 ) -> serde_json::Value {
+    let draining = microsandbox::sandbox::drain_marker::of_record(home, &rec);
     let mut v = serde_json::to_value(&rec).expect("record serializes");
     v["last_stop"] = serde_json::to_value(stop).expect("stop record serializes");
+    v["draining"] = draining.into();
     v
+}
+
+fn resolve_home(ruby: &Ruby, home: &Option<String>) -> Result<Home, Error> {
+    Home::resolve(home.as_deref().map(Path::new)).map_err(|e| to_ruby(ruby, e))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -131,13 +141,14 @@ impl RbSandbox {
     /// ended, null while it runs).
     pub fn record_json(ruby: &Ruby, home: Option<String>, name: String) -> Result<String, Error> {
         let (rec, stop) = Sandbox::record(home.as_deref().map(Path::new), &name).map_err(|e| to_ruby(ruby, e))?;
-        Ok(record_with_stop(rec, stop).to_string())
+        Ok(record_with_stop(&resolve_home(ruby, &home)?, rec, stop).to_string())
     }
 
     /// `list_records_json(home)`: every sandbox record, each with `last_stop`.
     pub fn list_records_json(ruby: &Ruby, home: Option<String>) -> Result<String, Error> {
         let recs = Sandbox::list_with_stops(home.as_deref().map(Path::new)).map_err(|e| to_ruby(ruby, e))?;
-        Ok(serde_json::Value::Array(recs.into_iter().map(|(r, s)| record_with_stop(r, s)).collect()).to_string())
+        let h = resolve_home(ruby, &home)?;
+        Ok(serde_json::Value::Array(recs.into_iter().map(|(r, s)| record_with_stop(&h, r, s)).collect()).to_string())
     }
 
     /// `last_stop_json`: how the last run ended, as JSON, or nil while running.
@@ -188,6 +199,11 @@ impl RbSandbox {
 
     pub fn is_running(&self) -> bool {
         self.handle().is_running()
+    }
+
+    /// `draining?`: running, and a drain was asked of it (by any process).
+    pub fn is_draining(&self) -> bool {
+        self.handle().is_draining()
     }
 
     /// `exec(program, args, env_pairs, cwd, timeout_secs, stdin, user, rlimits, tty)` →

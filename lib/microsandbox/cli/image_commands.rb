@@ -88,15 +88,18 @@ module Microsandbox
       def image_prune(argv)
         parser("image prune") { |p| p.separator "Deletes blobs and root disks no stored image references." }.parse!(argv)
         expect_args!(argv, 0, 0, "image prune")
-        bytes = Image.prune.bytes_reclaimed
-        @json ? emit_json("bytes_reclaimed" => bytes) : @out.puts("reclaimed #{human_bytes(bytes)}")
+        report = Image.prune
+        bytes = report.bytes_reclaimed
+        @json ? emit_json(report.to_h.transform_keys(&:to_s)) : @out.puts("reclaimed #{human_bytes(bytes)}")
         EXIT_CODES[:ok]
       end
 
       def image_summary(info)
         { "reference" => info.reference, "manifest_digest" => info.manifest_digest, "platform" => info.platform,
           "pulled_at" => iso_time(info.pulled_at), "content_bytes" => info.content_bytes,
-          "root_disk_bytes" => info.root_disk_bytes, "in_use_by" => info.in_use_by }
+          "root_disk_bytes" => info.root_disk_bytes, "in_use_by" => info.in_use_by, "layer_count" => info.layer_count,
+          "os" => info.os, "architecture" => info.architecture, "created_at" => iso_time(info.created_at),
+          "last_used_at" => iso_time(info.last_used_at) }
       end
     end
   end

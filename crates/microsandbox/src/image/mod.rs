@@ -9,6 +9,7 @@
 //! - [`targuard`]: bounds the tar extension headers a layer can make the host buffer.
 //! - [`disk`]: ext4 build (`mke2fs -d` + `debugfs` for owners/modes/devices) and qcow2 overlays.
 //! - [`config`]: manifest/index/config JSON and the [`ImageConfig`] a sandbox applies.
+//! - [`usage`]: when an image entered the store and when a sandbox last booted from it.
 //!
 //! Entry point: [`ensure_image`]. Store management: [`list`], [`inspect`], [`remove`], [`prune`].
 
@@ -20,6 +21,7 @@ pub mod pull;
 pub mod reference;
 pub mod store;
 pub mod targuard;
+pub mod usage;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -152,7 +154,9 @@ pub async fn ensure_image(
             })?
         }
     };
+    let previous = store.read_ref(&canonical);
     store.write_ref(&RefRecord {
+        created_at_ms: Some(usage::created_at_ms(previous.as_ref())),
         reference: canonical.clone(),
         manifest_digest: resolved.manifest_digest.clone(),
         index_digest: resolved.index_digest.clone(),
@@ -288,6 +292,18 @@ pub struct ImageSummary {
     pub content_bytes: u64,
     /// Sandboxes whose overlay is backed by this root.
     pub in_use_by: Vec<String>,
+    /// `content_bytes` as the reference gem's `size_bytes`; None when the manifest is
+    /// not in the store.
+    pub size_bytes: Option<u64>,
+    /// From the image config (else the platform the manifest was chosen for).
+    pub architecture: Option<String>,
+    pub os: Option<String>,
+    /// Layers in the manifest (0 when the manifest is not in the store).
+    pub layer_count: usize,
+    /// When the reference first entered the store, ms since the epoch.
+    pub created_at_ms: u64,
+    /// When a sandbox was last created from it, ms since the epoch.
+    pub last_used_at_ms: Option<u64>,
 }
 
 /// Details of one stored reference.
@@ -317,8 +333,25 @@ fn in_use_by(store: &Store, root: &Path) -> Vec<String> {
 fn summarize(store: &Store, rec: &RefRecord) -> ImageSummary {
     let root = store.root_path(&rec.manifest_digest).ok().filter(|p| p.is_file());
     let manifest = read_manifest(store, &rec.manifest_digest).ok().flatten();
-    let content_bytes = manifest.map(|m| m.config.size + m.layers.iter().map(|l| l.size).sum::<u64>()).unwrap_or(0);
+    let content_bytes = manifest.as_ref().map(|m| m.config.size + m.layers.iter().map(|l| l.size).sum::<u64>()).unwrap_or(0);
+    // The config names the platform the image was built for; the record's platform
+    // (what the index offered) covers a config that is missing or leaves it out.
+    let built_for = manifest
+        .as_ref()
+        .and_then(|m| store.read_blob_verified(&m.config.digest).ok().flatten())
+        .and_then(|b| serde_json::from_slice::<ConfigFile>(&b).ok());
+    let mut recorded = rec.platform.split('/');
+    let (rec_os, rec_arch) = (recorded.next().filter(|s| !s.is_empty()), recorded.next().filter(|s| !s.is_empty()));
+    let pick = |from_config: Option<&str>, from_record: Option<&str>| {
+        from_config.filter(|s| !s.is_empty()).or(from_record).map(str::to_string)
+    };
     ImageSummary {
+        size_bytes: manifest.as_ref().map(|_| content_bytes),
+        architecture: pick(built_for.as_ref().map(|c| c.architecture.as_str()), rec_arch),
+        os: pick(built_for.as_ref().map(|c| c.os.as_str()), rec_os),
+        layer_count: manifest.as_ref().map(|m| m.layers.len()).unwrap_or(0),
+        created_at_ms: usage::created_ms_of(rec),
+        last_used_at_ms: usage::last_used_ms(store, &rec.reference),
         reference: rec.reference.clone(),
         manifest_digest: rec.manifest_digest.clone(),
         platform: rec.platform.clone(),
@@ -389,12 +422,37 @@ pub async fn remove(home: &Home, reference: &str, force: bool) -> Result<()> {
     Ok(())
 }
 
-/// Deletes blobs and root disks no stored reference needs (roots backing a sandbox
-/// overlay are kept; unused templates on a deleted root go with it), templates of a
-/// runtime that is no longer installed, and leftovers in `tmp/`. Returns the bytes freed on the host.
-pub async fn prune(home: &Home) -> Result<u64> {
+/// What [`prune`] deleted (the Ruby `ImagePruneReport`; the counter names are the
+/// reference gem's).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PruneReport {
+    /// Reference records that could boot nothing: unreadable, or naming a manifest the
+    /// store no longer has.
+    pub image_refs_removed: u64,
+    /// Unreferenced metadata blobs: manifests, indexes and image configs.
+    pub manifests_removed: u64,
+    /// Unreferenced layer blobs.
+    pub layers_removed: u64,
+    /// Root disks (the filesystem built from an image's layers) no stored reference and
+    /// no sandbox needs.
+    pub fsmeta_removed: u64,
+    /// Always 0: this store builds no VMDK descriptors (an image's disk is its root disk,
+    /// counted in `fsmeta_removed`).
+    pub vmdk_removed: u64,
+    /// Host bytes freed by all of the above, unused templates and leftovers in `tmp/`.
+    pub bytes_reclaimed: u64,
+}
+
+/// Deletes reference records that can boot nothing, the blobs and root disks no stored
+/// reference needs (roots backing a sandbox overlay are kept; unused templates on a
+/// deleted root go with it), templates of a runtime that is no longer installed, and
+/// leftovers in `tmp/`.
+pub async fn prune(home: &Home) -> Result<PruneReport> {
     let store = Store::open(home)?;
     let _gc = store.lock_async("gc".into(), true).await?;
+    let mut report = PruneReport::default();
+    report.image_refs_removed = prune_dead_refs(&store);
+    usage::sweep(&store);
     let mut live_blobs = std::collections::HashSet::new();
     let mut live_roots = std::collections::HashSet::new();
     for rec in store.list_refs() {
@@ -423,17 +481,23 @@ pub async fn prune(home: &Home) -> Result<u64> {
         if r.is_ok() {
             freed += n;
         }
+        r.is_ok()
     };
     for e in std::fs::read_dir(store.root().join("blobs/sha256")).into_iter().flatten().flatten() {
         if !live_blobs.contains(&*e.file_name().to_string_lossy()) {
-            delete(&e.path());
+            let metadata = is_json_document(&e.path());
+            if delete(&e.path()) {
+                *(if metadata { &mut report.manifests_removed } else { &mut report.layers_removed }) += 1;
+            }
         }
     }
     for e in std::fs::read_dir(store.root().join("roots")).into_iter().flatten().flatten() {
         let canon = std::fs::canonicalize(e.path()).unwrap_or_else(|_| e.path());
         if !live_roots.contains(&*e.file_name().to_string_lossy()) && !in_use.contains(&canon) {
             crate::template::remove_for_root(home, &e.path());
-            delete(&e.path());
+            if delete(&e.path()) {
+                report.fsmeta_removed += 1;
+            }
         }
     }
     // Templates of another runtime (or QEMU) can never be restored again.
@@ -447,7 +511,43 @@ pub async fn prune(home: &Home) -> Result<u64> {
             freed += n;
         }
     }
-    Ok(freed)
+    report.bytes_reclaimed = freed;
+    Ok(report)
+}
+
+/// Deletes the records under `refs/` that can boot nothing: unreadable ones, ones stored
+/// under another reference's key, and ones whose manifest is not in the store (a pull
+/// fetches it again). Runs under the exclusive `gc` lock, so no pull is writing one.
+fn prune_dead_refs(store: &Store) -> u64 {
+    let mut removed = 0;
+    for e in std::fs::read_dir(store.root().join("refs")).into_iter().flatten().flatten() {
+        let path = e.path();
+        let rec = std::fs::read(&path).ok().and_then(|b| serde_json::from_slice::<RefRecord>(&b).ok());
+        let dead = match rec {
+            None => true,
+            Some(rec) => {
+                e.file_name().to_string_lossy() != format!("{}.json", Store::ref_key(&rec.reference))
+                    || matches!(read_manifest(store, &rec.manifest_digest), Ok(None))
+            }
+        };
+        if dead && std::fs::remove_file(&path).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
+/// True for a blob that is a JSON object (a manifest, an index or an image config), as
+/// opposed to a layer (a tar stream, compressed or not). Reads at most
+/// [`pull::MAX_JSON_BLOB`] bytes: a larger blob is a layer.
+fn is_json_document(p: &Path) -> bool {
+    use std::io::Read;
+    let mut buf = Vec::new();
+    let Ok(f) = std::fs::File::open(p) else { return false };
+    if f.take(pull::MAX_JSON_BLOB + 1).read_to_end(&mut buf).is_err() || buf.len() as u64 > pull::MAX_JSON_BLOB {
+        return false;
+    }
+    serde_json::from_slice::<serde_json::Value>(&buf).is_ok_and(|v| v.is_object())
 }
 
 fn dir_allocated(p: &Path) -> u64 {
@@ -456,4 +556,48 @@ fn dir_allocated(p: &Path) -> u64 {
         return md.blocks() * 512;
     }
     std::fs::read_dir(p).into_iter().flatten().flatten().map(|e| dir_allocated(&e.path())).sum::<u64>() + md.blocks() * 512
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use store::sha256_digest;
+
+    #[tokio::test]
+    async fn prune_counts_dead_records_and_sorts_blobs_into_metadata_and_layers() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = Home::at(dir.path());
+        let store = Store::open(&home).unwrap();
+        // A record whose manifest is not stored, an unreadable record, and a record filed
+        // under another reference's key: all three can boot nothing.
+        let rec = RefRecord {
+            reference: "docker.io/library/gone:1".into(),
+            manifest_digest: sha256_digest(b"missing manifest"),
+            index_digest: None,
+            config_digest: sha256_digest(b"c"),
+            platform: "linux/amd64".into(),
+            pulled_at: 1,
+            created_at_ms: None,
+        };
+        store.write_ref(&rec).unwrap();
+        std::fs::write(store.root().join("refs/garbage.json"), b"{not json").unwrap();
+        let misfiled = RefRecord { reference: "docker.io/library/other:1".into(), ..rec.clone() };
+        std::fs::write(store.root().join("refs/0123.json"), serde_json::to_vec(&misfiled).unwrap()).unwrap();
+        // Unreferenced blobs: two JSON documents and a (gzip) layer.
+        let manifest = br#"{"schemaVersion":2,"layers":[]}"#.to_vec();
+        let config = br#"{"architecture":"amd64","os":"linux"}"#.to_vec();
+        let layer = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3];
+        for b in [&manifest, &config, &layer] {
+            store.write_blob(&sha256_digest(b), b).unwrap();
+        }
+        let report = prune(&home).await.unwrap();
+        assert_eq!(report.image_refs_removed, 3, "{report:?}");
+        assert_eq!((report.manifests_removed, report.layers_removed), (2, 1), "{report:?}");
+        assert_eq!((report.fsmeta_removed, report.vmdk_removed), (0, 0));
+        assert!(store.list_refs().is_empty());
+        assert_eq!(std::fs::read_dir(store.root().join("refs")).unwrap().count(), 0);
+        // Nothing left: a second prune removes nothing.
+        let again = prune(&home).await.unwrap();
+        assert_eq!(again, PruneReport::default());
+    }
 }

@@ -27,7 +27,7 @@ use crate::error::{Error, Result};
 /// Chunks between progress callbacks are coalesced to at least this many bytes.
 const PROGRESS_STEP: u64 = 256 << 10;
 /// Largest manifest / index / config accepted (they are held in memory).
-const MAX_JSON_BLOB: u64 = 8 << 20;
+pub(crate) const MAX_JSON_BLOB: u64 = 8 << 20;
 
 /// The platform this host runs (`linux/amd64` on x86_64).
 pub fn host_platform() -> Platform {

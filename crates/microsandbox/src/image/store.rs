@@ -9,6 +9,7 @@
 //!                          Older `<hex>.ext4` roots (1 GiB free space built in) are no
 //!                          longer used for new sandboxes; prune deletes them once no
 //!                          overlay is backed by them.
+//!   used/<key>             when a sandbox was last created from a reference (see `usage.rs`)
 //!   tmp/                   partial downloads and builds (same filesystem, so rename is atomic)
 //!   trash/                 finished build directories, deleted by a background thread
 //!   locks/                 flock files
@@ -59,6 +60,10 @@ pub struct RefRecord {
     #[serde(default)]
     pub platform: String,
     pub pulled_at: u64,
+    /// When the reference first entered the store (ms since the epoch): kept by later
+    /// pulls of it. Absent in records written before it existed (then `pulled_at`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at_ms: Option<u64>,
 }
 
 /// A held inter-process lock; released on drop.
@@ -86,7 +91,7 @@ impl Store {
     /// Opens (creating the directories of) the store of `home`.
     pub fn open(home: &Home) -> Result<Store> {
         let root = home.root().join("images");
-        for d in ["blobs/sha256", "refs", "roots", "tmp", "trash", "locks"] {
+        for d in ["blobs/sha256", "refs", "used", "roots", "tmp", "trash", "locks"] {
             let p = root.join(d);
             fs::create_dir_all(&p).context(|| format!("creating {}", p.display()))?;
         }
@@ -211,9 +216,18 @@ impl Store {
             .map_err(|e| Error::Runtime(format!("lock task failed: {e}")))?
     }
 
+    /// File-name key of a reference: a hash, so no reference ever becomes a path.
+    pub fn ref_key(reference: &str) -> String {
+        hex::encode(&Sha256::digest(reference.as_bytes())[..16])
+    }
+
     fn ref_path(&self, reference: &str) -> PathBuf {
-        let key = hex::encode(&Sha256::digest(reference.as_bytes())[..16]);
-        self.root.join("refs").join(format!("{key}.json"))
+        self.root.join("refs").join(format!("{}.json", Self::ref_key(reference)))
+    }
+
+    /// `used/<key>` of a reference (see [`super::usage`]).
+    pub fn used_path(&self, reference: &str) -> PathBuf {
+        self.root.join("used").join(Self::ref_key(reference))
     }
 
     pub fn read_ref(&self, reference: &str) -> Option<RefRecord> {
@@ -231,6 +245,7 @@ impl Store {
 
     /// Returns whether a record existed.
     pub fn remove_ref(&self, reference: &str) -> Result<bool> {
+        let _ = fs::remove_file(self.used_path(reference));
         match fs::remove_file(self.ref_path(reference)) {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
@@ -462,6 +477,7 @@ mod tests {
             config_digest: sha256_digest(b"c"),
             platform: "linux/amd64".into(),
             pulled_at: 1,
+            created_at_ms: Some(1_000),
         };
         s.write_ref(&rec).unwrap();
         assert_eq!(s.read_ref(&rec.reference).unwrap(), rec);

@@ -18,6 +18,7 @@ pub mod secrets;
 pub mod security;
 pub mod ephemeral;
 pub mod disk_image;
+pub mod drain_marker;
 mod owner;
 pub mod spec;
 pub mod stop_record;
@@ -254,6 +255,7 @@ impl Sandbox {
         } else {
             let opts = cfg.pull_options()?;
             let image = crate::image::ensure_image(&home, &cfg.image, &opts, &mut |_| {}).await?;
+            crate::image::usage::mark_used(&home, &image.reference).await?;
             apply_image_config(&mut cfg, &image.config);
             config::validate_env(&cfg.env)
                 .map_err(|e| Error::InvalidConfig(format!("the image's environment is unusable: {e}")))?;
@@ -524,6 +526,7 @@ impl Sandbox {
             .context(|| format!("writing {}", spec_path.display()))?;
         // The record of the previous run must not describe this one.
         stop_record::clear(&dir).context(|| format!("removing {}", stop_record::path(&dir).display()))?;
+        drain_marker::clear(&dir).context(|| format!("removing {}", drain_marker::path(&dir).display()))?;
 
         let handover = cfg.secrets_view().handover()?;
         let (mut child, liveness, channel) =
@@ -1081,6 +1084,9 @@ impl Sandbox {
     /// filesystem sessions ([`Error::SandboxDraining`]), waits for the running ones to end
     /// (at most `drain_timeout` when given), then shuts the guest down like
     /// [`request_stop`](Self::request_stop) with `stop_timeout`.
+    ///
+    /// Marks the drain first ([`drain_marker`]), so every process's status says draining
+    /// from the moment this returns until the sandbox has stopped.
     pub async fn request_drain(&self, drain_timeout: Option<Duration>, stop_timeout: Duration) -> Result<()> {
         let mut conn = self.connect().await?;
         let req = StopRequest {
@@ -1089,10 +1095,22 @@ impl Sandbox {
             drain_timeout_ms: drain_timeout.map(|t| t.as_millis() as u64),
             ..Default::default()
         };
+        let dir = self.home.sandbox_dir(&self.name);
+        let pid = self.info.supervisor_pid;
+        if pid > 0 {
+            drain_marker::write(&dir, pid).context(|| format!("writing {}", drain_marker::path(&dir).display()))?;
+        }
         // The supervisor carries the drain out even after this connection closes.
-        microsandbox_protocol::write_frame_async(&mut conn, &Frame::json(0, Kind::Stop, &req))
-            .await
-            .map_err(|_| self.not_running())
+        let sent = microsandbox_protocol::write_frame_async(&mut conn, &Frame::json(0, Kind::Stop, &req)).await;
+        if sent.is_err() && pid > 0 {
+            let _ = drain_marker::clear(&dir); // no drain was asked after all
+        }
+        sent.map_err(|_| self.not_running())
+    }
+
+    /// True while the sandbox runs and a drain was asked of it (by any process).
+    pub fn is_draining(&self) -> bool {
+        self.is_running() && drain_marker::names(&self.home.sandbox_dir(&self.name), self.info.supervisor_pid)
     }
 
     /// Sends SIGKILL to the VM and its supervisor and returns at once.
