@@ -519,10 +519,12 @@ module Microsandbox
     # The calling thread blocks without holding the GVL; `Thread#kill`, `Timeout.timeout`
     # and Ctrl-C interrupt the call and kill the command.
     #
-    # @param cmd [String] program name (looked up in the guest PATH) or path
-    # @param args [Array<String>]
+    # @param cmd [String, #to_s] program name (looked up in the guest PATH) or path;
+    #   `to_s` is taken, as the reference gem does (a Symbol or Pathname works)
+    # @param args [Array<#to_s>, #to_s] arguments, each `to_s` (`Array(args)`: nil is none)
     # @param cwd [String, nil] working directory (default: the sandbox workdir, else "/")
-    # @param env [Hash{String=>String}, nil] added to the sandbox environment
+    # @param env [Hash{#to_s=>#to_s}, nil] added to the sandbox environment (keys and
+    #   values `to_s`, so `{ N: 1 }` sets N=1)
     # @param stdin [String, :null, nil] bytes fed to the command's stdin (closed
     #   afterwards); nil or `:null`: an empty stdin. A command that takes only part of
     #   them (`head -c1`) or none never makes this wait: it returns when the command ends,
@@ -570,8 +572,8 @@ module Microsandbox
     #   sb.exec_stream("sh", ["-c", "for i in 1 2 3; do echo $i; sleep 1; done"]).each do |ev|
     #     print ev.text if ev.stdout?
     #   end
-    # @param cmd [String]
-    # @param args [Array<String>]
+    # @param cmd [String, #to_s] as for {#exec}
+    # @param args [Array<#to_s>, #to_s] as for {#exec}
     # @param stdin [String, :pipe, :null, nil] bytes to feed (then closed); `:pipe` to
     #   write them through {ExecHandle#stdin} until you close it; `:null` for an empty
     #   stdin; nil (the default, the 0.5.7 README's form): writable through
@@ -580,7 +582,7 @@ module Microsandbox
     #   `h.stdin.write(...); h.stdin.close; h.collect` delivers. A write after that
     #   raises {StdinClosedError}; use `:pipe` to write while reading.
     # @param cwd [String, nil]
-    # @param env [Hash{String=>String}, nil]
+    # @param env [Hash{#to_s=>#to_s}, nil] as for {#exec}
     # @param timeout [Numeric, nil] seconds before the command is killed: unlike the
     #   reference gem, which ignores it here, the timeout is applied (the stream ends with
     #   {ExecTimeoutError}); 0 raises {ExecTimeoutError} at once, negative ArgumentError
@@ -671,10 +673,9 @@ module Microsandbox
     private
 
     def exec_arguments(cmd, args, cwd, env, timeout)
-      program = Validate.utf8!("cmd", Validate.string!("cmd", cmd))
+      program, argv = Validate.argv!(cmd, args)
       seconds = exec_timeout!(timeout)
-      argv = Validate.string_array!("args", args).map { |a| Validate.utf8!("args", a) }
-      pairs = Validate.env!("env", env)
+      pairs = Validate.exec_env!("env", env)
       cwd = Validate.optional_string!("cwd", cwd)
       # As in the reference gem, 0 is a deadline already passed: the command is not started.
       raise ExecTimeoutError, "#{program} was not run: timeout: 0 is a deadline that has already passed" if seconds&.zero?

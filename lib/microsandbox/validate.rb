@@ -149,6 +149,25 @@ module Microsandbox
     end
 
     # Strings cross to the guest as UTF-8 (JSON); binary data goes through stdin instead.
+    # Exec's command and arguments, coerced as the reference gem does: `to_s` of the
+    # command and of each argument (Symbols, Integers, Pathnames work), `Array(args)` (nil
+    # is none, a lone String one argument). The results must be valid UTF-8; a NUL byte
+    # is refused by the engine ({InvalidConfigError}).
+    # @return [Array(String, Array<String>)]
+    def argv!(cmd, args)
+      [utf8!("cmd", cmd.to_s), Array(args).map { |a| utf8!("args", a.to_s) }]
+    end
+
+    # Exec's `env:`: keys and values `to_s`, as the reference gem does (`{ N: 1 }` →
+    # `[["N", "1"]]`); nil is none. The engine checks the names and sizes.
+    # @return [Array<Array(String, String)>]
+    def exec_env!(name, value)
+      return [] if value.nil?
+      raise TypeError, "#{name} must be a Hash (got #{value.class})" unless value.is_a?(Hash)
+
+      value.map { |k, v| [utf8!(name, k.to_s), utf8!(name, v.to_s)] }
+    end
+
     def utf8!(name, value)
       s = value.encoding == Encoding::UTF_8 ? value : value.dup.force_encoding(Encoding::UTF_8)
       return s if s.valid_encoding?

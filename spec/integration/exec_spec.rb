@@ -75,9 +75,11 @@ RSpec.describe "Sandbox#exec in a real VM" do
     expect(out.exit_code).to eq(137)
   end
 
-  it "rejects bad exec arguments with typed errors before running anything" do
-    expect { sb.exec("echo", ["ok", 1]) }.to raise_error(TypeError, /args\[1\]/)
-    expect { sb.exec(:echo) }.to raise_error(TypeError)
+  it "coerces exec arguments with to_s as the reference gem does; rejects bad ones before running anything" do
+    expect(sb.exec("echo", ["ok", 1, :sym]).stdout).to eq("ok 1 sym\n")
+    expect(sb.exec(:echo, "one").stdout).to eq("one\n")
+    expect(sb.exec("sh", ["-c", "echo $N"], env: { N: 7 }).stdout).to eq("7\n")
+    expect { sb.exec("true", env: ["N=1"]) }.to raise_error(TypeError, /env must be a Hash/)
     expect { sb.exec("echo", ["a\0b"]) }.to raise_error(Microsandbox::InvalidConfigError, /NUL/)
     expect { sb.exec("pwd", cwd: "relative") }.to raise_error(Microsandbox::InvalidConfigError, /absolute/)
     expect { sb.exec("true", env: { "A=B" => "x" }) }.to raise_error(Microsandbox::InvalidConfigError)

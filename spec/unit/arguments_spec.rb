@@ -1,5 +1,7 @@
 # frozen_string_literal: true
 
+require "pathname"
+
 # Argument checks that happen in Ruby, before any native call or VM.
 RSpec.describe "argument validation" do
   let(:create) { Microsandbox::Sandbox.method(:create) }
@@ -57,6 +59,21 @@ RSpec.describe "argument validation" do
     expect { v.timeout!("timeout", "1") }.to raise_error(TypeError)
     expect { v.utf8!("args", "\xFF".b) }.to raise_error(Microsandbox::InvalidConfigError, /UTF-8/)
     expect(v.env!("env", { a: "1" })).to eq([%w[a 1]])
+  end
+
+  it "coerces exec's command, arguments and env with to_s, as the reference gem does" do
+    v = Microsandbox::Validate
+    expect(v.argv!(:echo, ["ok", 1, :sym, nil, Pathname("/p")])).to eq(["echo", ["ok", "1", "sym", "", "/p"]])
+    expect(v.argv!("echo", "one")).to eq(["echo", ["one"]])
+    expect(v.argv!("true", nil)).to eq(["true", []])
+    expect { v.argv!("echo", ["\xFF".b]) }.to raise_error(Microsandbox::InvalidConfigError, /UTF-8/)
+    expect(v.exec_env!("env", { N: 1, "S" => :x })).to eq([%w[N 1], %w[S x]])
+    expect(v.exec_env!("env", nil)).to eq([])
+    expect { v.exec_env!("env", ["A=1"]) }.to raise_error(TypeError, /env must be a Hash/)
+    # Checked before any native call: `timeout: 0` on an allocated (never connected)
+    # sandbox raises ExecTimeoutError after the coercion, not TypeError.
+    sb = Microsandbox::Sandbox.allocate
+    expect { sb.exec(:echo, [1], env: { N: 2 }, timeout: 0) }.to raise_error(Microsandbox::ExecTimeoutError)
   end
 
   it "refuses a block on create_with_progress and needs image:" do
