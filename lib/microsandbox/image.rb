@@ -198,8 +198,9 @@ module Microsandbox
                                 :vmdk_removed, :bytes_reclaimed, keyword_init: true)
 
   # The local OCI image store (`<home>/images`): content-addressed blobs shared between
-  # images and one prepared read-only root disk per image.
-  module Image
+  # images and one prepared read-only root disk per image. A class with class methods
+  # only, as in the reference gem.
+  class Image
     REGISTRY_OPTIONS = %i[pull_policy registry_auth registry_insecure registry_ca_certs].freeze
 
     class << self

@@ -165,6 +165,8 @@ RSpec.describe "reference gem 0.9.0 API compatibility" do
   end
 
   it "Image, ImageInfo, ImageDetail and ImagePruneReport" do
+    expect(ms::Image).to be_an_instance_of(Class) # a class of class methods, as in the reference
+    expect(ms::Image.inspect).to eq("Microsandbox::Image") # inspect without a reference is Class#inspect
     check_singleton(ms::Image, { list: sig, get: sig(1), inspect: sig(0, 1), remove: sig(1, 0, :force), prune: sig })
     check_instance(ms::ImageInfo, %i[reference size_bytes manifest_digest architecture os layer_count created_at
                                      last_used_at].to_h { |m| [m, sig] })
