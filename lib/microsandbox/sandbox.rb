@@ -474,13 +474,15 @@ module Microsandbox
 
     # The live status: :running, :draining while a drain asked by any process
     # ({#drain}, {#request_drain}) lets the running commands finish, then once it ended
-    # :stopped, or :crashed when the run ended on its own (see {SandboxStopResult#status}).
-    # {#running?} is true for :running and :draining (the VM runs).
+    # :stopped, :paused when {#pause} saved its VM (the next {#resume} or {Sandbox.start}
+    # brings it back), or :crashed when the run ended on its own (see
+    # {SandboxStopResult#status}). {#running?} is true for :running and :draining (the VM
+    # runs).
     # @return [Symbol]
     def status
       return(@native.draining? ? :draining : :running) if running?
 
-      last_stop&.crashed? ? :crashed : :stopped
+      SandboxHandle.status_of_ended_run(last_stop)
     end
 
     # How the last run ended (nil while it runs).

@@ -22,14 +22,26 @@ module Microsandbox
 
     # Status values the reference gem documents, and which of them this gem reports:
     # `:starting` (booting), `:running`, `:draining` (running, and a drain asked by any
-    # process lets its commands finish before it stops), `:stopped`, `:crashed` (the last
-    # run ended on its own: the VM exited or vanished unasked). `:created` and `:paused`
-    # never occur here (create boots at once; a paused sandbox is stopped, its VM saved).
+    # process lets its commands finish before it stops), `:stopped`, `:paused` (stopped by
+    # {Sandbox#pause} with its VM saved; {Sandbox.start} resumes it), `:crashed` (the last
+    # run ended on its own: the VM exited or vanished unasked). `:created` never occurs
+    # here (create boots at once).
     STATUSES = %i[created starting running draining paused stopped crashed].freeze
+
+    # The status of a sandbox whose run has ended, from how it ended.
+    # @api private
+    # @param stop [SandboxStopResult, nil]
+    # @return [Symbol] :crashed, :paused or :stopped
+    def self.status_of_ended_run(stop)
+      return :crashed if stop&.crashed?
+
+      stop&.source == "pause" ? :paused : :stopped
+    end
 
     # @return [String]
     attr_reader :name
-    # @return [Symbol] :starting, :running, :draining, :stopped or :crashed, as when fetched
+    # @return [Symbol] :starting, :running, :draining, :stopped, :paused or :crashed, as
+    #   when fetched
     attr_reader :status
     # @return [Hash{String=>String}]
     attr_reader :labels
@@ -50,7 +62,8 @@ module Microsandbox
       @name = record.fetch("name")
       stop = record["last_stop"]
       @last_stop = stop && SandboxStopResult.from_record(@name, stop)
-      @status = @last_stop&.crashed? ? :crashed : record.fetch("status").to_sym
+      @status = record.fetch("status").to_sym
+      @status = SandboxHandle.status_of_ended_run(@last_stop) if @status == :stopped
       @status = :draining if @status == :running && record["draining"] == true
       @labels = record.fetch("labels", {}).freeze
       @detached = record.fetch("detached", false)
@@ -66,8 +79,11 @@ module Microsandbox
     def running? = %i[running draining].include?(status)
     # @return [Boolean] true when it was draining when fetched
     def draining? = status == :draining
-    # @return [Boolean] true when it was stopped (or crashed) when fetched
-    def stopped? = %i[stopped crashed].include?(status)
+    # @return [Boolean] true when its VM was not running when fetched (stopped, paused or
+    #   crashed)
+    def stopped? = %i[stopped paused crashed].include?(status)
+    # @return [Boolean] true when it was paused ({Sandbox#pause}) when fetched
+    def paused? = status == :paused
     # @return [Boolean] true when its last run crashed
     def crashed? = status == :crashed
     # @return [Boolean] created with `detached: true` (or detached since)

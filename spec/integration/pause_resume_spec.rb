@@ -28,7 +28,8 @@ RSpec.describe "pausing and resuming sandboxes" do
       state = File.join(sandbox_dir(name), "paused.state")
       expect(File.size(state)).to be > 1_000_000
       expect(File.stat(state).mode & 0o777).to eq(0o600)
-      expect(Microsandbox::Sandbox.get(name).status).to eq(:stopped)
+      expect(sb.status).to eq(:paused)
+      expect(Microsandbox::Sandbox.get(name)).to have_attributes(status: :paused, paused?: true, stopped?: true)
       expect(Microsandbox::Sandbox.get(name).last_stop.source).to eq("pause")
 
       sb.resume

@@ -205,7 +205,7 @@ RSpec.describe "reference gem 0.9.0 API compatibility" do
     expect { fs.write("/x", 42) }.to raise_error(TypeError, /got Integer/)
   end
 
-  it "SandboxHandle reports :draining from a running record with an active drain" do
+  it "SandboxHandle reports :draining from a running record with an active drain, :paused after a pause" do
     record = { "name" => "box", "status" => "running", "labels" => {}, "detached" => false, "created_at" => 1,
                "updated_at" => 2, "config" => "{}", "last_stop" => nil }
     expect(ms::SandboxHandle.new(record).status).to eq(:running)
@@ -213,7 +213,14 @@ RSpec.describe "reference gem 0.9.0 API compatibility" do
     expect([h.status, h.running?, h.draining?, h.stopped?]).to eq([:draining, true, true, false])
     expect(ms::SandboxHandle::STATUSES).to include(h.status)
     # A stopped record never drains, whatever a leftover marker said.
-    expect(ms::SandboxHandle.new(record.merge("status" => "stopped", "draining" => true)).status).to eq(:stopped)
+    stop = { "status" => "stopped", "source" => "stop", "observed_at_ms" => 5, "exit_code" => 0, "signal" => nil }
+    stopped = record.merge("status" => "stopped", "draining" => true, "last_stop" => stop)
+    expect(ms::SandboxHandle.new(stopped).status).to eq(:stopped)
+    # How the run ended decides between :stopped, :paused and :crashed.
+    paused = ms::SandboxHandle.new(stopped.merge("last_stop" => stop.merge("source" => "pause")))
+    expect([paused.status, paused.paused?, paused.stopped?, paused.running?]).to eq([:paused, true, true, false])
+    crashed = ms::SandboxHandle.new(stopped.merge("last_stop" => stop.merge("status" => "crashed", "source" => "vm-exited")))
+    expect([crashed.status, crashed.crashed?, crashed.stopped?]).to eq([:crashed, true, true])
   end
 
   it "every error class of the reference, with its code, as a class and an instance method" do
