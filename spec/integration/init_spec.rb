@@ -46,4 +46,14 @@ RSpec.describe "custom init (init:)" do
     expect { Microsandbox::Sandbox.create(unique_name("init-rel"), image: rootfs, init: "sbin/init") }
       .to raise_error(Microsandbox::InvalidConfigError, /absolute/)
   end
+
+  it "refuses an init: and volumes: that the guest kernel command line cannot hold together, leaving nothing behind" do
+    name = unique_name("init-long")
+    # Each fits its own bound; together they pass the kernel's 2 KiB.
+    volumes = (1..3).to_h { |i| ["/#{'m' * 180}#{i}", { tmpfs: true }] }
+    expect { Microsandbox::Sandbox.create(name, image: rootfs, init: { cmd: "/bin/sh", args: ["-c", "x" * 650] }, volumes: volumes) }
+      .to raise_error(Microsandbox::InvalidConfigError, /command line would be \d+ bytes.*init:.*volumes:/)
+    expect(Microsandbox::Sandbox.list.map(&:name)).not_to include(name)
+    expect(File.exist?(File.join(Microsandbox.home, "sandboxes", name))).to be(false)
+  end
 end

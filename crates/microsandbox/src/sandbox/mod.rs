@@ -469,6 +469,7 @@ impl Sandbox {
             vm.cmdline.push(' ');
             vm.cmdline.push_str(&p);
         }
+        vmm::qemu::check_cmdline(&vm.cmdline)?;
         vm.shares = mounts.shares.clone();
         vm.drives = mounts.drives.clone();
         let mut qemu_args = vmm::qemu::args(&vm);

@@ -148,9 +148,33 @@ pub fn cmdline(hostname: &str, loglevel: u8) -> String {
     )
 }
 
+/// Longest kernel command line the guest kernel keeps (x86 `COMMAND_LINE_SIZE` is 2048
+/// bytes with the NUL); a longer one is cut silently, which would lose the `init:` spec or
+/// the mount list at its end.
+pub const CMDLINE_MAX_BYTES: usize = 2047;
+
+/// Refuses a command line the guest kernel would truncate. `init:` and `volumes:` share it.
+pub fn check_cmdline(cmdline: &str) -> Result<()> {
+    if cmdline.len() > CMDLINE_MAX_BYTES {
+        return Err(Error::InvalidConfig(format!(
+            "the guest kernel command line would be {} bytes, at most {CMDLINE_MAX_BYTES}: init: (its command, arguments and environment) and volumes: share it; shorten them or pass long values through a file (patches:)",
+            cmdline.len()
+        )));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_command_line_the_kernel_would_cut_is_refused() {
+        assert!(check_cmdline(&"a".repeat(CMDLINE_MAX_BYTES)).is_ok());
+        let e = check_cmdline(&"a".repeat(CMDLINE_MAX_BYTES + 1)).unwrap_err();
+        assert!(matches!(e, Error::InvalidConfig(_)), "{e}");
+        assert!(e.to_string().contains("init:"), "{e}");
+    }
 
     #[test]
     fn args_name_every_device() {
