@@ -16,6 +16,9 @@ require "socket"
 require "tmpdir"
 require_relative "../spec/support/rootfs"
 require "microsandbox"
+require_relative "scratch_home"
+
+BenchScratchHome.setup!
 
 opts = { mib: 64, conns: 100, queries: 100, runs: 3 }
 OptionParser.new do |o|
