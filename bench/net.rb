@@ -20,12 +20,14 @@ require_relative "scratch_home"
 
 BenchScratchHome.setup!
 
-opts = { mib: 64, conns: 100, queries: 100, runs: 3 }
+opts = { mib: 64, conns: 100, queries: 100, runs: 3, timeout: 1800, only: %w[slirp passt] }
 OptionParser.new do |o|
   o.on("--mib N", Integer, "MiB per bulk transfer, each way (default 64)") { |v| opts[:mib] = v }
   o.on("--conns N", Integer, "sequential connect + 1-byte exchanges (default 100)") { |v| opts[:conns] = v }
   o.on("--queries N", Integer, "sequential DNS queries (default 100)") { |v| opts[:queries] = v }
   o.on("--runs N", Integer, "runs per back-end; medians are reported (default 3)") { |v| opts[:runs] = v }
+  o.on("--timeout S", Integer, "seconds one baseline VM may take (default 1800)") { |v| opts[:timeout] = v }
+  o.on("--baselines LIST", Array, "baselines to run (default slirp,passt)") { |v| opts[:only] = v }
 end.parse!
 
 def now = Process.clock_gettime(Process::CLOCK_MONOTONIC)
@@ -62,7 +64,13 @@ SINK = serve do |c|
   buf = +"".b
   nil while c.read(1 << 20, buf)
 end
-SOURCE = serve { |c| (BYTES / CHUNK.bytesize).times { c.write(CHUNK) } }
+# Writes the bytes, then half-closes and waits for the guest's end: closing a socket with
+# unread input would send a RST that can overtake data still in flight.
+SOURCE = serve do |c|
+  (BYTES / CHUNK.bytesize).times { c.write(CHUNK) }
+  c.close_write
+  c.wait_readable(600) && c.read
+end
 ECHO = serve { |c| c.write(c.read(1)) }
 
 # A DNS stub answering every A question with 203.0.113.10 (never forwarded anywhere).
@@ -163,7 +171,7 @@ def baseline_initramfs(dir, runtime_cpio, net, mib)
     ip link set eth0 mtu #{net[:mtu]} up
     ip addr add #{net[:addr]} dev eth0
     ip route add default via #{net[:gw]}
-    sh /workload.sh #{net[:gw]} #{net[:dns]} #{mib}
+    sh #{ENV['MSB_BENCH_TRACE'] ? '-x ' : ''}/workload.sh #{net[:gw]} #{net[:dns]} #{mib}
     echo #{MARKER}
     poweroff -f
   SH
@@ -203,7 +211,7 @@ def run_vm(argv, timeout)
   out = +""
   deadline = now + timeout
   until out.include?(MARKER)
-    raise "baseline VM: no result within #{timeout} s: #{out[-400..]}" if now > deadline || !rd.wait_readable(deadline - now)
+    raise "baseline VM: no result within #{timeout} s; console: #{out[-1500..] || out}" if now > deadline || !rd.wait_readable(deadline - now)
 
     chunk = rd.read_nonblock(4096, exception: false)
     raise "baseline VM exited early: #{out[-400..]}" if chunk.nil?
@@ -225,7 +233,11 @@ end
 
 # passt (Debian package `passt`), started for one VM on a private socket path.
 def with_passt(dir)
-  sock = File.join(dir, "passt.sock")
+  # passt started as root drops to `nobody`, which must be able to create its socket.
+  sock_dir = File.join(dir, "passt-#{rand(1 << 30)}")
+  Dir.mkdir(sock_dir)
+  File.chmod(0o777, dir, sock_dir) if Process.uid.zero?
+  sock = File.join(sock_dir, "passt.sock")
   pid = Process.spawn("passt", "-f", "-q", "-t", "none", "-u", "none", "-a", "10.0.2.15", "-n", "24", "-g", "10.0.2.2",
                       "--socket", sock, out: File::NULL, err: File::NULL)
   50.times { File.socket?(sock) ? break : sleep(0.1) }
@@ -273,12 +285,12 @@ Dir.mktmpdir("msb-net-bench") do |dir|
   opts[:runs].times do |i|
     results[:ours] << ours.call if i.positive?
     argv = baseline_argv(engine_argv, slirp_rd, "user,id=n0", 1500)
-    results[:slirp] << parse(run_vm(argv, 3600), opts[:mib])
-    next unless passt
+    results[:slirp] << parse(run_vm(argv, opts[:timeout]), opts[:mib]) if opts[:only].include?("slirp")
+    next unless passt && opts[:only].include?("passt")
 
     with_passt(dir) do |sock|
       argv = baseline_argv(engine_argv, passt_rd, "stream,id=n0,server=off,addr.type=unix,addr.path=#{sock}", 65_520)
-      results[:passt] << parse(run_vm(argv, 3600), opts[:mib])
+      results[:passt] << parse(run_vm(argv, opts[:timeout]), opts[:mib])
     end
   end
 end
