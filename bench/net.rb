@@ -60,9 +60,24 @@ end
 
 BYTES = opts[:mib] << 20
 CHUNK = ("\0" * (1 << 20)).b.freeze
+# Bytes each upload delivered (checked after each run: a transfer that ended early is
+# not timed).
+SINK_COUNTS = Queue.new
 SINK = serve do |c|
   buf = +"".b
-  nil while c.read(1 << 20, buf)
+  total = 0
+  total += buf.bytesize while c.read(1 << 20, buf)
+  SINK_COUNTS << total
+end
+
+# The byte count of the last upload (waits up to 10 s for the sink to see its end).
+def uploaded
+  100.times do
+    return SINK_COUNTS.pop(true)
+  rescue ThreadError
+    sleep 0.1
+  end
+  nil
 end
 # Writes the bytes, then half-closes and waits for the guest's end: closing a socket with
 # unread input would send a RST that can overtake data still in flight.
@@ -107,7 +122,7 @@ WORKLOAD = <<~SH
   a=$(t); i=0; while [ $i -lt $queries ]; do nslookup bench.test $dns >/dev/null 2>&1; i=$((i + 1)); done; echo "dns $a $(t)"
 SH
 
-def parse(out, mib)
+def parse(out, mib, label)
   r = {}
   out.each_line do |l|
     name, a, b, extra = l.split
@@ -117,8 +132,18 @@ def parse(out, mib)
     r[:down_bytes] = extra.to_i if name == "down"
   end
   raise "workload output incomplete: #{out[-500..]}" unless r.size == 5
-  raise "download was #{r[:down_bytes]} bytes, not #{mib << 20}" unless r[:down_bytes] == mib << 20
 
+  up = uploaded
+  unless up == mib << 20
+    warn "  #{label}: guest→host transfer delivered #{up.inspect} of #{mib << 20} bytes; not counted"
+    r[:up] = nil
+  end
+  unless r[:down_bytes] == mib << 20
+    # Seen with Debian 12's passt: the guest's nc half-closes at once (stdin is empty) and
+    # the download stops after one window. Reported, not timed.
+    warn "  #{label}: host→guest transfer ended after #{r[:down_bytes]} of #{mib << 20} bytes; not counted"
+    r[:down] = nil
+  end
   r
 end
 
@@ -271,7 +296,7 @@ ours = lambda do
     out = sb.shell("sh /tmp/workload.sh 172.16.0.1 172.16.0.1 #{opts[:mib]}", timeout: 3600)
     raise "workload failed in the sandbox: #{out.stderr}" unless out.exit_code.zero?
 
-    parse(out.stdout, opts[:mib])
+    parse(out.stdout, opts[:mib], "ours")
   end
 end
 
@@ -285,12 +310,12 @@ Dir.mktmpdir("msb-net-bench") do |dir|
   opts[:runs].times do |i|
     results[:ours] << ours.call if i.positive?
     argv = baseline_argv(engine_argv, slirp_rd, "user,id=n0", 1500)
-    results[:slirp] << parse(run_vm(argv, opts[:timeout]), opts[:mib]) if opts[:only].include?("slirp")
+    results[:slirp] << parse(run_vm(argv, opts[:timeout]), opts[:mib], "slirp") if opts[:only].include?("slirp")
     next unless passt && opts[:only].include?("passt")
 
     with_passt(dir) do |sock|
       argv = baseline_argv(engine_argv, passt_rd, "stream,id=n0,server=off,addr.type=unix,addr.path=#{sock}", 65_520)
-      results[:passt] << parse(run_vm(argv, opts[:timeout]), opts[:mib])
+      results[:passt] << parse(run_vm(argv, opts[:timeout]), opts[:mib], "passt")
     end
   end
 end
