@@ -1,9 +1,9 @@
 # frozen_string_literal: true
 
 # Guest network benchmark: our user-space stack against QEMU's own `-netdev user` (slirp)
-# and Debian's `passt`, in the same run, on the same kernel, busybox image and VM size.
-# Usage: ruby -Ilib bench/net.rb [--mib N] [--conns N] [--queries N] [--runs N]
-# See bench/README.md for what is measured and how.
+# and Debian's `passt`, in the same run, on the same kernel, VM size and guest program.
+# Usage: ruby -Ilib bench/net.rb [--mib N] [--rr N] [--queries N] [--runs N] [--boots N]
+#        (or `bundle exec rake bench:net`). See bench/README.md for what is measured and how.
 #
 # Network rule: every byte goes to servers this script runs on 127.0.0.1 (reached from
 # the guest through each back-end's gateway address, which each maps to host loopback).
@@ -14,20 +14,25 @@ require "optparse"
 require "resolv"
 require "socket"
 require "tmpdir"
+require "zlib"
 require_relative "../spec/support/rootfs"
 require "microsandbox"
 require_relative "scratch_home"
 
 BenchScratchHome.setup!
 
-opts = { mib: 64, conns: 100, queries: 100, runs: 3, timeout: 1800, only: %w[slirp passt] }
+opts = { mib: 64, rr: 300, queries: 300, runs: 3, boots: 5, hold: 256, sequential: 10_000, timeout: 1800,
+         only: %w[slirp passt] }
 OptionParser.new do |o|
-  o.on("--mib N", Integer, "MiB per bulk transfer, each way (default 64)") { |v| opts[:mib] = v }
-  o.on("--conns N", Integer, "sequential connect + 1-byte exchanges (default 100)") { |v| opts[:conns] = v }
-  o.on("--queries N", Integer, "sequential DNS queries (default 100)") { |v| opts[:queries] = v }
+  o.on("--mib N", Integer, "MiB per bulk transfer, each way (default 64; the guest holds it in memory)") { |v| opts[:mib] = v }
+  o.on("--rr N", Integer, "connect + 1-byte request/reply samples per run (default 300)") { |v| opts[:rr] = v }
+  o.on("--queries N", Integer, "DNS query samples per run (default 300)") { |v| opts[:queries] = v }
   o.on("--runs N", Integer, "runs per back-end; medians are reported (default 3)") { |v| opts[:runs] = v }
+  o.on("--boots N", Integer, "create → first exec pairs, network vs none (default 5)") { |v| opts[:boots] = v }
+  o.on("--hold N", Integer, "guest connections held open for the RSS figure (default 256)") { |v| opts[:hold] = v }
+  o.on("--sequential N", Integer, "sequential connections before the second RSS figure (default 10000)") { |v| opts[:sequential] = v }
   o.on("--timeout S", Integer, "seconds one baseline VM may take (default 1800)") { |v| opts[:timeout] = v }
-  o.on("--baselines LIST", Array, "baselines to run (default slirp,passt)") { |v| opts[:only] = v }
+  o.on("--baselines LIST", Array, "baselines to run (default slirp,passt; empty: none)") { |v| opts[:only] = v }
 end.parse!
 
 def now = Process.clock_gettime(Process::CLOCK_MONOTONIC)
@@ -35,6 +40,19 @@ def now = Process.clock_gettime(Process::CLOCK_MONOTONIC)
 def median(xs)
   s = xs.compact.sort
   s.empty? ? nil : s[(s.size - 1) / 2]
+end
+
+def verdict(ok) = ok ? "PASS" : "MISS"
+
+# ---- the guest program ----------------------------------------------------------------
+
+# bench/net_guest.c, compiled static: the same binary runs in every guest.
+def build_guest(dir)
+  out = File.join(dir, "net_guest")
+  cc = ENV.fetch("CC", "cc")
+  ok = system(cc, "-O2", "-static", "-o", out, File.join(__dir__, "net_guest.c"))
+  abort "bench/net.rb: `#{cc} -static` failed (needs a C compiler and libc6-dev)" unless ok
+  out
 end
 
 # ---- host-side servers (127.0.0.1 only) -------------------------------------------------
@@ -49,7 +67,7 @@ def serve(&handler)
       rescue IOError, SystemCallError
         nil
       ensure
-        c.close
+        c.close unless c.closed?
       end
     end
   rescue IOError
@@ -59,34 +77,41 @@ def serve(&handler)
 end
 
 BYTES = opts[:mib] << 20
-CHUNK = ("\0" * (1 << 20)).b.freeze
-# Bytes each upload delivered (checked after each run: a transfer that ended early is
-# not timed).
-SINK_COUNTS = Queue.new
+# The sink reads to end of stream, then answers "<bytes> <crc32>" (the guest compares
+# them with what it sent).
 SINK = serve do |c|
   buf = +"".b
   total = 0
-  total += buf.bytesize while c.read(1 << 20, buf)
-  SINK_COUNTS << total
+  crc = 0
+  while c.read(1 << 20, buf)
+    total += buf.bytesize
+    crc = Zlib.crc32(buf, crc)
+  end
+  c.write("#{total} #{crc}\n")
 end
 
-# The byte count of the last upload (waits up to 10 s for the sink to see its end).
-def uploaded
-  100.times do
-    return SINK_COUNTS.pop(true)
-  rescue ThreadError
-    sleep 0.1
-  end
-  nil
-end
-# Writes the bytes, then half-closes and waits for the guest's end: closing a socket with
-# unread input would send a RST that can overtake data still in flight.
+# The source sends BYTES of a random 1 MiB block repeated, half-closes, and waits for the
+# guest's end (closing with unread input would send a RST that can overtake the data).
+CHUNK = Random.new(9).bytes(1 << 20).freeze
+SOURCE_CRC = (BYTES >> 20).times.reduce(0) { |crc, _| Zlib.crc32(CHUNK, crc) }
 SOURCE = serve do |c|
-  (BYTES / CHUNK.bytesize).times { c.write(CHUNK) }
+  (BYTES >> 20).times { c.write(CHUNK) }
   c.close_write
   c.wait_readable(600) && c.read
 end
+
+# One byte back, then close.
 ECHO = serve { |c| c.write(c.read(1)) }
+
+# One byte back, then held open until the script releases it (HOLD_RELEASE).
+HOLDING = [0]
+HOLD_LOCK = Mutex.new
+HOLD_RELEASE = Queue.new
+HOLD = serve do |c|
+  c.write(c.read(1))
+  HOLD_LOCK.synchronize { HOLDING[0] += 1 }
+  HOLD_RELEASE.pop
+end
 
 # A DNS stub answering every A question with 203.0.113.10 (never forwarded anywhere).
 DNS_SOCKET = UDPSocket.new.tap { |s| s.bind("127.0.0.1", 0) }
@@ -109,45 +134,41 @@ Thread.new do
   end
 end
 
-# ---- the guest workload (busybox sh) ----------------------------------------------------
+# ---- what the guest program prints ------------------------------------------------------
 
-# Prints `name start end` lines (seconds from /proc/uptime, 10 ms resolution). Arguments:
-# gateway, DNS server (addr or addr:port), MiB.
-WORKLOAD = <<~SH
-  gw=$1; dns=$2; mib=$3; conns=#{opts[:conns]}; queries=#{opts[:queries]}
-  t() { cut -d' ' -f1 /proc/uptime; }
-  a=$(t); dd if=/dev/zero bs=65536 count=$((mib * 16)) 2>/dev/null | nc $gw #{SINK}; echo "up $a $(t)"
-  a=$(t); nc $gw #{SOURCE} </dev/null | wc -c > /tmp/down; echo "down $a $(t) $(cat /tmp/down)"
-  a=$(t); i=0; while [ $i -lt $conns ]; do echo x | nc $gw #{ECHO} >/dev/null; i=$((i + 1)); done; echo "conn $a $(t)"
-  a=$(t); i=0; while [ $i -lt $queries ]; do nslookup bench.test $dns >/dev/null 2>&1; i=$((i + 1)); done; echo "dns $a $(t)"
-SH
-
-def parse(out, mib, label)
+# Per-line results of the guest program, each checked: a transfer that delivered other
+# bytes than were sent is reported and not counted.
+def parse(out, label)
   r = {}
   out.each_line do |l|
-    name, a, b, extra = l.split
-    next unless %w[up down conn dns].include?(name)
-
-    r[name.to_sym] = b.to_f - a.to_f
-    r[:down_bytes] = extra.to_i if name == "down"
-  end
-  raise "workload output incomplete: #{out[-500..]}" unless r.size == 5
-
-  up = uploaded
-  unless up == mib << 20
-    warn "  #{label}: guest→host transfer delivered #{up.inspect} of #{mib << 20} bytes; not counted"
-    r[:up] = nil
-  end
-  unless r[:down_bytes] == mib << 20
-    # Seen with Debian 12's passt: the guest's nc half-closes at once (stdin is empty) and
-    # the download stops after one window. Reported, not timed.
-    warn "  #{label}: host→guest transfer ended after #{r[:down_bytes]} of #{mib << 20} bytes; not counted"
-    r[:down] = nil
+    w = l.split
+    case w[0]
+    when "up"
+      us, sent, crc, got, got_crc = w[1..].map(&:to_i)
+      if sent == BYTES && got == BYTES && crc == got_crc
+        r[:up] = us / 1e6
+      else
+        warn "  #{label}: guest→host sent #{sent} bytes (crc #{crc}), the sink got #{w[4..].join(' ')}; not counted"
+      end
+    when "down"
+      us, got, crc = w[1..].map(&:to_i)
+      if got == BYTES && crc == SOURCE_CRC
+        r[:down] = us / 1e6
+      else
+        warn "  #{label}: host→guest got #{got} of #{BYTES} bytes (crc #{crc}, expected #{SOURCE_CRC}); not counted"
+      end
+    when "rr", "dns"
+      ok, failed, p50, p90, max = w[1..].map(&:to_i)
+      warn "  #{label}: #{w[0]}: #{failed} of #{ok + failed} failed" if failed.positive?
+      r[w[0].to_sym] = { n: ok, p50: p50 / 1000.0, p90: p90 / 1000.0, max: max / 1000.0 } if ok.positive?
+    when "held"
+      r[:held] = w[1].to_i
+    end
   end
   r
 end
 
-# ---- baselines: our kernel + busybox, the engine's VM settings, another NIC back-end ----
+# ---- baselines: our kernel, the engine's VM settings, another NIC back-end ---------------
 
 def cpio(entries)
   out = +"".b
@@ -182,9 +203,9 @@ end
 
 MARKER = "MSB-NET-BENCH-DONE"
 
-# An initramfs with busybox, the runtime's virtio (incl. net) modules and an init that
-# configures eth0 as `net` says, runs the workload and powers off.
-def baseline_initramfs(dir, runtime_cpio, net, mib)
+# An initramfs with busybox, the guest program, the runtime's virtio (incl. net) modules
+# and an init that configures eth0 as `net` says, runs `script` and powers off.
+def baseline_initramfs(path, runtime_cpio, guest, net, script)
   mods = uncpio(File.binread(runtime_cpio))
   order = (mods.fetch("lib/modules.order") + mods.fetch("lib/modules.net.order")).split
   init = <<~SH
@@ -196,17 +217,18 @@ def baseline_initramfs(dir, runtime_cpio, net, mib)
     ip link set eth0 mtu #{net[:mtu]} up
     ip addr add #{net[:addr]} dev eth0
     ip route add default via #{net[:gw]}
-    sh #{ENV['MSB_BENCH_TRACE'] ? '-x ' : ''}/workload.sh #{net[:gw]} #{net[:dns]} #{mib}
+    #{script}
     echo #{MARKER}
     poweroff -f
   SH
   entries = [["bin", 0o40755], ["dev", 0o40755], ["dev/console", 0o20600, nil, [5, 1]], ["proc", 0o40755],
              ["sys", 0o40755], ["tmp", 0o41777], ["lib", 0o40755], ["lib/modules", 0o40755],
              ["bin/busybox", 0o100755, File.binread("/bin/busybox")], ["init", 0o100755, init],
-             ["workload.sh", 0o100644, WORKLOAD]]
+             ["net_guest", 0o100755, File.binread(guest)]]
   order.each { |m| entries << ["lib/modules/#{m}", 0o100644, mods.fetch("lib/modules/#{m}")] }
   entries << ["TRAILER!!!", 0]
-  File.join(dir, "net-bench.cpio").tap { |p| File.binwrite(p, cpio(entries)) }
+  File.binwrite(path, cpio(entries))
+  path
 end
 
 NO_VALUE = %w[-nodefaults -no-user-config -no-reboot -enable-kvm -no-hpet -no-acpi].freeze
@@ -276,46 +298,142 @@ ensure
   end
 end
 
-# ---- run ---------------------------------------------------------------------------------
+# ---- ours ---------------------------------------------------------------------------------
 
-image = MicrosandboxSpec::Rootfs.busybox_dir
-tag = "netbench-#{Process.pid}"
-passt = system("command -v passt >/dev/null 2>&1")
-results = Hash.new { |h, k| h[k] = [] }
-engine_argv = nil
-info = nil
+IMAGE = MicrosandboxSpec::Rootfs.busybox_dir
+TAG = "netbench-#{Process.pid}"
+GW = "172.16.0.1"
+$seq = 0
 
-# Ours: a sandbox whose policy allows the host (the gateway is host loopback), DNS through
-# the gateway's filter to the stub.
-ours = lambda do
-  Microsandbox::Sandbox.create("#{tag}-#{results[:ours].size}", image: image, network: "allow_all",
-                                                                   dns: { nameservers: ["127.0.0.1:#{DNS}"] }) do |sb|
-    engine_argv ||= File.binread("/proc/#{sb.info[:vmm_pid]}/cmdline").split("\0")
-    info ||= sb.info
-    sb.fs.write("/tmp/workload.sh", WORKLOAD)
-    out = sb.shell("sh /tmp/workload.sh 172.16.0.1 172.16.0.1 #{opts[:mib]}", timeout: 3600)
-    raise "workload failed in the sandbox: #{out.stderr}" unless out.exit_code.zero?
+def sandbox(network:, **more, &blk)
+  Microsandbox::Sandbox.create("#{TAG}-#{$seq += 1}", image: IMAGE, network: network,
+                                                       dns: { nameservers: ["127.0.0.1:#{DNS}"] }, **more, &blk)
+end
 
-    parse(out.stdout, opts[:mib], "ours")
+def install_guest(sb, guest)
+  sb.fs.write("/tmp/net_guest", File.binread(guest))
+  sb.shell("chmod 755 /tmp/net_guest")
+end
+
+def run_guest(sb, *args)
+  out = sb.exec("/tmp/net_guest", args.map(&:to_s), timeout: 3600)
+  raise "net_guest #{args.join(' ')} failed in the sandbox (#{out.exit_code}): #{out.stderr}" unless out.exit_code.zero?
+
+  out.stdout
+end
+
+def rss_kib(pid) = File.read("/proc/#{pid}/status")[/^VmRSS:\s+(\d+)/, 1].to_i
+
+def set_mtu(sb, mtu)
+  out = sb.shell("ip link set eth0 mtu #{mtu}")
+  raise "ip link set eth0 mtu #{mtu}: #{out.stderr}" unless out.exit_code.zero?
+end
+
+# One run in a sandbox with `allow_all` (the gateway is host loopback): bulk both ways at
+# the default MTU and at 1500 (the guest's eth0 lowered with `ip link`: the guest then
+# sends and announces 1460-byte segments, so both directions use MTU-sized frames),
+# request/reply and DNS.
+def ours_run(guest, opts, engine)
+  sandbox(network: "allow_all") do |sb|
+    engine[:argv] ||= File.binread("/proc/#{sb.info[:vmm_pid]}/cmdline").split("\0")
+    engine[:info] ||= sb.info
+    install_guest(sb, guest)
+    big = parse(run_guest(sb, "up", GW, SINK, BYTES) + run_guest(sb, "down", GW, SOURCE, BYTES), "ours")
+    set_mtu(sb, 1500)
+    small = parse(run_guest(sb, "up", GW, SINK, BYTES) + run_guest(sb, "down", GW, SOURCE, BYTES), "ours/1500")
+    set_mtu(sb, 65_520)
+    r = parse(run_guest(sb, "rr", GW, ECHO, opts[:rr]) + run_guest(sb, "dns", GW, 53, opts[:queries]), "ours")
+    r.merge(up: big[:up], down: big[:down], up1500: small[:up], down1500: small[:down])
   end
 end
 
-results[:ours] << ours.call # also yields the engine's QEMU argv and a warm page cache
-runtime = File.join(Microsandbox.home, "runtime", "initramfs.cpio")
+# ---- run ---------------------------------------------------------------------------------
+
+started_load = File.read("/proc/loadavg").split.first(3).join(" ")
+passt = system("command -v passt >/dev/null 2>&1")
+results = Hash.new { |h, k| h[k] = [] }
+engine = {}
+extra = {}
+t_start = now
+
 Dir.mktmpdir("msb-net-bench") do |dir|
-  slirp_net = { addr: "10.0.2.15/24", gw: "10.0.2.2", dns: "10.0.2.2:#{DNS}", mtu: 1500 }
-  slirp_rd = baseline_initramfs(File.join(dir, "slirp").tap { |d| Dir.mkdir(d) }, runtime, slirp_net, opts[:mib])
-  passt_net = { addr: "10.0.2.15/24", gw: "10.0.2.2", dns: "10.0.2.2:#{DNS}", mtu: 65_520 }
-  passt_rd = baseline_initramfs(File.join(dir, "passt").tap { |d| Dir.mkdir(d) }, runtime, passt_net, opts[:mib])
+  guest = build_guest(dir)
+  results[:ours] << ours_run(guest, opts, engine) # also yields the engine's QEMU argv, warms the caches
+  runtime = File.join(Microsandbox.home, "runtime", "initramfs.cpio")
+  script = lambda do |gw|
+    ["/net_guest up #{gw} #{SINK} #{BYTES}", "/net_guest down #{gw} #{SOURCE} #{BYTES}",
+     "/net_guest rr #{gw} #{ECHO} #{opts[:rr]}", "/net_guest dns #{gw} #{DNS} #{opts[:queries]}"].join("\n")
+  end
+  slirp_net = { addr: "10.0.2.15/24", gw: "10.0.2.2", mtu: 1500 }
+  slirp_rd = baseline_initramfs(File.join(dir, "slirp.cpio"), runtime, guest, slirp_net, script.call("10.0.2.2"))
+  passt_net = { addr: "10.0.2.15/24", gw: "10.0.2.2", mtu: 65_520 }
+  passt_rd = baseline_initramfs(File.join(dir, "passt.cpio"), runtime, guest, passt_net, script.call("10.0.2.2"))
   opts[:runs].times do |i|
-    results[:ours] << ours.call if i.positive?
-    argv = baseline_argv(engine_argv, slirp_rd, "user,id=n0", 1500)
-    results[:slirp] << parse(run_vm(argv, opts[:timeout]), opts[:mib], "slirp") if opts[:only].include?("slirp")
+    results[:ours] << ours_run(guest, opts, engine) if i.positive?
+    if opts[:only].include?("slirp")
+      argv = baseline_argv(engine[:argv], slirp_rd, "user,id=n0", 1500)
+      results[:slirp] << parse(run_vm(argv, opts[:timeout]), "slirp")
+    end
     next unless passt && opts[:only].include?("passt")
 
     with_passt(dir) do |sock|
-      argv = baseline_argv(engine_argv, passt_rd, "stream,id=n0,server=off,addr.type=unix,addr.path=#{sock}", 65_520)
-      results[:passt] << parse(run_vm(argv, opts[:timeout]), opts[:mib], "passt")
+      argv = baseline_argv(engine[:argv], passt_rd, "stream,id=n0,server=off,addr.type=unix,addr.path=#{sock}", 65_520)
+      results[:passt] << parse(run_vm(argv, opts[:timeout]), "passt")
+    end
+  end
+
+  # Policy size: the same request/reply with an empty custom policy and with 1,000 CIDR +
+  # 100 domain rules in front of the one that matches (first match wins: the worst case),
+  # alternating between two running sandboxes.
+  big_rules = (0...1000).map { |i| Microsandbox::Rule.deny(destination: "11.#{i >> 8}.#{i & 255}.0/24") } +
+              (0...100).map { |i| Microsandbox::Rule.allow(destination: "host#{i}.example.test") } +
+              [Microsandbox::Rule.allow(destination: Microsandbox::Destination.group(:host))]
+  empty = Microsandbox::NetworkPolicy.custom(default_egress: :allow, rules: [])
+  big = Microsandbox::NetworkPolicy.custom(default_egress: :deny, rules: big_rules)
+  sandbox(network: empty) do |se|
+    sandbox(network: big) do |sb|
+      [se, sb].each { |s| install_guest(s, guest) }
+      opts[:runs].times do
+        results[:policy_empty] << parse(run_guest(se, "rr", GW, ECHO, opts[:rr]), "empty policy")[:rr]
+        results[:policy_big] << parse(run_guest(sb, "rr", GW, ECHO, opts[:rr]), "1,100 rules")[:rr]
+      end
+    end
+  end
+
+  # Supervisor memory: idle after a warm-up, with `--hold` guest connections open, after
+  # they closed, and after `--sequential` more connections one after the other.
+  sandbox(network: "allow_all") do |sb|
+    install_guest(sb, guest)
+    pid = sb.info[:supervisor_pid]
+    extra[:rss_boot] = rss_kib(pid)
+    run_guest(sb, "rr", GW, ECHO, 100)
+    sleep 1
+    extra[:rss_base] = rss_kib(pid)
+    holder = Thread.new { run_guest(sb, "hold", GW, HOLD, opts[:hold]) }
+    deadline = now + 600
+    sleep 0.1 while HOLD_LOCK.synchronize { HOLDING[0] } < opts[:hold] && now < deadline && holder.alive?
+    held = HOLD_LOCK.synchronize { HOLDING[0] }
+    extra[:held] = held
+    extra[:rss_hold] = rss_kib(pid)
+    held.times { HOLD_RELEASE << :go }
+    extra[:held_guest] = parse(holder.value, "hold")[:held]
+    sleep 1
+    extra[:rss_after_hold] = rss_kib(pid)
+    t = now
+    extra[:seq] = parse(run_guest(sb, "rr", GW, ECHO, opts[:sequential]), "sequential")[:rr]
+    extra[:seq_secs] = now - t
+    sleep 1
+    extra[:rss_after_seq] = rss_kib(pid)
+  end
+
+  # Create → first exec, with the default network vs `network: "none"`, alternating.
+  opts[:boots].times do
+    %w[public_only none].each do |net|
+      t = now
+      sandbox(network: net) do |sb|
+        sb.exec("true")
+        results[:"boot_#{net}"] << now - t
+      end
     end
   end
 end
@@ -323,26 +441,74 @@ end
 # ---- report ------------------------------------------------------------------------------
 
 def mibps(secs, mib) = secs&.positive? ? mib / secs : nil
-def ms_each(secs, n) = secs ? secs * 1000.0 / n : nil
 
-rows = {
-  "TCP guest→host (MiB/s)" => ->(r) { mibps(r[:up], opts[:mib]) },
-  "TCP host→guest (MiB/s)" => ->(r) { mibps(r[:down], opts[:mib]) },
-  "connect+1-byte echo (ms each)" => ->(r) { ms_each(r[:conn], opts[:conns]) },
-  "DNS query, nslookup (ms each)" => ->(r) { ms_each(r[:dns], opts[:queries]) }
-}
-puts "microsandbox guest network benchmark"
-puts "  accel: #{info[:accel]}, host cores: #{Etc.nprocessors}, load average: #{File.read('/proc/loadavg').split.first(3).join(' ')}"
-puts "  #{`#{engine_argv.first} --version`.lines.first.to_s.strip}; guest kernel: #{info[:kernel]}"
-puts "  #{opts[:runs]} runs per back-end (medians), #{opts[:mib]} MiB each way, #{opts[:conns]} connections, #{opts[:queries]} DNS queries"
-puts "  ours: smoltcp stack, MTU 65520; slirp: -netdev user, MTU 1500; passt: #{passt ? 'Debian passt, MTU 65520' : 'SKIPPED (passt is not installed: apt-get install passt)'}"
+info = engine[:info]
+mib = opts[:mib]
+cpu = File.read("/proc/cpuinfo")[/^model name\s*:\s*(.*)$/, 1]
+puts "microsandbox guest network benchmark (#{format('%.0f', now - t_start)} s)"
+puts "  host: #{cpu}, #{Etc.nprocessors} cores, accel #{info[:accel]}; load average at start #{started_load}, " \
+     "at end #{File.read('/proc/loadavg').split.first(3).join(' ')}"
+puts "  #{`#{engine[:argv].first} --version`.lines.first.to_s.strip}; guest kernel #{info[:kernel]}; VM: 1 vCPU, 512 MiB"
+puts "  #{opts[:runs]} runs per back-end (medians), #{mib} MiB each way, #{opts[:rr]} request/replies and " \
+     "#{opts[:queries]} DNS queries per run (p50 of each run, median over runs)"
+puts "  ours: smoltcp stack in the supervisor, MTU 65520 (default) and 1500 (guest eth0 lowered); " \
+     "slirp: -netdev user, MTU 1500 (QEMU 7.2 has no MTU option for it); passt: " \
+     "#{passt ? 'Debian passt, MTU 65520' : 'SKIPPED (not installed: apt-get install passt)'}"
 puts
-puts format("%-32s %10s %10s %10s %12s %12s", "", "ours", "slirp", "passt", "ours/slirp", "ours/passt")
-rows.each do |label, f|
-  vals = %i[ours slirp passt].map { |k| median(results[k].map(&f)) }
-  ratio = ->(b) { vals[0] && b ? format("%.2f×", vals[0] / b) : "-" }
-  cells = vals.map { |v| v ? format("%.2f", v) : "-" }
-  puts format("%-32s %10s %10s %10s %12s %12s", label, *cells, ratio.call(vals[1]), ratio.call(vals[2]))
+
+cols = ->(*c) { format("%-34s %10s %10s %10s %10s  %s", *c) }
+cell = ->(v) { v ? format("%.2f", v) : "-" }
+med = ->(k, &f) { median(results[k].map { |r| r && f.call(r) }) }
+puts cols.call("", "ours", "slirp", "passt", "ratio", "target")
+tput = lambda do |label, key, slirp_key, target|
+  ours = med.call(:ours) { |r| mibps(r[key], mib) }
+  slirp = med.call(:slirp) { |r| mibps(r[slirp_key], mib) }
+  ps = med.call(:passt) { |r| mibps(r[slirp_key], mib) }
+  ratio = ours && slirp ? ours / slirp : nil
+  puts cols.call(label, cell.call(ours), cell.call(slirp), cell.call(ps), ratio ? format("%.2f×", ratio) : "-",
+                 ratio ? "≥ #{target}× slirp #{verdict(ratio >= target)}" : "≥ #{target}× slirp (no figure)")
 end
+tput.call("TCP guest→host MTU 1500 (MiB/s)", :up1500, :up, 1.0)
+tput.call("TCP host→guest MTU 1500 (MiB/s)", :down1500, :down, 1.0)
+tput.call("TCP guest→host MTU 65520 (MiB/s)", :up, :up, 2.0)
+tput.call("TCP host→guest MTU 65520 (MiB/s)", :down, :down, 2.0)
+latency = lambda do |label, key, target|
+  ours = med.call(:ours) { |r| r[key]&.fetch(:p50) }
+  slirp = med.call(:slirp) { |r| r[key]&.fetch(:p50) }
+  ps = med.call(:passt) { |r| r[key]&.fetch(:p50) }
+  ratio = ours && slirp ? ours / slirp : nil
+  t = target ? "≤ #{target}× slirp #{ratio ? verdict(ratio <= target) : '(no figure)'}" : "—"
+  puts cols.call(label, cell.call(ours), cell.call(slirp), cell.call(ps), ratio ? format("%.2f×", ratio) : "-", t)
+end
+latency.call("connect + 1-byte RR p50 (ms)", :rr, 1.2)
+latency.call("DNS query p50 (ms)", :dns, nil)
+puts "  (passt is shown in MTU 65520 rows and the MTU 1500 rows alike: its only run is at 65520.)" if passt
+puts
+
+empty_p50 = median(results[:policy_empty].map { |r| r&.fetch(:p50) })
+big_p50 = median(results[:policy_big].map { |r| r&.fetch(:p50) })
+if empty_p50 && big_p50
+  puts format("connect + 1-byte RR p50, empty policy %.2f ms, 1,000 CIDR + 100 domain rules %.2f ms: %.3f× " \
+              "(target ≤ 1.05×) %s", empty_p50, big_p50, big_p50 / empty_p50, verdict(big_p50 / empty_p50 <= 1.05))
+  puts "  per run (ms): empty #{results[:policy_empty].map { |r| r && format('%.2f', r[:p50]) }.join(', ')}; " \
+       "rules #{results[:policy_big].map { |r| r && format('%.2f', r[:p50]) }.join(', ')}"
+end
+
+mb = ->(kib) { format("%.1f MiB", kib / 1024.0) }
+puts format("supervisor RSS: after boot %s, after a 100-connection warm-up %s; %d of %d guest connections open %s " \
+            "(target ≤ 64 MiB) %s", mb.call(extra[:rss_boot]), mb.call(extra[:rss_base]), extra[:held], opts[:hold],
+            mb.call(extra[:rss_hold]), verdict(extra[:held] == opts[:hold] && extra[:rss_hold] <= 64 << 10))
+seq = extra[:seq]
+grew = extra[:rss_after_seq] - extra[:rss_base]
+puts format("  after they closed %s; after %d sequential connections (%s ok, p50 %.2f ms, %.0f s) %s: %+.1f MiB " \
+            "over the warm-up figure (target: back to it, ≤ +1 MiB) %s",
+            mb.call(extra[:rss_after_hold]), opts[:sequential], seq ? seq[:n] : 0, seq ? seq[:p50] : 0, extra[:seq_secs],
+            mb.call(extra[:rss_after_seq]), grew / 1024.0, verdict(seq && seq[:n] == opts[:sequential] && grew <= 1024))
+
+net, none = median(results[:boot_public_only]), median(results[:boot_none])
+puts format("create → first exec: network (public_only) %.2f s, network: \"none\" %.2f s: %.3f× (target ≤ 1.05×) %s",
+            net, none, net / none, verdict(net / none <= 1.05))
+puts "  per run (s): network #{results[:boot_public_only].map { |x| format('%.2f', x) }.join(', ')}; " \
+     "none #{results[:boot_none].map { |x| format('%.2f', x) }.join(', ')}"
 puts
 puts "Throughput: higher is better (ratio > 1 = ours faster). Times: lower is better (ratio < 1 = ours faster)."
