@@ -49,7 +49,7 @@ def verdict(ok) = ok ? "PASS" : "MISS"
 # bench/net_guest.c, compiled static: the same binary runs in every guest.
 def build_guest(dir)
   out = File.join(dir, "net_guest")
-  cc = ENV.fetch("CC", "cc")
+  cc = ENV.fetch("CC") { system("command -v cc >/dev/null 2>&1") ? "cc" : "clang" } # clang: bin/setup
   ok = system(cc, "-O2", "-static", "-o", out, File.join(__dir__, "net_guest.c"))
   abort "bench/net.rb: `#{cc} -static` failed (needs a C compiler and libc6-dev)" unless ok
   out
@@ -286,7 +286,7 @@ def with_passt(dir)
   File.chmod(0o777, dir, sock_dir) if Process.uid.zero?
   sock = File.join(sock_dir, "passt.sock")
   pid = Process.spawn("passt", "-f", "-q", "-t", "none", "-u", "none", "-a", "10.0.2.15", "-n", "24", "-g", "10.0.2.2",
-                      "--socket", sock, out: File::NULL, err: File::NULL)
+                      "--socket", sock, *ENV.fetch("MSB_BENCH_PASST_ARGS", "").split, out: File::NULL, err: File::NULL)
   50.times { File.socket?(sock) ? break : sleep(0.1) }
   raise "passt did not create its socket" unless File.socket?(sock)
 
@@ -366,7 +366,7 @@ Dir.mktmpdir("msb-net-bench") do |dir|
   end
   slirp_net = { addr: "10.0.2.15/24", gw: "10.0.2.2", mtu: 1500 }
   slirp_rd = baseline_initramfs(File.join(dir, "slirp.cpio"), runtime, guest, slirp_net, script.call("10.0.2.2"))
-  passt_net = { addr: "10.0.2.15/24", gw: "10.0.2.2", mtu: 65_520 }
+  passt_net = { addr: "10.0.2.15/24", gw: "10.0.2.2", mtu: Integer(ENV.fetch("MSB_BENCH_PASST_MTU", 65_520)) }
   passt_rd = baseline_initramfs(File.join(dir, "passt.cpio"), runtime, guest, passt_net, script.call("10.0.2.2"))
   opts[:runs].times do |i|
     results[:ours] << ours_run(guest, opts, engine) if i.positive?
@@ -377,7 +377,7 @@ Dir.mktmpdir("msb-net-bench") do |dir|
     next unless passt && opts[:only].include?("passt")
 
     with_passt(dir) do |sock|
-      argv = baseline_argv(engine[:argv], passt_rd, "stream,id=n0,server=off,addr.type=unix,addr.path=#{sock}", 65_520)
+      argv = baseline_argv(engine[:argv], passt_rd, "stream,id=n0,server=off,addr.type=unix,addr.path=#{sock}", passt_net[:mtu])
       results[:passt] << parse(run_vm(argv, opts[:timeout]), "passt")
     end
   end
@@ -506,9 +506,11 @@ puts format("  after they closed %s; after %d sequential connections (%s ok, p50
             mb.call(extra[:rss_after_seq]), grew / 1024.0, verdict(seq && seq[:n] == opts[:sequential] && grew <= 1024))
 
 net, none = median(results[:boot_public_only]), median(results[:boot_none])
-puts format("create → first exec: network (public_only) %.2f s, network: \"none\" %.2f s: %.3f× (target ≤ 1.05×) %s",
-            net, none, net / none, verdict(net / none <= 1.05))
-puts "  per run (s): network #{results[:boot_public_only].map { |x| format('%.2f', x) }.join(', ')}; " \
-     "none #{results[:boot_none].map { |x| format('%.2f', x) }.join(', ')}"
+if net && none
+  puts format("create → first exec: network (public_only) %.2f s, network: \"none\" %.2f s: %.3f× (target ≤ 1.05×) %s",
+              net, none, net / none, verdict(net / none <= 1.05))
+  puts "  per run (s): network #{results[:boot_public_only].map { |x| format('%.2f', x) }.join(', ')}; " \
+       "none #{results[:boot_none].map { |x| format('%.2f', x) }.join(', ')}"
+end
 puts
 puts "Throughput: higher is better (ratio > 1 = ours faster). Times: lower is better (ratio < 1 = ours faster)."
