@@ -22,7 +22,7 @@ require_relative "scratch_home"
 BenchScratchHome.setup!
 
 opts = { mib: 64, rr: 300, queries: 300, runs: 3, boots: 5, hold: 256, sequential: 10_000, timeout: 1800,
-         only: %w[slirp passt] }
+         only: %w[slirp passt], parts: %w[compare policy rss boot] }
 OptionParser.new do |o|
   o.on("--mib N", Integer, "MiB per bulk transfer, each way (default 64; the guest holds it in memory)") { |v| opts[:mib] = v }
   o.on("--rr N", Integer, "connect + 1-byte request/reply samples per run (default 300)") { |v| opts[:rr] = v }
@@ -33,6 +33,7 @@ OptionParser.new do |o|
   o.on("--sequential N", Integer, "sequential connections before the second RSS figure (default 10000)") { |v| opts[:sequential] = v }
   o.on("--timeout S", Integer, "seconds one baseline VM may take (default 1800)") { |v| opts[:timeout] = v }
   o.on("--baselines LIST", Array, "baselines to run (default slirp,passt; empty: none)") { |v| opts[:only] = v }
+  o.on("--parts LIST", Array, "what to measure (default compare,policy,rss,boot)") { |v| opts[:parts] = v }
 end.parse!
 
 def now = Process.clock_gettime(Process::CLOCK_MONOTONIC)
@@ -305,9 +306,16 @@ TAG = "netbench-#{Process.pid}"
 GW = "172.16.0.1"
 $seq = 0
 
-def sandbox(network:, **more, &blk)
+# The engine's QEMU command line and sandbox info, from the first sandbox.
+ENGINE = {}
+
+def sandbox(network:, **more)
   Microsandbox::Sandbox.create("#{TAG}-#{$seq += 1}", image: IMAGE, network: network,
-                                                       dns: { nameservers: ["127.0.0.1:#{DNS}"] }, **more, &blk)
+                                                       dns: { nameservers: ["127.0.0.1:#{DNS}"] }, **more) do |sb|
+    ENGINE[:argv] ||= File.binread("/proc/#{sb.info[:vmm_pid]}/cmdline").split("\0")
+    ENGINE[:info] ||= sb.info
+    yield sb
+  end
 end
 
 def install_guest(sb, guest)
@@ -333,10 +341,8 @@ end
 # the default MTU and at 1500 (the guest's eth0 lowered with `ip link`: the guest then
 # sends and announces 1460-byte segments, so both directions use MTU-sized frames),
 # request/reply and DNS.
-def ours_run(guest, opts, engine)
+def ours_run(guest, opts)
   sandbox(network: "allow_all") do |sb|
-    engine[:argv] ||= File.binread("/proc/#{sb.info[:vmm_pid]}/cmdline").split("\0")
-    engine[:info] ||= sb.info
     install_guest(sb, guest)
     big = parse(run_guest(sb, "up", GW, SINK, BYTES) + run_guest(sb, "down", GW, SOURCE, BYTES), "ours")
     set_mtu(sb, 1500)
@@ -352,33 +358,34 @@ end
 started_load = File.read("/proc/loadavg").split.first(3).join(" ")
 passt = system("command -v passt >/dev/null 2>&1")
 results = Hash.new { |h, k| h[k] = [] }
-engine = {}
 extra = {}
 t_start = now
 
 Dir.mktmpdir("msb-net-bench") do |dir|
   guest = build_guest(dir)
-  results[:ours] << ours_run(guest, opts, engine) # also yields the engine's QEMU argv, warms the caches
-  runtime = File.join(Microsandbox.home, "runtime", "initramfs.cpio")
-  script = lambda do |gw|
-    ["/net_guest up #{gw} #{SINK} #{BYTES}", "/net_guest down #{gw} #{SOURCE} #{BYTES}",
-     "/net_guest rr #{gw} #{ECHO} #{opts[:rr]}", "/net_guest dns #{gw} #{DNS} #{opts[:queries]}"].join("\n")
-  end
-  slirp_net = { addr: "10.0.2.15/24", gw: "10.0.2.2", mtu: 1500 }
-  slirp_rd = baseline_initramfs(File.join(dir, "slirp.cpio"), runtime, guest, slirp_net, script.call("10.0.2.2"))
-  passt_net = { addr: "10.0.2.15/24", gw: "10.0.2.2", mtu: Integer(ENV.fetch("MSB_BENCH_PASST_MTU", 65_520)) }
-  passt_rd = baseline_initramfs(File.join(dir, "passt.cpio"), runtime, guest, passt_net, script.call("10.0.2.2"))
-  opts[:runs].times do |i|
-    results[:ours] << ours_run(guest, opts, engine) if i.positive?
-    if opts[:only].include?("slirp")
-      argv = baseline_argv(engine[:argv], slirp_rd, "user,id=n0", 1500)
-      results[:slirp] << parse(run_vm(argv, opts[:timeout]), "slirp")
+  if opts[:parts].include?("compare")
+    results[:ours] << ours_run(guest, opts) # also yields the engine's QEMU argv, warms the caches
+    runtime = File.join(Microsandbox.home, "runtime", "initramfs.cpio")
+    script = lambda do |gw|
+      ["/net_guest up #{gw} #{SINK} #{BYTES}", "/net_guest down #{gw} #{SOURCE} #{BYTES}",
+       "/net_guest rr #{gw} #{ECHO} #{opts[:rr]}", "/net_guest dns #{gw} #{DNS} #{opts[:queries]}"].join("\n")
     end
-    next unless passt && opts[:only].include?("passt")
+    slirp_net = { addr: "10.0.2.15/24", gw: "10.0.2.2", mtu: 1500 }
+    slirp_rd = baseline_initramfs(File.join(dir, "slirp.cpio"), runtime, guest, slirp_net, script.call("10.0.2.2"))
+    passt_net = { addr: "10.0.2.15/24", gw: "10.0.2.2", mtu: Integer(ENV.fetch("MSB_BENCH_PASST_MTU", 65_520)) }
+    passt_rd = baseline_initramfs(File.join(dir, "passt.cpio"), runtime, guest, passt_net, script.call("10.0.2.2"))
+    opts[:runs].times do |i|
+      results[:ours] << ours_run(guest, opts) if i.positive?
+      if opts[:only].include?("slirp")
+        argv = baseline_argv(ENGINE[:argv], slirp_rd, "user,id=n0", 1500)
+        results[:slirp] << parse(run_vm(argv, opts[:timeout]), "slirp")
+      end
+      next unless passt && opts[:only].include?("passt")
 
-    with_passt(dir) do |sock|
-      argv = baseline_argv(engine[:argv], passt_rd, "stream,id=n0,server=off,addr.type=unix,addr.path=#{sock}", passt_net[:mtu])
-      results[:passt] << parse(run_vm(argv, opts[:timeout]), "passt")
+      with_passt(dir) do |sock|
+        argv = baseline_argv(ENGINE[:argv], passt_rd, "stream,id=n0,server=off,addr.type=unix,addr.path=#{sock}", passt_net[:mtu])
+        results[:passt] << parse(run_vm(argv, opts[:timeout]), "passt")
+      end
     end
   end
 
@@ -390,7 +397,7 @@ Dir.mktmpdir("msb-net-bench") do |dir|
               [Microsandbox::Rule.allow(destination: Microsandbox::Destination.group(:host))]
   empty = Microsandbox::NetworkPolicy.custom(default_egress: :allow, rules: [])
   big = Microsandbox::NetworkPolicy.custom(default_egress: :deny, rules: big_rules)
-  sandbox(network: empty) do |se|
+  opts[:parts].include?("policy") and sandbox(network: empty) do |se|
     sandbox(network: big) do |sb|
       [se, sb].each { |s| install_guest(s, guest) }
       opts[:runs].times do
@@ -402,7 +409,7 @@ Dir.mktmpdir("msb-net-bench") do |dir|
 
   # Supervisor memory: idle after a warm-up, with `--hold` guest connections open, after
   # they closed, and after `--sequential` more connections one after the other.
-  sandbox(network: "allow_all") do |sb|
+  opts[:parts].include?("rss") and sandbox(network: "allow_all") do |sb|
     install_guest(sb, guest)
     pid = sb.info[:supervisor_pid]
     extra[:rss_boot] = rss_kib(pid)
@@ -427,7 +434,7 @@ Dir.mktmpdir("msb-net-bench") do |dir|
   end
 
   # Create → first exec, with the default network vs `network: "none"`, alternating.
-  opts[:boots].times do
+  (opts[:parts].include?("boot") ? opts[:boots] : 0).times do
     %w[public_only none].each do |net|
       t = now
       sandbox(network: net) do |sb|
@@ -442,13 +449,13 @@ end
 
 def mibps(secs, mib) = secs&.positive? ? mib / secs : nil
 
-info = engine[:info]
+info = ENGINE[:info]
 mib = opts[:mib]
 cpu = File.read("/proc/cpuinfo")[/^model name\s*:\s*(.*)$/, 1]
 puts "microsandbox guest network benchmark (#{format('%.0f', now - t_start)} s)"
 puts "  host: #{cpu}, #{Etc.nprocessors} cores, accel #{info[:accel]}; load average at start #{started_load}, " \
      "at end #{File.read('/proc/loadavg').split.first(3).join(' ')}"
-puts "  #{`#{engine[:argv].first} --version`.lines.first.to_s.strip}; guest kernel #{info[:kernel]}; VM: 1 vCPU, 512 MiB"
+puts "  #{`#{ENGINE[:argv].first} --version`.lines.first.to_s.strip}; guest kernel #{info[:kernel]}; VM: 1 vCPU, 512 MiB"
 puts "  #{opts[:runs]} runs per back-end (medians), #{mib} MiB each way, #{opts[:rr]} request/replies and " \
      "#{opts[:queries]} DNS queries per run (p50 of each run, median over runs)"
 puts "  ours: smoltcp stack in the supervisor, MTU 65520 (default) and 1500 (guest eth0 lowered); " \
@@ -459,31 +466,33 @@ puts
 cols = ->(*c) { format("%-34s %10s %10s %10s %10s  %s", *c) }
 cell = ->(v) { v ? format("%.2f", v) : "-" }
 med = ->(k, &f) { median(results[k].map { |r| r && f.call(r) }) }
-puts cols.call("", "ours", "slirp", "passt", "ratio", "target")
-tput = lambda do |label, key, slirp_key, target|
-  ours = med.call(:ours) { |r| mibps(r[key], mib) }
-  slirp = med.call(:slirp) { |r| mibps(r[slirp_key], mib) }
-  ps = med.call(:passt) { |r| mibps(r[slirp_key], mib) }
-  ratio = ours && slirp ? ours / slirp : nil
-  puts cols.call(label, cell.call(ours), cell.call(slirp), cell.call(ps), ratio ? format("%.2f×", ratio) : "-",
-                 ratio ? "≥ #{target}× slirp #{verdict(ratio >= target)}" : "≥ #{target}× slirp (no figure)")
+if results[:ours].any?
+  puts cols.call("", "ours", "slirp", "passt", "ratio", "target")
+  tput = lambda do |label, key, slirp_key, target|
+    ours = med.call(:ours) { |r| mibps(r[key], mib) }
+    slirp = med.call(:slirp) { |r| mibps(r[slirp_key], mib) }
+    ps = med.call(:passt) { |r| mibps(r[slirp_key], mib) }
+    ratio = ours && slirp ? ours / slirp : nil
+    puts cols.call(label, cell.call(ours), cell.call(slirp), cell.call(ps), ratio ? format("%.2f×", ratio) : "-",
+                   ratio ? "≥ #{target}× slirp #{verdict(ratio >= target)}" : "≥ #{target}× slirp (no figure)")
+  end
+  tput.call("TCP guest→host MTU 1500 (MiB/s)", :up1500, :up, 1.0)
+  tput.call("TCP host→guest MTU 1500 (MiB/s)", :down1500, :down, 1.0)
+  tput.call("TCP guest→host MTU 65520 (MiB/s)", :up, :up, 2.0)
+  tput.call("TCP host→guest MTU 65520 (MiB/s)", :down, :down, 2.0)
+  latency = lambda do |label, key, target|
+    ours = med.call(:ours) { |r| r[key]&.fetch(:p50) }
+    slirp = med.call(:slirp) { |r| r[key]&.fetch(:p50) }
+    ps = med.call(:passt) { |r| r[key]&.fetch(:p50) }
+    ratio = ours && slirp ? ours / slirp : nil
+    t = target ? "≤ #{target}× slirp #{ratio ? verdict(ratio <= target) : '(no figure)'}" : "—"
+    puts cols.call(label, cell.call(ours), cell.call(slirp), cell.call(ps), ratio ? format("%.2f×", ratio) : "-", t)
+  end
+  latency.call("connect + 1-byte RR p50 (ms)", :rr, 1.2)
+  latency.call("DNS query p50 (ms)", :dns, nil)
+  puts "  (passt is shown in MTU 65520 rows and the MTU 1500 rows alike: its only run is at 65520.)" if passt
+  puts
 end
-tput.call("TCP guest→host MTU 1500 (MiB/s)", :up1500, :up, 1.0)
-tput.call("TCP host→guest MTU 1500 (MiB/s)", :down1500, :down, 1.0)
-tput.call("TCP guest→host MTU 65520 (MiB/s)", :up, :up, 2.0)
-tput.call("TCP host→guest MTU 65520 (MiB/s)", :down, :down, 2.0)
-latency = lambda do |label, key, target|
-  ours = med.call(:ours) { |r| r[key]&.fetch(:p50) }
-  slirp = med.call(:slirp) { |r| r[key]&.fetch(:p50) }
-  ps = med.call(:passt) { |r| r[key]&.fetch(:p50) }
-  ratio = ours && slirp ? ours / slirp : nil
-  t = target ? "≤ #{target}× slirp #{ratio ? verdict(ratio <= target) : '(no figure)'}" : "—"
-  puts cols.call(label, cell.call(ours), cell.call(slirp), cell.call(ps), ratio ? format("%.2f×", ratio) : "-", t)
-end
-latency.call("connect + 1-byte RR p50 (ms)", :rr, 1.2)
-latency.call("DNS query p50 (ms)", :dns, nil)
-puts "  (passt is shown in MTU 65520 rows and the MTU 1500 rows alike: its only run is at 65520.)" if passt
-puts
 
 empty_p50 = median(results[:policy_empty].map { |r| r&.fetch(:p50) })
 big_p50 = median(results[:policy_big].map { |r| r&.fetch(:p50) })
@@ -494,16 +503,18 @@ if empty_p50 && big_p50
        "rules #{results[:policy_big].map { |r| r && format('%.2f', r[:p50]) }.join(', ')}"
 end
 
-mb = ->(kib) { format("%.1f MiB", kib / 1024.0) }
-puts format("supervisor RSS: after boot %s, after a 100-connection warm-up %s; %d of %d guest connections open %s " \
-            "(target ≤ 64 MiB) %s", mb.call(extra[:rss_boot]), mb.call(extra[:rss_base]), extra[:held], opts[:hold],
-            mb.call(extra[:rss_hold]), verdict(extra[:held] == opts[:hold] && extra[:rss_hold] <= 64 << 10))
-seq = extra[:seq]
-grew = extra[:rss_after_seq] - extra[:rss_base]
-puts format("  after they closed %s; after %d sequential connections (%s ok, p50 %.2f ms, %.0f s) %s: %+.1f MiB " \
-            "over the warm-up figure (target: back to it, ≤ +1 MiB) %s",
-            mb.call(extra[:rss_after_hold]), opts[:sequential], seq ? seq[:n] : 0, seq ? seq[:p50] : 0, extra[:seq_secs],
-            mb.call(extra[:rss_after_seq]), grew / 1024.0, verdict(seq && seq[:n] == opts[:sequential] && grew <= 1024))
+if extra[:rss_boot]
+  mb = ->(kib) { format("%.1f MiB", kib / 1024.0) }
+  puts format("supervisor RSS: after boot %s, after a 100-connection warm-up %s; %d of %d guest connections open %s " \
+              "(target ≤ 64 MiB) %s", mb.call(extra[:rss_boot]), mb.call(extra[:rss_base]), extra[:held], opts[:hold],
+              mb.call(extra[:rss_hold]), verdict(extra[:held] == opts[:hold] && extra[:rss_hold] <= 64 << 10))
+  seq = extra[:seq]
+  grew = extra[:rss_after_seq] - extra[:rss_base]
+  puts format("  after they closed %s; after %d sequential connections (%s ok, p50 %.2f ms, %.0f s) %s: %+.1f MiB " \
+              "over the warm-up figure (target: back to it, ≤ +1 MiB) %s",
+              mb.call(extra[:rss_after_hold]), opts[:sequential], seq ? seq[:n] : 0, seq ? seq[:p50] : 0, extra[:seq_secs],
+              mb.call(extra[:rss_after_seq]), grew / 1024.0, verdict(seq && seq[:n] == opts[:sequential] && grew <= 1024))
+end
 
 net, none = median(results[:boot_public_only]), median(results[:boot_none])
 if net && none
