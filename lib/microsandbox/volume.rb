@@ -288,8 +288,19 @@ module Microsandbox
       SOURCES = %i[bind named tmpfs disk].freeze
       FLAGS = %i[readonly ro noexec nosuid nodev].freeze
       OTHER = %i[size_mib format fstype].freeze
-      # Keys of the reference gem this gem does not implement (raise UnsupportedError).
-      UNSUPPORTED = %i[stat_virtualization host_permissions options].freeze
+      # The reference's file-server policies (bind and named mounts). Its engine keeps a
+      # guest-side metadata overlay in a `user.*` xattr of each host file (`:strict` /
+      # `:relaxed`) and lets guest `chmod` touch only that overlay (`:private`). virtiofsd,
+      # which serves host directories here, has no such overlay: the guest sees and
+      # changes the host inode's real owner, group and mode. So only the values that name
+      # this behaviour are accepted (`stat_virtualization: :off`, `host_permissions:
+      # :mirror`); the others raise UnsupportedError rather than mounting with a policy
+      # that is not enforced.
+      POLICIES = { stat_virtualization: { "off" => true, "strict" => false, "relaxed" => false },
+                   host_permissions: { "mirror" => true, "private" => false } }.freeze
+      # The reference's older `options: %w[ro noexec]` form: each word sets a flag.
+      OPTION_WORDS = { "ro" => "readonly", "readonly" => "readonly", "rw" => nil, "noexec" => "noexec",
+                       "nosuid" => "nosuid", "nodev" => "nodev" }.freeze
 
       module_function
 
@@ -297,8 +308,10 @@ module Microsandbox
       # @return [Array<Hash{String=>Object}>] one Hash per mount, for the engine
       # @raise [TypeError] volumes is not a Hash, a guest path not a String, a spec not a
       #   String or Hash, a flag not true/false, a size not an Integer
-      # @raise [InvalidConfigError] unknown keys, no or several sources, a relative bind path
-      # @raise [UnsupportedError] a reference-gem key this gem does not implement
+      # @raise [InvalidConfigError] unknown keys, no or several sources, a relative bind path,
+      #   an unknown `options:` word or policy value, a policy on a tmpfs or disk mount
+      # @raise [UnsupportedError] `stat_virtualization: :strict/:relaxed` or
+      #   `host_permissions: :private` (virtiofsd has no metadata overlay)
       def coerce(volumes)
         return [] if volumes.nil?
         raise TypeError, "volumes must be a Hash of guest path => mount (got #{volumes.class})" unless volumes.is_a?(Hash)
@@ -314,11 +327,10 @@ module Microsandbox
         raise TypeError, "volumes[#{guest.inspect}] must be a host path String or a Hash (got #{spec.class})" unless spec.is_a?(Hash)
 
         spec = spec.transform_keys { |k| k.is_a?(String) ? k.to_sym : k }
-        bad = spec.keys - SOURCES - FLAGS - OTHER - UNSUPPORTED - [:quota_mib]
+        bad = spec.keys - SOURCES - FLAGS - OTHER - POLICIES.keys - %i[options quota_mib]
         raise InvalidConfigError, "volumes[#{guest.inspect}]: unknown key(s) #{bad.map(&:inspect).join(', ')}; use one of bind:, named:, tmpfs:, disk: with readonly:/ro:, noexec:, nosuid:, nodev:, size_mib: (tmpfs), format:/fstype: (disk)" unless bad.empty?
 
-        unsupported = spec.keys & UNSUPPORTED
-        raise UnsupportedError, "volumes[#{guest.inspect}]: #{unsupported.map(&:inspect).join(', ')} not supported by this gem" unless unsupported.empty?
+        policies!(guest, spec)
         if spec.key?(:quota_mib)
           raise InvalidConfigError, "volumes[#{guest.inspect}]: quota_mib: belongs to the volume: Volume.create(name, quota_mib: N), then mount it with named:"
         end
@@ -342,7 +354,43 @@ module Microsandbox
         end
         out["readonly"] = bool!(guest, :readonly, spec[:readonly]) || bool!(guest, :ro, spec[:ro])
         %i[noexec nosuid nodev].each { |k| out[k.to_s] = bool!(guest, k, spec[k]) }
+        option_words(guest, spec[:options]).each { |flag| out[flag] = true }
         out
+      end
+
+      # Checks `stat_virtualization:` / `host_permissions:` (see {POLICIES}).
+      def policies!(guest, spec)
+        POLICIES.each do |key, values|
+          next if spec[key].nil?
+
+          value = Validate.string!("volumes[#{guest.inspect}] #{key}", spec[key].is_a?(Symbol) ? spec[key].to_s : spec[key])
+          unless values.key?(value)
+            raise InvalidConfigError, "volumes[#{guest.inspect}] #{key}: #{value.inspect} is not one of #{values.keys.map { |v| ":#{v}" }.join(', ')}"
+          end
+          unless spec.key?(:bind) || spec.key?(:named)
+            raise InvalidConfigError, "volumes[#{guest.inspect}] #{key}: applies to bind: and named: mounts only"
+          end
+          next if values[value]
+
+          raise UnsupportedError, "volumes[#{guest.inspect}] #{key}: :#{value} needs a guest-side metadata overlay " \
+                                  "that virtiofsd does not have; host directories are shared with their real owner, group and mode " \
+                                  "(#{key}: :#{values.key(true)}, the default)"
+        end
+      end
+
+      # The flags an `options:` Array of words sets (see {OPTION_WORDS}).
+      def option_words(guest, words)
+        return [] if words.nil?
+        raise TypeError, "volumes[#{guest.inspect}] options: must be an Array of words (got #{words.class})" unless words.is_a?(Array)
+
+        words.filter_map do |w|
+          word = w.is_a?(Symbol) ? w.to_s : Validate.string!("volumes[#{guest.inspect}] options", w)
+          unless OPTION_WORDS.key?(word)
+            raise InvalidConfigError, "volumes[#{guest.inspect}] options: unknown word #{word.inspect}; use ro/readonly, rw, noexec, nosuid or nodev"
+          end
+
+          OPTION_WORDS[word]
+        end
       end
 
       def bool!(guest, key, value)

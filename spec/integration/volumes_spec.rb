@@ -44,7 +44,7 @@ RSpec.describe "volumes" do
     a = unique_name("vol-a")
     b = unique_name("vol-b")
     Microsandbox::Sandbox.create(a, image: rootfs, volumes: {
-                                   "/bind" => host,
+                                   "/bind" => { bind: host, stat_virtualization: :off, host_permissions: :mirror },
                                    "/bindro" => { bind: host_ro, ro: true },
                                    "/data" => { named: shared.name },
                                    "/t" => { tmpfs: true, size_mib: 8, noexec: true, nosuid: true, nodev: true },
@@ -59,6 +59,21 @@ RSpec.describe "volumes" do
       File.write(File.join(host, "later.txt"), "after boot")
       expect(sb.shell("cat /bind/later.txt").stdout).to eq("after boot")
       expect(mounts_of(sb, "/bind")).to include("virtiofs")
+
+      # Ownership is the host's (stat_virtualization: :off, host_permissions: :mirror): a
+      # file of another host user shows its uid and mode; guest root reads it, an
+      # unprivileged guest user does not; guest chmod/chown change the host inode.
+      other = File.join(host, "other-user.txt")
+      File.write(other, "not yours")
+      File.chown(12_345, 12_346, other)
+      File.chmod(0o600, other)
+      expect(sb.shell("stat -c '%u %g %a' /bind/other-user.txt").stdout).to eq("12345 12346 600\n")
+      expect(sb.shell("cat /bind/other-user.txt").stdout).to eq("not yours")
+      denied = sb.exec("cat", ["/bind/other-user.txt"], user: "1000:1000")
+      expect([denied.exit_code, denied.stderr]).to match([1, /Permission denied/])
+      sb.shell("chmod 640 /bind/other-user.txt && chown 4242:4343 /bind/other-user.txt")
+      st = File.stat(other)
+      expect([st.uid, st.gid, st.mode & 0o777]).to eq([4242, 4343, 0o640])
 
       # Read-only bind: the guest cannot write (EROFS), the host file is untouched.
       r = sb.shell("echo x > /bindro/ro.txt")

@@ -131,4 +131,25 @@ RSpec.describe Microsandbox::Volume do
       expect(fs.stat("abs").kind).to eq(:symlink)
     end
   end
+
+  describe Microsandbox::Volume::Mounts do
+    it "takes the reference's options: words and the policies virtiofsd has, and says why it refuses the others" do
+      m = described_class.coerce("/a" => { bind: "/h", options: %w[ro noexec rw], stat_virtualization: :off,
+                                           host_permissions: "mirror" })
+      expect(m.first.slice("readonly", "noexec", "nosuid", "nodev")).to eq("readonly" => true, "noexec" => true,
+                                                                              "nosuid" => false, "nodev" => false)
+      expect(described_class.coerce("/n" => { named: "v", options: [:nosuid, "nodev"] }).first.values_at("nosuid", "nodev"))
+        .to eq([true, true])
+      [[{ bind: "/h", stat_virtualization: :strict }, Microsandbox::UnsupportedError, /overlay.*virtiofsd/],
+       [{ bind: "/h", stat_virtualization: :relaxed }, Microsandbox::UnsupportedError, /stat_virtualization: :off/],
+       [{ named: "v", host_permissions: :private }, Microsandbox::UnsupportedError, /host_permissions: :mirror/],
+       [{ bind: "/h", stat_virtualization: :loose }, Microsandbox::InvalidConfigError, /not one of :off, :strict, :relaxed/],
+       [{ tmpfs: true, host_permissions: :mirror }, Microsandbox::InvalidConfigError, /bind: and named: mounts only/],
+       [{ disk: "/d.raw", stat_virtualization: :off }, Microsandbox::InvalidConfigError, /bind: and named:/],
+       [{ bind: "/h", options: %w[ro sync] }, Microsandbox::InvalidConfigError, /unknown word "sync"/],
+       [{ bind: "/h", options: "ro" }, TypeError, /Array of words/]].each do |spec, err, msg|
+        expect { described_class.coerce("/a" => spec) }.to raise_error(err, msg), spec.inspect
+      end
+    end
+  end
 end
