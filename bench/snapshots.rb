@@ -3,9 +3,10 @@
 # Snapshot cost: a sandbox writes N MiB (256 by default) of random data to its root disk and
 # stops; then, median of --runs each:
 #   - `cp --sparse=always` of its root disk (the floor: copying what it wrote),
-#   - `Snapshot.create` (flatten with qemu-img convert + SHA-256 of the artifact),
+#   - `Snapshot.create` (one pass: the allocated data copied into a sparse raw disk and
+#     hashed on the way),
 #   - the extra time of `Sandbox.create(from_snapshot:)` over a plain create of the same
-#     root (hashing the disk before the boot + the overlay), each booted and stopped.
+#     root (hashing the disk's data before the boot + the overlay), each booted and stopped.
 # Issue 12's target: create and the boot overhead each at most 1.5x the copy.
 #
 #   ruby -Ilib bench/snapshots.rb [--size-mib 256] [--runs 3]

@@ -4,14 +4,16 @@ require "json"
 
 module Microsandbox
   # Snapshots: the root disk of a stopped sandbox saved as an artifact — a directory with
-  # `manifest.json` and `disk.qcow2` — that new sandboxes boot from
+  # `manifest.json` and `disk.raw` (sparse) — that new sandboxes boot from
   # (`Sandbox.create(name, from_snapshot: "snap")`). Named snapshots live in
-  # `<home>/snapshots/<name>/`; `path:` puts one anywhere.
+  # `<home>/snapshots/<name>/`; `path:` puts one anywhere. The home keeps an index of the
+  # artifacts it made or imported ({list}, {get} by digest, {reindex}).
   #
   # The disk is flattened (it does not depend on the image or a parent snapshot) and is
-  # identified by digests: {SnapshotInfo#digest} (of the manifest, which includes the disk's
-  # SHA-256). Every boot from a snapshot hashes the disk first: a truncated or modified
-  # artifact raises {SnapshotIntegrityError} and never boots.
+  # identified by digests: {SnapshotInfo#digest} (of the manifest, which includes the
+  # SHA-256 of the disk's content). Every boot from a snapshot hashes the disk's data first:
+  # a truncated or modified artifact raises {SnapshotIntegrityError} and never boots. The
+  # image is never needed (nor pulled), so {SnapshotImageMissingError} is not raised.
   #
   # @example
   #   Microsandbox::Sandbox.create("base", image: "alpine") { |sb| sb.shell("apk add git") }
@@ -55,7 +57,9 @@ module Microsandbox
         SnapshotInfo.new(call("get", "key" => key!(name_or_digest)))
       end
 
-      # The snapshots in `<home>/snapshots`.
+      # The indexed snapshots: those this home created or imported (under
+      # `<home>/snapshots` or at a `path:`), and those {reindex} found; an artifact that no
+      # longer opens is left out.
       # @return [Array<SnapshotInfo>]
       def list
         call("list").map { |h| SnapshotInfo.new(h) }
@@ -68,13 +72,18 @@ module Microsandbox
         call("list_dir", "dir" => File.expand_path(Validate.string!("dir", dir))).map { |h| SnapshotInfo.new(h) }
       end
 
-      # Counts the readable artifacts in `dir` (default `<home>/snapshots`). This gem keeps no
-      # index beside the artifacts (each is found by reading its manifest), so there is
-      # nothing to rebuild; the count is what {list}/{list_dir} see.
-      # @param dir [String, nil]
-      # @return [Integer]
+      # Rebuilds the home's snapshot index from the artifacts in `dir` (default
+      # `<home>/snapshots`): artifacts found there that the index lacks (copied in by hand,
+      # unpacked by another tool) are added; entries whose artifact is gone or damaged —
+      # in `dir` or anywhere else — are dropped. {list} and {get} by digest read the index;
+      # {create} and {import} add to it, {remove} drops from it.
+      # @param dir [String, nil] a directory of artifacts
+      # @return [Integer] how many snapshots the index holds afterwards (`list.size`)
+      # @raise [InvalidConfigError] `dir` is not a directory
+      # @raise [HostIOError] the directory or index cannot be read or written
       def reindex(dir = nil)
-        dir.nil? ? list.size : list_dir(dir).size
+        args = dir.nil? ? {} : { "dir" => File.expand_path(Validate.string!("dir", dir)) }
+        call("reindex", args)
       end
 
       # Deletes an artifact.
@@ -149,7 +158,7 @@ module Microsandbox
     attr_reader :parent_digest
     # @return [String, nil] the source sandbox's image reference (or local root path)
     attr_reader :image_ref
-    # @return [String, nil] not recorded by this gem (nil)
+    # @return [String, nil] "sha256:…" of the image's OCI manifest (nil for a local root)
     attr_reader :image_manifest_digest
     # @return [String] "ext4"
     attr_reader :fstype
@@ -157,9 +166,10 @@ module Microsandbox
     attr_reader :source_sandbox
     # @return [Hash{String=>String}]
     attr_reader :labels
-    # @return [Integer] bytes of the disk file
+    # @return [Integer] bytes of data stored (the disk's non-zero 64 KiB blocks; format-1
+    #   artifacts: bytes of the disk file)
     attr_reader :size_bytes
-    # @return [Symbol] :qcow2
+    # @return [Symbol] :raw (format-1 artifacts: :qcow2)
     attr_reader :format
     # @return [Time]
     attr_reader :created_at

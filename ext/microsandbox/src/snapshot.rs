@@ -28,6 +28,10 @@ pub fn call(ruby: &Ruby, dir: Option<String>, op: String, args_json: String) -> 
             "open" => json!(snapshot::open(&home, arg(a, "key")?)?),
             "get" => json!(snapshot::get(&home, arg(a, "key")?)?),
             "list" => json!(snapshot::list(&home)?),
+            "reindex" => {
+                let dir = a.get("dir").and_then(Value::as_str).map(std::path::Path::new);
+                json!(snapshot::index::reindex(&home, dir)?)
+            }
             "list_dir" => json!(snapshot::list_dir(std::path::Path::new(arg(a, "dir")?))?),
             "remove" => {
                 snapshot::remove(&home, arg(a, "key")?, a.get("force").and_then(Value::as_bool).unwrap_or(false))?;

@@ -154,6 +154,10 @@ pub struct SandboxConfig {
     /// The digest of the snapshot this sandbox was booted from (its snapshots' parent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot_digest: Option<String>,
+    /// The OCI manifest digest of the image the root disk came from (set at create from
+    /// the pulled image, or inherited from `from_snapshot:`); recorded in snapshots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_manifest_digest: Option<String>,
     /// `volumes:` mounts (see `volume::mount`); checked against the host at every boot.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<crate::volume::mount::MountSpec>,

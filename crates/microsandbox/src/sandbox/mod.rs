@@ -102,6 +102,7 @@ fn from_snapshot(home: &Home, cfg: &mut SandboxConfig, key: &str) -> Result<crat
     }
     cfg.from_snapshot = None;
     cfg.snapshot_digest = Some(info.digest.clone());
+    cfg.image_manifest_digest = info.body.image_manifest_digest.clone();
     Ok(info)
 }
 
@@ -134,6 +135,7 @@ pub fn snapshot_sandbox(
         disk: &disk,
         disk_format: format,
         image_ref: (!cfg.image.starts_with("snapshot:")).then(|| cfg.image.clone()),
+        image_manifest_digest: cfg.image_manifest_digest.clone(),
         parent_digest: cfg.snapshot_digest.clone(),
         inherited: crate::snapshot::Inherited {
             env: cfg.env.clone(),
@@ -257,6 +259,7 @@ impl Sandbox {
             let image = crate::image::ensure_image(&home, &cfg.image, &opts, &mut |_| {}).await?;
             crate::image::usage::mark_used(&home, &image.reference).await?;
             apply_image_config(&mut cfg, &image.config);
+            cfg.image_manifest_digest = Some(image.manifest_digest.clone());
             config::validate_env(&cfg.env)
                 .map_err(|e| Error::InvalidConfig(format!("the image's environment is unusable: {e}")))?;
             Some(image)

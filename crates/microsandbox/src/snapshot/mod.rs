@@ -3,16 +3,21 @@
 //!
 //! ```text
 //! <dir>/manifest.json   what it is: digest (identity), content digest, source, image, labels…
-//! <dir>/disk.qcow2      the sandbox's root disk, flattened (no backing file), mode 0444
+//! <dir>/disk.raw        the sandbox's root disk, flattened and sparse, mode 0444
 //! ```
+//!
+//! (Format 1 artifacts, from before the one-pass copy, hold `disk.qcow2` instead and
+//! hash its file bytes; they are still opened, verified, booted and exported.)
 //!
 //! `<dir>` is `<home>/snapshots/<name>/`, or any directory given as `path:`.
 //!
 //! Invariants:
-//! - The disk is flattened (`qemu-img convert`): the artifact does not depend on the
-//!   image root or a parent snapshot, so it survives `Image.remove` and can be exported
-//!   and imported into another home.
-//! - `content_digest` is the SHA-256 of `disk.qcow2`'s bytes; the snapshot's `digest`
+//! - The disk is flattened ([`flatten`]: one pass that copies only allocated data and
+//!   hashes it on the way): the artifact does not depend on the image root or a parent
+//!   snapshot, so it survives `Image.remove` and can be exported and imported into
+//!   another home.
+//! - `content_digest` is the SHA-256 of the disk's canonical content stream (see
+//!   [`flatten`]; holes and written zeros hash alike); the snapshot's `digest`
 //!   (its identity) is the SHA-256 of the manifest body, which includes the content
 //!   digest. Opening checks the manifest digest (cheap); booting from a snapshot and
 //!   `verify` hash the whole disk, so a truncated or tampered artifact never boots
@@ -34,10 +39,17 @@ use crate::error::{Error, IoContext, Result};
 use crate::paths::Home;
 
 pub const MANIFEST_FILE: &str = "manifest.json";
-pub const DISK_FILE: &str = "disk.qcow2";
+pub mod flatten;
+pub mod index;
+
+/// The disk of a format-2 artifact (sparse raw).
+pub const DISK_FILE: &str = "disk.raw";
+/// The disk of a format-1 artifact (a flattened qcow2, hashed as a file).
+pub const DISK_FILE_V1: &str = "disk.qcow2";
 /// Largest manifest read back (bounded: an imported artifact is untrusted).
 const MAX_MANIFEST_BYTES: u64 = 256 * 1024;
-pub const FORMAT_VERSION: u32 = 1;
+/// Written by `create`; 1 is still read.
+pub const FORMAT_VERSION: u32 = 2;
 
 /// Options of `Snapshot.create`.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -83,13 +95,15 @@ pub struct Body {
     pub fstype: String,
     pub source_sandbox: Option<String>,
     pub labels: BTreeMap<String, String>,
-    /// Bytes of `disk.qcow2`.
+    /// Format 2: bytes of data stored (the disk's non-zero 64 KiB blocks). Format 1:
+    /// bytes of `disk.qcow2`.
     pub size_bytes: u64,
     /// The disk's virtual size (what the guest sees).
     pub virtual_size: u64,
     pub format: String,
     pub created_at: i64,
-    /// `sha256:<hex>` of `disk.qcow2`.
+    /// `sha256:<hex>`: format 2, of the disk's canonical content stream
+    /// ([`flatten`]); format 1, of `disk.qcow2`'s bytes.
     pub content_digest: String,
     /// Whether the caller asked for integrity recording (`verify` reports `verified` then,
     /// `not_recorded` otherwise; the content digest is checked before every boot anyway).
@@ -185,13 +199,6 @@ fn qemu_img(args: &[&std::ffi::OsStr], what: &str) -> Result<Vec<u8>> {
     Ok(out.stdout)
 }
 
-/// The virtual size of a disk image.
-fn virtual_size(disk: &Path) -> Result<u64> {
-    let out = qemu_img(&["info".as_ref(), "--output=json".as_ref(), disk.as_os_str()], &format!("read {}", disk.display()))?;
-    let v: serde_json::Value = serde_json::from_slice(&out).map_err(|e| Error::Filesystem(format!("qemu-img info: {e}")))?;
-    v.get("virtual-size").and_then(|s| s.as_u64()).ok_or_else(|| Error::Filesystem("qemu-img info: no virtual-size".into()))
-}
-
 /// Reads and checks the manifest of the artifact in `dir` (not the disk's content).
 pub fn open_dir(dir: &Path) -> Result<SnapshotInfo> {
     let path = dir.join(MANIFEST_FILE);
@@ -209,7 +216,7 @@ pub fn open_dir(dir: &Path) -> Result<SnapshotInfo> {
     }
     let m: Manifest = serde_json::from_slice(&buf)
         .map_err(|e| Error::SnapshotIntegrity(format!("{} is not a snapshot manifest: {e}", path.display())))?;
-    if m.body.format_version != FORMAT_VERSION {
+    if !(1..=FORMAT_VERSION).contains(&m.body.format_version) {
         return Err(Error::SnapshotIntegrity(format!("{}: unknown format version {}", path.display(), m.body.format_version)));
     }
     if body_digest(&m.body) != m.digest {
@@ -219,19 +226,36 @@ pub fn open_dir(dir: &Path) -> Result<SnapshotInfo> {
     Ok(SnapshotInfo { digest: m.digest, path: dir, body: m.body })
 }
 
+/// The disk file of an artifact (by its manifest's format).
+pub fn disk_path(info: &SnapshotInfo) -> PathBuf {
+    info.path.join(disk_name(&info.body))
+}
+
+fn disk_name(body: &Body) -> &'static str {
+    if body.format_version == 1 {
+        DISK_FILE_V1
+    } else {
+        DISK_FILE
+    }
+}
+
 /// Hashes the disk and compares it with the manifest: the check before every boot.
 pub fn check_content(info: &SnapshotInfo) -> Result<()> {
-    let disk = info.path.join(DISK_FILE);
+    let disk = disk_path(info);
     let md = std::fs::metadata(&disk).map_err(|e| Error::SnapshotIntegrity(format!("{}: {e}", disk.display())))?;
-    if md.len() != info.body.size_bytes {
+    let want_len = if info.body.format_version == 1 { info.body.size_bytes } else { info.body.virtual_size };
+    if md.len() != want_len {
         return Err(Error::SnapshotIntegrity(format!(
-            "{} is {} bytes, the manifest says {} (truncated or replaced)",
+            "{} is {} bytes, the manifest says {want_len} (truncated or replaced)",
             disk.display(),
             md.len(),
-            info.body.size_bytes
         )));
     }
-    let got = sha256_file(&disk)?;
+    let got = if info.body.format_version == 1 {
+        sha256_file(&disk)?
+    } else {
+        flatten::digest_raw(&disk)?.content_digest
+    };
     if got != info.body.content_digest {
         return Err(Error::SnapshotIntegrity(format!(
             "{}: content digest {got} does not match the manifest's {} (the disk was modified)",
@@ -258,7 +282,7 @@ pub fn open(home: &Home, name_or_path: &str) -> Result<SnapshotInfo> {
 /// `get`: a name, a digest (`sha256:…`, in the home's snapshots) or a path.
 pub fn get(home: &Home, key: &str) -> Result<SnapshotInfo> {
     if key.starts_with("sha256:") {
-        return list(home)?
+        return index::list(home)?
             .into_iter()
             .find(|s| s.digest == key)
             .ok_or_else(|| Error::SnapshotNotFound(format!("no snapshot with digest {key}")));
@@ -283,13 +307,15 @@ pub fn list_dir(dir: &Path) -> Result<Vec<SnapshotInfo>> {
     Ok(out)
 }
 
+/// The indexed snapshots (see [`index`]): those made or imported by this home, wherever
+/// they live, and those a `reindex` found.
 pub fn list(home: &Home) -> Result<Vec<SnapshotInfo>> {
-    list_dir(&snapshots_dir(home))
+    index::list(home)
 }
 
 /// Sandboxes of `home` whose overlay is backed by the snapshot's disk.
 pub fn users(home: &Home, info: &SnapshotInfo) -> Vec<String> {
-    let disk = info.path.join(DISK_FILE);
+    let disk = disk_path(info);
     let Ok(rd) = std::fs::read_dir(home.sandboxes_dir()) else { return Vec::new() };
     rd.flatten()
         .filter(|e| {
@@ -320,16 +346,20 @@ pub fn remove(home: &Home, name_or_path: &str, force: bool) -> Result<()> {
             used.join(", ")
         )));
     }
+    let canonical = std::fs::canonicalize(&info.path).unwrap_or_else(|_| info.path.clone());
     let parent = info.path.parent().map(Path::to_path_buf).unwrap_or_default();
     let doomed = parent.join(format!(".removing-{}-{}", std::process::id(), now_nanos()));
     std::fs::rename(&info.path, &doomed).context(|| format!("removing {}", info.path.display()))?;
     make_writable(&doomed);
-    std::fs::remove_dir_all(&doomed).context(|| format!("removing {}", doomed.display()))
+    std::fs::remove_dir_all(&doomed).context(|| format!("removing {}", doomed.display()))?;
+    index::forget(home, &canonical)
 }
 
 fn make_writable(dir: &Path) {
     use std::os::unix::fs::PermissionsExt;
-    let _ = std::fs::set_permissions(dir.join(DISK_FILE), std::fs::Permissions::from_mode(0o644));
+    for name in [DISK_FILE, DISK_FILE_V1] {
+        let _ = std::fs::set_permissions(dir.join(name), std::fs::Permissions::from_mode(0o644));
+    }
 }
 
 impl Body {
@@ -373,6 +403,8 @@ pub struct Source<'a> {
     pub disk: &'a Path,
     pub disk_format: &'a str,
     pub image_ref: Option<String>,
+    /// The OCI manifest digest of the image the sandbox was created from (`sha256:…`).
+    pub image_manifest_digest: Option<String>,
     pub parent_digest: Option<String>,
     pub inherited: Inherited,
 }
@@ -415,10 +447,7 @@ pub fn create(home: &Home, src: &Source<'_>, opts: &CreateOptions) -> Result<Sna
     std::fs::create_dir(&tmp).context(|| format!("creating {}", tmp.display()))?;
     let built = (|| -> Result<Manifest> {
         let disk = tmp.join(DISK_FILE);
-        qemu_img(
-            &["convert".as_ref(), "-q".as_ref(), "-f".as_ref(), src.disk_format.as_ref(), "-O".as_ref(), "qcow2".as_ref(), src.disk.as_os_str(), disk.as_os_str()],
-            &format!("copy the disk of sandbox {:?}", src.name),
-        )?;
+        let flat = flatten::flatten(src.disk, src.disk_format, &disk)?;
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&disk, std::fs::Permissions::from_mode(0o444)).context(|| format!("chmod {}", disk.display()))?;
         let body = Body {
@@ -426,15 +455,15 @@ pub fn create(home: &Home, src: &Source<'_>, opts: &CreateOptions) -> Result<Sna
             name: name.clone(),
             parent_digest: src.parent_digest.clone(),
             image_ref: src.image_ref.clone(),
-            image_manifest_digest: None,
+            image_manifest_digest: src.image_manifest_digest.clone(),
             fstype: "ext4".into(),
             source_sandbox: Some(src.name.to_string()),
             labels: opts.labels.clone(),
-            size_bytes: std::fs::metadata(&disk).context(|| format!("stat {}", disk.display()))?.len(),
-            virtual_size: virtual_size(&disk)?,
-            format: "qcow2".into(),
+            size_bytes: flat.stored_bytes,
+            virtual_size: flat.virtual_size,
+            format: "raw".into(),
             created_at: now_secs(),
-            content_digest: sha256_file(&disk)?,
+            content_digest: flat.content_digest,
             record_integrity: opts.record_integrity,
             inherited: src.inherited.clone(),
         };
@@ -461,14 +490,17 @@ pub fn create(home: &Home, src: &Source<'_>, opts: &CreateOptions) -> Result<Sna
             Error::Io { context: format!("renaming into {}", dest.display()), source: e }
         });
     }
-    open_dir(&dest)
+    let info = open_dir(&dest)?;
+    index::add(home, &info)?;
+    Ok(info)
 }
 
 /// A new sandbox's overlay on the snapshot's disk (same virtual size).
 pub fn overlay_on(info: &SnapshotInfo, overlay: &Path) -> Result<()> {
-    let disk = info.path.join(DISK_FILE);
+    let disk = disk_path(info);
+    let fmt = if info.body.format_version == 1 { "qcow2" } else { "raw" };
     qemu_img(
-        &["create".as_ref(), "-q".as_ref(), "-f".as_ref(), "qcow2".as_ref(), "-F".as_ref(), "qcow2".as_ref(), "-b".as_ref(), disk.as_os_str(), overlay.as_os_str()],
+        &["create".as_ref(), "-q".as_ref(), "-f".as_ref(), "qcow2".as_ref(), "-F".as_ref(), fmt.as_ref(), "-b".as_ref(), disk.as_os_str(), overlay.as_os_str()],
         &format!("create an overlay on {}", disk.display()),
     )?;
     Ok(())
@@ -483,7 +515,7 @@ pub fn export(home: &Home, name_or_path: &str, out: &Path) -> Result<()> {
         let f = std::fs::File::create(&tmp)?;
         let mut b = tar::Builder::new(std::io::BufWriter::new(f));
         b.mode(tar::HeaderMode::Deterministic);
-        for name in [MANIFEST_FILE, DISK_FILE] {
+        for name in [MANIFEST_FILE, disk_name(&info.body)] {
             let mut file = std::fs::File::open(info.path.join(name))?;
             b.append_file(name, &mut file)?;
         }
@@ -544,10 +576,12 @@ pub fn import(home: &Home, archive: &Path, dest: Option<&Path>) -> Result<Snapsh
             // The disk may be a GNU sparse entry (the tar crate writes holes that way); its
             // reader yields the full content either way.
             let kind = entry.header().entry_type();
-            let file_like = kind == tar::EntryType::Regular || (name == DISK_FILE && kind == tar::EntryType::GNUSparse);
-            if !(name == MANIFEST_FILE || name == DISK_FILE) || seen.contains(&name) || !file_like {
+            let is_disk = name == DISK_FILE || name == DISK_FILE_V1;
+            let file_like = kind == tar::EntryType::Regular || (is_disk && kind == tar::EntryType::GNUSparse);
+            let second_disk = is_disk && seen.iter().any(|n| n != MANIFEST_FILE);
+            if !(name == MANIFEST_FILE || is_disk) || seen.contains(&name) || second_disk || !file_like {
                 return Err(Error::SnapshotIntegrity(format!(
-                    "{}: unexpected entry {name:?} (a snapshot archive holds {MANIFEST_FILE} and {DISK_FILE} only)",
+                    "{}: unexpected entry {name:?} (a snapshot archive holds {MANIFEST_FILE} and one disk, {DISK_FILE} or {DISK_FILE_V1}, only)",
                     archive.display()
                 )));
             }
@@ -565,7 +599,7 @@ pub fn import(home: &Home, archive: &Path, dest: Option<&Path>) -> Result<Snapsh
         let staged = open_dir(&tmp)?;
         check_content(&staged)?;
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(tmp.join(DISK_FILE), std::fs::Permissions::from_mode(0o444)).context(|| "chmod".to_string())?;
+        std::fs::set_permissions(disk_path(&staged), std::fs::Permissions::from_mode(0o444)).context(|| "chmod".to_string())?;
         let dest = match dest {
             Some(d) => d.to_path_buf(),
             None => {
@@ -586,7 +620,9 @@ pub fn import(home: &Home, archive: &Path, dest: Option<&Path>) -> Result<Snapsh
                 Error::Io { context: format!("renaming into {}", dest.display()), source: e }
             }
         })?;
-        open_dir(&dest)
+        let info = open_dir(&dest)?;
+        index::add(home, &info)?;
+        Ok(info)
     })();
     if result.is_err() {
         make_writable(&tmp);
@@ -612,7 +648,7 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let h = Home::at(&t.path().join("home"));
         let disk = source(t.path());
-        let src = Source { name: "sb", disk: &disk, disk_format: "qcow2", image_ref: Some("alpine".into()), parent_digest: None, inherited: Inherited::default() };
+        let src = Source { name: "sb", disk: &disk, disk_format: "qcow2", image_ref: Some("alpine".into()), image_manifest_digest: None, parent_digest: None, inherited: Inherited::default() };
         let opts = CreateOptions { name: Some("s1".into()), record_integrity: true, ..Default::default() };
         let info = create(&h, &src, &opts).unwrap();
         assert!(info.digest.starts_with("sha256:"));
@@ -641,7 +677,7 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let h = Home::at(&t.path().join("home"));
         let disk = source(t.path());
-        let src = Source { name: "sb", disk: &disk, disk_format: "qcow2", image_ref: None, parent_digest: None, inherited: Inherited::default() };
+        let src = Source { name: "sb", disk: &disk, disk_format: "qcow2", image_ref: None, image_manifest_digest: None, parent_digest: None, inherited: Inherited::default() };
         let info = create(&h, &src, &CreateOptions { name: Some("s".into()), ..Default::default() }).unwrap();
         let d = info.path.join(DISK_FILE);
         use std::os::unix::fs::PermissionsExt;
