@@ -166,6 +166,7 @@ module Microsandbox
       @exit_code = nil
       @decoders = { stdout: Utf8Stream.new, stderr: Utf8Stream.new }
       @signal = nil
+      @failed_message = nil
       @id = SecureRandom.uuid.freeze
     end
 
@@ -194,6 +195,7 @@ module Microsandbox
     # @raise [ExecTimeoutError, SandboxNotRunningError]
     def wait
       each { |ev| raise_failed(ev) }
+      raise_failed_earlier
       ExitStatus.new(exit_code: @exit_code, signal: @signal)
     end
 
@@ -209,18 +211,18 @@ module Microsandbox
 
       out = +"".b
       err = +"".b
-      last = nil
       stdin_error = nil
       each do |ev|
         case ev.kind
         when :stdout then out << ev.bytes
         when :stderr then err << ev.bytes
         when :stdin_error then stdin_error = ev.data
-        when :exited then last = ev
+        when :exited then nil # kept in @exit_code/@signal, also when an earlier #each read it
         else raise_failed(ev)
         end
       end
-      ExecOutput.new(exit_code: last&.exit_code, signal: last&.signal, stdout: out, stderr: err,
+      raise_failed_earlier
+      ExecOutput.new(exit_code: @exit_code, signal: @signal, stdout: out, stderr: err,
                      stdin_error: stdin_error)
     end
 
@@ -288,6 +290,11 @@ module Microsandbox
       raise ExecFailedError, event.data if event.failed?
     end
 
+    # An earlier {#each} read the `:failed` event: the command still never ran.
+    def raise_failed_earlier
+      raise ExecFailedError, @failed_message if @failed_message
+    end
+
     def next_event
       return nil if @done
 
@@ -310,6 +317,7 @@ module Microsandbox
       when :stdin_error then ExecEvent.new(:stdin_error, message: a, errno: b)
       when :failed
         @done = true
+        @failed_message = a
         ExecEvent.new(:failed, message: a, errno: b)
       else
         @done = true

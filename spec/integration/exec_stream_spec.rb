@@ -67,6 +67,23 @@ RSpec.describe "Sandbox#exec_stream in a real VM" do
     expect(handle.to_a).to eq([])
   end
 
+  it "keeps the exit status (or the start failure) for collect and wait after each read the whole stream" do
+    handle = sb.shell_stream("echo done; exit 5")
+    expect(handle.map(&:type)).to eq(%i[started stdout exited])
+    out = handle.collect
+    expect([out.stdout, out.exit_code, out.success?]).to eq(["", 5, false])
+    expect(handle.wait.exit_code).to eq(5)
+
+    ok = sb.exec_stream("true")
+    ok.each { |_| nil }
+    expect(ok.collect).to have_attributes(exit_code: 0, success?: true)
+
+    missing = sb.exec_stream("no-such-binary")
+    expect(missing.to_a.map(&:type)).to eq([:failed])
+    expect { missing.collect }.to raise_error(Microsandbox::ExecFailedError, /no-such-binary/)
+    expect { missing.wait }.to raise_error(Microsandbox::ExecFailedError, /no-such-binary/)
+  end
+
   it "has an id, waits for an ExitStatus, and uses the reference gem's event names" do
     handle = sb.shell_stream("printf 'a\\377'; exit 2")
     other = sb.exec_stream("true")
