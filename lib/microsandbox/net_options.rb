@@ -2,9 +2,10 @@
 
 module Microsandbox
   # The NIC options of {Sandbox.create} besides the policy: `ports:`, `ports_udp:`,
-  # `ipv4_pool:`, `max_connections:`. This module only normalises the spellings into
-  # what the engine takes; the engine checks the values (port ranges, duplicates, the
-  # pool's CIDR, the connection cap) and raises {InvalidConfigError} naming the option.
+  # `ipv4_pool:`, `ipv6_pool:`, `max_connections:`. This module only normalises the
+  # spellings into what the engine takes; the engine checks the values (port ranges,
+  # duplicates, the pools' CIDRs, the connection cap) and raises {InvalidConfigError}
+  # naming the option.
   #
   # @api private
   module NetOptions
@@ -17,13 +18,15 @@ module Microsandbox
     # @param ports_udp [Hash, nil] `{ host => guest }`, UDP
     # @param ipv4_pool [String, nil]
     # @param max_connections [Integer, String, nil]
+    # @param ipv6_pool [String, nil]
     # @return [Hash{String=>Object}] engine config keys
     # @raise [TypeError, ArgumentError] a malformed spelling (names the option, not the value)
-    def config(ports, ports_udp, ipv4_pool, max_connections)
+    def config(ports, ports_udp, ipv4_pool, max_connections, ipv6_pool = nil)
       out = {}
       out["ports"] = ports!("ports", ports) unless ports.nil?
       out["ports_udp"] = ports!("ports_udp", ports_udp) unless ports_udp.nil?
       out["ipv4_pool"] = ipv4_pool.to_s unless ipv4_pool.nil?
+      out["ipv6_pool"] = ipv6_pool.to_s unless ipv6_pool.nil?
       out["max_connections"] = integer!("max_connections", max_connections) unless max_connections.nil?
       out
     end

@@ -89,6 +89,9 @@ module Microsandbox
       # @param ports_udp [Hash, nil] published UDP ports, same forms as `ports:`
       # @param ipv4_pool [String, nil] IPv4 CIDR the guest's and gateway's addresses come
       #   from (the first /30 of it: gateway .1, guest .2; default 172.16.0.0/30)
+      # @param ipv6_pool [String, nil] IPv6 CIDR of the guest's link (dual stack: gateway
+      #   `::1`, guest `::2` of the pool, on-link /126; default fd42:6d73:62::/64). At most
+      #   /126; not in ::/8, fe80::/10 or ff00::/8 ({InvalidConfigError} naming the option)
       # @param max_connections [Integer, nil] concurrent TCP connections through the NIC,
       #   both ways (1-4096, default 256); a connection beyond it is refused (RST) and logged
       # @raise [PortInUseError] a published host port is taken (nothing is left running)
@@ -173,7 +176,7 @@ module Microsandbox
                  detached: false, replace: false, replace_with_timeout: nil, pull_policy: nil,
                  registry_auth: nil, registry_insecure: false, registry_ca_certs: nil,
                  entrypoint: nil, scripts: {}, patches: [], oci_upper_size: nil, network: nil, dns: nil,
-                 ports: nil, ports_udp: nil, ipv4_pool: nil, max_connections: nil,
+                 ports: nil, ports_udp: nil, ipv4_pool: nil, ipv6_pool: nil, max_connections: nil,
                  rlimits: nil, log_level: nil, quiet_logs: false, security: nil, ephemeral: false, init: nil,
                  fstype: nil, secrets: nil, on_secret_violation: nil, tls: nil, trust_host_cas: false,
                  template: nil, volumes: nil, from_snapshot: nil, &block)
@@ -194,7 +197,7 @@ module Microsandbox
         config["entrypoint"] = Validate.string_array!("entrypoint", entrypoint).map { |a| Validate.utf8!("entrypoint", a) } if entrypoint
         config["oci_upper_size_mib"] = Validate.positive_integer!("oci_upper_size", oci_upper_size) if oci_upper_size
         config["network"] = NetworkPolicy.coerce(network).to_h unless network.nil?
-        config.merge!(NetOptions.config(ports, ports_udp, ipv4_pool, max_connections))
+        config.merge!(NetOptions.config(ports, ports_udp, ipv4_pool, max_connections, ipv6_pool))
         unless dns.nil?
           raise TypeError, "dns must be a Hash (got #{dns.class})" unless dns.is_a?(Hash)
 

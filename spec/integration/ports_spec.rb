@@ -184,7 +184,7 @@ RSpec.describe "Published ports" do
       taken&.close
     end
 
-    it "rejects malformed ports, ipv4_pool and max_connections with typed errors naming the option" do
+    it "rejects malformed ports, ipv4_pool, ipv6_pool and max_connections with typed errors naming the option" do
       cases = {
         { ports: { 0 => 80 } } => [Microsandbox::InvalidConfigError, /ports\[0\]: host_port must be between 1 and 65535/],
         { ports_udp: { 53 => 70_000 } } => [Microsandbox::InvalidConfigError, /ports_udp\[0\]: guest_port/],
@@ -195,6 +195,9 @@ RSpec.describe "Published ports" do
         { network: "none", ports: { 8080 => 80 } } => [Microsandbox::InvalidConfigError, /no NIC/],
         { ipv4_pool: "10.0.0.0/31" } => [Microsandbox::InvalidConfigError, %r{ipv4_pool: the prefix must be /30 or shorter}],
         { ipv4_pool: "not-a-cidr" } => [Microsandbox::InvalidConfigError, /ipv4_pool: must be an IPv4 CIDR/],
+        { ipv6_pool: "fd00::/127" } => [Microsandbox::InvalidConfigError, %r{ipv6_pool: the prefix must be /126 or shorter}],
+        { ipv6_pool: "10.0.0.0/8" } => [Microsandbox::InvalidConfigError, /ipv6_pool: must be an IPv6 CIDR/],
+        { ipv6_pool: "fe80::/64" } => [Microsandbox::InvalidConfigError, %r{ipv6_pool: must not be in ::/8, fe80::/10 or ff00::/8}],
         { max_connections: 0 } => [Microsandbox::InvalidConfigError, /max_connections must be between 1 and 4096/],
         { max_connections: "many" } => [ArgumentError, /max_connections must be an Integer/]
       }
@@ -252,7 +255,12 @@ RSpec.describe "Published ports" do
       ref = MicrosandboxSpec::DebianImage.push(MicrosandboxSpec::Registry.instance)
       @udp = free_port(:udp)
       @tcp = free_port
-      @sb = Microsandbox::Sandbox.create(unique_name("udp"), image: ref, registry_insecure: true,
+      # public_only's defaults, plus an ingress rule against one host peer address over UDP.
+      policy = Microsandbox::NetworkPolicy.custom(
+        default_egress: :deny, default_ingress: :allow,
+        rules: [Microsandbox::Rule.deny(destination: "127.0.0.3", direction: :ingress, protocol: :udp)]
+      )
+      @sb = Microsandbox::Sandbox.create(unique_name("udp"), image: ref, registry_insecure: true, network: policy,
                                                              ports: { @tcp => 7000 }, ports_udp: { @udp => 5000 },
                                                              ipv4_pool: "10.77.0.0/24")
       @servers = [start_server(ECHO_UDP), start_server(ECHO_TCP)]
@@ -284,6 +292,59 @@ RSpec.describe "Published ports" do
       big = "z" * 30_000
       peers[0].send(big, 0)
       expect(Timeout.timeout(30) { peers[0].recv(65_535) }).to eq("#{"Z" * 30_000} from 10.77.0.1")
+    ensure
+      peers&.each(&:close)
+    end
+
+    # Answers that arrive for `peers` within `seconds`, one per peer at most.
+    def answers_within(peers, seconds)
+      got = {}
+      deadline = Process.clock_gettime(Process::CLOCK_MONOTONIC) + seconds
+      while got.size < peers.size
+        left = deadline - Process.clock_gettime(Process::CLOCK_MONOTONIC)
+        break if left <= 0
+
+        ready, = IO.select(peers.reject { |u| got.key?(u) }, nil, nil, left)
+        (ready || []).each { |u| got[u] = u.recv(1000) }
+      end
+      got
+    end
+
+    it "drops datagrams from a peer an ingress rule denies, logs why, and answers the others" do
+      denied = UDPSocket.new.tap { |u| u.bind("127.0.0.3", 0) }
+      allowed = UDPSocket.new.tap { |u| u.connect("127.0.0.1", @udp) }
+      3.times { denied.send("no", 0, "127.0.0.1", @udp) }
+      allowed.send("yes", 0)
+      expect(answers_within([allowed], 30).values).to eq(["YES from 10.77.0.1"])
+      expect(answers_within([denied], 3)).to be_empty
+      logged = wait_until(timeout: 30) do
+        system_log(@sb).match?(/refused inbound UDP from 127\.0\.0\.3:\d+ to published port 127\.0\.0\.1:#{@udp} \(guest port 5000\) \(rule 0/)
+      end
+      expect(logged).to be(true), system_log(@sb)
+    ensure
+      [denied, allowed].each { |u| u&.close }
+    end
+
+    it "tracks at most 256 host peers of published UDP ports, and says so" do
+      # Earlier examples left at most 3 peers tracked (forgotten after 60 s idle), so of
+      # 300 new peers between 253 and 256 are answered — never more than the cap.
+      # The guest's socket drops datagrams under a burst (64 KiB receive buffers at MTU
+      # 65520), so peers send in small batches and unanswered ones retry: a peer the stack
+      # took keeps its slot, one beyond the cap is dropped every time.
+      peers = Array.new(300) { UDPSocket.new.tap { |u| u.connect("127.0.0.1", @udp) } }
+      got = {}
+      4.times do
+        pending = peers.reject { |u| got.key?(u) }
+        pending.each_slice(16) do |batch|
+          batch.each { |u| u.send("peer #{peers.index(u)}", 0) }
+          got.merge!(answers_within(batch, 0.3))
+        end
+        got.merge!(answers_within(peers.reject { |u| got.key?(u) }, 3))
+      end
+      expect(got.size).to be_between(253, 256)
+      expect(got.values).to all(match(/\APEER \d+ from 10\.77\.0\.1\z/))
+      logged = wait_until(timeout: 30) { system_log(@sb).include?("256 UDP peers of published ports tracked") }
+      expect(logged).to be(true), system_log(@sb)
     ensure
       peers&.each(&:close)
     end

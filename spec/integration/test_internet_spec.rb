@@ -4,6 +4,7 @@ require "net/http"
 require "socket"
 require "resolv"
 require "digest"
+require "ipaddr"
 require_relative "../support/netns"
 
 # The harness the network specs use as "the internet" (spec/support/netns.rb), checked
@@ -24,6 +25,16 @@ RSpec.describe "the test internet (network namespace)" do
     end
     expect(size).to eq(net::BIG_SIZE)
     expect(digest.hexdigest).to eq(net.big_sha256)
+    [net::WEB6, net::WEB6_OTHER].each do |addr|
+      expect(Net::HTTP.get(URI("http://[#{addr}]/hello"))).to eq("hello from the test internet\n")
+    end
+  end
+
+  it "routes only its IPv6 /64 into the namespace, and makes the unreachable prefix fail at once" do
+    expect(`ip -6 route show #{net::NET6}`).to include("dev ")
+    expect(`ip -6 route show #{net::UNREACHABLE6}`).to include("unreachable")
+    expect { Socket.tcp("2001:db8:6d73:ffff::1", 80, connect_timeout: 5) }
+      .to raise_error(satisfy { |e| [Errno::ENETUNREACH, Errno::EHOSTUNREACH].include?(e.class) })
   end
 
   it "echoes over TCP and UDP" do
@@ -44,6 +55,9 @@ RSpec.describe "the test internet (network namespace)" do
     Resolv::DNS.open(nameserver_port: [[net::DNS, 53]]) do |dns|
       dns.timeouts = 3
       net::NAMES.each { |name, addr| expect(dns.getaddress(name).to_s).to eq(addr) }
+      net::NAMES6.each do |name, addr|
+        expect(dns.getresource(name, Resolv::DNS::Resource::IN::AAAA).address.to_s.downcase).to eq(IPAddr.new(addr).to_s)
+      end
       expect(dns.getaddress("alias.inet.test").to_s).to eq(net::WEB)
       expect { dns.getaddress("example.com") }.to raise_error(Resolv::ResolvError)
     end
@@ -63,6 +77,8 @@ RSpec.describe "the test internet (network namespace)" do
     net.stop!
     expect(`ip netns list`).not_to include(name)
     expect(`ip route show #{net::ROUTE}`.strip).to eq("")
+    expect(`ip -6 route show #{net::UNREACHABLE6}`.strip).to eq("")
+    expect(`ip -6 route show #{net::NET6}`.strip).to eq("")
     net.start!
     expect(Net::HTTP.get(URI("http://#{net::WEB}/hello"))).to eq("hello from the test internet\n")
   end

@@ -12,9 +12,14 @@ module MicrosandboxSpec
   #
   #   203.0.113.10  HTTP :80 (/hello, /big = 64 MiB), TCP echo :7, UDP echo :7
   #   203.0.113.53  DNS :53 (dnsmasq-base), answering only the names in {NAMES}
+  #   2001:db8:6d73::10, ::11  HTTP :80, TCP echo :7, UDP echo :7 (IPv6, RFC 3849)
   #
   # The host reaches it through 198.51.100.1 (its end of the veth; the namespace end is
-  # 198.51.100.2) and a route for {ROUTE}. Nothing in it forwards anywhere else.
+  # 198.51.100.2) and a route for {ROUTE}; over IPv6 through {NET6} on the veth
+  # (2001:db8:6d73::1 on the host end, ::2 and the servers on the namespace end: one /64
+  # of documentation space, nothing wider). {UNREACHABLE6} gets an `unreachable` route on
+  # the host (a destination the host has no route to, without sending anything anywhere —
+  # this host has a real IPv6 default route). Nothing in it forwards anywhere else.
   #
   # Needs root (`ip netns`, veth). Without it {start!} raises with a clear message — a
   # spec that needs the internet fails, it is never skipped silently. Started once per
@@ -29,6 +34,14 @@ module MicrosandboxSpec
     # may reach their package mirrors through a documentation address too (this one's is in
     # the upper half), and a /24 route would send apt, cargo and pip there while a spec runs.
     ROUTE = "203.0.113.0/26"
+    NET6 = "2001:db8:6d73::/64"
+    HOST_ADDR6 = "2001:db8:6d73::1"
+    PEER_ADDR6 = "2001:db8:6d73::2"
+    WEB6 = "2001:db8:6d73::10"
+    WEB6_OTHER = "2001:db8:6d73::11"
+    UNREACHABLE6 = "2001:db8:6d73:ffff::/64"
+    # IPv6-only names (AAAA records) for the IPv6 specs.
+    NAMES6 = { "inet6.test" => WEB6_OTHER, "rebind6.test" => "fd00::1", "local6.test" => "::1" }.freeze
     # Names the DNS server answers, and their addresses (for rebind and CNAME tests).
     NAMES = {
       "inet.test" => WEB,
@@ -94,6 +107,7 @@ module MicrosandboxSpec
         @pids = []
         if @name
           sh("ip", "route", "del", ROUTE, "via", PEER_ADDR, allow_fail: true)
+          sh("ip", "-6", "route", "del", "unreachable", UNREACHABLE6, allow_fail: true)
           sh("ip", "link", "del", "#{@veth}h", allow_fail: true)
           sh("ip", "netns", "del", @name, allow_fail: true)
         end
@@ -134,6 +148,12 @@ module MicrosandboxSpec
         [WEB, "203.0.113.11", DNS].each { |a| ns("ip", "addr", "add", "#{a}/32", "dev", "#{@veth}n") }
         ns("ip", "link", "set", "#{@veth}n", "up")
         sh("ip", "route", "add", ROUTE, "via", PEER_ADDR)
+        # IPv6: addresses without duplicate address detection (usable at once); the /64 is
+        # the veth's connected route, so nothing else is routed into the namespace.
+        sh("ip", "-6", "addr", "add", "#{HOST_ADDR6}/64", "dev", "#{@veth}h", "nodad")
+        ns("ip", "-6", "addr", "add", "#{PEER_ADDR6}/64", "dev", "#{@veth}n", "nodad")
+        [WEB6, WEB6_OTHER].each { |a| ns("ip", "-6", "addr", "add", "#{a}/128", "dev", "#{@veth}n", "nodad") }
+        sh("ip", "-6", "route", "replace", "unreachable", UNREACHABLE6)
 
         big = File.join(@dir, "big.bin")
         File.open(big, "wb") do |f|
@@ -161,7 +181,7 @@ module MicrosandboxSpec
         args = ["dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts", "--no-poll", "--pid-file=",
                 "--user=root", "--listen-address=#{DNS}", "--bind-interfaces", "--port=53", "--log-facility=-",
                 "--conf-file=/dev/null"]
-        NAMES.each { |n, a| args << "--host-record=#{n},#{a}" }
+        NAMES.merge(NAMES6).each { |n, a| args << "--host-record=#{n},#{a}" }
         CNAMES.each { |n, t| args << "--cname=#{n},#{t}" }
         @pids << Process.spawn("ip", "netns", "exec", @name, *args, out: File::NULL, err: File::NULL)
       end
@@ -222,6 +242,7 @@ module MicrosandboxSpec
         end
         # Earlier versions routed the whole /24; a killed run of one could leave that behind.
         system("ip", "route", "del", "203.0.113.0/24", "via", PEER_ADDR, out: File::NULL, err: File::NULL)
+        system("ip", "-6", "route", "del", "unreachable", UNREACHABLE6, out: File::NULL, err: File::NULL)
       end
     end
   end

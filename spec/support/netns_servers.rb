@@ -6,11 +6,13 @@
 #                           GET /big → BIG_FILE (64 MiB), anything else 404
 #   TCP   203.0.113.10:7    echo
 #   UDP   203.0.113.10:7    echo
+# and the same on [2001:db8:6d73::10] and [2001:db8:6d73::11].
 # Every connection is bounded in time (30 s idle) and size (requests up to 8 KiB); the
 # process exits when its parent (the spec run) goes away.
 require "socket"
 
-ADDR = "203.0.113.10"
+# IPv4 and the IPv6 documentation addresses the IPv6 specs use.
+ADDRS = ["203.0.113.10", "2001:db8:6d73::10", "2001:db8:6d73::11"].freeze
 BIG = ARGV.fetch(0)
 parent = Process.ppid
 
@@ -34,50 +36,52 @@ def read_request(sock)
   head.lines.first.to_s.split(" ")[1]
 end
 
-http = TCPServer.new(ADDR, 80)
-Thread.new do
-  loop do
-    client = http.accept
-    Thread.new(client) do |c|
-      with_deadline(c) do
-        case read_request(c)
-        when "/hello"
-          body = "hello from the test internet\n"
-          c.write("HTTP/1.1 200 OK\r\nContent-Length: #{body.bytesize}\r\nConnection: close\r\n\r\n#{body}")
-        when "/big"
-          size = File.size(BIG)
-          c.write("HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: #{size}\r\nConnection: close\r\n\r\n")
-          File.open(BIG, "rb") { |f| IO.copy_stream(f, c) }
-        else
-          c.write("HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+ADDRS.each do |addr|
+  http = TCPServer.new(addr, 80)
+  Thread.new do
+    loop do
+      client = http.accept
+      Thread.new(client) do |c|
+        with_deadline(c) do
+          case read_request(c)
+          when "/hello"
+            body = "hello from the test internet\n"
+            c.write("HTTP/1.1 200 OK\r\nContent-Length: #{body.bytesize}\r\nConnection: close\r\n\r\n#{body}")
+          when "/big"
+            size = File.size(BIG)
+            c.write("HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: #{size}\r\nConnection: close\r\n\r\n")
+            File.open(BIG, "rb") { |f| IO.copy_stream(f, c) }
+          else
+            c.write("HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+          end
         end
       end
     end
   end
-end
 
-echo = TCPServer.new(ADDR, 7)
-Thread.new do
-  loop do
-    client = echo.accept
-    Thread.new(client) do |c|
-      with_deadline(c) do
-        while c.wait_readable(30)
-          c.write(c.readpartial(65_536))
+  echo = TCPServer.new(addr, 7)
+  Thread.new do
+    loop do
+      client = echo.accept
+      Thread.new(client) do |c|
+        with_deadline(c) do
+          while c.wait_readable(30)
+            c.write(c.readpartial(65_536))
+          end
         end
       end
     end
   end
-end
 
-udp = UDPSocket.new
-udp.bind(ADDR, 7)
-Thread.new do
-  loop do
-    data, from = udp.recvfrom(65_535)
-    udp.send(data, 0, from[3], from[1])
-  rescue SystemCallError
-    nil
+  udp = UDPSocket.new(addr.include?(":") ? Socket::AF_INET6 : Socket::AF_INET)
+  udp.bind(addr, 7)
+  Thread.new do
+    loop do
+      data, from = udp.recvfrom(65_535)
+      udp.send(data, 0, from[3], from[1])
+    rescue SystemCallError
+      nil
+    end
   end
 end
 

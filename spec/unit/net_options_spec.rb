@@ -1,10 +1,10 @@
 # frozen_string_literal: true
 
-# The spellings `ports:`, `ports_udp:`, `ipv4_pool:` and `max_connections:` take, and what
+# The spellings `ports:`, `ports_udp:`, `ipv4_pool:`, `ipv6_pool:` and `max_connections:` take, and what
 # the engine receives (it checks the values; see spec/integration/ports_spec.rb).
 RSpec.describe Microsandbox::NetOptions do
-  def config(ports: nil, ports_udp: nil, ipv4_pool: nil, max_connections: nil)
-    described_class.config(ports, ports_udp, ipv4_pool, max_connections)
+  def config(ports: nil, ports_udp: nil, ipv4_pool: nil, max_connections: nil, ipv6_pool: nil)
+    described_class.config(ports, ports_udp, ipv4_pool, max_connections, ipv6_pool)
   end
 
   it "passes nothing when no option is given" do
@@ -28,6 +28,11 @@ RSpec.describe Microsandbox::NetOptions do
   it "takes ipv4_pool as a String and max_connections as an Integer or digits" do
     expect(config(ipv4_pool: "10.0.0.0/24", max_connections: 64)).to eq("ipv4_pool" => "10.0.0.0/24", "max_connections" => 64)
     expect(config(max_connections: "32")).to eq("max_connections" => 32)
+  end
+
+  it "takes ipv6_pool as a String (the engine checks the CIDR)" do
+    expect(config(ipv6_pool: "fd00:1::/64")).to eq("ipv6_pool" => "fd00:1::/64")
+    expect(config(ipv4_pool: "10.0.0.0/24", ipv6_pool: "fd00:1::/64").keys).to eq(%w[ipv4_pool ipv6_pool])
   end
 
   it "rejects malformed spellings naming the option, never the value" do

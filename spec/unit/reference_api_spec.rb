@@ -277,7 +277,7 @@ RSpec.describe "reference gem 0.9.0 API compatibility" do
     create_keys = %i[image cpus memory env workdir shell user hostname labels scripts entrypoint patches
                      oci_upper_size max_duration idle_timeout pull_policy registry_auth registry_insecure
                      registry_ca_certs detached replace replace_with_timeout secrets on_secret_violation tls
-                     trust_host_cas volumes from_snapshot network dns ports ports_udp ipv4_pool max_connections
+                     trust_host_cas volumes from_snapshot network dns ports ports_udp ipv4_pool ipv6_pool max_connections
                      rlimits log_level quiet_logs security ephemeral init fstype]
     accepts!(ms::Sandbox, :create, ms::Sandbox.method(:create), sig(1, 0, *create_keys))
     expect(ms::Sandbox::DISK_IMAGE_EXTENSIONS).to eq(%w[raw qcow2 vmdk])

@@ -260,7 +260,27 @@ fn network(hostname: &str) -> Step {
         }
         sleep(DEVICE_POLL);
     }
+    // IPv6 (dual stack): the kernel settings before eth0 goes up, the address after. A
+    // kernel without IPv6 or a failure here costs IPv6 only; the console says why.
+    let v6 = procfs::net6(&cmdline);
+    let v6_ready = match v6.map(|_| crate::net::prepare_ipv6()) {
+        Some(Ok(true)) => true,
+        Some(Ok(false)) => {
+            eprintln!("msb-agent: the kernel has no IPv6: eth0 gets IPv4 only");
+            false
+        }
+        Some(Err(e)) => {
+            eprintln!("msb-agent: {e}; eth0 gets IPv4 only");
+            false
+        }
+        None => false,
+    };
     crate::net::configure_eth0(&cfg)?;
+    if let (Some(v6), true) = (v6, v6_ready) {
+        if let Err(e) = crate::net::configure_eth0_v6(&v6) {
+            eprintln!("msb-agent: {e}");
+        }
+    }
     if let Err(e) = crate::net::write_name_files(&cfg, hostname) {
         eprintln!("msb-agent: {e}");
     }

@@ -6,7 +6,7 @@
 
 use std::ffi::CStr;
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 /// The NIC configuration the host passes on the kernel command line as
@@ -17,6 +17,15 @@ pub struct NetConfig {
     pub prefix: u8,
     pub gateway: Ipv4Addr,
     pub mtu: u32,
+}
+
+/// The IPv6 side of the NIC, `msb.net6=<guest ip>/<prefix>,<gateway>` (see
+/// `procfs::net6`). The address is static: the host sends no router advertisements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Net6Config {
+    pub addr: Ipv6Addr,
+    pub prefix: u8,
+    pub gateway: Ipv6Addr,
 }
 
 /// The name `/etc/hosts` maps to the gateway, which the host side relays to host loopback.
@@ -110,6 +119,88 @@ pub fn configure_eth0(cfg: &NetConfig) -> Result<(), String> {
     rt.rt_dev = dev.as_mut_ptr() as *mut libc::c_char;
     // SAFETY: SIOCADDRT reads one rtentry; `dev` outlives the call.
     if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCADDRT as _, &mut rt as *mut libc::rtentry) } < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EEXIST) {
+            return Err(fail("default route", e));
+        }
+    }
+    Ok(())
+}
+
+/// Kernel IPv6 settings for `eth0`, written before it goes up: no duplicate address
+/// detection (nobody else is on the link, and a tentative address would fail the first
+/// second of connections), no router advertisements or autoconfiguration (the address
+/// is static). `false` when the kernel has no IPv6 (`/proc/sys/net/ipv6` is missing).
+pub fn prepare_ipv6() -> Result<bool, String> {
+    if !std::path::Path::new("/proc/sys/net/ipv6").exists() {
+        return Ok(false);
+    }
+    for dev in ["default", "eth0"] {
+        for (key, value) in [("accept_dad", "0"), ("accept_ra", "0"), ("autoconf", "0")] {
+            let path = format!("/proc/sys/net/ipv6/conf/{dev}/{key}");
+            std::fs::write(&path, value).map_err(|e| format!("cannot write {path}: {e}"))?;
+        }
+    }
+    Ok(true)
+}
+
+/// `struct in6_rtmsg` (linux/ipv6_route.h), for `SIOCADDRT` on an `AF_INET6` socket.
+#[repr(C)]
+struct In6Rtmsg {
+    dst: libc::in6_addr,
+    src: libc::in6_addr,
+    gateway: libc::in6_addr,
+    kind: u32,
+    dst_len: u16,
+    src_len: u16,
+    metric: u32,
+    info: libc::c_ulong,
+    flags: u32,
+    ifindex: libc::c_int,
+}
+
+/// Gives the (already up) `eth0` its IPv6 address and an IPv6 default route through the
+/// gateway.
+pub fn configure_eth0_v6(cfg: &Net6Config) -> Result<(), String> {
+    let fail = |what: &str, e: io::Error| format!("cannot configure eth0 for IPv6 ({what}): {e}");
+    let sock4 = socket().map_err(|e| fail("socket", e))?;
+    let mut req = ifreq(c"eth0");
+    ioctl(&sock4, libc::SIOCGIFINDEX, &mut req, "SIOCGIFINDEX").map_err(|e| fail("interface index", e))?;
+    // SAFETY: SIOCGIFINDEX filled the ifindex member of the union.
+    let ifindex = unsafe { req.ifr_ifru.ifru_ifindex };
+    // SAFETY: plain socket(2); the fd is owned at once.
+    let fd = unsafe { libc::socket(libc::AF_INET6, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(fail("socket", io::Error::last_os_error()));
+    }
+    // SAFETY: fd is a fresh descriptor we own.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut addr = libc::in6_ifreq {
+        ifr6_addr: libc::in6_addr { s6_addr: cfg.addr.octets() },
+        ifr6_prefixlen: u32::from(cfg.prefix),
+        ifr6_ifindex: ifindex,
+    };
+    // SAFETY: SIOCSIFADDR on an AF_INET6 socket reads one in6_ifreq.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFADDR as _, &mut addr as *mut libc::in6_ifreq) } < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EEXIST) {
+            return Err(fail("address", e));
+        }
+    }
+    let mut rt = In6Rtmsg {
+        dst: libc::in6_addr { s6_addr: [0; 16] },
+        src: libc::in6_addr { s6_addr: [0; 16] },
+        gateway: libc::in6_addr { s6_addr: cfg.gateway.octets() },
+        kind: 0,
+        dst_len: 0,
+        src_len: 0,
+        metric: 1,
+        info: 0,
+        flags: u32::from(libc::RTF_UP | libc::RTF_GATEWAY),
+        ifindex,
+    };
+    // SAFETY: SIOCADDRT on an AF_INET6 socket reads one in6_rtmsg.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCADDRT as _, &mut rt as *mut In6Rtmsg) } < 0 {
         let e = io::Error::last_os_error();
         if e.raw_os_error() != Some(libc::EEXIST) {
             return Err(fail("default route", e));

@@ -30,6 +30,16 @@ pub fn net(cmdline: &str) -> Option<crate::net::NetConfig> {
     Some(crate::net::NetConfig { addr: addr.parse().ok()?, prefix, gateway, mtu: mtu.clamp(68, 65520) })
 }
 
+/// `msb.net6=<ip>/<prefix>,<gateway>` from a kernel command line (last one wins); `None`
+/// when absent or malformed (then the guest has IPv4 only). The prefix is 64..=126.
+pub fn net6(cmdline: &str) -> Option<crate::net::Net6Config> {
+    let value = cmdline.split_whitespace().rev().find_map(|w| w.strip_prefix("msb.net6="))?;
+    let (addr, gateway) = value.split_once(',')?;
+    let (addr, prefix) = addr.split_once('/')?;
+    let prefix: u8 = prefix.parse().ok().filter(|p| (64..=126).contains(p))?;
+    Some(crate::net::Net6Config { addr: addr.parse().ok()?, prefix, gateway: gateway.parse().ok()? })
+}
+
 /// Milliseconds of uptime from `/proc/uptime` ("12.34 5.67"). Parsed as decimal text, not
 /// a float, so the value is exact.
 pub fn uptime_ms(text: &str) -> Option<u64> {
@@ -70,6 +80,17 @@ mod tests {
         assert!(net("msb.net=10.0.0.2/31,10.0.0.1,1500").is_none());
         assert!(net("msb.net=10.0.0.2/24,10.0.0.1,1500,x").is_none());
         assert!(net("msb.net=10.0.0.2/24,nope,1500").is_none());
+    }
+
+    #[test]
+    fn net6_from_cmdline() {
+        let c = net6("msb.net=172.16.0.2/30,172.16.0.1,65520 msb.net6=fd42:6d73:62::2/126,fd42:6d73:62::1 quiet").unwrap();
+        assert_eq!((c.addr.to_string(), c.prefix, c.gateway.to_string()), ("fd42:6d73:62::2".into(), 126, "fd42:6d73:62::1".into()));
+        assert!(net6("msb.net=172.16.0.2/30,172.16.0.1,65520").is_none());
+        assert!(net6("msb.net6=fd00::2/127,fd00::1").is_none());
+        assert!(net6("msb.net6=fd00::2/126").is_none());
+        assert!(net6("msb.net6=fd00::2/126,10.0.0.1").is_none());
+        assert!(net6("msb.net6=nope/126,fd00::1").is_none());
     }
 
     #[test]

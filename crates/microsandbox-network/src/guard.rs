@@ -4,19 +4,30 @@
 //!
 //! Invariants: a frame passes only if it carries the guest's own MAC and (for IPv4 and
 //! ARP) the guest's own IPv4 address as the sender — a guest cannot spoof another host on
-//! the link or claim the gateway. Everything not understood (IPv6 for now, VLAN tags,
-//! other ethertypes) is dropped, never forwarded.
+//! the link or claim the gateway. IPv6 likewise: the source is the guest's assigned
+//! address or its EUI-64 link-local one (`::` only for duplicate address detection);
+//! neighbour discovery passes only for what the guest owns (advertisements of its own
+//! addresses) or what the gateway answers (solicitations for the gateway's two
+//! addresses); router advertisements, redirects, DHCPv6 and any other neighbour traffic
+//! are dropped. IPv6 packets with extension headers (fragments included) are dropped:
+//! the guard must see the whole TCP/UDP header to judge a packet. Everything not
+//! understood (VLAN tags, other ethertypes) is dropped, never forwarded.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use smoltcp::wire::{ArpPacket, EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet, TcpPacket, UdpPacket};
+use smoltcp::wire::{
+    ArpPacket, EthernetFrame, EthernetProtocol, Icmpv6Message, Icmpv6Packet, IpProtocol, Ipv4Packet, Ipv6Packet,
+    NdiscRepr, RawHardwareAddress, TcpPacket, UdpPacket,
+};
+
+use crate::config::GATEWAY_LINK_LOCAL;
 
 /// A new TCP connection attempt: the stack connects to the host side first and only then
 /// lets smoltcp answer the SYN.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Syn {
     pub src_port: u16,
-    pub dst: Ipv4Addr,
+    pub dst: IpAddr,
     pub dst_port: u16,
 }
 
@@ -24,15 +35,19 @@ pub struct Syn {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Udp {
     pub src_port: u16,
-    pub dst: Ipv4Addr,
+    pub dst: IpAddr,
     pub dst_port: u16,
 }
 
 /// The payload of a UDP datagram inside an Ethernet frame (`None` if it is not one).
 pub fn udp_payload(frame: &[u8]) -> Option<&[u8]> {
     let eth = EthernetFrame::new_checked(frame).ok()?;
-    let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
-    let udp = UdpPacket::new_checked(ip.payload()).ok()?;
+    let ip_payload = match eth.ethertype() {
+        EthernetProtocol::Ipv4 => Ipv4Packet::new_checked(eth.payload()).ok()?.payload(),
+        EthernetProtocol::Ipv6 => Ipv6Packet::new_checked(eth.payload()).ok()?.payload(),
+        _ => return None,
+    };
+    let udp = UdpPacket::new_checked(ip_payload).ok()?;
     let p = udp.payload();
     let start = p.as_ptr() as usize - frame.as_ptr() as usize;
     frame.get(start..start + p.len())
@@ -50,6 +65,8 @@ pub enum Ingress {
     /// An ICMP echo request (valid checksums, unfragmented): answered by the stack or
     /// through a host ping socket (`icmp`), never by smoltcp.
     Echo,
+    /// An ICMPv6 echo request from the guest's own address (valid checksum).
+    Echo6,
     /// Drop it; the reason is for counters and logs.
     Drop(DropReason),
 }
@@ -67,6 +84,36 @@ pub enum DropReason {
 pub struct Identity {
     pub guest_mac: [u8; 6],
     pub guest_ip: Ipv4Addr,
+    /// Its assigned IPv6 address (`ipv6_pool:`).
+    pub guest_ip6: Ipv6Addr,
+    /// The gateway's IPv6 address (the one besides its link-local address that it
+    /// answers neighbour solicitations for).
+    pub gateway_ip6: Ipv6Addr,
+}
+
+impl Identity {
+    /// The link-local address the guest's kernel derives from its MAC (modified EUI-64,
+    /// Linux's default `addr_gen_mode`).
+    pub fn link_local(&self) -> Ipv6Addr {
+        eui64_link_local(self.guest_mac)
+    }
+
+    /// True for the guest's own IPv6 addresses.
+    pub fn owns6(&self, ip: Ipv6Addr) -> bool {
+        ip == self.guest_ip6 || ip == self.link_local()
+    }
+}
+
+/// `fe80::/64` + the modified EUI-64 interface identifier of `mac` (RFC 4291 appendix A).
+pub fn eui64_link_local(mac: [u8; 6]) -> Ipv6Addr {
+    let mut o = [0u8; 16];
+    o[0] = 0xfe;
+    o[1] = 0x80;
+    o[8..11].copy_from_slice(&[mac[0] ^ 0x02, mac[1], mac[2]]);
+    o[11] = 0xff;
+    o[12] = 0xfe;
+    o[13..16].copy_from_slice(&mac[3..6]);
+    Ipv6Addr::from(o)
 }
 
 /// True when the frame's sender is the guest itself: its MAC, and for IPv4 its address.
@@ -117,7 +164,7 @@ pub fn inspect(frame: &[u8], me: &Identity) -> Ingress {
                 if !udp.verify_checksum(&src, &dst) {
                     return Ingress::Drop(DropReason::Malformed);
                 }
-                return Ingress::Udp(Udp { src_port: udp.src_port(), dst: ip.dst_addr(), dst_port: udp.dst_port() });
+                return Ingress::Udp(Udp { src_port: udp.src_port(), dst: ip.dst_addr().into(), dst_port: udp.dst_port() });
             }
             if ip.next_header() == IpProtocol::Icmp && crate::icmp::parse_echo(frame).is_some() {
                 return Ingress::Echo;
@@ -127,10 +174,103 @@ pub fn inspect(frame: &[u8], me: &Identity) -> Ingress {
             }
             let Ok(tcp) = TcpPacket::new_checked(ip.payload()) else { return Ingress::Drop(DropReason::Malformed) };
             if tcp.syn() && !tcp.ack() && !tcp.rst() && !tcp.fin() {
-                return Ingress::Syn(Syn { src_port: tcp.src_port(), dst: ip.dst_addr(), dst_port: tcp.dst_port() });
+                return Ingress::Syn(Syn { src_port: tcp.src_port(), dst: ip.dst_addr().into(), dst_port: tcp.dst_port() });
             }
             Ingress::Stack
         }
+        EthernetProtocol::Ipv6 => inspect6(eth.payload(), me),
+        _ => Ingress::Drop(DropReason::UnsupportedProtocol),
+    }
+}
+
+/// An IPv6 packet from the guest's MAC.
+fn inspect6(packet: &[u8], me: &Identity) -> Ingress {
+    let Ok(ip) = Ipv6Packet::new_checked(packet) else { return Ingress::Drop(DropReason::Malformed) };
+    if ip.version() != 6 {
+        return Ingress::Drop(DropReason::Malformed);
+    }
+    let (src, dst) = (ip.src_addr(), ip.dst_addr());
+    if ip.next_header() == IpProtocol::Icmpv6 {
+        return inspect_icmp6(&ip, me);
+    }
+    if !me.owns6(src) {
+        return Ingress::Drop(DropReason::SpoofedIp);
+    }
+    match ip.next_header() {
+        IpProtocol::Udp => {
+            let Ok(udp) = UdpPacket::new_checked(ip.payload()) else { return Ingress::Drop(DropReason::Malformed) };
+            // The UDP checksum is mandatory over IPv6 (0 is invalid, RFC 8200 8.1).
+            if udp.checksum() == 0 || !udp.verify_checksum(&src.into(), &dst.into()) {
+                return Ingress::Drop(DropReason::Malformed);
+            }
+            // DHCPv6 (client 546, server/relay 547): the guest is configured statically
+            // and is nobody's server.
+            if [546, 547].contains(&udp.src_port()) || [546, 547].contains(&udp.dst_port()) {
+                return Ingress::Drop(DropReason::UnsupportedProtocol);
+            }
+            Ingress::Udp(Udp { src_port: udp.src_port(), dst: dst.into(), dst_port: udp.dst_port() })
+        }
+        IpProtocol::Tcp => {
+            let Ok(tcp) = TcpPacket::new_checked(ip.payload()) else { return Ingress::Drop(DropReason::Malformed) };
+            if tcp.syn() && !tcp.ack() && !tcp.rst() && !tcp.fin() {
+                return Ingress::Syn(Syn { src_port: tcp.src_port(), dst: dst.into(), dst_port: tcp.dst_port() });
+            }
+            Ingress::Stack
+        }
+        // Extension headers (hop-by-hop, routing, fragments, …) and other protocols.
+        _ => Ingress::Drop(DropReason::UnsupportedProtocol),
+    }
+}
+
+/// ICMPv6 from the guest: echo requests, neighbour discovery for the link's real owners,
+/// and error messages about its own traffic; the rest is dropped.
+fn inspect_icmp6(ip: &Ipv6Packet<&[u8]>, me: &Identity) -> Ingress {
+    let (src, dst) = (ip.src_addr(), ip.dst_addr());
+    let Ok(icmp) = Icmpv6Packet::new_checked(ip.payload()) else { return Ingress::Drop(DropReason::Malformed) };
+    if !icmp.verify_checksum(&src, &dst) {
+        return Ingress::Drop(DropReason::Malformed);
+    }
+    let own_src = me.owns6(src);
+    let my_mac = |ll: Option<RawHardwareAddress>| ll.is_none_or(|a| a.as_bytes() == me.guest_mac);
+    match icmp.msg_type() {
+        Icmpv6Message::EchoRequest if own_src => Ingress::Echo6,
+        Icmpv6Message::NeighborSolicit | Icmpv6Message::NeighborAdvert => {
+            // RFC 4861 7.1.1: neighbour discovery comes with hop limit 255 (never routed).
+            if ip.hop_limit() != 255 {
+                return Ingress::Drop(DropReason::Malformed);
+            }
+            let Ok(ndisc) = NdiscRepr::parse(&icmp) else { return Ingress::Drop(DropReason::Malformed) };
+            match ndisc {
+                // A question the gateway answers: who has one of its addresses.
+                NdiscRepr::NeighborSolicit { target_addr, lladdr }
+                    if own_src && my_mac(lladdr) && (target_addr == me.gateway_ip6 || target_addr == GATEWAY_LINK_LOCAL) =>
+                {
+                    Ingress::Stack
+                }
+                // The guest's duplicate address detection for its own addresses (from
+                // `::`): nobody else is on the link, so there is nothing to answer.
+                NdiscRepr::NeighborSolicit { target_addr, lladdr: None } if src.is_unspecified() && me.owns6(target_addr) => {
+                    Ingress::Drop(DropReason::UnsupportedProtocol)
+                }
+                // The guest telling the gateway where its own addresses are.
+                NdiscRepr::NeighborAdvert { target_addr, lladdr, .. } if own_src && me.owns6(target_addr) && my_mac(lladdr) => {
+                    Ingress::Stack
+                }
+                // Solicitations for other addresses, claims on addresses it does not own.
+                _ => Ingress::Drop(DropReason::SpoofedIp),
+            }
+        }
+        // Error messages about the guest's own traffic (smoltcp reads them for its sockets).
+        Icmpv6Message::DstUnreachable | Icmpv6Message::PktTooBig | Icmpv6Message::TimeExceeded | Icmpv6Message::ParamProblem
+            if own_src =>
+        {
+            Ingress::Stack
+        }
+        // Router advertisements and redirects: the guest is nobody's router.
+        Icmpv6Message::RouterAdvert | Icmpv6Message::Redirect => Ingress::Drop(DropReason::SpoofedIp),
+        _ if !own_src && !src.is_unspecified() => Ingress::Drop(DropReason::SpoofedIp),
+        // Router solicitations (the address is static: no advertisements), multicast
+        // listener reports, echo replies and the rest.
         _ => Ingress::Drop(DropReason::UnsupportedProtocol),
     }
 }
@@ -146,8 +286,11 @@ pub(crate) mod tests {
     pub const GUEST_MAC: [u8; 6] = [2, 0, 0, 0, 0, 2];
     pub const GUEST_IP: Ipv4Addr = Ipv4Addr::new(172, 16, 0, 2);
 
+    pub const GUEST_IP6: Ipv6Addr = Ipv6Addr::new(0xfd42, 0x6d73, 0x62, 0, 0, 0, 0, 2);
+    pub const GATEWAY_IP6: Ipv6Addr = Ipv6Addr::new(0xfd42, 0x6d73, 0x62, 0, 0, 0, 0, 1);
+
     pub fn me() -> Identity {
-        Identity { guest_mac: GUEST_MAC, guest_ip: GUEST_IP }
+        Identity { guest_mac: GUEST_MAC, guest_ip: GUEST_IP, guest_ip6: GUEST_IP6, gateway_ip6: GATEWAY_IP6 }
     }
 
     /// An Ethernet frame from `mac`/`src` carrying a TCP segment with `control`.
@@ -199,7 +342,7 @@ pub(crate) mod tests {
     fn syn_is_singled_out() {
         let dst = Ipv4Addr::new(203, 0, 113, 10);
         let f = tcp_frame(GUEST_MAC, GUEST_IP, dst, TcpControl::Syn, false);
-        assert_eq!(inspect(&f, &me()), Ingress::Syn(Syn { src_port: 40000, dst, dst_port: 80 }));
+        assert_eq!(inspect(&f, &me()), Ingress::Syn(Syn { src_port: 40000, dst: dst.into(), dst_port: 80 }));
         // SYN-ACK, plain ACK, FIN: ordinary segments for smoltcp.
         assert_eq!(inspect(&tcp_frame(GUEST_MAC, GUEST_IP, dst, TcpControl::Syn, true), &me()), Ingress::Stack);
         assert_eq!(inspect(&tcp_frame(GUEST_MAC, GUEST_IP, dst, TcpControl::None, true), &me()), Ingress::Stack);
@@ -224,7 +367,7 @@ pub(crate) mod tests {
         assert_eq!(inspect(&[0u8; 13], &me()), Ingress::Drop(DropReason::Malformed));
         let mut f = tcp_frame(GUEST_MAC, GUEST_IP, Ipv4Addr::new(1, 2, 3, 4), TcpControl::Syn, false);
         f[12..14].copy_from_slice(&[0x86, 0xdd]);
-        assert_eq!(inspect(&f, &me()), Ingress::Drop(DropReason::UnsupportedProtocol));
+        assert_eq!(inspect(&f, &me()), Ingress::Drop(DropReason::Malformed), "an IPv4 packet labelled IPv6");
         f[12..14].copy_from_slice(&[0x81, 0x00]);
         assert_eq!(inspect(&f, &me()), Ingress::Drop(DropReason::UnsupportedProtocol), "VLAN tags");
         let mut f = tcp_frame(GUEST_MAC, GUEST_IP, Ipv4Addr::new(1, 2, 3, 4), TcpControl::Syn, false);

@@ -9,7 +9,7 @@
 //! denied before any host socket is opened.
 
 use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
     ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr, Icmpv4Packet,
-    Icmpv4Repr, IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber, UdpPacket,
+    Icmpv4Repr, Icmpv6Packet, Icmpv6Repr, IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr, Ipv6Packet, Ipv6Repr, NdiscRepr,
+    RawHardwareAddress, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber, UdpPacket,
 };
 
 use crate::config::NetworkConfig;
@@ -183,8 +184,40 @@ impl Guest {
         (eth, buf)
     }
 
-    /// A TCP segment from the guest (its own MAC and address) to `dst:dst_port`.
-    pub fn tcp(&self, src_port: u16, dst: Ipv4Addr, dst_port: u16, control: TcpControl, seq: u32, ack: Option<u32>, payload: &[u8]) -> Vec<u8> {
+    /// An IPv6 frame from the guest's MAC carrying `payload_len` bytes of `next_header`
+    /// from `src` to `dst`; `fill` writes the payload (given the addresses).
+    fn ip6(&self, src: Ipv6Addr, dst: Ipv6Addr, next_header: IpProtocol, payload_len: usize, hop_limit: u8, fill: impl FnOnce(&mut [u8])) -> Vec<u8> {
+        let ip = Ipv6Repr { src_addr: src, dst_addr: dst, next_header, payload_len, hop_limit };
+        let (eth, mut buf) = self.eth(EthernetProtocol::Ipv6, ip.buffer_len() + payload_len);
+        let mut f = EthernetFrame::new_unchecked(&mut buf);
+        eth.emit(&mut f);
+        let mut p = Ipv6Packet::new_unchecked(f.payload_mut());
+        ip.emit(&mut p);
+        fill(p.payload_mut());
+        buf
+    }
+
+    /// An ICMPv6 message from `src` to `dst` (valid checksum; neighbour discovery uses
+    /// hop limit 255).
+    pub fn icmp6(&self, src: Ipv6Addr, dst: Ipv6Addr, icmp: &Icmpv6Repr<'_>) -> Vec<u8> {
+        let hop = if matches!(icmp, Icmpv6Repr::Ndisc(_)) { 255 } else { 64 };
+        self.ip6(src, dst, IpProtocol::Icmpv6, icmp.buffer_len(), hop, |b| {
+            icmp.emit(&src, &dst, &mut Icmpv6Packet::new_unchecked(b), &ChecksumCapabilities::default())
+        })
+    }
+
+    /// A neighbour solicitation from `src` for `target` (to its solicited-node group),
+    /// claiming `lladdr` as the sender's MAC.
+    pub fn neighbor_solicit(&self, src: Ipv6Addr, target: Ipv6Addr, lladdr: Option<[u8; 6]>) -> Vec<u8> {
+        let t = target.octets();
+        let group = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 1, 0xff00 | u16::from(t[13]), u16::from_be_bytes([t[14], t[15]]));
+        let lladdr = lladdr.map(|m| RawHardwareAddress::from_bytes(&m));
+        self.icmp6(src, group, &Icmpv6Repr::Ndisc(NdiscRepr::NeighborSolicit { target_addr: target, lladdr }))
+    }
+
+    /// A TCP segment from the guest (its own MAC and address of `dst`'s family) to
+    /// `dst:dst_port`.
+    pub fn tcp(&self, src_port: u16, dst: impl Into<IpAddr>, dst_port: u16, control: TcpControl, seq: u32, ack: Option<u32>, payload: &[u8]) -> Vec<u8> {
         let tcp = TcpRepr {
             src_port,
             dst_port,
@@ -198,6 +231,15 @@ impl Guest {
             sack_ranges: [None, None, None],
             timestamp: None,
             payload,
+        };
+        let dst = match dst.into() {
+            IpAddr::V4(d) => d,
+            IpAddr::V6(d) => {
+                let src = self.cfg.guest_ip6;
+                return self.ip6(src, d, IpProtocol::Tcp, tcp.buffer_len(), 64, |b| {
+                    tcp.emit(&mut TcpPacket::new_unchecked(b), &IpAddress::Ipv6(src), &IpAddress::Ipv6(d), &ChecksumCapabilities::default())
+                });
+            }
         };
         let src = self.cfg.guest_ip;
         let ip = Ipv4Repr { src_addr: src, dst_addr: dst, next_header: IpProtocol::Tcp, payload_len: tcp.buffer_len(), hop_limit: 64 };
@@ -213,16 +255,18 @@ impl Guest {
     }
 
     /// A TCP SYN from `src_port`.
-    pub fn syn(&self, src_port: u16, dst: Ipv4Addr, dst_port: u16) -> Vec<u8> {
+    pub fn syn(&self, src_port: u16, dst: impl Into<IpAddr>, dst_port: u16) -> Vec<u8> {
         self.tcp(src_port, dst, dst_port, TcpControl::Syn, 1000, None, &[])
     }
 
     /// A UDP datagram from the guest.
-    pub fn udp(&self, src_port: u16, dst: Ipv4Addr, dst_port: u16, payload: &[u8]) -> Vec<u8> {
+    pub fn udp(&self, src_port: u16, dst: impl Into<IpAddr>, dst_port: u16, payload: &[u8]) -> Vec<u8> {
+        let dst = dst.into();
+        let src: IpAddr = if dst.is_ipv4() { self.cfg.guest_ip.into() } else { self.cfg.guest_ip6.into() };
         let mut f = wire::udp_frame(
             self.cfg.guest_mac,
             self.cfg.gateway_mac,
-            SocketAddrV4::new(self.cfg.guest_ip, src_port),
+            SocketAddr::new(src, src_port),
             dst,
             dst_port,
             payload,
@@ -253,7 +297,11 @@ impl Guest {
     }
 
     /// An ICMP echo request from the guest.
-    pub fn ping(&self, dst: Ipv4Addr, ident: u16, seq_no: u16, data: &[u8]) -> Vec<u8> {
+    pub fn ping(&self, dst: impl Into<IpAddr>, ident: u16, seq_no: u16, data: &[u8]) -> Vec<u8> {
+        let dst = match dst.into() {
+            IpAddr::V4(d) => d,
+            IpAddr::V6(d) => return self.icmp6(self.cfg.guest_ip6, d, &Icmpv6Repr::EchoRequest { ident, seq_no, data }),
+        };
         let icmp = Icmpv4Repr::EchoRequest { ident, seq_no, data };
         let src = self.cfg.guest_ip;
         let ip = Ipv4Repr { src_addr: src, dst_addr: dst, next_header: IpProtocol::Icmp, payload_len: icmp.buffer_len(), hop_limit: 64 };
@@ -271,7 +319,7 @@ impl Guest {
 /// A TCP segment the stack sent to the guest, reduced to what tests look at.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Segment {
-    pub src: Ipv4Addr,
+    pub src: IpAddr,
     pub src_port: u16,
     pub dst_port: u16,
     pub syn: bool,
@@ -284,17 +332,13 @@ pub struct Segment {
 
 /// The TCP segment in a frame to the guest, if it is one.
 pub fn segment(f: &[u8]) -> Option<Segment> {
-    let eth = EthernetFrame::new_checked(f).ok()?;
-    if eth.ethertype() != EthernetProtocol::Ipv4 {
+    let (src, proto, payload) = ip_payload(f)?;
+    if proto != IpProtocol::Tcp {
         return None;
     }
-    let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
-    if ip.next_header() != IpProtocol::Tcp {
-        return None;
-    }
-    let t = TcpPacket::new_checked(ip.payload()).ok()?;
+    let t = TcpPacket::new_checked(payload).ok()?;
     Some(Segment {
-        src: ip.src_addr(),
+        src,
         src_port: t.src_port(),
         dst_port: t.dst_port(),
         syn: t.syn(),
@@ -306,11 +350,30 @@ pub fn segment(f: &[u8]) -> Option<Segment> {
     })
 }
 
+/// The source, protocol and payload of the IPv4 or IPv6 packet in a frame.
+fn ip_payload(f: &[u8]) -> Option<(IpAddr, IpProtocol, &[u8])> {
+    let eth = EthernetFrame::new_checked(f).ok()?;
+    let start = f.len() - eth.payload().len();
+    match eth.ethertype() {
+        EthernetProtocol::Ipv4 => {
+            let ip = Ipv4Packet::new_checked(&f[start..]).ok()?;
+            let off = start + usize::from(ip.header_len());
+            Some((ip.src_addr().into(), ip.next_header(), f.get(off..off + ip.payload().len())?))
+        }
+        EthernetProtocol::Ipv6 => {
+            let ip = Ipv6Packet::new_checked(&f[start..]).ok()?;
+            let off = start + 40;
+            Some((ip.src_addr().into(), ip.next_header(), f.get(off..off + ip.payload().len())?))
+        }
+        _ => None,
+    }
+}
+
 /// A guest-side TCP client over [`Guest`]: handshake, send, receive (acknowledging what
 /// arrived), as a guest kernel would — only the happy path, for tests.
 pub struct TcpClient {
     pub port: u16,
-    pub dst: Ipv4Addr,
+    pub dst: IpAddr,
     pub dst_port: u16,
     seq: u32,
     ack: u32,
@@ -323,7 +386,8 @@ pub struct TcpClient {
 
 impl TcpClient {
     /// Connects; `None` if the stack answered with a RST or nothing within `limit`.
-    pub fn connect(g: &mut Guest, port: u16, dst: Ipv4Addr, dst_port: u16, limit: Duration) -> Option<TcpClient> {
+    pub fn connect(g: &mut Guest, port: u16, dst: impl Into<IpAddr>, dst_port: u16, limit: Duration) -> Option<TcpClient> {
+        let dst = dst.into();
         let start = g.inbox.len();
         let f = g.syn(port, dst, dst_port);
         g.send(&f).ok()?;
@@ -401,14 +465,29 @@ impl TcpClient {
 }
 
 /// The UDP datagram in a frame to the guest: (source, destination port, payload).
-pub fn datagram(f: &[u8]) -> Option<(SocketAddrV4, u16, Vec<u8>)> {
-    let eth = EthernetFrame::new_checked(f).ok()?;
-    let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
-    if ip.next_header() != IpProtocol::Udp {
+pub fn datagram(f: &[u8]) -> Option<(SocketAddr, u16, Vec<u8>)> {
+    let (src, proto, payload) = ip_payload(f)?;
+    if proto != IpProtocol::Udp {
         return None;
     }
-    let u = UdpPacket::new_checked(ip.payload()).ok()?;
-    Some((SocketAddrV4::new(ip.src_addr(), u.src_port()), u.dst_port(), u.payload().to_vec()))
+    let u = UdpPacket::new_checked(payload).ok()?;
+    Some((SocketAddr::new(src, u.src_port()), u.dst_port(), u.payload().to_vec()))
+}
+
+/// An ICMPv6 message in a frame to the guest (its checksum is asserted valid): source,
+/// destination, type, code and the whole message.
+pub fn icmp6_message(f: &[u8]) -> Option<(Ipv6Addr, Ipv6Addr, u8, u8, Vec<u8>)> {
+    let eth = EthernetFrame::new_checked(f).ok()?;
+    if eth.ethertype() != EthernetProtocol::Ipv6 {
+        return None;
+    }
+    let ip = Ipv6Packet::new_checked(eth.payload()).ok()?;
+    if ip.next_header() != IpProtocol::Icmpv6 {
+        return None;
+    }
+    let p = Icmpv6Packet::new_checked(ip.payload()).ok()?;
+    assert!(p.verify_checksum(&ip.src_addr(), &ip.dst_addr()), "the stack's ICMPv6 checksums are valid");
+    Some((ip.src_addr(), ip.dst_addr(), p.msg_type().into(), p.msg_code(), ip.payload().to_vec()))
 }
 
 /// An ARP reply in a frame to the guest: (sender MAC, sender IP).
@@ -426,15 +505,23 @@ pub fn arp_reply(f: &[u8]) -> Option<([u8; 6], Ipv4Addr)> {
 }
 
 /// An ICMP echo reply in a frame to the guest: (source, ident, seq, data).
-pub fn echo_reply(f: &[u8]) -> Option<(Ipv4Addr, u16, u16, Vec<u8>)> {
+pub fn echo_reply(f: &[u8]) -> Option<(IpAddr, u16, u16, Vec<u8>)> {
     let eth = EthernetFrame::new_checked(f).ok()?;
+    if eth.ethertype() == EthernetProtocol::Ipv6 {
+        let ip = Ipv6Packet::new_checked(eth.payload()).ok()?;
+        let p = Icmpv6Packet::new_checked(ip.payload()).ok()?;
+        return match Icmpv6Repr::parse(&ip.src_addr(), &ip.dst_addr(), &p, &ChecksumCapabilities::default()).ok()? {
+            Icmpv6Repr::EchoReply { ident, seq_no, data } => Some((ip.src_addr().into(), ident, seq_no, data.to_vec())),
+            _ => None,
+        };
+    }
     let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
     if ip.next_header() != IpProtocol::Icmp {
         return None;
     }
     let p = Icmpv4Packet::new_checked(ip.payload()).ok()?;
     match Icmpv4Repr::parse(&p, &ChecksumCapabilities::default()).ok()? {
-        Icmpv4Repr::EchoReply { ident, seq_no, data } => Some((ip.src_addr(), ident, seq_no, data.to_vec())),
+        Icmpv4Repr::EchoReply { ident, seq_no, data } => Some((ip.src_addr().into(), ident, seq_no, data.to_vec())),
         _ => None,
     }
 }
@@ -481,24 +568,22 @@ pub fn fuzz_config() -> NetworkConfig {
     c.max_connections = 16;
     c.dns.nameservers = vec![Nameserver::parse("127.0.0.1:9").expect("nameserver")];
     c.dns.query_timeout_ms = 50;
-    let gw = std::net::IpAddr::V4(c.gateway_ip);
-    c.policy = NetworkPolicy::custom(
-        Action::Deny,
-        Action::Deny,
-        vec![Rule {
-            action: Action::Allow,
-            direction: RuleDirection::Egress,
-            destination: Destination::Ip(gw),
-            protocols: Vec::new(),
-            ports: vec![PortRange::single(tcp).expect("port"), PortRange::single(udp).expect("port")],
-        }],
-    );
+    // The gateway's IPv4 and IPv6 addresses (host 127.0.0.1 and ::1), sink ports only.
+    let allow = |gw: IpAddr| Rule {
+        action: Action::Allow,
+        direction: RuleDirection::Egress,
+        destination: Destination::Ip(gw),
+        protocols: Vec::new(),
+        ports: vec![PortRange::single(tcp).expect("port"), PortRange::single(udp).expect("port")],
+    };
+    c.policy = NetworkPolicy::custom(Action::Deny, Action::Deny, vec![allow(c.gateway_ip.into()), allow(c.gateway_ip6.into())]);
     c
 }
 
-/// Gives a fuzzed frame the guest's identity (MAC, and IPv4 source for IPv4 and ARP) so
-/// it gets past the guard, and with `fix` valid IPv4/TCP/UDP/ICMP checksums, so it gets
-/// into smoltcp and the relays.
+/// Gives a fuzzed frame the guest's identity (MAC, and the IPv4 source for IPv4 and ARP,
+/// the IPv6 source for IPv6 — kept when it is `::` or the guest's link-local address) so
+/// it gets past the guard, and with `fix` valid IPv4/TCP/UDP/ICMP/ICMPv6 checksums, so it
+/// gets into smoltcp and the relays.
 fn impersonate(f: &mut [u8], cfg: &NetworkConfig, fix: bool) {
     if f.len() >= 14 {
         f[6..12].copy_from_slice(&cfg.guest_mac);
@@ -534,6 +619,35 @@ fn impersonate(f: &mut [u8], cfg: &NetworkConfig, fix: bool) {
                 IpProtocol::Icmp => {
                     if let Ok(mut i) = Icmpv4Packet::new_checked(p.payload_mut()) {
                         i.fill_checksum();
+                    }
+                }
+                _ => {}
+            }
+        }
+        Some([0x86, 0xdd]) if f.len() >= 54 => {
+            let src = Ipv6Addr::from(<[u8; 16]>::try_from(&f[22..38]).expect("16 bytes"));
+            if !src.is_unspecified() && src != crate::guard::eui64_link_local(cfg.guest_mac) {
+                f[22..38].copy_from_slice(&cfg.guest_ip6.octets());
+            }
+            if !fix {
+                return;
+            }
+            let Ok(mut p) = Ipv6Packet::new_checked(&mut f[14..]) else { return };
+            let (src, dst) = (p.src_addr(), p.dst_addr());
+            match p.next_header() {
+                IpProtocol::Tcp => {
+                    if let Ok(mut t) = TcpPacket::new_checked(p.payload_mut()) {
+                        t.fill_checksum(&src.into(), &dst.into());
+                    }
+                }
+                IpProtocol::Udp => {
+                    if let Ok(mut u) = UdpPacket::new_checked(p.payload_mut()) {
+                        u.fill_checksum(&src.into(), &dst.into());
+                    }
+                }
+                IpProtocol::Icmpv6 => {
+                    if let Ok(mut i) = Icmpv6Packet::new_checked(p.payload_mut()) {
+                        i.fill_checksum(&src, &dst);
                     }
                 }
                 _ => {}
@@ -663,6 +777,53 @@ pub fn seed_programs() -> Vec<Vec<u8>> {
     p.extend(frame_op(1, &syn));
     p.extend(frame_op(0, &syn[..30]));
     p.extend([5, 4, 0, 0, 0, 14]);
+    out.push(p);
+    // IPv6: neighbour discovery (for the gateway, for others, spoofed), SYNs and data
+    // allowed and denied, UDP, DNS, echo, router advertisements and DHCPv6 from the guest.
+    let (gw6, me6) = (cfg.gateway_ip6, cfg.guest_ip6);
+    let ll = crate::guard::eui64_link_local(cfg.guest_mac);
+    let all_nodes = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
+    let lladdr = Some(RawHardwareAddress::from_bytes(&cfg.guest_mac));
+    let mut p = Vec::new();
+    p.extend(frame_op(2, &g.neighbor_solicit(me6, gw6, Some(cfg.guest_mac))));
+    p.extend(frame_op(2, &g.neighbor_solicit(ll, crate::config::GATEWAY_LINK_LOCAL, Some(cfg.guest_mac))));
+    p.extend(frame_op(2, &g.neighbor_solicit(Ipv6Addr::UNSPECIFIED, me6, None)));
+    p.extend(frame_op(3, &g.neighbor_solicit("fd42:6d73:62::9".parse().unwrap(), gw6, Some([2, 0, 0, 0, 0, 9]))));
+    p.extend(frame_op(2, &g.syn(40010, gw6, 22)));
+    p.extend(frame_op(2, &g.syn(40011, "::1".parse::<Ipv6Addr>().unwrap(), 80)));
+    p.extend(frame_op(2, &g.syn(40012, "fd00:ec2::254".parse::<Ipv6Addr>().unwrap(), 80)));
+    p.extend(frame_op(2, &g.tcp(40010, gw6, 22, TcpControl::Psh, 1001, Some(1), b"data")));
+    p.extend(frame_op(2, &g.udp(5353, gw6, 53, q)));
+    p.extend(frame_op(2, &g.udp(5354, gw6, 9, b"dgram")));
+    p.extend(frame_op(2, &g.ping(gw6, 7, 1, b"ping6")));
+    p.extend(frame_op(2, &g.ping("::1".parse::<Ipv6Addr>().unwrap(), 7, 2, b"ping6")));
+    p.extend([4, 4]);
+    p.extend(frame_op(
+        2,
+        &g.icmp6(me6, all_nodes, &Icmpv6Repr::Ndisc(NdiscRepr::NeighborAdvert { flags: smoltcp::wire::NdiscNeighborFlags::OVERRIDE, target_addr: gw6, lladdr })),
+    ));
+    p.extend(frame_op(
+        2,
+        &g.icmp6(
+            ll,
+            all_nodes,
+            &Icmpv6Repr::Ndisc(NdiscRepr::RouterAdvert {
+                hop_limit: 64,
+                flags: smoltcp::wire::NdiscRouterFlags::empty(),
+                router_lifetime: smoltcp::time::Duration::from_secs(1800),
+                reachable_time: smoltcp::time::Duration::from_millis(0),
+                retrans_time: smoltcp::time::Duration::from_millis(0),
+                lladdr,
+                mtu: None,
+                prefix_info: None,
+            }),
+        ),
+    ));
+    p.extend(frame_op(2, &g.udp(546, Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 1, 2), 547, b"solicit")));
+    let mut frag = g.udp(6000, gw6, 9, b"xxxxxxxx");
+    frag[14 + 6] = 44;
+    p.extend(frame_op(2, &frag));
+    p.extend([4, 4]);
     out.push(p);
     out
 }

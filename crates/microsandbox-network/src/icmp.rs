@@ -4,7 +4,11 @@
 //! supervisor's group is inside `net.ipv4.ping_group_range`. Where it is not, the first
 //! ping leaves one `system` log line saying so, and pings get no answer — nothing fails.
 //!
-//! Policy: each echo request is a flow (egress, ICMPv4, the destination, port 0) decided
+//! IPv6 the same way: echo requests to the gateway's IPv6 addresses are answered here,
+//! others go through `socket(AF_INET6, SOCK_DGRAM, IPPROTO_ICMPV6)` (same sysctl), a
+//! refusal is ICMPv6 "destination unreachable, administratively prohibited".
+//!
+//! Policy: each echo request is a flow (egress, ICMPv4/ICMPv6, the destination, port 0) decided
 //! by the stack before anything is sent; a refused one gets an ICMP "communication
 //! administratively prohibited" back at once, so `ping` reports it instead of hanging.
 //!
@@ -15,13 +19,13 @@
 use std::collections::HashMap;
 use std::io;
 use std::mem::MaybeUninit;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
     EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr, Icmpv4DstUnreachable, Icmpv4Packet, Icmpv4Repr,
-    IpProtocol, Ipv4Packet, Ipv4Repr,
+    Icmpv6DstUnreachable, Icmpv6Packet, Icmpv6Repr, IpProtocol, Ipv4Packet, Ipv4Repr, Ipv6Packet, Ipv6Repr,
 };
 
 /// Ping sockets open at once per sandbox.
@@ -34,7 +38,7 @@ pub const READ_BUDGET: usize = 16;
 /// An echo request from the guest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Echo {
-    pub dst: Ipv4Addr,
+    pub dst: IpAddr,
     pub ident: u16,
     pub seq_no: u16,
     pub data: Vec<u8>,
@@ -50,7 +54,22 @@ pub fn parse_echo(frame: &[u8]) -> Option<Echo> {
     }
     let p = Icmpv4Packet::new_checked(ip.payload()).ok()?;
     match Icmpv4Repr::parse(&p, &ChecksumCapabilities::default()).ok()? {
-        Icmpv4Repr::EchoRequest { ident, seq_no, data } => Some(Echo { dst: ip.dst_addr(), ident, seq_no, data: data.to_vec() }),
+        Icmpv4Repr::EchoRequest { ident, seq_no, data } => Some(Echo { dst: ip.dst_addr().into(), ident, seq_no, data: data.to_vec() }),
+        _ => None,
+    }
+}
+
+/// The ICMPv6 echo request in a guest frame (valid checksum, no extension headers), if
+/// it is one.
+pub fn parse_echo6(frame: &[u8]) -> Option<Echo> {
+    let eth = EthernetFrame::new_checked(frame).ok()?;
+    let ip = Ipv6Packet::new_checked(eth.payload()).ok()?;
+    if ip.next_header() != IpProtocol::Icmpv6 {
+        return None;
+    }
+    let p = Icmpv6Packet::new_checked(ip.payload()).ok()?;
+    match Icmpv6Repr::parse(&ip.src_addr(), &ip.dst_addr(), &p, &ChecksumCapabilities::default()).ok()? {
+        Icmpv6Repr::EchoRequest { ident, seq_no, data } => Some(Echo { dst: ip.dst_addr().into(), ident, seq_no, data: data.to_vec() }),
         _ => None,
     }
 }
@@ -61,7 +80,44 @@ pub struct Link {
     pub gateway_mac: [u8; 6],
     pub guest_mac: [u8; 6],
     pub guest_ip: Ipv4Addr,
+    pub guest_ip6: Ipv6Addr,
     pub max_frame: usize,
+}
+
+fn icmp6_frame(link: &Link, from: Ipv6Addr, icmp: &Icmpv6Repr<'_>) -> Option<Vec<u8>> {
+    let ip = Ipv6Repr { src_addr: from, dst_addr: link.guest_ip6, next_header: IpProtocol::Icmpv6, payload_len: icmp.buffer_len(), hop_limit: 64 };
+    let eth = EthernetRepr { src_addr: EthernetAddress(link.gateway_mac), dst_addr: EthernetAddress(link.guest_mac), ethertype: EthernetProtocol::Ipv6 };
+    let len = eth.buffer_len() + ip.buffer_len() + icmp.buffer_len();
+    if len > link.max_frame {
+        return None;
+    }
+    let mut buf = vec![0u8; len];
+    let mut f = EthernetFrame::new_unchecked(&mut buf);
+    eth.emit(&mut f);
+    let mut p = Ipv6Packet::new_unchecked(f.payload_mut());
+    ip.emit(&mut p);
+    icmp.emit(&from, &link.guest_ip6, &mut Icmpv6Packet::new_unchecked(p.payload_mut()), &ChecksumCapabilities::default());
+    Some(buf)
+}
+
+/// An echo reply from `from` to the guest, ICMPv4 or ICMPv6 by the address family.
+pub fn reply_frame_any(link: &Link, from: IpAddr, ident: u16, seq_no: u16, data: &[u8]) -> Option<Vec<u8>> {
+    match from {
+        IpAddr::V4(from) => reply_frame(link, from, ident, seq_no, data),
+        IpAddr::V6(from) => icmp6_frame(link, from, &Icmpv6Repr::EchoReply { ident, seq_no, data }),
+    }
+}
+
+/// ICMPv6 "destination unreachable, communication administratively prohibited" (type 1,
+/// code 1) about the guest's `request` frame, from the gateway.
+pub fn prohibited_frame6(link: &Link, gateway: Ipv6Addr, request: &[u8]) -> Option<Vec<u8>> {
+    let eth = EthernetFrame::new_checked(request).ok()?;
+    let ip = Ipv6Packet::new_checked(eth.payload()).ok()?;
+    let mut header = Ipv6Repr::parse(&ip).ok()?;
+    // As much of the offending packet as fits the IPv6 minimum MTU (RFC 4443 2.4 (c)).
+    let data = &ip.payload()[..ip.payload().len().min(1280 - 40 - 8 - 40)];
+    header.payload_len = data.len();
+    icmp6_frame(link, gateway, &Icmpv6Repr::DstUnreachable { reason: Icmpv6DstUnreachable::AdminProhibit, header, data })
 }
 
 fn icmp_frame(link: &Link, from: Ipv4Addr, icmp: &Icmpv4Repr<'_>) -> Option<Vec<u8>> {
@@ -104,14 +160,14 @@ pub fn prohibited_frame(link: &Link, gateway: Ipv4Addr, request: &[u8]) -> Optio
 struct Session {
     socket: socket2::Socket,
     /// The address the socket sends to (the gateway's maps to host loopback).
-    target: Ipv4Addr,
+    target: IpAddr,
     last: Instant,
 }
 
 /// The ping sockets of one sandbox.
 #[derive(Default)]
 pub struct Pinger {
-    sessions: HashMap<(Ipv4Addr, u16), Session>,
+    sessions: HashMap<(IpAddr, u16), Session>,
     /// The host refused a ping socket and the log said so (once per stack: the next
     /// session tries again, so a sysctl change takes effect without a restart).
     told: bool,
@@ -139,14 +195,14 @@ impl Pinger {
 
     /// Sends the guest's echo request to `target` (its destination on the host side).
     /// Errors are for the log; a lost ping is what a network does.
-    pub fn send(&mut self, echo: &Echo, target: Ipv4Addr, log: &mut dyn FnMut(&str)) {
+    pub fn send(&mut self, echo: &Echo, target: IpAddr, log: &mut dyn FnMut(&str)) {
         let key = (echo.dst, echo.ident);
         if !self.sessions.contains_key(&key) {
             if self.sessions.len() >= MAX_SESSIONS {
                 log(&format!("network: dropped ICMP echo to {}: {MAX_SESSIONS} ping sessions open", echo.dst));
                 return;
             }
-            match open() {
+            match open(target.is_ipv6()) {
                 Ok(socket) => {
                     self.sessions.insert(key, Session { socket, target, last: Instant::now() });
                 }
@@ -173,10 +229,10 @@ impl Pinger {
         s.last = Instant::now();
         // An echo request header; the kernel sets the identifier and the checksum.
         let mut msg = Vec::with_capacity(8 + echo.data.len());
-        msg.extend_from_slice(&[8, 0, 0, 0, 0, 0]);
+        msg.extend_from_slice(&[if s.target.is_ipv6() { 128 } else { 8 }, 0, 0, 0, 0, 0]);
         msg.extend_from_slice(&echo.seq_no.to_be_bytes());
         msg.extend_from_slice(&echo.data);
-        let _ = s.socket.send_to(&msg, &SocketAddrV4::new(s.target, 0).into());
+        let _ = s.socket.send_to(&msg, &SocketAddr::new(s.target, 0).into());
     }
 
     /// Replies that arrived, as frames for the guest (from the address it pinged, with
@@ -191,12 +247,13 @@ impl Pinger {
                 };
                 // SAFETY: recv_from initialised the first `n` bytes.
                 let msg: &[u8] = unsafe { std::slice::from_raw_parts(buf.as_ptr() as *const u8, n) };
-                if from.as_socket_ipv4().map(|a| *a.ip()) != Some(s.target) || n < 8 || msg[0] != 0 {
+                let reply_type = if s.target.is_ipv6() { 129 } else { 0 };
+                if from.as_socket().map(|a| a.ip()) != Some(s.target) || n < 8 || msg[0] != reply_type {
                     continue; // only echo replies from the pinged address
                 }
                 s.last = Instant::now();
                 let seq_no = u16::from_be_bytes([msg[6], msg[7]]);
-                if let Some(f) = reply_frame(link, dst, ident, seq_no, &msg[8..]) {
+                if let Some(f) = reply_frame_any(link, dst, ident, seq_no, &msg[8..]) {
                     if !out(f) {
                         break;
                     }
@@ -213,8 +270,12 @@ impl Pinger {
     }
 }
 
-fn open() -> io::Result<socket2::Socket> {
-    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM.cloexec(), Some(socket2::Protocol::ICMPV4))?;
+fn open(v6: bool) -> io::Result<socket2::Socket> {
+    let s = if v6 {
+        socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::DGRAM.cloexec(), Some(socket2::Protocol::ICMPV6))?
+    } else {
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM.cloexec(), Some(socket2::Protocol::ICMPV4))?
+    };
     s.set_nonblocking(true)?;
     Ok(s)
 }
@@ -222,7 +283,7 @@ fn open() -> io::Result<socket2::Socket> {
 /// Whether this host lets the supervisor open ping sockets (tests use it to say which
 /// behaviour they expect).
 pub fn available() -> bool {
-    open().is_ok()
+    open(false).is_ok()
 }
 
 #[cfg(test)]
@@ -230,7 +291,13 @@ mod tests {
     use super::*;
 
     fn link() -> Link {
-        Link { gateway_mac: [2, 0, 0, 0, 0, 1], guest_mac: [2, 0, 0, 0, 0, 2], guest_ip: Ipv4Addr::new(172, 16, 0, 2), max_frame: 1514 }
+        Link {
+            gateway_mac: [2, 0, 0, 0, 0, 1],
+            guest_mac: [2, 0, 0, 0, 0, 2],
+            guest_ip: Ipv4Addr::new(172, 16, 0, 2),
+            guest_ip6: "fd42:6d73:62::2".parse().unwrap(),
+            max_frame: 1514,
+        }
     }
 
     #[test]
@@ -248,7 +315,7 @@ mod tests {
         assert!(reply_frame(&l, Ipv4Addr::LOCALHOST, 1, 1, &[0; 1500]).is_none(), "over the link MTU");
         // An echo request built the same way (roles swapped) parses as one.
         let req = icmp_frame(&l, Ipv4Addr::new(172, 16, 0, 2), &Icmpv4Repr::EchoRequest { ident: 3, seq_no: 4, data: b"hi" }).unwrap();
-        assert_eq!(parse_echo(&req), Some(Echo { dst: l.guest_ip, ident: 3, seq_no: 4, data: b"hi".to_vec() }));
+        assert_eq!(parse_echo(&req), Some(Echo { dst: l.guest_ip.into(), ident: 3, seq_no: 4, data: b"hi".to_vec() }));
         let no = prohibited_frame(&l, Ipv4Addr::new(172, 16, 0, 1), &req).unwrap();
         let eth = EthernetFrame::new_checked(&no[..]).unwrap();
         let ip = Ipv4Packet::new_checked(eth.payload()).unwrap();
@@ -264,5 +331,39 @@ mod tests {
         let mut bad = req.clone();
         *bad.last_mut().unwrap() ^= 1;
         assert_eq!(parse_echo(&bad), None, "bad ICMP checksum");
+    }
+
+    #[test]
+    fn icmpv6_frames_parse_back() {
+        let l = link();
+        let server: Ipv6Addr = "2001:db8:6d73::10".parse().unwrap();
+        let f = reply_frame_any(&l, server.into(), 7, 9, b"abc").unwrap();
+        let eth = EthernetFrame::new_checked(&f[..]).unwrap();
+        let ip = Ipv6Packet::new_checked(eth.payload()).unwrap();
+        let p = Icmpv6Packet::new_checked(ip.payload()).unwrap();
+        assert_eq!(
+            Icmpv6Repr::parse(&ip.src_addr(), &ip.dst_addr(), &p, &ChecksumCapabilities::default()).unwrap(),
+            Icmpv6Repr::EchoReply { ident: 7, seq_no: 9, data: b"abc" }
+        );
+        // An echo request built the same way (guest as the destination) parses as one.
+        let req = icmp6_frame(&l, server, &Icmpv6Repr::EchoRequest { ident: 3, seq_no: 4, data: b"hi" }).unwrap();
+        assert_eq!(parse_echo6(&req), Some(Echo { dst: l.guest_ip6.into(), ident: 3, seq_no: 4, data: b"hi".to_vec() }));
+        assert_eq!(parse_echo(&req), None, "not ICMPv4");
+        let no = prohibited_frame6(&l, "fd42:6d73:62::1".parse().unwrap(), &req).unwrap();
+        let eth = EthernetFrame::new_checked(&no[..]).unwrap();
+        let ip = Ipv6Packet::new_checked(eth.payload()).unwrap();
+        let p = Icmpv6Packet::new_checked(ip.payload()).unwrap();
+        assert!(matches!(
+            Icmpv6Repr::parse(&ip.src_addr(), &ip.dst_addr(), &p, &ChecksumCapabilities::default()).unwrap(),
+            Icmpv6Repr::DstUnreachable { reason: Icmpv6DstUnreachable::AdminProhibit, .. }
+        ));
+        for n in 0..req.len() {
+            let _ = parse_echo6(&req[..n]);
+            let _ = prohibited_frame6(&l, server, &req[..n]);
+        }
+        let mut bad = req.clone();
+        *bad.last_mut().unwrap() ^= 1;
+        assert_eq!(parse_echo6(&bad), None, "bad ICMPv6 checksum");
+        assert!(reply_frame_any(&l, server.into(), 1, 1, &[0; 1500]).is_none(), "over the link MTU");
     }
 }

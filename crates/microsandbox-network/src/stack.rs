@@ -17,7 +17,7 @@
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -58,7 +58,21 @@ const MAX_SLEEP: Duration = Duration::from_millis(500);
 /// Concurrent UDP sessions (guest port, destination) per sandbox.
 pub const MAX_UDP_SESSIONS: usize = 256;
 /// A UDP session without traffic for this long is closed.
-const UDP_IDLE: Duration = Duration::from_secs(60);
+pub const UDP_IDLE: Duration = Duration::from_secs(60);
+
+/// The bounds of the guest's outbound UDP sessions ([`MAX_UDP_SESSIONS`], [`UDP_IDLE`]).
+/// Not a user option: a field so tests can check the cap and the expiry exactly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UdpLimits {
+    pub max_sessions: usize,
+    pub idle: Duration,
+}
+
+impl Default for UdpLimits {
+    fn default() -> Self {
+        UdpLimits { max_sessions: MAX_UDP_SESSIONS, idle: UDP_IDLE }
+    }
+}
 /// Datagrams read per UDP socket per iteration (fairness).
 const UDP_READ_BUDGET: usize = 64;
 /// `system` log entries about refusals per second at most; the rest are counted.
@@ -181,6 +195,7 @@ pub struct Stack {
     /// IPv4 fragments from the guest being put back together.
     frags: frag::Reassembler,
     udp: HashMap<Udp, UdpSession>,
+    udp_limits: UdpLimits,
     dns_queries: Vec<DnsQuery>,
     nameservers: Vec<SocketAddr>,
     dns_filter: DnsFilter,
@@ -262,9 +277,18 @@ impl Stack {
             &mut device,
             Instant::from_millis(0),
         );
+        let mut added = true;
         iface.update_ip_addrs(|addrs| {
-            let _ = addrs.push(IpCidr::new(IpAddress::Ipv4(cfg.gateway_ip), cfg.prefix));
+            added &= addrs.push(IpCidr::new(IpAddress::Ipv4(cfg.gateway_ip), cfg.prefix)).is_ok();
+            // The gateway's IPv6 addresses: the pool's `::1` (the guest's default route)
+            // and `fe80::1`. smoltcp answers neighbour solicitations for them (the guard
+            // lets no other solicitation through).
+            added &= addrs.push(IpCidr::new(IpAddress::Ipv6(cfg.gateway_ip6), crate::config::IPV6_LINK_PREFIX)).is_ok();
+            added &= addrs.push(IpCidr::new(IpAddress::Ipv6(crate::config::GATEWAY_LINK_LOCAL), 64)).is_ok();
         });
+        if !added {
+            return Err(io::Error::other("smoltcp interface address table full"));
+        }
         // any_ip + a default route through our own address: smoltcp accepts segments for
         // every destination, so a socket can stand in for any far end.
         iface.set_any_ip(true);
@@ -272,20 +296,27 @@ impl Stack {
             .routes_mut()
             .add_default_ipv4_route(cfg.gateway_ip)
             .map_err(|_| io::Error::other("smoltcp route table full"))?;
-        let host = HostContext { gateway: vec![IpAddr::V4(cfg.gateway_ip)], host_addrs: host_addrs() };
+        iface
+            .routes_mut()
+            .add_default_ipv6_route(cfg.gateway_ip6)
+            .map_err(|_| io::Error::other("smoltcp route table full"))?;
+        let mut gateway = vec![IpAddr::V4(cfg.gateway_ip)];
+        gateway.extend(cfg.gateway_ip6s().map(IpAddr::V6));
+        let host = HostContext { gateway, host_addrs: host_addrs() };
         let nameservers = resolve_nameservers(&cfg.dns.nameservers);
         let mut logger = Logger { out: log, window: StdInstant::now(), in_window: 0, suppressed: 0 };
         if nameservers.is_empty() {
             logger.log("network: no upstream DNS resolver (dns.nameservers is empty and the host's /etc/resolv.conf names none): DNS queries get SERVFAIL");
         }
         Ok(Stack {
-            me: Identity { guest_mac: cfg.guest_mac, guest_ip: cfg.guest_ip },
+            me: Identity { guest_mac: cfg.guest_mac, guest_ip: cfg.guest_ip, guest_ip6: cfg.guest_ip6, gateway_ip6: cfg.gateway_ip6 },
             dns_filter: DnsFilter::new(&cfg.policy, &cfg.dns).with_host_context(host.clone()),
             host,
             nameservers,
             logger,
             pins: PinSet::new(),
             udp: HashMap::new(),
+            udp_limits: UdpLimits::default(),
             dns_queries: Vec::new(),
             decoder: Decoder::new(cfg.max_frame()),
             cfg,
@@ -318,10 +349,10 @@ impl Stack {
     }
 
     /// The pinned names of `dst` when a TCP connection to it on `port` is intercepted.
-    fn intercepted_names(&self, dst: Ipv4Addr, port: u16) -> Option<Vec<String>> {
+    fn intercepted_names(&self, dst: IpAddr, port: u16) -> Option<Vec<String>> {
         let i = self.intercept.as_ref()?;
         let names: Vec<String> =
-            self.pins.names_for(IpAddr::V4(dst), StdInstant::now()).map(|n| n.as_str().to_string()).collect();
+            self.pins.names_for(dst, StdInstant::now()).map(|n| n.as_str().to_string()).collect();
         i.intercepts(port, names.iter().map(String::as_str)).then_some(names)
     }
 
@@ -437,7 +468,16 @@ impl Stack {
                     self.on_udp(udp, payload);
                 }
             }
-            Ingress::Echo => self.on_echo(&frame),
+            Ingress::Echo => {
+                if let Some(echo) = icmp::parse_echo(&frame) {
+                    self.on_echo(echo, &frame);
+                }
+            }
+            Ingress::Echo6 => {
+                if let Some(echo) = icmp::parse_echo6(&frame) {
+                    self.on_echo(echo, &frame);
+                }
+            }
             Ingress::Drop(_) => {
                 self.counters.dropped_frames.fetch_add(1, Ordering::Relaxed);
             }
@@ -449,31 +489,36 @@ impl Stack {
             gateway_mac: self.cfg.gateway_mac,
             guest_mac: self.cfg.guest_mac,
             guest_ip: self.cfg.guest_ip,
+            guest_ip6: self.cfg.guest_ip6,
             max_frame: self.cfg.max_frame(),
         }
     }
 
     /// A guest ping: the gateway answers its own; others, if the policy allows them, go
     /// out through a host ping socket; a refused one gets "administratively prohibited".
-    fn on_echo(&mut self, frame: &[u8]) {
-        let Some(echo) = icmp::parse_echo(frame) else { return };
+    fn on_echo(&mut self, echo: icmp::Echo, frame: &[u8]) {
         let link = self.icmp_link();
-        if echo.dst == self.cfg.gateway_ip {
-            if let Some(f) = icmp::reply_frame(&link, echo.dst, echo.ident, echo.seq_no, &echo.data) {
+        if self.is_gateway(echo.dst) {
+            if let Some(f) = icmp::reply_frame_any(&link, echo.dst, echo.ident, echo.seq_no, &echo.data) {
                 self.device.tx.push_back(f);
             }
             return;
         }
-        let flow = Flow { direction: Direction::Egress, protocol: Protocol::Icmpv4, remote: IpAddr::V4(echo.dst), port: 0 };
+        let protocol = if echo.dst.is_ipv4() { Protocol::Icmpv4 } else { Protocol::Icmpv6 };
+        let flow = Flow { direction: Direction::Egress, protocol, remote: echo.dst, port: 0 };
         let verdict = self.cfg.policy.decide(&flow, &self.host, &self.pins, StdInstant::now());
         if verdict.action == Action::Deny {
             self.logger.log(&format!("network: refused ICMP echo to {} ({})", echo.dst, verdict.reason));
-            if let Some(f) = icmp::prohibited_frame(&link, self.cfg.gateway_ip, frame) {
+            let refusal = match echo.dst {
+                IpAddr::V4(_) => icmp::prohibited_frame(&link, self.cfg.gateway_ip, frame),
+                IpAddr::V6(_) => icmp::prohibited_frame6(&link, self.cfg.gateway_ip6, frame),
+            };
+            if let Some(f) = refusal {
                 self.device.tx.push_back(f);
             }
             return;
         }
-        let target = *self.host_addr(echo.dst, 0).ip();
+        let target = self.host_addr(echo.dst, 0).ip();
         let logger = &mut self.logger;
         self.pinger.send(&echo, target, &mut |line| logger.log(line));
     }
@@ -506,18 +551,18 @@ impl Stack {
             self.accept_dns_tcp(syn, frame);
             return;
         }
-        let flow = Flow { direction: Direction::Egress, protocol: Protocol::Tcp, remote: IpAddr::V4(syn.dst), port: syn.dst_port };
+        let flow = Flow { direction: Direction::Egress, protocol: Protocol::Tcp, remote: syn.dst, port: syn.dst_port };
         let verdict = self.cfg.policy.decide(&flow, &self.host, &self.pins, StdInstant::now());
         if verdict.action == Action::Deny {
-            self.logger.log(&format!("network: refused TCP connection to {}:{} ({})", syn.dst, syn.dst_port, verdict.reason));
+            self.logger.log(&format!("network: refused TCP connection to {} ({})", SocketAddr::new(syn.dst, syn.dst_port), verdict.reason));
             // No socket will take the SYN: smoltcp answers with a RST (ECONNREFUSED).
             self.device.rx.push_back(frame);
             return;
         }
         if self.conns.len() + self.pending.len() + self.inbound.tcp_count() >= self.cfg.max_connections as usize {
             self.logger.log(&format!(
-                "network: refused TCP connection to {}:{}: max_connections ({}) reached",
-                syn.dst, syn.dst_port, self.cfg.max_connections
+                "network: refused TCP connection to {}: max_connections ({}) reached",
+                SocketAddr::new(syn.dst, syn.dst_port), self.cfg.max_connections
             ));
             // No socket will take it: smoltcp answers with a RST.
             self.device.rx.push_back(frame);
@@ -532,16 +577,31 @@ impl Stack {
         }
     }
 
-    /// Where a guest destination is on the host side: the gateway is host loopback.
-    fn host_addr(&self, dst: Ipv4Addr, port: u16) -> SocketAddrV4 {
-        let ip = if dst == self.cfg.gateway_ip { Ipv4Addr::LOCALHOST } else { dst };
-        SocketAddrV4::new(ip, port)
+    /// True for the gateway's own addresses (IPv4, its IPv6 pool address, `fe80::1`).
+    fn is_gateway(&self, ip: IpAddr) -> bool {
+        match ip {
+            IpAddr::V4(v4) => v4 == self.cfg.gateway_ip,
+            IpAddr::V6(v6) => self.cfg.gateway_ip6s().contains(&v6),
+        }
+    }
+
+    /// Where a guest destination is on the host side: the gateway is host loopback
+    /// (127.0.0.1 for its IPv4 address, `::1` for its IPv6 ones).
+    fn host_addr(&self, dst: IpAddr, port: u16) -> SocketAddr {
+        let ip = match dst {
+            IpAddr::V4(_) if self.is_gateway(dst) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(_) if self.is_gateway(dst) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            _ => dst,
+        };
+        SocketAddr::new(ip, port)
     }
 
     /// Queues a datagram from `from` to the guest's `port` (dropped, counted, if it does
-    /// not fit the link MTU: the stack does not fragment).
-    fn to_guest_udp(&mut self, from: SocketAddrV4, port: u16, payload: &[u8]) {
-        match wire::udp_frame(self.cfg.gateway_mac, self.cfg.guest_mac, from, self.cfg.guest_ip, port, payload, self.cfg.max_frame()) {
+    /// not fit the link MTU: the stack does not fragment). The guest address is the one
+    /// of `from`'s family.
+    fn to_guest_udp(&mut self, from: SocketAddr, port: u16, payload: &[u8]) {
+        let guest = if from.is_ipv4() { IpAddr::V4(self.cfg.guest_ip) } else { IpAddr::V6(self.cfg.guest_ip6) };
+        match wire::udp_frame(self.cfg.gateway_mac, self.cfg.guest_mac, from, guest, port, payload, self.cfg.max_frame()) {
             Some(f) => self.device.tx.push_back(f),
             None => {
                 self.counters.dropped_frames.fetch_add(1, Ordering::Relaxed);
@@ -556,29 +616,30 @@ impl Stack {
             let _ = s.socket.send(payload); // UDP: a full socket buffer drops, as a network would
             return;
         }
-        let flow = Flow { direction: Direction::Egress, protocol: Protocol::Udp, remote: IpAddr::V4(key.dst), port: key.dst_port };
+        let shown = SocketAddr::new(key.dst, key.dst_port);
+        let flow = Flow { direction: Direction::Egress, protocol: Protocol::Udp, remote: key.dst, port: key.dst_port };
         let verdict = self.cfg.policy.decide(&flow, &self.host, &self.pins, StdInstant::now());
         if verdict.action == Action::Deny {
-            self.logger.log(&format!("network: refused UDP to {}:{} ({})", key.dst, key.dst_port, verdict.reason));
+            self.logger.log(&format!("network: refused UDP to {shown} ({})", verdict.reason));
             return;
         }
         if let Some(i) = &self.intercept {
             let names: Vec<String> =
-                self.pins.names_for(IpAddr::V4(key.dst), StdInstant::now()).map(|n| n.as_str().to_string()).collect();
+                self.pins.names_for(key.dst, StdInstant::now()).map(|n| n.as_str().to_string()).collect();
             if i.blocks_udp(key.dst_port, names.iter().map(String::as_str)) {
                 self.logger.log(&format!(
-                    "network: dropped UDP to {}:{}: the host is intercepted and tls.block_quic is on (clients fall back to TCP)",
-                    key.dst, key.dst_port
+                    "network: dropped UDP to {shown}: the host is intercepted and tls.block_quic is on (clients fall back to TCP)"
                 ));
                 return;
             }
         }
-        if self.udp.len() >= MAX_UDP_SESSIONS {
-            self.logger.log(&format!("network: dropped UDP to {}:{}: {MAX_UDP_SESSIONS} UDP sessions open", key.dst, key.dst_port));
+        if self.udp.len() >= self.udp_limits.max_sessions {
+            self.logger.log(&format!("network: dropped UDP to {shown}: {} UDP sessions open", self.udp_limits.max_sessions));
             return;
         }
         let dest = self.host_addr(key.dst, key.dst_port);
-        let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
+        let any: SocketAddr = if dest.is_ipv4() { (Ipv4Addr::UNSPECIFIED, 0).into() } else { (Ipv6Addr::UNSPECIFIED, 0).into() };
+        let socket = UdpSocket::bind(any)
             .and_then(|s| s.set_nonblocking(true).map(|_| s))
             .and_then(|s| s.connect(dest).map(|_| s));
         match socket {
@@ -586,7 +647,7 @@ impl Stack {
                 let _ = socket.send(payload);
                 self.udp.insert(key, UdpSession { socket, last: StdInstant::now() });
             }
-            Err(e) => self.logger.log(&format!("network: UDP to {}:{} failed: {e}", key.dst, key.dst_port)),
+            Err(e) => self.logger.log(&format!("network: UDP to {shown} failed: {e}")),
         }
     }
 
@@ -604,14 +665,14 @@ impl Stack {
                 match s.socket.recv(&mut buf) {
                     Ok(n) => {
                         s.last = StdInstant::now();
-                        let from = SocketAddrV4::new(key.dst, key.dst_port);
+                        let from = SocketAddr::new(key.dst, key.dst_port);
                         let payload = buf[..n].to_vec();
                         self.to_guest_udp(from, key.src_port, &payload);
                     }
                     Err(_) => break, // WouldBlock, or an ICMP error for an earlier send
                 }
             }
-            if self.udp.get(&key).is_some_and(|s| s.last.elapsed() >= UDP_IDLE) {
+            if self.udp.get(&key).is_some_and(|s| s.last.elapsed() >= self.udp_limits.idle) {
                 idle.push(key);
             }
         }
@@ -630,7 +691,7 @@ impl Stack {
         if let Some(line) = &outcome.log {
             self.logger.log(&format!("network: DNS {line}"));
         }
-        let from = SocketAddrV4::new(key.dst, 53);
+        let from = SocketAddr::new(key.dst, 53);
         match outcome.decision {
             QueryDecision::Drop => {}
             QueryDecision::Reply(answer) => self.to_guest_udp(from, key.src_port, &answer),
@@ -693,7 +754,7 @@ impl Stack {
                     break;
                 }
             }
-            let from = SocketAddrV4::new(q.key.dst, 53);
+            let from = SocketAddr::new(q.key.dst, 53);
             if let Some(answer) = answer {
                 let q = self.dns_queries.swap_remove(i);
                 let outcome = self.dns_filter.filter_response(&q.query, &answer, &mut self.pins, StdInstant::now());
@@ -735,8 +796,8 @@ impl Stack {
     fn accept_dns_tcp(&mut self, syn: Syn, frame: Vec<u8>) {
         if self.dns_tcp.len() >= dns_tcp::MAX_CONNS {
             self.logger.log(&format!(
-                "network: refused DNS over TCP to {}:53: {} such connections open",
-                syn.dst,
+                "network: refused DNS over TCP to {}: {} such connections open",
+                SocketAddr::new(syn.dst, 53),
                 dns_tcp::MAX_CONNS
             ));
             self.device.rx.push_back(frame);
@@ -748,7 +809,7 @@ impl Stack {
         );
         socket.set_timeout(Some(TCP_TIMEOUT));
         socket.set_nagle_enabled(false);
-        if socket.listen(IpListenEndpoint { addr: Some(IpAddress::Ipv4(syn.dst)), port: 53 }).is_err() {
+        if socket.listen(IpListenEndpoint { addr: Some(IpAddress::from(syn.dst)), port: 53 }).is_err() {
             self.device.rx.push_back(frame);
             return;
         }
@@ -786,10 +847,13 @@ impl Stack {
     }
 
     fn connect(&self, syn: &Syn) -> io::Result<socket2::Socket> {
-        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM.cloexec(), Some(socket2::Protocol::TCP))?;
+        let dest = self.host_addr(syn.dst, syn.dst_port);
+        let socket = socket2::Socket::new(socket2::Domain::for_address(dest), socket2::Type::STREAM.cloexec(), Some(socket2::Protocol::TCP))?;
         socket.set_nonblocking(true)?;
         socket.set_tcp_nodelay(true)?;
-        match socket.connect(&self.host_addr(syn.dst, syn.dst_port).into()) {
+        // Without an IPv6 route on the host this fails at once (ENETUNREACH): the guest
+        // gets its RST right away, never a hang.
+        match socket.connect(&dest.into()) {
             Ok(()) => Ok(socket),
             Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => Ok(socket),
             Err(e) => Err(e),
@@ -823,7 +887,7 @@ impl Stack {
         let mut socket = tcp::Socket::new(tcp::SocketBuffer::new(vec![0; n]), tcp::SocketBuffer::new(vec![0; n]));
         socket.set_timeout(Some(TCP_TIMEOUT));
         socket.set_nagle_enabled(false);
-        let endpoint = IpListenEndpoint { addr: Some(IpAddress::Ipv4(p.syn.dst)), port: p.syn.dst_port };
+        let endpoint = IpListenEndpoint { addr: Some(IpAddress::from(p.syn.dst)), port: p.syn.dst_port };
         if socket.listen(endpoint).is_err() {
             self.device.rx.push_back(p.frame);
             return;
@@ -872,7 +936,7 @@ impl Stack {
     /// Logs why an intercepted connection was cut (secrets by env name, never a value)
     /// and stops the sandbox for a `block_and_terminate` violation.
     fn on_cut(&mut self, syn: &Syn, sni: Option<String>, cut: Cut) {
-        let dst = format!("{}:{}", syn.dst, syn.dst_port);
+        let dst = SocketAddr::new(syn.dst, syn.dst_port).to_string();
         let name = sni.unwrap_or_else(|| dst.clone());
         match cut {
             Cut::Refused(crate::secrets::Refusal::Violation(v)) => {
@@ -906,7 +970,7 @@ impl Stack {
             self.logger.log(&line);
         }
         if let Some(a) = dns_transport::empty_answer(payload, 3, false) {
-            self.to_guest_udp(SocketAddrV4::new(key.dst, 53), key.src_port, &a);
+            self.to_guest_udp(SocketAddr::new(key.dst, 53), key.src_port, &a);
         }
         true
     }
@@ -1306,6 +1370,20 @@ impl Stack {
         self.turn()
     }
 
+    /// Ages every outbound UDP session by `by`, as if that much time had passed without
+    /// traffic (a fake clock for the idle-expiry tests: no test waits 60 s).
+    pub fn age_udp_sessions(&mut self, by: Duration) {
+        for s in self.udp.values_mut() {
+            s.last = s.last.checked_sub(by).unwrap_or(s.last);
+        }
+        self.age_inbound_peers(by);
+    }
+
+    /// Host peers of published UDP ports tracked now.
+    pub fn udp_peers(&self) -> usize {
+        self.inbound_peer_count()
+    }
+
     pub fn occupancy(&self) -> Occupancy {
         Occupancy {
             rx_frames: self.device.rx.len(),
@@ -1327,3 +1405,7 @@ impl Stack {
 #[cfg(test)]
 #[path = "stack_hostile_tests.rs"]
 mod hostile_tests;
+
+#[cfg(test)]
+#[path = "stack_ipv6_tests.rs"]
+mod ipv6_tests;

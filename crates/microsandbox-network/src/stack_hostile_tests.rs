@@ -412,7 +412,7 @@ mod dns_over_tcp {
 mod icmp_echo {
     use super::*;
 
-    fn replies(g: &Guest) -> Vec<(Ipv4Addr, u16, u16, Vec<u8>)> {
+    fn replies(g: &Guest) -> Vec<(IpAddr, u16, u16, Vec<u8>)> {
         g.inbox.iter().filter_map(|f| hostile::echo_reply(f)).collect()
     }
 
@@ -422,7 +422,7 @@ mod icmp_echo {
         let f = g.ping(GW, 77, 1, b"abcdef");
         g.send(&f).unwrap();
         assert!(g.run_until(Duration::from_secs(2), |inbox| inbox.iter().any(|f| hostile::echo_reply(f).is_some())));
-        assert_eq!(replies(&g), vec![(GW, 77, 1, b"abcdef".to_vec())]);
+        assert_eq!(replies(&g), vec![(GW.into(), 77, 1, b"abcdef".to_vec())]);
         // The policy refuses private and loopback: "administratively prohibited", logged.
         for dst in [Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(127, 0, 0, 1), Ipv4Addr::new(169, 254, 169, 254)] {
             let f = g.ping(dst, 78, 1, b"x");
@@ -466,7 +466,7 @@ mod icmp_echo {
             let ok = g.run_until(Duration::from_secs(5), |inbox| inbox.iter().filter_map(|f| hostile::echo_reply(f)).count() >= 3);
             assert!(ok, "three echo replies from host loopback");
             for (i, (from, ident, seq, data)) in replies(&g).into_iter().enumerate() {
-                assert_eq!((from, ident, seq, data), (Ipv4Addr::LOCALHOST, 4242, i as u16 + 1, b"payload-0123456789".to_vec()));
+                assert_eq!((from, ident, seq, data), (Ipv4Addr::LOCALHOST.into(), 4242, i as u16 + 1, b"payload-0123456789".to_vec()));
             }
             assert_eq!(g.stack.occupancy().ping_sessions, 1);
         } else {

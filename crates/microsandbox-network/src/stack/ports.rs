@@ -21,7 +21,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{IpAddr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant as StdInstant};
 
@@ -289,7 +289,7 @@ impl Stack {
                     p.last = StdInstant::now();
                 }
                 let payload = buf[..n].to_vec();
-                self.to_guest_udp(SocketAddrV4::new(self.cfg.gateway_ip, local), port.guest_port, &payload);
+                self.to_guest_udp(SocketAddr::new(self.cfg.gateway_ip.into(), local), port.guest_port, &payload);
             }
         }
         let idle: Vec<u16> = self.inbound.peers.iter().filter(|(_, p)| p.last.elapsed() >= UDP_PEER_IDLE).map(|(k, _)| *k).collect();
@@ -317,11 +317,24 @@ impl Stack {
         Some(local)
     }
 
+    /// Ages every published-port UDP peer by `by` (the tests' fake clock, as
+    /// [`Stack::age_udp_sessions`]).
+    pub(super) fn age_inbound_peers(&mut self, by: Duration) {
+        for p in self.inbound.peers.values_mut() {
+            p.last = p.last.checked_sub(by).unwrap_or(p.last);
+        }
+    }
+
+    /// Published-port UDP peers tracked now.
+    pub(super) fn inbound_peer_count(&self) -> usize {
+        self.inbound.peers.len()
+    }
+
     /// A guest datagram to the gateway that answers a host peer of a published UDP port
     /// (sent from that port, to the peer's gateway port): sent to the peer. False when
     /// it is not such a reply (the caller treats it as outbound).
     pub(super) fn inbound_udp_reply(&mut self, udp: &Udp, payload: &[u8]) -> bool {
-        if udp.dst != self.cfg.gateway_ip {
+        if udp.dst != IpAddr::V4(self.cfg.gateway_ip) {
             return false;
         }
         let Some(p) = self.inbound.peers.get_mut(&udp.dst_port) else { return false };

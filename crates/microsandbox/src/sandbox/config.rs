@@ -110,6 +110,10 @@ pub struct SandboxConfig {
     /// CIDR the link's addresses come from (`ipv4_pool:`; default 172.16.0.0/30).
     #[serde(default)]
     pub ipv4_pool: Option<String>,
+    /// IPv6 CIDR of the link (`ipv6_pool:`; default fd42:6d73:62::/64: gateway ::1,
+    /// guest ::2, on-link /126).
+    #[serde(default)]
+    pub ipv6_pool: Option<String>,
     /// Cap on concurrent TCP connections through the NIC (`max_connections:`, 1–4096,
     /// default 256).
     #[serde(default)]

@@ -1,4 +1,4 @@
-//! `network:`, `dns:`, `ports:`, `ports_udp:`, `ipv4_pool:` and `max_connections:` of
+//! `network:`, `dns:`, `ports:`, `ports_udp:`, `ipv4_pool:`, `ipv6_pool:` and `max_connections:` of
 //! `Sandbox.create` → the NIC the sandbox gets (or none).
 //!
 //! The values are the wire forms (Ruby's `NetworkPolicy#to_h` or a preset name; the
@@ -52,6 +52,9 @@ pub fn nic(cfg: &SandboxConfig) -> Result<Option<NetworkConfig>> {
     if let Some(pool) = &cfg.ipv4_pool {
         nic.apply_ipv4_pool(pool).map_err(Error::InvalidConfig)?;
     }
+    if let Some(pool) = &cfg.ipv6_pool {
+        nic.apply_ipv6_pool(pool).map_err(Error::InvalidConfig)?;
+    }
     if let Some(n) = cfg.max_connections {
         if !(1..=i64::from(MAX_CONNECTIONS)).contains(&n) {
             return Err(Error::InvalidConfig(format!("max_connections must be between 1 and {MAX_CONNECTIONS}")));
@@ -104,20 +107,23 @@ mod tests {
         let n = nic(&cfg(json!({
             "ports": [{"host_port": 8080, "guest_port": 80}, {"bind": "0.0.0.0", "host_port": 8443, "guest_port": 443}],
             "ports_udp": [{"host_port": 5353, "guest_port": 53}],
-            "ipv4_pool": "10.20.0.0/16", "max_connections": 32
+            "ipv4_pool": "10.20.0.0/16", "ipv6_pool": "fd00:20::/64", "max_connections": 32
         })))
         .unwrap()
         .unwrap();
         assert_eq!(n.ports.len(), 3);
         assert_eq!(n.ports[0].host.to_string(), "127.0.0.1:8080");
         assert_eq!(n.ports[2].protocol, PortProtocol::Udp);
-        assert_eq!(n.kernel_param(), "msb.net=10.20.0.2/30,10.20.0.1,65520");
+        assert_eq!(n.kernel_param(), "msb.net=10.20.0.2/30,10.20.0.1,65520 msb.net6=fd00:20::2/126,fd00:20::1");
         assert_eq!(n.max_connections, 32);
         for (bad, msg) in [
             (json!({"ports": [{"host_port": 0, "guest_port": 80}]}), "ports[0]: host_port"),
             (json!({"ports_udp": [{"host_port": 1, "guest_port": 70000}]}), "ports_udp[0]: guest_port"),
             (json!({"ports": [{"host_port": 80, "guest_port": 80}, {"host_port": 80, "guest_port": 81}]}), "published twice"),
             (json!({"ipv4_pool": "10.0.0.0/31"}), "ipv4_pool: "),
+            (json!({"ipv6_pool": "fd00::/127"}), "ipv6_pool: the prefix must be /126 or shorter"),
+            (json!({"ipv6_pool": "10.0.0.0/8"}), "ipv6_pool: must be an IPv6 CIDR"),
+            (json!({"ipv6_pool": "fe80::/64"}), "ipv6_pool: must not be in"),
             (json!({"max_connections": 0}), "max_connections must be between 1 and 4096"),
             (json!({"max_connections": 4097}), "max_connections must be between 1 and 4096"),
             (json!({"network": "none", "ports": [{"host_port": 80, "guest_port": 80}]}), "network \"none\" gives the sandbox no NIC"),
