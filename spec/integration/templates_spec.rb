@@ -1,5 +1,6 @@
 # frozen_string_literal: true
 
+require "digest"
 require "fileutils"
 require_relative "../support/registry"
 
@@ -33,7 +34,9 @@ RSpec.describe "templates (restoring booted VMs)" do
   end
 
   it "restores creates of one configuration from one template, each with its own identity and disk" do
+    dir = nil
     sandbox("warm-a") do |a|
+      dir = template_dir(a)
       sandbox("warm-b") do |b|
         a_name = a.name
         b_name = b.name
@@ -64,9 +67,27 @@ RSpec.describe "templates (restoring booted VMs)" do
       end
     end
     # Private to the owner: the saved RAM may hold anything the guest had at its ready state.
-    dir = Dir.glob(File.join(templates_dir, "*")).find { |d| File.directory?(d) && !d.end_with?(".build") }
     expect(File.stat(dir).mode & 0o777).to eq(0o700)
-    %w[vm.state disk.qcow2].each { |f| expect(File.stat(File.join(dir, f)).mode & 0o077).to eq(0) }
+    %w[vm.state disk.qcow2 ram].each { |f| expect(File.stat(File.join(dir, f)).mode & 0o077).to eq(0) }
+  end
+
+  it "keeps a restored sandbox's memory writes out of the template's RAM file, and pauses and resumes it whole" do
+    sandbox("warm-m") do |sb|
+      ram = File.join(template_dir(sb), "ram")
+      before = Digest::SHA256.file(ram).hexdigest
+      # 32 MiB of random bytes in guest RAM (tmpfs): copy-on-write pages of this sandbox alone.
+      pid = sb.shell("mkdir -p /mnt/t && mount -t tmpfs tmpfs /mnt/t && " \
+                     "dd if=/dev/urandom of=/mnt/t/r bs=1M count=32 2>/dev/null && md5sum /mnt/t/r > /root/sum && " \
+                     "{ sleep 1000 > /dev/null 2>&1 & echo $!; }").stdout.strip
+      expect(pid).to match(/\A\d+\z/)
+      sb.pause
+      # The private mapping goes into the paused state in full (not only what differs from the file).
+      expect(File.size(File.join(sandbox_dir(sb.name), "paused.state"))).to be > 32 * 1024 * 1024
+      sb.resume
+      expect(sb.info[:start]).to eq("resumed")
+      expect(sb.shell("kill -0 #{pid} && md5sum -c /root/sum").stdout).to eq("/mnt/t/r: OK\n")
+      expect(Digest::SHA256.file(ram).hexdigest).to eq(before)
+    end
   end
 
   it "boots cold with template: false or MICROSANDBOX_TEMPLATES=off (template: true wins)" do
@@ -96,7 +117,15 @@ RSpec.describe "templates (restoring booted VMs)" do
       expect(sb.shell("echo ok").stdout).to eq("ok\n")
       expect(system_log(sb)).to match(/template \h+ was damaged \(its state file has \d+ bytes, \d+ were saved\)/)
     end
-    sandbox("warm-t2") { |sb| expect(sb.info[:start]).to eq("restored") }
+    dir = sandbox("warm-t2") do |sb|
+      expect(sb.info[:start]).to eq("restored")
+      template_dir(sb)
+    end
+    File.truncate(File.join(dir, "ram"), 4096)
+    sandbox("warm-t3") do |sb|
+      expect(sb.info[:start]).to eq("booted")
+      expect(system_log(sb)).to match(/template \h+ was damaged \(its RAM file has 4096 bytes, \d+ were saved\)/)
+    end
   end
 
   it "boots cold with a system log entry when QEMU refuses a corrupt state file" do

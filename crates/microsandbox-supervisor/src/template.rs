@@ -123,6 +123,7 @@ async fn migrate_into(q: &mut Qmp, out: &impl std::os::fd::AsRawFd, deadline: In
     q.answer("getfd").await?;
     // QEMU 7.2 throttles migration to 32 MiB/s by default; this is a local file or pipe.
     q.execute("migrate-set-parameters", json!({"max-bandwidth": 16u64 << 30, "downtime-limit": 2000})).await?;
+    set_capabilities(q).await?;
     q.execute("migrate", json!({"uri": "fd:msbstate"})).await?;
     loop {
         let st = q.execute("query-migrate", json!({})).await?;
@@ -141,6 +142,15 @@ async fn migrate_into(q: &mut Qmp, out: &impl std::os::fd::AsRawFd, deadline: In
             _ => tokio::time::sleep(POLL).await,
         }
     }
+}
+
+/// Every migration, out and in, runs with `x-ignore-shared`: RAM in a shared file (a
+/// template's, see `microsandbox::vmm::RamFile`) stays out of the stream, private RAM is
+/// migrated in full. QEMU refuses a stream whose capability differs from its own, so both
+/// ends always set it (QEMU 7.2 has no command-line switch for it: QMP it is, and a
+/// restoring QEMU starts with `-incoming defer`).
+async fn set_capabilities(q: &mut Qmp) -> Result<(), String> {
+    q.execute("migrate-set-capabilities", json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]})).await.map(|_| ())
 }
 
 /// Writes the running VM's migration stream into `out` and has QEMU quit (template
@@ -226,7 +236,7 @@ async fn open_fifo_writer(path: &std::path::Path, deadline: Instant) -> Result<s
 
 /// `Sandbox#fork`, the parent's side: the VM is stopped (QEMU flushes its disks), its
 /// root disk copied to `req.disk_to`, then its migration stream written into the FIFO
-/// `req.fifo`, whose reader is the new sandbox's QEMU (`-incoming fd:`), which loads it
+/// `req.fifo`, whose reader is the new sandbox's QEMU (`migrate-incoming fd:`), which loads it
 /// as it arrives: save and restore overlap, and nothing of the memory touches a file.
 /// The VM runs on afterwards, whatever happened (`cont`).
 ///
@@ -240,7 +250,8 @@ pub async fn fork(req: microsandbox_protocol::ForkRequest) -> Result<(), String>
     if !plain_file_name(&req.disk) {
         return Err("invalid fork file names".into());
     }
-    let deadline = Instant::now() + FORK_TIMEOUT;
+    let started = Instant::now();
+    let deadline = started + FORK_TIMEOUT;
     let mut q = Qmp::connect(qmp, FORK_TIMEOUT).await?;
     q.execute("stop", json!({})).await?;
     let streamed = async {
@@ -248,8 +259,18 @@ pub async fn fork(req: microsandbox_protocol::ForkRequest) -> Result<(), String>
         tokio::task::spawn_blocking(move || std::fs::copy(&from, &to).map(|_| ()).map_err(|e| format!("cannot copy the disk: {e}")))
             .await
             .map_err(|e| e.to_string())??;
+        let copied = started.elapsed();
         let fifo = open_fifo_writer(&req.fifo, deadline).await?;
-        migrate_into(&mut q, &fifo, deadline).await
+        let reader = started.elapsed();
+        migrate_into(&mut q, &fifo, deadline).await?;
+        // For the supervisor log: where a fork's time goes.
+        eprintln!(
+            "msb: fork: stopped + disk copied {} ms, child reading {} ms, stream done {} ms",
+            copied.as_millis(),
+            reader.as_millis(),
+            started.elapsed().as_millis()
+        );
+        Ok::<(), String>(())
         // `fifo` (our copy of the write end) closes here; QEMU closed its own at completion.
     }
     .await;
@@ -261,7 +282,7 @@ pub async fn fork(req: microsandbox_protocol::ForkRequest) -> Result<(), String>
 /// `Sandbox#fork`, the child's side: its end of the fork FIFO, opened for reading without
 /// waiting for a writer, then (up to `within`) until the parent's QEMU has written the
 /// first bytes — a QEMU reading a FIFO that never had a writer would see end-of-file. The
-/// returned file is blocking, for QEMU (`-incoming fd:`).
+/// returned file is blocking, for QEMU (`migrate-incoming fd:`).
 pub async fn open_fork_stream(path: &std::path::Path, within: Duration) -> Result<std::fs::File, String> {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
@@ -295,11 +316,30 @@ pub async fn open_fork_stream(path: &std::path::Path, within: Duration) -> Resul
     Ok(f)
 }
 
-/// Waits until the child's QEMU has loaded the stream (`inmigrate` → `paused`: the parent
-/// was stopped when it was streamed) and lets it run (`cont`).
-pub async fn cont_after_load(qmp: &std::path::Path, within: Duration) -> Result<(), String> {
-    let deadline = Instant::now() + within;
+/// Logs (supervisor log) how long a fork's load took, however it ended.
+struct Logged(Instant);
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        eprintln!("msb: fork: loaded and running {} ms after migrate-incoming", self.0.elapsed().as_millis());
+    }
+}
+
+/// Starts loading the state a restoring QEMU inherited at `fd` (it runs with
+/// `-incoming defer`: the capabilities must be set first, see [`set_capabilities`]). A
+/// template restore or a resume starts the guest by itself once loaded. A fork (`forked`)
+/// comes up paused — the parent was stopped when it streamed — so this waits until the
+/// load is done (`inmigrate` → `paused`) and lets it run (`cont`).
+pub async fn incoming(qmp: &std::path::Path, fd: i32, forked: bool, within: Duration) -> Result<(), String> {
+    let started = Instant::now();
+    let deadline = started + within;
     let mut q = Qmp::connect(qmp, within).await?;
+    set_capabilities(&mut q).await?;
+    q.execute("migrate-incoming", json!({"uri": format!("fd:{fd}")})).await?;
+    if !forked {
+        return Ok(());
+    }
+    let _log = Logged(started);
     loop {
         let st = q.execute("query-status", json!({})).await?;
         match st.get("status").and_then(Value::as_str) {

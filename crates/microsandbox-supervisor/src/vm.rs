@@ -222,12 +222,15 @@ pub async fn supervise(spec: SupervisorSpec, report: fn(&StartupReport)) -> u8 {
             return 1;
         }
     };
-    // A restore: QEMU reads the template's saved state from this file (`-incoming fd:`);
+    // A restore: QEMU reads the template's saved state from this file (`migrate-incoming fd:`);
     // a fork: from the FIFO the parent's QEMU streams into.
     let state = match &spec.template {
         Some(TemplateRun::Restore { state, forked: true, .. }) => {
             match crate::template::open_fork_stream(state, ready_within(&spec, Duration::from_millis(spec.boot_timeout_ms))).await {
-                Ok(f) => Some(f),
+                Ok(f) => {
+                    eprintln!("msb: fork: the parent's stream began {} ms after start", started.elapsed().as_millis());
+                    Some(f)
+                }
                 Err(e) => {
                     cleanup(&spec);
                     report(&StartupReport::Failed { code: "restore-failed".into(), message: format!("sandbox {:?}: {e}", spec.name) });
@@ -268,9 +271,10 @@ pub async fn supervise(spec: SupervisorSpec, report: fn(&StartupReport)) -> u8 {
     let booted = tokio::select! {
         r = async {
             let (mut stream, _) = agent_listener.accept().await.map_err(|e| e.to_string())?;
-            if let (Some(TemplateRun::Restore { forked: true, .. }), Some(qmp)) = (&spec.template, &spec.qmp_socket) {
-                // The parent was stopped when it streamed: the loaded child waits for `cont`.
-                crate::template::cont_after_load(qmp, ready_within(&spec, boot_timeout)).await?;
+            if let Some(TemplateRun::Restore { forked, .. }) = &spec.template {
+                // QEMU waits (`-incoming defer`) for the capabilities and the go.
+                let qmp = spec.qmp_socket.as_ref().ok_or("a restore needs the QMP socket")?;
+                crate::template::incoming(qmp, microsandbox::template::STATE_FD, *forked, ready_within(&spec, boot_timeout)).await?;
             }
             let ready = match &spec.template {
                 // The restored agent already said Ready (to the template's supervisor).

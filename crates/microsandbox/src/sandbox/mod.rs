@@ -475,6 +475,10 @@ impl Sandbox {
         vmm::qemu::check_cmdline(&vm.cmdline)?;
         vm.shares = mounts.shares.clone();
         vm.drives = mounts.drives.clone();
+        if let warm::Start::Restore(t) = start {
+            // The template's RAM, mapped privately (see `vmm::RamFile`).
+            vm.ram_file = Some(vmm::RamFile { path: t.ram_path(), shared: false });
+        }
         let mut qemu_args = vmm::qemu::args(&vm);
         let template = match start {
             warm::Start::Cold => None,
@@ -485,7 +489,7 @@ impl Sandbox {
             }
             warm::Start::Resume { state, qemu_args: saved, forked } => {
                 qemu_args = saved.clone();
-                qemu_args.extend(["-incoming".to_string(), format!("fd:{}", crate::template::STATE_FD)]);
+                qemu_args.extend(["-incoming".to_string(), "defer".to_string()]);
                 Some(crate::template::TemplateRun::Restore {
                     state: state.clone(),
                     template: String::new(),

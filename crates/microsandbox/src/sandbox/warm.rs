@@ -38,16 +38,19 @@ pub struct PausedMeta {
 pub const PAUSED_STATE: &str = "paused.state";
 pub const PAUSED_META: &str = "paused.json";
 
-/// `args` without `-qmp X` and `-incoming X` (each run adds its own).
+/// `args` without `-qmp X` and `-incoming X` (each run adds its own), and with a
+/// template's RAM file replaced by anonymous memory (see `vmm::qemu::anonymous_ram`):
+/// what a run that loads this VM's whole saved stream (resume, fork) starts with.
 pub(super) fn strip_run_args(args: &[String]) -> Vec<String> {
+    let args = vmm::qemu::anonymous_ram(args);
     let mut out = Vec::with_capacity(args.len());
-    let mut it = args.iter();
+    let mut it = args.into_iter();
     while let Some(a) = it.next() {
         if a == "-qmp" || a == "-incoming" {
             it.next();
             continue;
         }
-        out.push(a.clone());
+        out.push(a);
     }
     out
 }
@@ -180,6 +183,8 @@ pub(super) fn vm_spec(
         // `volumes:` devices are added by the caller (never in a template).
         shares: Vec::new(),
         drives: Vec::new(),
+        // Set by the template paths (build, key, restore).
+        ram_file: None,
     })
 }
 
@@ -187,7 +192,8 @@ pub(super) fn vm_spec(
 fn key(rt: &Runtime, cfg: &SandboxConfig, accel: Accel, qemu: &Path, image_root: &Path, disk_bytes: u64) -> Result<Key> {
     let nic = network::nic(cfg)?;
     let p = PathBuf::from(ANY);
-    let vm = vm_spec(rt, cfg, accel, template::TEMPLATE_HOSTNAME, p.clone(), "qcow2", p.clone(), p.clone(), p, nic.as_ref())?;
+    let mut vm = vm_spec(rt, cfg, accel, template::TEMPLATE_HOSTNAME, p.clone(), "qcow2", p.clone(), p.clone(), p.clone(), nic.as_ref())?;
+    vm.ram_file = Some(vmm::RamFile { path: p, shared: false });
     Ok(Key {
         qemu_args: vmm::qemu::args(&vm),
         runtime: template::runtime_fingerprint(rt, qemu),
@@ -265,7 +271,9 @@ async fn build(
     if let Some(n) = nic.as_mut() {
         n.ports.clear();
     }
-    let vm = vm_spec(rt, cfg, accel, template::TEMPLATE_HOSTNAME, disk, "qcow2", agent_socket.clone(), dir.join("console.log"), transfer.path.clone(), nic.as_ref())?;
+    let mut vm = vm_spec(rt, cfg, accel, template::TEMPLATE_HOSTNAME, disk, "qcow2", agent_socket.clone(), dir.join("console.log"), transfer.path.clone(), nic.as_ref())?;
+    // The guest's RAM goes into the template's file (not into the saved state).
+    vm.ram_file = Some(vmm::RamFile { path: dir.join(template::RAM_FILE), shared: true });
     let mut qemu_args = vmm::qemu::args(&vm);
     qemu_args.extend(["-qmp".into(), format!("unix:{},server=on,wait=off", qmp.display())]);
     let spec = spec::SupervisorSpec {
@@ -316,7 +324,7 @@ async fn build(
     // Only the state and the disk layer are the template.
     for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
         let n = e.file_name();
-        if n != template::STATE_FILE && n != template::DISK_FILE {
+        if n != template::STATE_FILE && n != template::DISK_FILE && n != template::RAM_FILE {
             let _ = std::fs::remove_file(e.path());
         }
     }
@@ -345,7 +353,8 @@ pub(super) fn system_log(dir: &Path, text: &str) {
 pub(super) fn restore_run(t: &Template, hostname: String) -> (TemplateRun, [String; 2]) {
     (
         TemplateRun::Restore { state: t.state_path(), template: t.id.clone(), hostname, resumed: false, forked: false },
-        ["-incoming".into(), format!("fd:{}", template::STATE_FD)],
+        // The supervisor starts the load through QMP (see its `template::incoming`).
+        ["-incoming".into(), "defer".into()],
     )
 }
 

@@ -7,15 +7,16 @@
 //!
 //! ```text
 //! templates/<key>/template.json   Meta: what it was built from, state size
-//!                 vm.state        QEMU migration stream (RAM + device state)
+//!                 vm.state        QEMU migration stream: device state (the RAM is in `ram`)
 //!                 disk.qcow2      frozen disk: qcow2 over the image's root (0400)
+//!                 ram             the guest's memory (memory-backend-file, 0600)
 //! templates/<key>.lock            flock: one build per key at a time, across processes
 //! ```
 //!
 //! A sandbox restored from it gets its own qcow2 overlay backed by `disk.qcow2` — the
 //! guest's page cache in the saved RAM matches that disk exactly — and a QEMU started
-//! with the same command line (same devices, same kernel and initramfs) plus
-//! `-incoming fd:`. The `<key>` is a SHA-256 over everything that shapes the saved guest
+//! with the same command line (same devices, same kernel and initramfs), `ram` mapped
+//! privately (copy-on-write, see `vmm::RamFile`) and `-incoming defer`. The `<key>` is a SHA-256 over everything that shapes the saved guest
 //! (see [`Key`]): a create whose options change any of it gets another template, and a
 //! new runtime (kernel, agent or supervisor) never restores an old one.
 //!
@@ -33,15 +34,18 @@ pub use store::{discard_state, ensure, find, list, prune, remove_for_root, users
 
 /// Hostname a template boots with; the restore handshake sets the sandbox's own.
 pub const TEMPLATE_HOSTNAME: &str = "msb-template";
-/// Descriptor at which a restoring QEMU inherits the open state file (`-incoming fd:`).
+/// Descriptor at which a restoring QEMU inherits the open state file (`-incoming defer`,
+/// then `migrate-incoming fd:101` from the supervisor).
 pub const STATE_FD: i32 = 101;
 pub const STATE_FILE: &str = "vm.state";
 pub const DISK_FILE: &str = "disk.qcow2";
+/// The template VM's RAM (a `memory-backend-file`), mapped privately by every restore.
+pub const RAM_FILE: &str = "ram";
 pub const META_FILE: &str = "template.json";
 /// `MICROSANDBOX_TEMPLATES=0|off|false|no` turns templates off for every create.
 pub const ENV: &str = "MICROSANDBOX_TEMPLATES";
 /// Version of the template format; part of every key.
-const FORMAT: u32 = 1;
+const FORMAT: u32 = 2;
 
 /// What the supervisor does with a template in this run (part of its spec).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
-use super::{Key, DISK_FILE, META_FILE, STATE_FILE};
+use super::{Key, DISK_FILE, META_FILE, RAM_FILE, STATE_FILE};
 use crate::error::{Error, IoContext, Result};
 use crate::paths::Home;
 
@@ -30,6 +30,9 @@ pub struct Meta {
     pub disk_bytes: u64,
     /// Size of `vm.state` when saved: a shorter (truncated) or longer file is refused.
     pub state_bytes: u64,
+    /// Size of the RAM file (the guest memory): any other size is refused.
+    #[serde(default)]
+    pub ram_bytes: u64,
     pub created_at_ms: u64,
     /// Boot to ready + save, as measured by the build.
     pub build_ms: u64,
@@ -49,6 +52,9 @@ impl Template {
     }
     pub fn disk_path(&self) -> PathBuf {
         self.dir.join(DISK_FILE)
+    }
+    pub fn ram_path(&self) -> PathBuf {
+        self.dir.join(RAM_FILE)
     }
 }
 
@@ -74,13 +80,17 @@ fn read_meta(dir: &Path) -> Option<Meta> {
 }
 
 /// The complete template `id`, if stored: its record parses and names it, the disk
-/// exists and the state file has the recorded size. (Content is checked by QEMU when it
+/// exists and the state and RAM files have the recorded sizes. (Content is checked by QEMU when it
 /// loads the stream; a stream that does not load falls back to a cold boot.)
 pub fn find(home: &Home, id: &str) -> Option<Template> {
     let dir = super::root(home).join(id);
     let meta = read_meta(&dir).filter(|m| m.id == id)?;
     let state = std::fs::metadata(dir.join(STATE_FILE)).ok()?;
     if state.len() != meta.state_bytes || !dir.join(DISK_FILE).is_file() {
+        return None;
+    }
+    let ram = std::fs::metadata(dir.join(RAM_FILE)).ok()?;
+    if meta.ram_bytes == 0 || ram.len() != meta.ram_bytes {
         return None;
     }
     Some(Template { id: id.into(), dir, meta })
@@ -163,6 +173,11 @@ where
     let state = building.join(STATE_FILE);
     let disk = building.join(DISK_FILE);
     let state_bytes = std::fs::metadata(&state).context(|| format!("template state {}", state.display()))?.len();
+    let ram = building.join(RAM_FILE);
+    let ram_bytes = std::fs::metadata(&ram).context(|| format!("template RAM {}", ram.display()))?.len();
+    // Owner-only like the rest, but writable: QEMU 7.2 opens a private `mem-path`
+    // read-write (it never writes it: the mapping is MAP_PRIVATE).
+    std::fs::set_permissions(&ram, std::fs::Permissions::from_mode(0o600)).context(|| format!("securing {}", ram.display()))?;
     // Frozen: the state file is read by each restore, the disk is every overlay's backing.
     std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o400)).context(|| format!("securing {}", state.display()))?;
     std::fs::set_permissions(&disk, std::fs::Permissions::from_mode(0o400)).context(|| format!("freezing {}", disk.display()))?;
@@ -172,6 +187,7 @@ where
         image_root: key.image_root.clone(),
         disk_bytes: key.disk_bytes,
         state_bytes,
+        ram_bytes,
         created_at_ms: now_ms(),
         build_ms,
     };
@@ -190,7 +206,11 @@ fn damage(dir: &Path, id: &str) -> String {
     match std::fs::metadata(dir.join(STATE_FILE)) {
         Err(_) => "its state file is missing".into(),
         Ok(m) if m.len() != meta.state_bytes => format!("its state file has {} bytes, {} were saved", m.len(), meta.state_bytes),
-        Ok(_) => "its disk layer is missing".into(),
+        Ok(_) if !dir.join(DISK_FILE).is_file() => "its disk layer is missing".into(),
+        Ok(_) => match std::fs::metadata(dir.join(RAM_FILE)) {
+            Err(_) => "its RAM file is missing".into(),
+            Ok(m) => format!("its RAM file has {} bytes, {} were saved", m.len(), meta.ram_bytes),
+        },
     }
 }
 

@@ -31,6 +31,22 @@ pub struct VmSpec {
     /// `volumes:` devices: virtio-fs shares (vhost-user sockets) and block drives.
     pub shares: Vec<crate::volume::mount::VirtiofsShare>,
     pub drives: Vec<crate::volume::mount::BlockDrive>,
+    /// Guest RAM in a file (templates, see [`RamFile`]); `None`: anonymous memory. Not
+    /// with `shares` (virtio-fs needs its own shared memory).
+    pub ram_file: Option<RamFile>,
+}
+
+/// Guest RAM backed by a file, for templates: the template's VM writes its RAM into the
+/// file (`shared`); a sandbox restored from it maps the file privately, so the pages it
+/// only reads stay one copy in the host's page cache for every sandbox of the template,
+/// and a page it writes becomes its own (copy-on-write). Every migration runs with QEMU's
+/// capability `x-ignore-shared` (set by the supervisor through QMP), so the template's
+/// saved state leaves the shared RAM out; a private mapping is migrated in full (pause or
+/// fork of a restored sandbox).
+#[derive(Debug, Clone)]
+pub struct RamFile {
+    pub path: PathBuf,
+    pub shared: bool,
 }
 
 /// The virtio-net device of a sandbox with a network.

@@ -58,6 +58,7 @@ pub fn args(spec: &VmSpec) -> Vec<String> {
         "-device".into(), format!("virtserialport,chardev=agent,name={}", microsandbox_protocol::AGENT_PORT_NAME),
     ];
     a.extend(nic_args(spec));
+    a.extend(ram_args(spec));
     a.extend(volume_args(spec));
     a.extend(transfer_disk_args(spec));
     a.shrink_to_fit();
@@ -86,6 +87,40 @@ fn nic_args(spec: &VmSpec) -> Vec<String> {
 /// can map: a memfd backend (`share=on`) of the VM's size replaces the default RAM.
 /// Block volumes are virtio-blk drives the guest finds by serial; `werror/rerror=report`
 /// as for the root, so a full host disk is an I/O error in the guest, not a paused VM.
+/// Guest RAM in a file ([`super::RamFile`]). QEMU 7.2 opens `mem-path` read-write even
+/// for a private mapping (so the file cannot be 0400), and would punch holes into it for
+/// a balloon or virtio-mem discard: none of those devices is ever added to such a VM.
+fn ram_args(spec: &VmSpec) -> Vec<String> {
+    let Some(r) = spec.ram_file.as_ref().filter(|_| spec.shares.is_empty()) else { return Vec::new() };
+    vec![
+        "-object".into(),
+        format!(
+            "memory-backend-file,id=msbram,size={}M,mem-path={},share={}",
+            spec.memory_mib,
+            r.path.to_string_lossy().replace(',', ",,"),
+            if r.shared { "on" } else { "off" }
+        ),
+        "-machine".into(),
+        "memory-backend=msbram".into(),
+    ]
+}
+
+/// `args` with a template's RAM file ([`ram_args`]) replaced by anonymous memory of the
+/// same size and name, for a run that loads a whole stream (resume, fork): every page
+/// comes from the stream, so a private mapping of the template's file would only add a
+/// copy-on-write fault per page, and the saved sandbox would depend on the file.
+pub fn anonymous_ram(args: &[String]) -> Vec<String> {
+    args.iter()
+        .map(|a| match a.strip_prefix("memory-backend-file,id=msbram,") {
+            Some(rest) => {
+                let size = rest.split(',').find(|p| p.starts_with("size=")).unwrap_or("");
+                format!("memory-backend-ram,id=msbram,{size}")
+            }
+            None => a.clone(),
+        })
+        .collect()
+}
+
 fn volume_args(spec: &VmSpec) -> Vec<String> {
     let mut a = Vec::new();
     if !spec.shares.is_empty() {
@@ -193,8 +228,16 @@ mod tests {
             nic: None,
             shares: vec![],
             drives: vec![],
+            ram_file: None,
         };
         let a = args(&spec).join(" ");
+        assert!(!a.contains("msbram"));
+        let ram = |shared| args(&VmSpec { ram_file: Some(super::super::RamFile { path: "/t,1/ram".into(), shared }), ..spec.clone() }).join(" ");
+        assert!(ram(true).contains("-object memory-backend-file,id=msbram,size=256M,mem-path=/t,,1/ram,share=on -machine memory-backend=msbram"));
+        assert!(ram(false).contains("mem-path=/t,,1/ram,share=off"));
+        let anon = anonymous_ram(&args(&VmSpec { ram_file: Some(super::super::RamFile { path: "/t/ram".into(), shared: false }), ..spec.clone() })).join(" ");
+        assert!(anon.contains("-object memory-backend-ram,id=msbram,size=256M -machine memory-backend=msbram"), "{anon}");
+        assert!(!anon.contains("mem-path"));
         assert!(a.contains("-accel tcg,thread=multi"));
         assert!(a.contains("-smp 2") && a.contains("-m 256M"));
         assert!(a.contains("socket,id=agent,path=/a.sock"));
