@@ -228,9 +228,9 @@ module Microsandbox
       # Starts a pull and returns its {PullSession} at once.
       # @return [PullSession]
       def start_pull(reference, **options)
-        Validate.string!("reference", reference)
+        Validate.utf8_string!("reference", reference)
         opts = registry_options(**options)
-        PullSession.new(Native::PullSession.start(Microsandbox.home, reference, JSON.generate(opts)))
+        PullSession.new(Native::PullSession.start(Microsandbox.home, reference, Validate.json!(opts)))
       end
 
       # @return [Array<ImageInfo>] every stored image
@@ -251,7 +251,7 @@ module Microsandbox
       def inspect(reference = nil)
         return super() if reference.nil?
 
-        ImageDetail.new(JSON.parse(Native.image_inspect_json(Microsandbox.home, Validate.string!("reference", reference))))
+        ImageDetail.new(JSON.parse(Native.image_inspect_json(Microsandbox.home, Validate.utf8_string!("reference", reference))))
       end
 
       # Removes a stored image. Refuses while a sandbox's root is backed by it, unless `force`.
@@ -259,7 +259,7 @@ module Microsandbox
       # @param force [Boolean]
       # @return [nil]
       def remove(reference, force: false)
-        Native.image_remove(Microsandbox.home, Validate.string!("reference", reference), force ? true : false)
+        Native.image_remove(Microsandbox.home, Validate.utf8_string!("reference", reference), force ? true : false)
         nil
       end
 

@@ -182,7 +182,7 @@ module Microsandbox
       Array(sources).map do |s|
         raise TypeError, "sources must be Strings or Symbols (got #{s.class})" unless s.is_a?(String) || s.is_a?(Symbol)
 
-        s.to_s
+        Validate.utf8!("sources", s.to_s)
       end
     end
 

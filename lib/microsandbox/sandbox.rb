@@ -191,9 +191,9 @@ module Microsandbox
         config["on_secret_violation"] = Secrets.violation!("on_secret_violation", on_secret_violation) unless on_secret_violation.nil?
         config["tls"] = Secrets.tls!(tls) unless tls.nil?
         config["trust_host_cas"] = Secrets.bool!("trust_host_cas", trust_host_cas)
-        config["hostname"] = Validate.string!("hostname", hostname) if hostname
+        config["hostname"] = Validate.utf8_string!("hostname", hostname) if hostname
         config["template"] = Templates.option!(template) unless template.nil?
-        config["user"] = Validate.string!("user", user) if user
+        config["user"] = Validate.utf8_string!("user", user) if user
         config["entrypoint"] = Validate.string_array!("entrypoint", entrypoint).map { |a| Validate.utf8!("entrypoint", a) } if entrypoint
         config["oci_upper_size_mib"] = Validate.positive_integer!("oci_upper_size", oci_upper_size) if oci_upper_size
         config["network"] = NetworkPolicy.coerce(network).to_h unless network.nil?
@@ -217,10 +217,13 @@ module Microsandbox
         config["volumes"] = Volume::Mounts.coerce(volumes) unless volumes.nil?
         config["from_snapshot"] = snapshot if snapshot
         placement = build_placement(Validate.coerce_values!("labels", labels), detached, replace, replace_with_timeout)
+        # Options cross to the engine as JSON text: refuse one that is not UTF-8 before
+        # anything (the runtime check included) starts.
+        Validate.utf8_tree!(config)
         Microsandbox.ensure_runtime!
         config["supervisor"] = Microsandbox.runtime_path
         sandbox = Instrumentation.instrument("create.microsandbox", Instrumentation.create_payload(config, placement)) do |payload|
-          new(Native::Sandbox.create(JSON.generate(config), JSON.generate(placement))).tap do |sb|
+          new(Native::Sandbox.create(Validate.json!(config), Validate.json!(placement))).tap do |sb|
             payload&.merge!(accel: sb.info[:accel], boot_ms: sb.info[:boot_ms])
           end
         end
@@ -240,10 +243,10 @@ module Microsandbox
           raise ArgumentError, "create_with_progress takes no block: iterate the returned PullSession " \
                                "for progress, then call #sandbox and stop it when done"
         end
-        image = Validate.string!("image", options.fetch(:image) { raise ArgumentError, "missing keyword: :image" })
+        image = Validate.utf8_string!("image", options.fetch(:image) { raise ArgumentError, "missing keyword: :image" })
         registry = options.slice(*Image::REGISTRY_OPTIONS)
         native = unless local_path?(image)
-                   Native::PullSession.start(Microsandbox.home, image, JSON.generate(Image.registry_options(**registry)))
+                   Native::PullSession.start(Microsandbox.home, image, Validate.json!(Image.registry_options(**registry)))
                  end
         # The pull stored the image: the create must not fetch it a second time.
         create_options = native ? options.merge(pull_policy: "if_missing") : options
@@ -270,7 +273,7 @@ module Microsandbox
         again["intercept_ca_key"] = key if key
         Microsandbox.ensure_runtime!
         native = Instrumentation.instrument("start.microsandbox", { name: name, detached: detached ? true : false }) do
-          Native::Sandbox.start(Microsandbox.home, name, detached ? true : false, JSON.generate(again))
+          Native::Sandbox.start(Microsandbox.home, name, detached ? true : false, Validate.json!(again))
         end
         scoped(new(native, shell: shell), &block)
       end
@@ -561,7 +564,7 @@ module Microsandbox
                                      "got #{stdin.inspect}"
               else Validate.string!("stdin", stdin).b
               end
-      user = Validate.optional_string!("user", user)
+      user = Validate.optional_utf8_string!("user", user)
       limits = Validate.rlimits!("rlimits", rlimits)
       size = Validate.tty!(tty, rows, cols)
       Instrumentation.instrument("exec.microsandbox", Instrumentation.exec_payload(name, program, argv, size, seconds)) do |payload|
@@ -606,7 +609,7 @@ module Microsandbox
     def exec_stream(cmd, args = [], cwd: nil, env: nil, stdin: nil, timeout: nil, user: nil, rlimits: nil,
                     tty: false, rows: nil, cols: nil)
       program, argv, pairs, cwd, seconds = exec_arguments(cmd, args, cwd, env, timeout)
-      user = Validate.optional_string!("user", user)
+      user = Validate.optional_utf8_string!("user", user)
       limits = Validate.rlimits!("rlimits", rlimits)
       size = Validate.tty!(tty, rows, cols)
       data = nil
@@ -681,7 +684,7 @@ module Microsandbox
       program, argv = Validate.argv!(cmd, args)
       seconds = exec_timeout!(timeout)
       pairs = Validate.exec_env!("env", env)
-      cwd = Validate.optional_string!("cwd", cwd)
+      cwd = Validate.optional_utf8_string!("cwd", cwd)
       # As in the reference gem, 0 is a deadline already passed: the command is not started.
       raise ExecTimeoutError, "#{program} was not run: timeout: 0 is a deadline that has already passed" if seconds&.zero?
 

@@ -1,5 +1,7 @@
 # frozen_string_literal: true
 
+require "json"
+
 module Microsandbox
   # Type checks done in Ruby before anything reaches native code: wrong types raise
   # TypeError naming the expected type; values are checked again by the engine.
@@ -116,7 +118,7 @@ module Microsandbox
           raise TypeError, "#{name}[#{res.inspect}] must be a non-negative Integer or [soft, hard] (got #{lim.inspect})"
         end
 
-        [res.to_s, soft, hard]
+        [utf8!(name, res.to_s), soft, hard]
       end
     end
 
@@ -174,5 +176,62 @@ module Microsandbox
 
       raise InvalidConfigError, "#{name} must be valid UTF-8 (pass binary data through stdin:)"
     end
+
+    # A String option that crosses to the engine as text: a String of valid UTF-8.
+    # @raise [TypeError] not a String
+    # @raise [InvalidConfigError] not valid UTF-8
+    def utf8_string!(name, value)
+      utf8!(name, string!(name, value))
+    end
+
+    # nil, or {utf8_string!}.
+    def optional_utf8_string!(name, value)
+      value.nil? ? nil : utf8_string!(name, value)
+    end
+
+    # JSON text of an options Hash for the engine. Every String in it must be valid
+    # UTF-8 (JSON is text): one that is not is an {InvalidConfigError} naming the option
+    # (e.g. `workdir`, `registry_auth.username`) instead of a JSON::GeneratorError.
+    # @param value [Hash, Array]
+    # @return [String]
+    def json!(value)
+      JSON.generate(utf8_tree!(value))
+    end
+
+    # `value` itself, once every String (key or value) in it is known to be valid UTF-8.
+    # @raise [InvalidConfigError] naming the first option that is not
+    def utf8_tree!(value)
+      bad = invalid_utf8_key(value, nil)
+      raise InvalidConfigError, "#{bad} must be valid UTF-8" if bad
+
+      value
+    end
+
+    # Key path of the first String (key or value) in `value` that is not valid UTF-8.
+    def invalid_utf8_key(value, path)
+      case value
+      when String, Symbol
+        s = value.to_s
+        s = s.dup.force_encoding(Encoding::UTF_8) unless s.encoding == Encoding::UTF_8
+        s.valid_encoding? ? nil : (path || "value")
+      when Hash
+        value.each do |k, v|
+          key = k.to_s
+          label = path ? "#{path}.#{key}" : key
+          return (path || "a key") unless invalid_utf8_key(key, label).nil?
+
+          found = invalid_utf8_key(v, label)
+          return found if found
+        end
+        nil
+      when Array
+        value.each_with_index do |v, i|
+          found = invalid_utf8_key(v, "#{path || 'value'}[#{i}]")
+          return found if found
+        end
+        nil
+      end
+    end
+    private_class_method :invalid_utf8_key
   end
 end

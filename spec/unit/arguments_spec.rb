@@ -76,6 +76,42 @@ RSpec.describe "argument validation" do
     expect { sb.exec(:echo, [1], env: { N: 2 }, timeout: 0) }.to raise_error(Microsandbox::ExecTimeoutError)
   end
 
+  it "refuses Strings that are not UTF-8 as InvalidConfigError naming the option, before anything starts" do
+    bad = "x\xFF".b
+    {
+      { image: "/r#{bad}" } => /image must be valid UTF-8/,
+      { image: "/x", workdir: "/w#{bad}" } => /workdir must be valid UTF-8/,
+      { image: "/x", hostname: bad } => /hostname must be valid UTF-8/,
+      { image: "/x", user: bad } => /user must be valid UTF-8/,
+      { image: "/x", pull_policy: bad } => /pull_policy must be valid UTF-8/,
+      { image: "/x", init: "/sbin/#{bad}" } => /init.cmd must be valid UTF-8/,
+      { image: "127.0.0.1:1/a:b", registry_auth: { username: bad, password: "p" } } =>
+        /registry_auth.username must be valid UTF-8/
+    }.each do |options, message|
+      expect { create.call("a", **options) }.to raise_error(Microsandbox::InvalidConfigError, message), options.inspect
+    end
+    expect { Microsandbox::Sandbox.create_with_progress("a", image: "r#{bad}") }
+      .to raise_error(Microsandbox::InvalidConfigError, /image must be valid UTF-8/)
+    expect { Microsandbox::Image.get(bad) }.to raise_error(Microsandbox::InvalidConfigError, /reference/)
+    expect { Microsandbox::Image.remove(bad) }.to raise_error(Microsandbox::InvalidConfigError, /reference/)
+    expect { Microsandbox::Image.start_pull(bad) }.to raise_error(Microsandbox::InvalidConfigError, /reference/)
+
+    # exec's cwd:, user:, rlimits: keys and logs' sources: (checked before the native call).
+    sb = Microsandbox::Sandbox.allocate
+    expect { sb.exec("pwd", cwd: "/#{bad}") }.to raise_error(Microsandbox::InvalidConfigError, /cwd must be valid UTF-8/)
+    expect { sb.exec_stream("pwd", cwd: "/#{bad}") }.to raise_error(Microsandbox::InvalidConfigError, /cwd/)
+    expect { sb.shell("pwd", cwd: "/#{bad}") }.to raise_error(Microsandbox::InvalidConfigError, /cwd/)
+    expect { sb.exec("id", user: bad) }.to raise_error(Microsandbox::InvalidConfigError, /user must be valid UTF-8/)
+    expect { sb.exec_stream("id", user: bad) }.to raise_error(Microsandbox::InvalidConfigError, /user/)
+    expect { sb.exec("true", rlimits: { bad => 1 }) }.to raise_error(Microsandbox::InvalidConfigError, /rlimits/)
+    expect { sb.logs(sources: [bad]) }.to raise_error(Microsandbox::InvalidConfigError, /sources must be valid UTF-8/)
+
+    v = Microsandbox::Validate
+    expect(v.json!({ "a" => ["é", { "b" => :c }] })).to eq('{"a":["é",{"b":"c"}]}')
+    expect { v.json!({ "a" => [{ "b" => bad }] }) }.to raise_error(Microsandbox::InvalidConfigError, /a\[0\]\.b must be/)
+    expect { v.json!({ bad => 1 }) }.to raise_error(Microsandbox::InvalidConfigError, /must be valid UTF-8/)
+  end
+
   it "refuses a block on create_with_progress and needs image:" do
     expect { Microsandbox::Sandbox.create_with_progress("a", image: "/x") { nil } }
       .to raise_error(ArgumentError, /no block/)
