@@ -49,6 +49,12 @@ pub struct Guest {
 
 impl Guest {
     pub fn new(cfg: NetworkConfig) -> Guest {
+        Guest::with_listeners(cfg, None)
+    }
+
+    /// A guest whose stack also serves published ports (`listeners`, from
+    /// [`crate::stack::ports::bind`]).
+    pub fn with_listeners(cfg: NetworkConfig, listeners: Option<crate::stack::ports::Listeners>) -> Guest {
         let (ours, theirs) = UnixStream::pair().expect("socketpair");
         ours.set_nonblocking(true).expect("nonblocking");
         let counters = Arc::new(Counters::default());
@@ -60,7 +66,10 @@ impl Guest {
                 l.push(line.to_string());
             }
         });
-        let stack = Stack::new(theirs, cfg.clone(), counters.clone(), log).expect("stack");
+        let mut stack = Stack::new(theirs, cfg.clone(), counters.clone(), log).expect("stack");
+        if let Some(l) = listeners {
+            stack = stack.with_listeners(l);
+        }
         let mut g = Guest { decoder: Decoder::new(cfg.max_frame()), cfg, stack, counters, logs, link: ours, inbox: Vec::new(), deaf: false };
         // What a guest kernel does first: ask for the gateway's MAC (which also tells
         // the stack the guest's, so its replies need no ARP round of their own).

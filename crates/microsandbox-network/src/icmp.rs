@@ -286,6 +286,11 @@ pub fn available() -> bool {
     open(false).is_ok()
 }
 
+/// The same for IPv6 ping sockets.
+pub fn available6() -> bool {
+    open(true).is_ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

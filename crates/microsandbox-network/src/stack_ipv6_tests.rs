@@ -276,6 +276,41 @@ fn icmpv6_echo_the_gateway_answers_refusals_are_prohibited() {
 }
 
 #[test]
+fn allowed_icmpv6_echo_goes_through_a_host_ping_socket_or_says_why_not() {
+    // Host loopback only: a policy that allows ::1 and nothing else.
+    let mut g = guest(|_| {
+        NetworkPolicy::custom(
+            Action::Deny,
+            Action::Deny,
+            vec![Rule {
+                action: Action::Allow,
+                direction: RuleDirection::Egress,
+                destination: Destination::Ip(IpAddr::V6(Ipv6Addr::LOCALHOST)),
+                protocols: Vec::new(),
+                ports: Vec::new(),
+            }],
+        )
+    });
+    for seq in 1..=3 {
+        let f = g.ping(Ipv6Addr::LOCALHOST, 4343, seq, b"payload6");
+        g.send(&f).unwrap();
+    }
+    let replies = |g: &Guest| g.inbox.iter().filter_map(|f| hostile::echo_reply(f)).collect::<Vec<_>>();
+    if icmp::available6() {
+        assert!(g.run_until(Duration::from_secs(5), |inbox| inbox.iter().filter_map(|f| hostile::echo_reply(f)).count() >= 3));
+        for (i, r) in replies(&g).into_iter().enumerate() {
+            assert_eq!(r, (Ipv6Addr::LOCALHOST.into(), 4343, i as u16 + 1, b"payload6".to_vec()));
+        }
+        assert_eq!(g.stack.occupancy().ping_sessions, 1);
+    } else {
+        g.run_for(Duration::from_millis(50)).unwrap();
+        assert!(replies(&g).is_empty());
+        let text = g.log_text();
+        assert_eq!(text.matches("ICMP echo (ping) is unavailable").count(), 1, "said once: {text}");
+    }
+}
+
+#[test]
 fn ipv6_fragments_and_extension_headers_are_dropped() {
     let mut g = guest(|c| gateway_only(c));
     let gw6 = g.cfg.gateway_ip6;
@@ -321,4 +356,29 @@ fn udp_sessions_are_capped_and_expire_after_the_idle_time() {
     g.send(&f).unwrap();
     g.step().unwrap();
     assert_eq!(g.stack.occupancy().udp_sessions, 2);
+}
+
+/// The idle expiry of published-port UDP peers, with the same fake clock.
+#[test]
+fn published_udp_peers_are_forgotten_after_the_idle_time() {
+    use crate::published::{PortProtocol, PublishedPort};
+    let port = PublishedPort { protocol: PortProtocol::Udp, host: "127.0.0.1:0".parse().unwrap(), guest_port: 5000 };
+    let listeners = ports::bind(&[port]).unwrap();
+    let addr = listeners.local_addrs()[0];
+    let mut g = Guest::with_listeners(config(NetworkPolicy::public_only()), Some(listeners));
+    let peers: Vec<UdpSocket> = (0..3).map(|_| UdpSocket::bind("127.0.0.1:0").unwrap()).collect();
+    for p in &peers {
+        p.send_to(b"hi", addr).unwrap();
+    }
+    let to_guest = |inbox: &[Vec<u8>]| inbox.iter().filter_map(|f| hostile::datagram(f)).filter(|d| d.1 == 5000).count();
+    assert!(g.run_until(Duration::from_secs(5), |inbox| to_guest(inbox) == 3), "three peers reach the guest");
+    assert_eq!(g.stack.udp_peers(), 3);
+    g.stack.age_udp_sessions(ports::UDP_PEER_IDLE - Duration::from_secs(1));
+    g.step().unwrap();
+    assert_eq!(g.stack.udp_peers(), 3);
+    peers[0].send_to(b"again", addr).unwrap();
+    assert!(g.run_until(Duration::from_secs(5), |inbox| to_guest(inbox) == 4));
+    g.stack.age_udp_sessions(Duration::from_secs(2));
+    g.step().unwrap();
+    assert_eq!(g.stack.udp_peers(), 1, "only the peer that just spoke is still tracked");
 }
