@@ -5,7 +5,8 @@
 //! Invariants: a frame passes only if it carries the guest's own MAC and (for IPv4 and
 //! ARP) the guest's own IPv4 address as the sender — a guest cannot spoof another host on
 //! the link or claim the gateway. IPv6 likewise: the source is the guest's assigned
-//! address or its EUI-64 link-local one (`::` only for duplicate address detection);
+//! address (its EUI-64 link-local address too for neighbour discovery and ICMPv6 errors;
+//! `::` only for duplicate address detection);
 //! neighbour discovery passes only for what the guest owns (advertisements of its own
 //! addresses) or what the gateway answers (solicitations for the gateway's two
 //! addresses); router advertisements, redirects, DHCPv6 and any other neighbour traffic
@@ -193,7 +194,10 @@ fn inspect6(packet: &[u8], me: &Identity) -> Ingress {
     if ip.next_header() == IpProtocol::Icmpv6 {
         return inspect_icmp6(&ip, me);
     }
-    if !me.owns6(src) {
+    // Traffic the stack answers itself (UDP replies, echo replies) goes to the assigned
+    // address, and smoltcp's sockets are keyed without it: the link-local address is for
+    // neighbour discovery only.
+    if src != me.guest_ip6 {
         return Ingress::Drop(DropReason::SpoofedIp);
     }
     match ip.next_header() {
@@ -233,7 +237,7 @@ fn inspect_icmp6(ip: &Ipv6Packet<&[u8]>, me: &Identity) -> Ingress {
     let own_src = me.owns6(src);
     let my_mac = |ll: Option<RawHardwareAddress>| ll.is_none_or(|a| a.as_bytes() == me.guest_mac);
     match icmp.msg_type() {
-        Icmpv6Message::EchoRequest if own_src => Ingress::Echo6,
+        Icmpv6Message::EchoRequest if src == me.guest_ip6 => Ingress::Echo6,
         Icmpv6Message::NeighborSolicit | Icmpv6Message::NeighborAdvert => {
             // RFC 4861 7.1.1: neighbour discovery comes with hop limit 255 (never routed).
             if ip.hop_limit() != 255 {
@@ -359,6 +363,39 @@ pub(crate) mod tests {
         assert_eq!(inspect(&arp_frame(GUEST_MAC, GUEST_IP), &me()), Ingress::Stack);
         assert_eq!(inspect(&arp_frame(GUEST_MAC, Ipv4Addr::UNSPECIFIED), &me()), Ingress::Stack);
         assert_eq!(inspect(&arp_frame(GUEST_MAC, gw), &me()), Ingress::Drop(DropReason::SpoofedIp), "ARP claiming the gateway");
+    }
+
+    /// An IPv6 frame from `src` to `dst` carrying a TCP SYN to port 80.
+    fn syn6(src: Ipv6Addr, dst: Ipv6Addr) -> Vec<u8> {
+        let v4 = tcp_frame(GUEST_MAC, GUEST_IP, Ipv4Addr::new(1, 2, 3, 4), TcpControl::Syn, false);
+        let tcp = &v4[34..];
+        let mut out = v4[..14].to_vec();
+        out[12..14].copy_from_slice(&[0x86, 0xdd]);
+        let repr = smoltcp::wire::Ipv6Repr { src_addr: src, dst_addr: dst, next_header: IpProtocol::Tcp, payload_len: tcp.len(), hop_limit: 64 };
+        let mut ip = vec![0u8; 40 + tcp.len()];
+        repr.emit(&mut Ipv6Packet::new_unchecked(&mut ip[..]));
+        ip[40..].copy_from_slice(tcp);
+        TcpPacket::new_unchecked(&mut ip[40..]).fill_checksum(&IpAddress::Ipv6(src), &IpAddress::Ipv6(dst));
+        out.extend_from_slice(&ip);
+        out
+    }
+
+    #[test]
+    fn ipv6_sources_other_than_the_assigned_address_are_dropped() {
+        let dst: Ipv6Addr = "2001:db8:6d73::10".parse().unwrap();
+        assert_eq!(inspect(&syn6(GUEST_IP6, dst), &me()), Ingress::Syn(Syn { src_port: 40000, dst: dst.into(), dst_port: 80 }));
+        for src in [me().link_local(), GATEWAY_IP6, Ipv6Addr::UNSPECIFIED, "fd42:6d73:62::3".parse().unwrap(), "::1".parse().unwrap()] {
+            assert_eq!(inspect(&syn6(src, dst), &me()), Ingress::Drop(DropReason::SpoofedIp), "{src}");
+        }
+        let f = syn6(GUEST_IP6, dst);
+        for n in 0..f.len() {
+            let _ = inspect(&f[..n], &me());
+        }
+    }
+
+    #[test]
+    fn eui64_link_local_of_the_guest_mac() {
+        assert_eq!(eui64_link_local([0x02, 0x6d, 0x73, 0x62, 0x00, 0x02]).to_string(), "fe80::6d:73ff:fe62:2");
     }
 
     #[test]
