@@ -238,11 +238,17 @@ module Microsandbox
       @native.fs_read(guest_path!(path))
     end
 
-    # The whole file as a UTF-8 String (not validated).
+    # The whole file as a UTF-8 String. The guest's bytes are never replaced or dropped:
+    # a file that is not valid UTF-8 raises (read its bytes with {#read}), so the String
+    # returned is always valid (`=~`, `split` and friends cannot raise on it later).
     # @param path [String]
-    # @return [String]
+    # @return [String] UTF-8
+    # @raise [FilesystemError] the file is not valid UTF-8
     def read_text(path)
-      read(path).force_encoding(Encoding::UTF_8)
+      text = read(path).force_encoding(Encoding::UTF_8)
+      return text if text.valid_encoding?
+
+      raise FilesystemError, "read_text #{path}: the file is not valid UTF-8 text; use fs.read for its bytes"
     end
 
     # Creates or truncates a file and writes `data` to it.

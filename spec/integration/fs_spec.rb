@@ -34,6 +34,12 @@ RSpec.describe "Sandbox#fs in a real VM" do
     expect(text.encoding).to eq(Encoding::UTF_8)
     fs.write("#{dir}/text", "")
     expect(fs.read("#{dir}/text")).to eq("")
+    expect(fs.read_text("#{dir}/text")).to eq("")
+
+    # Never an invalid String (a later `=~` would raise), never a byte replaced: it raises.
+    fs.write("#{dir}/latin1", "caf\xE9\n".b)
+    expect { fs.read_text("#{dir}/latin1") }.to raise_error(Microsandbox::FilesystemError, /not valid UTF-8.*fs\.read/)
+    expect(fs.read("#{dir}/latin1")).to eq("caf\xE9\n".b)
   end
 
   it "answers exists? without raising" do
