@@ -299,11 +299,12 @@ module Microsandbox
         JSON.parse(Native::Sandbox.list_records_json(Microsandbox.home)).map { |h| SandboxHandle.new(h) }
       end
 
-      # Sandboxes whose labels include all of `labels` (all sandboxes for `{}`).
-      # @param labels [Hash{String=>String}]
+      # Sandboxes whose labels include all of `labels` (all sandboxes for `{}`). Keys and
+      # values are coerced with `to_s`, as {create} stores them.
+      # @param labels [Hash{String, Symbol=>Object}]
       # @return [Array<SandboxHandle>]
       def list_with(labels: {})
-        want = Validate.env!("labels", labels).to_h
+        want = Validate.env!("labels", Validate.coerce_values!("labels", labels)).to_h
         list.select { |info| want.all? { |k, v| info.labels[k] == v } }
       end
 

@@ -10,7 +10,7 @@ RSpec.describe "sandbox handles and how runs end" do
 
   it "returns controllable handles from get, list and list_with, and reports a clean stop" do
     name = unique_name("handle")
-    sb = Microsandbox::Sandbox.create(name, image: rootfs, labels: { "suite" => "handles" }, env: { "SECRET" => "s3" })
+    sb = Microsandbox::Sandbox.create(name, image: rootfs, labels: { "suite" => "handles", tier: 2 }, env: { "SECRET" => "s3" })
     h = Microsandbox::Sandbox.get(name)
     expect(Microsandbox::SandboxInfo).to equal(Microsandbox::SandboxHandle)
     expect(h).to be_a(Microsandbox::SandboxHandle)
@@ -18,7 +18,7 @@ RSpec.describe "sandbox handles and how runs end" do
     expect([h.running?, h.stopped?, h.crashed?]).to eq([true, false, false])
     expect(h.created_at).to be_a(Time)
     expect(h.updated_at).to be >= h.created_at
-    expect(h.labels).to eq("suite" => "handles")
+    expect(h.labels).to eq("suite" => "handles", "tier" => "2")
     expect(h.config["cpus"]).to eq(1)
     expect(JSON.parse(h.config_json)).to eq(h.config)
     expect(h.config_json).not_to include("s3")
@@ -27,6 +27,9 @@ RSpec.describe "sandbox handles and how runs end" do
     listed = Microsandbox::Sandbox.list_with(labels: { "suite" => "handles" })
     expect(listed.map(&:name)).to eq([name])
     expect(listed.first).to be_a(Microsandbox::SandboxHandle)
+    # The filter coerces as create did (to_s of keys and values), so the Hash given to
+    # create finds the sandbox again.
+    expect(Microsandbox::Sandbox.list_with(labels: { suite: :handles, tier: 2 }).map(&:name)).to eq([name])
     expect(h.exec("echo", ["via-handle"]).stdout).to eq("via-handle\n") # forwarded to a live Sandbox
 
     listed.first.stop_with_timeout(10)
