@@ -22,7 +22,7 @@ require_relative "scratch_home"
 BenchScratchHome.setup!
 
 opts = { mib: 64, rr: 300, queries: 300, runs: 3, boots: 5, hold: 256, sequential: 10_000, timeout: 1800,
-         only: %w[slirp passt], parts: %w[compare policy rss boot] }
+         only: %w[slirp passt stack], parts: %w[compare policy rss boot] }
 OptionParser.new do |o|
   o.on("--mib N", Integer, "MiB per bulk transfer, each way (default 64; the guest holds it in memory)") { |v| opts[:mib] = v }
   o.on("--rr N", Integer, "connect + 1-byte request/reply samples per run (default 300)") { |v| opts[:rr] = v }
@@ -32,7 +32,7 @@ OptionParser.new do |o|
   o.on("--hold N", Integer, "guest connections held open for the RSS figure (default 256)") { |v| opts[:hold] = v }
   o.on("--sequential N", Integer, "sequential connections before the second RSS figure (default 10000)") { |v| opts[:sequential] = v }
   o.on("--timeout S", Integer, "seconds one baseline VM may take (default 1800)") { |v| opts[:timeout] = v }
-  o.on("--baselines LIST", Array, "baselines to run (default slirp,passt; empty: none)") { |v| opts[:only] = v }
+  o.on("--baselines LIST", Array, "baselines to run (default slirp,passt,stack; empty: none)") { |v| opts[:only] = v }
   o.on("--parts LIST", Array, "what to measure (default compare,policy,rss,boot)") { |v| opts[:parts] = v }
 end.parse!
 
@@ -54,6 +54,17 @@ def build_guest(dir)
   ok = system(cc, "-O2", "-static", "-o", out, File.join(__dir__, "net_guest.c"))
   abort "bench/net.rb: `#{cc} -static` failed (needs a C compiler and libc6-dev)" unless ok
   out
+end
+
+# Our stack without a sandbox (`crates/microsandbox-network/examples/stack_vm.rs`): the
+# baseline VM with our stack as its NIC's back-end. nil (and why) when it cannot be built.
+def build_stack_vm
+  root = File.expand_path("..", __dir__)
+  ok = system("cargo", "build", "--release", "-q", "-p", "microsandbox-network", "--example", "stack_vm", chdir: root)
+  path = File.join(ENV.fetch("CARGO_TARGET_DIR", File.join(root, "target")), "release", "examples", "stack_vm")
+  ok && File.executable?(path) ? [path, nil] : [nil, "cargo build --example stack_vm failed"]
+rescue SystemCallError => e
+  [nil, "cargo: #{e.message}"]
 end
 
 # ---- host-side servers (127.0.0.1 only) -------------------------------------------------
@@ -237,7 +248,7 @@ KEPT = (NO_VALUE + %w[-M -machine -accel -cpu -m -smp -kernel -append -display -
 
 # The engine's binary, machine, accelerator, CPU, memory, kernel and parameters; the NIC
 # given by `netdev`; the baseline initramfs; the console on stdout.
-def baseline_argv(engine, initrd, netdev, mtu)
+def baseline_argv(engine, initrd, netdev = nil, mtu = nil)
   binary, *rest = engine
   argv = [binary]
   until rest.empty?
@@ -248,8 +259,10 @@ def baseline_argv(engine, initrd, netdev, mtu)
     value = value.split.reject { |w| w.start_with?("msb.", "quiet", "loglevel") }.join(" ") + " loglevel=1" if opt == "-append"
     argv.push(opt, *value)
   end
-  argv + ["-initrd", initrd, "-serial", "stdio", "-netdev", netdev,
-          "-device", "virtio-net-pci,netdev=n0,host_mtu=#{mtu}"]
+  argv += ["-initrd", initrd, "-serial", "stdio"]
+  return argv unless netdev # stack_vm adds our NIC itself
+
+  argv + ["-netdev", netdev, "-device", "virtio-net-pci,netdev=n0,host_mtu=#{mtu}"]
 end
 
 def run_vm(argv, timeout)
@@ -359,6 +372,7 @@ started_load = File.read("/proc/loadavg").split.first(3).join(" ")
 passt = system("command -v passt >/dev/null 2>&1")
 results = Hash.new { |h, k| h[k] = [] }
 extra = {}
+stack_vm = stack_skip = nil
 t_start = now
 
 Dir.mktmpdir("msb-net-bench") do |dir|
@@ -366,9 +380,14 @@ Dir.mktmpdir("msb-net-bench") do |dir|
   if opts[:parts].include?("compare")
     results[:ours] << ours_run(guest, opts) # also yields the engine's QEMU argv, warms the caches
     runtime = File.join(Microsandbox.home, "runtime", "initramfs.cpio")
-    script = lambda do |gw|
+    script = lambda do |gw, dns = DNS|
       ["/net_guest up #{gw} #{SINK} #{BYTES}", "/net_guest down #{gw} #{SOURCE} #{BYTES}",
-       "/net_guest rr #{gw} #{ECHO} #{opts[:rr]}", "/net_guest dns #{gw} #{DNS} #{opts[:queries]}"].join("\n")
+       "/net_guest rr #{gw} #{ECHO} #{opts[:rr]}", "/net_guest dns #{gw} #{dns} #{opts[:queries]}"].join("\n")
+    end
+    if opts[:only].include?("stack")
+      stack_vm, stack_skip = build_stack_vm
+      stack_rd = baseline_initramfs(File.join(dir, "stack.cpio"), runtime, guest,
+                                    { addr: "172.16.0.2/30", gw: GW, mtu: 65_520 }, script.call(GW, 53))
     end
     slirp_net = { addr: "10.0.2.15/24", gw: "10.0.2.2", mtu: 1500 }
     slirp_rd = baseline_initramfs(File.join(dir, "slirp.cpio"), runtime, guest, slirp_net, script.call("10.0.2.2"))
@@ -380,7 +399,11 @@ Dir.mktmpdir("msb-net-bench") do |dir|
         argv = baseline_argv(ENGINE[:argv], slirp_rd, "user,id=n0", 1500)
         results[:slirp] << parse(run_vm(argv, opts[:timeout]), "slirp")
       end
-      next unless passt && opts[:only].include?("passt")
+      if stack_vm
+      argv = [stack_vm, DNS.to_s, *baseline_argv(ENGINE[:argv], stack_rd)]
+      results[:stack] << parse(run_vm(argv, opts[:timeout]), "stack")
+    end
+    next unless passt && opts[:only].include?("passt")
 
       with_passt(dir) do |sock|
         argv = baseline_argv(ENGINE[:argv], passt_rd, "stream,id=n0,server=off,addr.type=unix,addr.path=#{sock}", passt_net[:mtu])
@@ -464,20 +487,22 @@ puts "  #{opts[:runs]} runs per back-end (medians), #{mib} MiB each way, #{opts[
      "#{opts[:queries]} DNS queries per run (p50 of each run, median over runs)"
 puts "  ours: smoltcp stack in the supervisor, MTU 65520 (default) and 1500 (guest eth0 lowered); " \
      "slirp: -netdev user, MTU 1500 (QEMU 7.2 has no MTU option for it); passt: " \
-     "#{passt ? 'Debian passt, MTU 65520' : 'SKIPPED (not installed: apt-get install passt)'}"
+     "#{passt ? 'Debian passt, MTU 65520' : 'SKIPPED (not installed: apt-get install passt)'}; bare VM: our stack " \
+     "(examples/stack_vm.rs) as the NIC back-end of the baselines' VM, MTU 65520#{stack_skip ? " — SKIPPED: #{stack_skip}" : ''}"
 puts
 
-cols = ->(*c) { format("%-34s %10s %10s %10s %10s  %s", *c) }
+cols = ->(*c) { format("%-34s %9s %9s %9s %9s %9s  %s", *c) }
 cell = ->(v) { v ? format("%.2f", v) : "-" }
 med = ->(k, &f) { median(results[k].map { |r| r && f.call(r) }) }
 if results[:ours].any?
-  puts cols.call("", "ours", "slirp", "passt", "ratio", "target")
+  puts cols.call("", "ours", "bare VM", "slirp", "passt", "ratio", "target")
   tput = lambda do |label, key, slirp_key, target|
     ours = med.call(:ours) { |r| mibps(r[key], mib) }
+    bare = med.call(:stack) { |r| mibps(r[slirp_key], mib) }
     slirp = med.call(:slirp) { |r| mibps(r[slirp_key], mib) }
     ps = med.call(:passt) { |r| mibps(r[slirp_key], mib) }
     ratio = ours && slirp ? ours / slirp : nil
-    puts cols.call(label, cell.call(ours), cell.call(slirp), cell.call(ps), ratio ? format("%.2f×", ratio) : "-",
+    puts cols.call(label, cell.call(ours), cell.call(bare), cell.call(slirp), cell.call(ps), ratio ? format("%.2f×", ratio) : "-",
                    ratio ? "≥ #{target}× slirp #{verdict(ratio >= target)}" : "≥ #{target}× slirp (no figure)")
   end
   tput.call("TCP guest→host MTU 1500 (MiB/s)", :up1500, :up, 1.0)
@@ -486,15 +511,16 @@ if results[:ours].any?
   tput.call("TCP host→guest MTU 65520 (MiB/s)", :down, :down, 2.0)
   latency = lambda do |label, key, target|
     ours = med.call(:ours) { |r| r[key]&.fetch(:p50) }
+    bare = med.call(:stack) { |r| r[key]&.fetch(:p50) }
     slirp = med.call(:slirp) { |r| r[key]&.fetch(:p50) }
     ps = med.call(:passt) { |r| r[key]&.fetch(:p50) }
     ratio = ours && slirp ? ours / slirp : nil
     t = target ? "≤ #{target}× slirp #{ratio ? verdict(ratio <= target) : '(no figure)'}" : "—"
-    puts cols.call(label, cell.call(ours), cell.call(slirp), cell.call(ps), ratio ? format("%.2f×", ratio) : "-", t)
+    puts cols.call(label, cell.call(ours), cell.call(bare), cell.call(slirp), cell.call(ps), ratio ? format("%.2f×", ratio) : "-", t)
   end
   latency.call("connect + 1-byte RR p50 (ms)", :rr, 1.2)
   latency.call("DNS query p50 (ms)", :dns, nil)
-  puts "  (passt is shown in MTU 65520 rows and the MTU 1500 rows alike: its only run is at 65520.)" if passt
+  puts "  (bare VM and passt are shown in the MTU 65520 and 1500 rows alike: they run at 65520 only.)"
   puts
 end
 
