@@ -10,8 +10,8 @@ module Microsandbox
   # artifacts it made or imported ({list}, {get} by digest, {reindex}).
   #
   # The disk is flattened (it does not depend on the image or a parent snapshot) and is
-  # identified by digests: {SnapshotInfo#digest} (of the manifest, which includes the
-  # SHA-256 of the disk's content). Every boot from a snapshot hashes the disk's data first:
+  # identified by digests: {SnapshotInfo#digest} (the SHA-256 of the manifest, which
+  # includes the BLAKE3 of the disk's content). Every boot from a snapshot hashes the disk's data first:
   # a truncated or modified artifact raises {SnapshotIntegrityError} and never boots. The
   # image is never needed (nor pulled), so {SnapshotImageMissingError} is not raised.
   #
@@ -212,7 +212,7 @@ module Microsandbox
     attr_reader :path
     # @return [Symbol] :verified (integrity was recorded at create) or :not_recorded
     attr_reader :status
-    # @return [String, nil] "sha256" when recorded
+    # @return [String, nil] "blake3" when recorded ("sha256" for older artifacts)
     attr_reader :algorithm
     # @return [String, nil] the disk's digest when recorded
     attr_reader :content_digest

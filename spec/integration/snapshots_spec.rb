@@ -34,7 +34,8 @@ RSpec.describe "snapshots" do
     expect(Microsandbox::Snapshot.get(info.digest).path).to eq(info.path)
     expect(Microsandbox::Snapshot.list.map(&:name)).to include(first)
     report = Microsandbox::Snapshot.verify(first)
-    expect([report.status, report.verified?, report.algorithm]).to eq([:verified, true, "sha256"])
+    expect([report.status, report.verified?, report.algorithm]).to eq([:verified, true, "blake3"])
+    expect(report.content_digest).to match(/\Ablake3:\h{64}\z/)
     expect { Microsandbox::Snapshot.create(a, name: first) }.to raise_error(Microsandbox::SnapshotAlreadyExistsError)
     expect { Microsandbox::Snapshot.get("snap-none") }.to raise_error(Microsandbox::SnapshotNotFoundError)
 

@@ -14,10 +14,14 @@
 //! copy that fills holes with zeros keeps it):
 //!
 //! ```text
-//! SHA-256( "msb-disk-v1\n" ‖ virtual_size as u64 LE ‖
-//!          for each 64 KiB block i, in order, that is not all zeros:
-//!              i as u64 LE ‖ the block's bytes (the last block may be shorter) )
+//! H( "msb-disk-v1\n" ‖ virtual_size as u64 LE ‖
+//!    for each 64 KiB block i, in order, that is not all zeros:
+//!        i as u64 LE ‖ the block's bytes (the last block may be shorter) )
 //! ```
+//!
+//! H is BLAKE3 (`blake3:<hex>`; the `blake3` crate, SIMD) for what `create` writes, and
+//! SHA-256 (`sha256:<hex>`) for the first format-2 artifacts; the prefix says which. The
+//! hash runs on a second thread beside the copy (see [`walk`]).
 //!
 //! Checking a stored disk ([`digest_raw`]) walks its data regions (`SEEK_DATA`/`SEEK_HOLE`)
 //! the same way, so verification also reads only what is allocated.
@@ -62,22 +66,67 @@ struct Extent {
     offset: u64,
 }
 
+/// The hash function of a content digest, named by its prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Algorithm {
+    /// `blake3:` — what `create` records. Faster than SHA-256 even with the CPU's SHA
+    /// extensions (SIMD over many blocks): checking 256 MiB took 0.17-0.22 s instead of
+    /// 0.45-0.9 s on the loaded development host.
+    Blake3,
+    /// `sha256:` — format-2 artifacts of the first one-pass version.
+    Sha256,
+}
+
+impl Algorithm {
+    /// The algorithm of a recorded `<alg>:<hex>` digest.
+    pub fn of_digest(digest: &str) -> Option<Algorithm> {
+        match digest.split_once(':')?.0 {
+            "blake3" => Some(Algorithm::Blake3),
+            "sha256" => Some(Algorithm::Sha256),
+            _ => None,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Algorithm::Blake3 => "blake3",
+            Algorithm::Sha256 => "sha256",
+        }
+    }
+}
+
 /// The canonical content hash (see the module doc).
-struct ContentHasher(Sha256);
+enum ContentHasher {
+    Blake3(Box<blake3::Hasher>),
+    Sha256(Sha256),
+}
 
 impl ContentHasher {
-    fn new(virtual_size: u64) -> ContentHasher {
-        let mut h = Sha256::new();
+    fn new(alg: Algorithm, virtual_size: u64) -> ContentHasher {
+        let mut h = match alg {
+            Algorithm::Blake3 => ContentHasher::Blake3(Box::new(blake3::Hasher::new())),
+            Algorithm::Sha256 => ContentHasher::Sha256(Sha256::new()),
+        };
         h.update(b"msb-disk-v1\n");
-        h.update(virtual_size.to_le_bytes());
-        ContentHasher(h)
+        h.update(&virtual_size.to_le_bytes());
+        h
+    }
+    fn update(&mut self, data: &[u8]) {
+        match self {
+            ContentHasher::Blake3(h) => {
+                h.update(data);
+            }
+            ContentHasher::Sha256(h) => h.update(data),
+        }
     }
     fn block(&mut self, index: u64, data: &[u8]) {
-        self.0.update(index.to_le_bytes());
-        self.0.update(data);
+        self.update(&index.to_le_bytes());
+        self.update(data);
     }
     fn finish(self) -> String {
-        format!("sha256:{}", hex::encode(self.0.finalize()))
+        match self {
+            ContentHasher::Blake3(h) => format!("blake3:{}", h.finalize().to_hex()),
+            ContentHasher::Sha256(h) => format!("sha256:{}", hex::encode(h.finalize())),
+        }
     }
 }
 
@@ -85,65 +134,101 @@ fn is_zero(b: &[u8]) -> bool {
     b == &ZERO[..b.len()]
 }
 
+/// Window buffers in flight between the copying and the hashing thread.
+const BUFFERS: usize = 4;
+
 /// Assembles the guest disk window by window from `extents` (sorted, disjoint), hashes
 /// every non-zero block and, with `out`, writes it there at its offset.
-fn walk(extents: &[Extent], files: &[File], virtual_size: u64, out: Option<&File>) -> std::io::Result<Flat> {
-    let mut hasher = ContentHasher::new(virtual_size);
-    let mut stored = 0u64;
-    let mut buf = vec![0u8; WINDOW as usize];
-    let mut i = 0;
-    // Everything below `pos` has been handled; it is always a multiple of BLOCK (or the end).
-    let mut pos = 0u64;
-    while i < extents.len() {
-        let e = extents[i];
-        let w0 = pos.max(e.start / BLOCK * BLOCK);
-        if w0 >= virtual_size {
-            break;
-        }
-        let w1 = (w0 + WINDOW).min(virtual_size);
-        let win = &mut buf[..(w1 - w0) as usize];
-        win.fill(0);
-        let mut j = i;
-        while j < extents.len() && extents[j].start < w1 {
-            let x = extents[j];
-            let a = x.start.max(w0);
-            let b = (x.start + x.len).min(w1);
-            if a < b {
-                let dst = &mut win[(a - w0) as usize..(b - w0) as usize];
-                files[x.file].read_exact_at(dst, x.offset + (a - x.start))?;
-            }
-            if x.start + x.len > w1 {
-                break; // continues in the next window
-            }
-            j += 1;
-        }
-        i = j;
-        // Non-zero blocks: hashed one by one, written in runs.
-        let mut run: Option<u64> = None; // start (window offset) of the current run
-        let mut off = 0u64;
-        let n = w1 - w0;
-        while off < n {
-            let end = (off + BLOCK).min(n);
-            let block = &win[off as usize..end as usize];
-            if is_zero(block) {
-                if let (Some(r), Some(f)) = (run.take(), out) {
-                    f.write_all_at(&win[r as usize..off as usize], w0 + r)?;
+///
+/// Two threads: this one reads each window and writes its non-zero runs; a scoped second
+/// one hashes the windows in order, handed over through a bounded channel (at most
+/// [`BUFFERS`] windows of memory). On a multi-core host the hash costs no extra time.
+fn walk(extents: &[Extent], files: &[File], virtual_size: u64, out: Option<&File>, alg: Algorithm) -> std::io::Result<Flat> {
+    use std::sync::mpsc::{channel, sync_channel};
+    let (to_hash, windows) = sync_channel::<(u64, Vec<u8>)>(BUFFERS - 2);
+    let (give_back, returned) = channel::<Vec<u8>>();
+    std::thread::scope(|scope| {
+        let hashing = scope.spawn(move || {
+            let mut hasher = ContentHasher::new(alg, virtual_size);
+            let mut stored = 0u64;
+            for (w0, win) in windows {
+                for (k, block) in win.chunks(BLOCK as usize).enumerate() {
+                    if !is_zero(block) {
+                        hasher.block(w0 / BLOCK + k as u64, block);
+                        stored += block.len() as u64;
+                    }
                 }
-            } else {
-                hasher.block((w0 + off) / BLOCK, block);
-                stored += end - off;
-                if run.is_none() {
-                    run = Some(off);
-                }
+                let _ = give_back.send(win);
             }
-            off = end;
-        }
-        if let (Some(r), Some(f)) = (run, out) {
-            f.write_all_at(&win[r as usize..n as usize], w0 + r)?;
-        }
-        pos = w1;
-    }
-    Ok(Flat { virtual_size, stored_bytes: stored, content_digest: hasher.finish() })
+            (hasher.finish(), stored)
+        });
+        let copied = (|| -> std::io::Result<()> {
+            let mut allocated = 0;
+            let mut i = 0;
+            // Everything below `pos` has been handled; a multiple of BLOCK (or the end).
+            let mut pos = 0u64;
+            while i < extents.len() {
+                let e = extents[i];
+                let w0 = pos.max(e.start / BLOCK * BLOCK);
+                if w0 >= virtual_size {
+                    break;
+                }
+                let w1 = (w0 + WINDOW).min(virtual_size);
+                let n = w1 - w0;
+                let mut win = match returned.try_recv() {
+                    Ok(b) => b,
+                    Err(_) if allocated < BUFFERS => {
+                        allocated += 1;
+                        Vec::with_capacity(WINDOW as usize)
+                    }
+                    Err(_) => returned.recv().map_err(|_| std::io::Error::other("the hashing thread ended early"))?,
+                };
+                win.clear();
+                win.resize(n as usize, 0);
+                let mut j = i;
+                while j < extents.len() && extents[j].start < w1 {
+                    let x = extents[j];
+                    let a = x.start.max(w0);
+                    let b = (x.start + x.len).min(w1);
+                    if a < b {
+                        let dst = &mut win[(a - w0) as usize..(b - w0) as usize];
+                        files[x.file].read_exact_at(dst, x.offset + (a - x.start))?;
+                    }
+                    if x.start + x.len > w1 {
+                        break; // continues in the next window
+                    }
+                    j += 1;
+                }
+                i = j;
+                if let Some(f) = out {
+                    // Non-zero blocks written in runs; zero blocks stay holes.
+                    let mut run: Option<usize> = None;
+                    let mut off = 0usize;
+                    for block in win.chunks(BLOCK as usize) {
+                        if is_zero(block) {
+                            if let Some(r) = run.take() {
+                                f.write_all_at(&win[r..off], w0 + r as u64)?;
+                            }
+                        } else if run.is_none() {
+                            run = Some(off);
+                        }
+                        off += block.len();
+                    }
+                    if let Some(r) = run {
+                        f.write_all_at(&win[r..], w0 + r as u64)?;
+                    }
+                }
+                to_hash.send((w0, win)).map_err(|_| std::io::Error::other("the hashing thread ended early"))?;
+                pos = w1;
+            }
+            Ok(())
+        })();
+        drop(to_hash);
+        let hashed = hashing.join().map_err(|_| std::io::Error::other("the hashing thread panicked"));
+        copied?;
+        let (content_digest, stored_bytes) = hashed?;
+        Ok(Flat { virtual_size, stored_bytes, content_digest })
+    })
 }
 
 /// The data regions of a file (`SEEK_DATA`/`SEEK_HOLE`) as extents of file 0.
@@ -176,13 +261,13 @@ fn data_regions(f: &File, len: u64) -> std::io::Result<Vec<Extent>> {
     Ok(out)
 }
 
-/// The content digest of a stored raw disk, reading only its data regions. Its length is
-/// the virtual size.
-pub fn digest_raw(path: &Path) -> Result<Flat> {
+/// The content digest (with `alg`) of a stored raw disk, reading only its data regions.
+/// Its length is the virtual size.
+pub fn digest_raw(path: &Path, alg: Algorithm) -> Result<Flat> {
     let f = File::open(path).context(|| format!("reading {}", path.display()))?;
     let len = f.metadata().context(|| format!("stat {}", path.display()))?.len();
     let ext = data_regions(&f, len).context(|| format!("reading {}", path.display()))?;
-    walk(&ext, std::slice::from_ref(&f), len, None).context(|| format!("reading {}", path.display()))
+    walk(&ext, std::slice::from_ref(&f), len, None, alg).context(|| format!("reading {}", path.display()))
 }
 
 #[derive(Deserialize)]
@@ -282,14 +367,14 @@ pub fn flatten(disk: &Path, format: &str, dest: &Path) -> Result<Flat> {
                 .open(dest)
                 .context(|| format!("creating {}", dest.display()))?;
             out.set_len(virtual_size).context(|| format!("sizing {}", dest.display()))?;
-            walk(&ext, &files, virtual_size, Some(&out)).context(|| format!("copying {} into {}", disk.display(), dest.display()))
+            walk(&ext, &files, virtual_size, Some(&out), Algorithm::Blake3).context(|| format!("copying {} into {}", disk.display(), dest.display()))
         }
         None => {
             super::qemu_img(
                 &["convert".as_ref(), "-q".as_ref(), "-S".as_ref(), "64k".as_ref(), "-f".as_ref(), format.as_ref(), "-O".as_ref(), "raw".as_ref(), disk.as_os_str(), dest.as_os_str()],
                 &format!("copy {}", disk.display()),
             )?;
-            digest_raw(dest)
+            digest_raw(dest, Algorithm::Blake3)
         }
     }
 }
@@ -335,13 +420,19 @@ mod tests {
         assert_eq!(got.stored_bytes, (2560 << 10) + (1024 - 64) * 1024);
         // The digest is over the logical content: the dense reference conversion (holes
         // filled or not) and the flattened file hash the same.
-        assert_eq!(digest_raw(&reference).unwrap(), got);
-        assert_eq!(digest_raw(&flat).unwrap(), got);
+        assert_eq!(digest_raw(&reference, Algorithm::Blake3).unwrap(), got);
+        assert_eq!(digest_raw(&flat, Algorithm::Blake3).unwrap(), got);
+        assert!(got.content_digest.starts_with("blake3:"));
+        assert_eq!(Algorithm::of_digest(&got.content_digest), Some(Algorithm::Blake3));
+        // The SHA-256 form (first format-2 artifacts) hashes the same stream.
+        let sha = digest_raw(&flat, Algorithm::Sha256).unwrap();
+        assert!(sha.content_digest.starts_with("sha256:") && sha.stored_bytes == got.stored_bytes);
+        assert_eq!(digest_raw(&reference, Algorithm::Sha256).unwrap(), sha);
         use std::os::unix::fs::MetadataExt;
         assert!(std::fs::metadata(&flat).unwrap().blocks() * 512 < 8 << 20, "the flattened disk is sparse");
         // One byte differs: another digest.
         qemu_io(&flat, "raw", "write -P 0x45 7000 1");
-        assert_ne!(digest_raw(&flat).unwrap().content_digest, got.content_digest);
+        assert_ne!(digest_raw(&flat, Algorithm::Blake3).unwrap().content_digest, got.content_digest);
     }
 
     #[test]

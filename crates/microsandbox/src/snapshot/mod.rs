@@ -16,7 +16,7 @@
 //!   hashes it on the way): the artifact does not depend on the image root or a parent
 //!   snapshot, so it survives `Image.remove` and can be exported and imported into
 //!   another home.
-//! - `content_digest` is the SHA-256 of the disk's canonical content stream (see
+//! - `content_digest` is the BLAKE3 of the disk's canonical content stream (see
 //!   [`flatten`]; holes and written zeros hash alike); the snapshot's `digest`
 //!   (its identity) is the SHA-256 of the manifest body, which includes the content
 //!   digest. Opening checks the manifest digest (cheap); booting from a snapshot and
@@ -102,8 +102,9 @@ pub struct Body {
     pub virtual_size: u64,
     pub format: String,
     pub created_at: i64,
-    /// `sha256:<hex>`: format 2, of the disk's canonical content stream
-    /// ([`flatten`]); format 1, of `disk.qcow2`'s bytes.
+    /// Format 2: `blake3:<hex>` (or `sha256:<hex>` from the first format-2 version) of
+    /// the disk's canonical content stream ([`flatten`]); format 1: `sha256:<hex>` of
+    /// `disk.qcow2`'s bytes.
     pub content_digest: String,
     /// Whether the caller asked for integrity recording (`verify` reports `verified` then,
     /// `not_recorded` otherwise; the content digest is checked before every boot anyway).
@@ -254,7 +255,10 @@ pub fn check_content(info: &SnapshotInfo) -> Result<()> {
     let got = if info.body.format_version == 1 {
         sha256_file(&disk)?
     } else {
-        flatten::digest_raw(&disk)?.content_digest
+        let alg = flatten::Algorithm::of_digest(&info.body.content_digest).ok_or_else(|| {
+            Error::SnapshotIntegrity(format!("{}: unknown content digest algorithm", info.path.display()))
+        })?;
+        flatten::digest_raw(&disk, alg)?.content_digest
     };
     if got != info.body.content_digest {
         return Err(Error::SnapshotIntegrity(format!(
@@ -384,6 +388,14 @@ impl Body {
     }
 }
 
+/// The name of the hash behind `content_digest` ("blake3", or "sha256" for older artifacts).
+fn algorithm_of(body: &Body) -> &'static str {
+    if body.format_version == 1 {
+        return "sha256";
+    }
+    flatten::Algorithm::of_digest(&body.content_digest).map(flatten::Algorithm::name).unwrap_or("sha256")
+}
+
 /// `verify`: hashes the disk; a mismatch raises `SnapshotIntegrity`.
 pub fn verify(home: &Home, name_or_path: &str) -> Result<VerifyReport> {
     let info = open(home, name_or_path)?;
@@ -392,7 +404,7 @@ pub fn verify(home: &Home, name_or_path: &str) -> Result<VerifyReport> {
         digest: info.digest.clone(),
         path: info.path.clone(),
         status: if info.body.record_integrity { "verified" } else { "not_recorded" },
-        algorithm: info.body.record_integrity.then_some("sha256"),
+        algorithm: info.body.record_integrity.then(|| algorithm_of(&info.body)),
         content_digest: info.body.record_integrity.then(|| info.body.content_digest.clone()),
     })
 }
