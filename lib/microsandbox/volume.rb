@@ -176,10 +176,18 @@ module Microsandbox
       call("read", path)
     end
 
+    # The whole file as a UTF-8 String. No byte is replaced or dropped: a file that is
+    # not valid UTF-8 raises (read its bytes with {#read}), so the String returned is
+    # always valid (`=~`, `split` and friends cannot raise on it later).
     # @param path [String]
-    # @return [String] the whole file as UTF-8 (not validated)
+    # @return [String] UTF-8
+    # @raise [PathNotFoundError] no such file
+    # @raise [FilesystemError] the file is not valid UTF-8, or as {#read}
     def read_text(path)
-      read(path).force_encoding(Encoding::UTF_8)
+      text = read(path).force_encoding(Encoding::UTF_8)
+      return text if text.valid_encoding?
+
+      raise FilesystemError, "read_text #{path}: the file is not valid UTF-8 text; use read for its bytes"
     end
 
     # Creates or truncates a file and writes `data` (bytes, any encoding).

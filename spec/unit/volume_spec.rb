@@ -91,7 +91,10 @@ RSpec.describe Microsandbox::Volume do
       expect(fs.mkdir("/a/b")).to be_nil
       expect(fs.write("a/b/c.txt", "hi \xFF".b)).to be_nil
       expect(fs.read("/a/b/c.txt")).to eq("hi \xFF".b)
-      expect(fs.read_text("a/b/c.txt").encoding).to eq(Encoding::UTF_8)
+      expect { fs.read_text("a/b/c.txt") }.to raise_error(Microsandbox::FilesystemError, /not valid UTF-8.*use read/)
+      fs.write("a/b/t.txt", "café\n")
+      expect(fs.read_text("a/b/t.txt")).to eq("café\n")
+      expect(fs.read_text("a/b/t.txt").encoding).to eq(Encoding::UTF_8)
       expect(File.binread(File.join(vol.path, "a/b/c.txt"))).to eq("hi \xFF".b)
       fs.copy("a/b/c.txt", "copy.txt")
       fs.rename("copy.txt", "moved.txt")
