@@ -71,6 +71,18 @@ RSpec.describe "exec on a pseudo-terminal in a real VM" do
     expect(handle.exit_code).to eq(0)
   end
 
+  it "ends an interactive shell whose stdin closes before its line editor starts" do
+    # The end-of-file typed while the terminal is still in line mode would reach the
+    # shell's raw-mode line editor as a NUL byte; it must be typed again.
+    handle = sb.exec_stream("sh", tty: true)
+    handle.stdin.write("echo hi-$((6*7))\n")
+    handle.stdin.close
+    out = +""
+    Timeout.timeout(60) { handle.each { |ev| out << ev.text if ev.stdout? } }
+    expect(out).to include("hi-42\r\n")
+    expect(handle.exit_code).to eq(0)
+  end
+
   it "gives the terminal to the session's user" do
     out = sb.shell('stat -c %u "$(tty)"; id -u', tty: true, user: "nobody")
     expect(out.stdout).to eq("65534\r\n65534\r\n")

@@ -382,9 +382,45 @@ fn feed(pipe: File, rx: Receiver<Vec<u8>>, queued: Arc<AtomicUsize>, tty: bool, 
         }
         queued.fetch_sub(chunk.len(), Ordering::AcqRel);
     }
-    if let (Some(p), true) = (&mut pipe, tty) {
-        let _ = p.write_all(&[eof_char(p)]);
+    if let (Some(p), true) = (pipe, tty) {
+        type_eof(p, out);
     }
+}
+
+/// Types end-of-file on a terminal whose stdin the host closed. In canonical mode the
+/// line discipline turns the VEOF character into an end-of-file mark for the next
+/// `read` — but a program that switches the terminal to raw mode before reading it (a
+/// shell's line editor starting up just after the host closed stdin) gets that mark as a
+/// NUL byte and would wait for input forever. So while the session lives, a terminal that
+/// goes raw after a canonical-mode VEOF gets the character once more, which a line editor
+/// reads as Ctrl-D. At most two characters are typed; the wait ends with the session.
+fn type_eof(mut pty: File, out: &Output) {
+    let Some(was_canonical) = is_canonical(&pty) else { return };
+    if pty.write_all(&[eof_char(&pty)]).is_err() || !was_canonical {
+        return;
+    }
+    let mut wait = Duration::from_millis(10);
+    while lock(&out.state).open {
+        std::thread::sleep(wait);
+        wait = (wait * 2).min(Duration::from_millis(250));
+        match is_canonical(&pty) {
+            Some(true) => {}
+            Some(false) => {
+                let _ = pty.write_all(&[eof_char(&pty)]);
+                return;
+            }
+            None => return, // the terminal is gone
+        }
+    }
+}
+
+/// Whether the terminal is in canonical (line) mode; `None` once it cannot be read.
+fn is_canonical(pty: &File) -> Option<bool> {
+    use std::os::fd::AsFd;
+    // On a pseudo-terminal master, the termios calls act on the slave's settings.
+    nix::sys::termios::tcgetattr(pty.as_fd())
+        .ok()
+        .map(|t| t.local_flags.contains(nix::sys::termios::LocalFlags::ICANON))
 }
 
 /// `write_all` that adds every byte the kernel accepted to `counter`, also when a later
