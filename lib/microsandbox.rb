@@ -223,6 +223,23 @@ module Microsandbox
       raise TypeError, "write data must be a String (got #{data.class}); nothing was written"
     end
 
+    # The text of a file read by {FS#read_text} or {VolumeFs#read_text}: its bytes as a
+    # UTF-8 String. No byte is replaced or dropped: bytes that are not valid UTF-8 raise,
+    # so the String returned is always valid (`=~`, `split` and friends cannot raise on it
+    # later).
+    # @api private
+    # @param bytes [String] the file's bytes (modified: its encoding becomes UTF-8)
+    # @param path [String] for the message
+    # @param bytes_method [String] what to call for the bytes instead, for the message
+    # @return [String] UTF-8
+    # @raise [FilesystemError] the bytes are not valid UTF-8
+    def utf8_text(bytes, path, bytes_method)
+      text = bytes.force_encoding(Encoding::UTF_8)
+      return text if text.valid_encoding?
+
+      raise FilesystemError, "read_text #{path}: the file is not valid UTF-8 text; use #{bytes_method} for its bytes"
+    end
+
     # The instrumenter used for `*.microsandbox` events: the one set with
     # {instrumenter=}, else ActiveSupport::Notifications when it is loaded, else none.
     # @return [#instrument, nil]

@@ -245,10 +245,7 @@ module Microsandbox
     # @return [String] UTF-8
     # @raise [FilesystemError] the file is not valid UTF-8
     def read_text(path)
-      text = read(path).force_encoding(Encoding::UTF_8)
-      return text if text.valid_encoding?
-
-      raise FilesystemError, "read_text #{path}: the file is not valid UTF-8 text; use fs.read for its bytes"
+      Microsandbox.utf8_text(read(path), path, "fs.read")
     end
 
     # Creates or truncates a file and writes `data` to it.

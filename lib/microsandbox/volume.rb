@@ -184,10 +184,7 @@ module Microsandbox
     # @raise [PathNotFoundError] no such file
     # @raise [FilesystemError] the file is not valid UTF-8, or as {#read}
     def read_text(path)
-      text = read(path).force_encoding(Encoding::UTF_8)
-      return text if text.valid_encoding?
-
-      raise FilesystemError, "read_text #{path}: the file is not valid UTF-8 text; use read for its bytes"
+      Microsandbox.utf8_text(read(path), path, "read")
     end
 
     # Creates or truncates a file and writes `data` (bytes, any encoding).
