@@ -68,6 +68,19 @@ rescue SystemCallError => e
 end
 
 # ---- host-side servers (127.0.0.1 only) -------------------------------------------------
+#
+# The sink, source, echo and DNS stub run in a child process in a session of its own, and
+# every baseline VM (with its back-end) is started in a session of its own too
+# (`isolated`), as a sandbox's supervisor and QEMU are (the engine's `setsid`). With the
+# kernel's autogroup scheduling (Debian's default) each session is one scheduling group,
+# so no back-end shares a group with the servers or with another back-end: when the
+# servers were threads of this script, the baselines (children of this script) shared
+# their group and ours did not, which on a loaded host made the bare VM's request/reply
+# 1.4× faster under `setsid` vs without in the same run (bench/README.md). The echo
+# answers one connection after the other (the guest's request/reply is sequential)
+# instead of creating a Ruby thread per connection, whose cost under load was larger than
+# the back-ends' differences. The holder stays in this script (the RSS part counts its
+# connections); it times nothing.
 
 # Accepts forever on a loopback port, one thread per client.
 def serve(&handler)
@@ -88,32 +101,94 @@ def serve(&handler)
   server.addr[1]
 end
 
-BYTES = opts[:mib] << 20
-# The sink reads to end of stream, then answers "<bytes> <crc32>" (the guest compares
-# them with what it sent).
-SINK = serve do |c|
-  buf = +"".b
-  total = 0
-  crc = 0
-  while c.read(1 << 20, buf)
-    total += buf.bytesize
-    crc = Zlib.crc32(buf, crc)
-  end
-  c.write("#{total} #{crc}\n")
-end
+# `argv` in a new session (util-linux `setsid`, which execs in place: the pid is the
+# program's), so it is its own scheduling group, as a sandbox is.
+def isolated(argv) = ["setsid", *argv]
 
-# The source sends BYTES of a random 1 MiB block repeated, half-closes, and waits for the
-# guest's end (closing with unread input would send a RST that can overtake the data).
+BYTES = opts[:mib] << 20
 CHUNK = Random.new(9).bytes(1 << 20).freeze
 SOURCE_CRC = (BYTES >> 20).times.reduce(0) { |crc, _| Zlib.crc32(CHUNK, crc) }
-SOURCE = serve do |c|
-  (BYTES >> 20).times { c.write(CHUNK) }
-  c.close_write
-  c.wait_readable(600) && c.read
+
+# The servers of the timed parts, in the child process. Returns their ports.
+def start_servers
+  ports_r, ports_w = IO.pipe
+  life_r, life_w = IO.pipe
+  fork do
+    # exit! everywhere: the child must not run this script's at_exit handlers (the
+    # scratch home's removal).
+    Process.setsid
+    ports_r.close
+    life_w.close
+    begin
+      # The sink reads to end of stream, then answers "<bytes> <crc32>" (the guest
+      # compares them with what it sent).
+      sink = serve do |c|
+        buf = +"".b
+        total = 0
+        crc = 0
+        while c.read(1 << 20, buf)
+          total += buf.bytesize
+          crc = Zlib.crc32(buf, crc)
+        end
+        c.write("#{total} #{crc}\n")
+      end
+      # The source sends BYTES of a random 1 MiB block repeated, half-closes, and waits
+      # for the guest's end (closing with unread input would send a RST that can overtake
+      # the data).
+      source = serve do |c|
+        (BYTES >> 20).times { c.write(CHUNK) }
+        c.close_write
+        c.wait_readable(600) && c.read
+      end
+      # One byte back, then close; one connection at a time (each bounded by 30 s).
+      echo_server = TCPServer.new("127.0.0.1", 0)
+      Thread.new do
+        loop do
+          c = echo_server.accept
+          begin
+            c.write(c.read(1)) if c.wait_readable(30)
+          rescue IOError, SystemCallError
+            nil
+          ensure
+            c.close
+          end
+        end
+      end
+      # A DNS stub answering every A question with 203.0.113.10 (never forwarded anywhere).
+      dns = UDPSocket.new.tap { |s| s.bind("127.0.0.1", 0) }
+      Thread.new do
+        loop do
+          data, from = dns.recvfrom(512)
+          q = Resolv::DNS::Message.decode(data)
+          r = Resolv::DNS::Message.new(q.id)
+          r.qr = 1
+          r.rd = q.rd
+          r.ra = 1
+          q.each_question do |name, typeclass|
+            r.add_question(name, typeclass)
+            r.add_answer(name, 60, Resolv::DNS::Resource::IN::A.new("203.0.113.10")) if typeclass == Resolv::DNS::Resource::IN::A
+          end
+          dns.send(r.encode, 0, from[3], from[1])
+        rescue StandardError
+          nil
+        end
+      end
+      ports_w.puts([sink, source, echo_server.addr[1], dns.addr[1]].join(" "))
+      ports_w.close
+      life_r.read # end of file: this script is gone
+    ensure
+      exit!(0)
+    end
+  end
+  ports_w.close
+  life_r.close
+  ports = ports_r.gets.to_s.split.map(&:to_i)
+  abort "bench/net.rb: the server process did not start" unless ports.size == 4
+
+  [life_w, *ports] # life_w stays open as long as this script runs
 end
 
-# One byte back, then close.
-ECHO = serve { |c| c.write(c.read(1)) }
+SERVERS_LIFELINE, SINK, SOURCE, ECHO, DNS = start_servers
 
 # One byte back, then held open until the script releases it (HOLD_RELEASE).
 HOLDING = [0]
@@ -123,27 +198,6 @@ HOLD = serve do |c|
   c.write(c.read(1))
   HOLD_LOCK.synchronize { HOLDING[0] += 1 }
   HOLD_RELEASE.pop
-end
-
-# A DNS stub answering every A question with 203.0.113.10 (never forwarded anywhere).
-DNS_SOCKET = UDPSocket.new.tap { |s| s.bind("127.0.0.1", 0) }
-DNS = DNS_SOCKET.addr[1]
-Thread.new do
-  loop do
-    data, from = DNS_SOCKET.recvfrom(512)
-    q = Resolv::DNS::Message.decode(data)
-    r = Resolv::DNS::Message.new(q.id)
-    r.qr = 1
-    r.rd = q.rd
-    r.ra = 1
-    q.each_question do |name, typeclass|
-      r.add_question(name, typeclass)
-      r.add_answer(name, 60, Resolv::DNS::Resource::IN::A.new("203.0.113.10")) if typeclass == Resolv::DNS::Resource::IN::A
-    end
-    DNS_SOCKET.send(r.encode, 0, from[3], from[1])
-  rescue StandardError
-    nil
-  end
 end
 
 # ---- what the guest program prints ------------------------------------------------------
@@ -267,7 +321,7 @@ end
 
 def run_vm(argv, timeout)
   rd, wr = IO.pipe
-  pid = Process.spawn(*argv, in: File::NULL, out: wr, err: File::NULL)
+  pid = Process.spawn(*isolated(argv), in: File::NULL, out: wr, err: File::NULL)
   wr.close
   out = +""
   deadline = now + timeout
@@ -299,7 +353,7 @@ def with_passt(dir)
   Dir.mkdir(sock_dir)
   File.chmod(0o777, dir, sock_dir) if Process.uid.zero?
   sock = File.join(sock_dir, "passt.sock")
-  pid = Process.spawn("passt", "-f", "-q", "-t", "none", "-u", "none", "-a", "10.0.2.15", "-n", "24", "-g", "10.0.2.2",
+  pid = Process.spawn(*isolated(["passt"]), "-f", "-q", "-t", "none", "-u", "none", "-a", "10.0.2.15", "-n", "24", "-g", "10.0.2.2",
                       "--socket", sock, *ENV.fetch("MSB_BENCH_PASST_ARGS", "").split, out: File::NULL, err: File::NULL)
   50.times { File.socket?(sock) ? break : sleep(0.1) }
   raise "passt did not create its socket" unless File.socket?(sock)
