@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use magnus::{prelude::*, Error, RArray, RString, Ruby, Value};
-use microsandbox::sandbox::{FsError, FsKind, FsReadStream, FsWriteSink};
+use microsandbox::sandbox::{FsEntry, FsError, FsKind, FsReadStream, FsStat, FsWriteSink};
 use tokio::sync::Mutex;
 
 use crate::errors::to_ruby;
@@ -83,6 +83,37 @@ pub(crate) fn name_to_ruby(ruby: &Ruby, name: &[u8]) -> RString {
     }
 }
 
+/// One `list` entry for Ruby: `[name, kind, size, mode, mtime_sec, mtime_nsec]`, shared by
+/// the guest's `FS#list` and the host's `VolumeFs#list`. Nanoseconds are clamped below one
+/// second: a guest's value is not trusted to be in range.
+pub(crate) fn entry_row(ruby: &Ruby, e: &FsEntry) -> Result<RArray, Error> {
+    let row = ruby.ary_new_capa(6);
+    row.push(name_to_ruby(ruby, e.name.as_bytes()))?;
+    row.push(kind_sym(ruby, e.kind))?;
+    row.push(e.size)?;
+    row.push(e.mode)?;
+    row.push(e.mtime_sec)?;
+    row.push(e.mtime_nsec.min(999_999_999))?;
+    Ok(row)
+}
+
+/// One `stat` for Ruby: `[kind, size, mode, uid, gid, mtime_sec, mtime_nsec, btime_sec,
+/// btime_nsec]` (birth time nil where the filesystem has none), nanoseconds clamped as in
+/// [`entry_row`].
+pub(crate) fn stat_row(ruby: &Ruby, st: &FsStat) -> Result<RArray, Error> {
+    let out = ruby.ary_new_capa(9);
+    out.push(kind_sym(ruby, st.kind))?;
+    out.push(st.size)?;
+    out.push(st.mode)?;
+    out.push(st.uid)?;
+    out.push(st.gid)?;
+    out.push(st.mtime_sec)?;
+    out.push(st.mtime_nsec.min(999_999_999))?;
+    out.push(st.btime_sec)?;
+    out.push(st.btime_nsec.map(|n| n.min(999_999_999)))?;
+    Ok(out)
+}
+
 fn nil(ruby: &Ruby) -> Value {
     ruby.qnil().as_value()
 }
@@ -148,14 +179,7 @@ impl RbSandbox {
         let entries = run(ruby, async move { sb.fs_list(&path).await })?;
         let out = ruby.ary_new_capa(entries.len());
         for e in entries {
-            let row = ruby.ary_new_capa(6);
-            row.push(name_to_ruby(ruby, e.name.as_bytes()))?;
-            row.push(kind_sym(ruby, e.kind))?;
-            row.push(e.size)?;
-            row.push(e.mode)?;
-            row.push(e.mtime_sec)?;
-            row.push(e.mtime_nsec.min(999_999_999))?;
-            out.push(row)?;
+            out.push(entry_row(ruby, &e)?)?;
         }
         Ok(out)
     }
@@ -166,17 +190,7 @@ impl RbSandbox {
         let path = bytes(path);
         let sb = rb_self.handle();
         let st = run(ruby, async move { sb.fs_stat(&path).await })?;
-        let out = ruby.ary_new_capa(9);
-        out.push(kind_sym(ruby, st.kind))?;
-        out.push(st.size)?;
-        out.push(st.mode)?;
-        out.push(st.uid)?;
-        out.push(st.gid)?;
-        out.push(st.mtime_sec)?;
-        out.push(st.mtime_nsec.min(999_999_999))?;
-        out.push(st.btime_sec)?;
-        out.push(st.btime_nsec.map(|n| n.min(999_999_999)))?;
-        Ok(out)
+        stat_row(ruby, &st)
     }
 
     /// `fs_copy_from_host(host_path, guest_path)` → bytes copied.

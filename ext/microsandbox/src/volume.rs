@@ -6,7 +6,7 @@ use microsandbox::paths::Home;
 use microsandbox::volume::{self, CreateOptions, VolumeFs};
 
 use crate::errors::to_ruby;
-use crate::fs::{bytes, kind_sym, name_to_ruby};
+use crate::fs::{bytes, entry_row, stat_row};
 
 fn home(ruby: &Ruby, dir: Option<String>) -> Result<Home, Error> {
     Home::resolve(dir.as_deref().map(std::path::Path::new)).map_err(|e| to_ruby(ruby, e))
@@ -96,31 +96,12 @@ pub fn fs(ruby: &Ruby, dir: Option<String>, name: String, op: String, path: RStr
         Out::Bool(b) => b.into_value_with(ruby),
         Out::List(entries) => {
             let a = ruby.ary_new_capa(entries.len());
-            for e in entries {
-                let row = ruby.ary_new_capa(6);
-                row.push(name_to_ruby(ruby, e.name.as_bytes()))?;
-                row.push(kind_sym(ruby, e.kind))?;
-                row.push(e.size)?;
-                row.push(e.mode)?;
-                row.push(e.mtime_sec)?;
-                row.push(e.mtime_nsec)?;
-                a.push(row)?;
+            for e in &entries {
+                a.push(entry_row(ruby, e)?)?;
             }
             a.as_value()
         }
-        Out::Stat(st) => {
-            let a = ruby.ary_new_capa(9);
-            a.push(kind_sym(ruby, st.kind))?;
-            a.push(st.size)?;
-            a.push(st.mode)?;
-            a.push(st.uid)?;
-            a.push(st.gid)?;
-            a.push(st.mtime_sec)?;
-            a.push(st.mtime_nsec)?;
-            a.push(st.btime_sec)?;
-            a.push(st.btime_nsec)?;
-            a.as_value()
-        }
+        Out::Stat(st) => stat_row(ruby, &st)?.as_value(),
     })
 }
 
