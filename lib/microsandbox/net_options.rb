@@ -44,7 +44,22 @@ module Microsandbox
       end
     end
 
+    # An IPv6 address and a port without brackets (`"::1:8080"`, `"fe80::1:80"`): which
+    # colon starts the port? (At least three colons, or a `::`: `"80:90:100"` is just junk.)
+    BARE_V6 = /\A(?=.*::|(?:[^:]*:){3})[0-9a-fA-F:.]+\z/
+
+    # One key of `ports:`: a port, or `"address:port"` (the engine checks the address: not
+    # an address, or not the host's → {InvalidConfigError} naming `ports[i]`).
     def host_key!(name, host)
+      if host.is_a?(String) && BARE_V6.match?(host.strip)
+        raise ArgumentError, "#{name}: an IPv6 host address goes in brackets, \"[address]:port\" " \
+                             "(e.g. \"[::1]:8080\", or \"[::]:8080\" for every IPv6 address of the host)"
+      end
+
+      host_port!(name, host)
+    end
+
+    def host_port!(name, host)
       if host.is_a?(String) && (m = ADDRESS_KEY.match(host.strip))
         return { "bind" => m[:v6] || m[:v4], "host_port" => Integer(m[:port], 10) }
       end

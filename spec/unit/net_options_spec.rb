@@ -40,6 +40,12 @@ RSpec.describe Microsandbox::NetOptions do
     expect { config(ports_udp: "5353:53") }.to raise_error(TypeError, /ports_udp must be a Hash/)
     expect { config(ports: { "secret-ish" => 80 }) }.to raise_error(ArgumentError, /\Aports: a host port is/) { |e| expect(e.message).not_to include("secret-ish") }
     expect { config(ports: { nil => 80 }) }.to raise_error(ArgumentError, /ports: a host port is/)
+    expect { config(ports: { "80:90:100" => 80 }) }.to raise_error(ArgumentError, /ports: a host port is/)
+    ["::1:8080", "fe80::1:80", "1:2:3:4:5:6:7:8:80", "::ffff:10.0.0.1:80"].each do |bare|
+      expect { config(ports_udp: { bare => 80 }) }
+        .to raise_error(ArgumentError, /\Aports_udp: an IPv6 host address goes in brackets, "\[address\]:port"/) { |e| expect(e.message).not_to include(bare) }
+    end
+    expect(config(ports: { "[::]:8080" => 80 })["ports"]).to eq([{ "bind" => "::", "host_port" => 8080, "guest_port" => 80 }])
     expect { config(ports: { 8080 => "eighty" }) }.to raise_error(ArgumentError, /ports \(a guest port\) must be an Integer/)
     expect { config(ports: { 8080 => nil }) }.to raise_error(TypeError, /ports \(a guest port\) must be an Integer/)
     expect { config(max_connections: 1.5) }.to raise_error(TypeError, /max_connections must be an Integer/)

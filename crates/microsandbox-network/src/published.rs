@@ -6,6 +6,11 @@
 //! a list of `{"bind"?: "ip", "host_port": n, "guest_port": n}`. `bind` defaults to
 //! 127.0.0.1, as in the reference gem (whose ports always bind loopback): a port is
 //! reachable from other machines only when a wider address is asked for explicitly.
+//!
+//! IPv6: `"[::1]:8080"` binds IPv6 loopback, `"[::]:8080"` every IPv6 address of the host
+//! and only those (the listener is IPv6-only, so `"0.0.0.0:8080"` and `"[::]:8080"` are
+//! two independent ports). An IPv4-mapped address (`::ffff:a.b.c.d`) is refused: it would
+//! be an IPv4 port spelt as IPv6, which an IPv6-only socket cannot bind.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
@@ -78,6 +83,11 @@ pub fn parse(protocol: PortProtocol, specs: &[PortSpec]) -> Result<Vec<Published
         if ip.is_multicast() {
             return Err(format!("{key}[{i}]: the host address must not be a multicast address"));
         }
+        if let IpAddr::V6(v6) = ip {
+            if v6.to_ipv4_mapped().is_some() {
+                return Err(format!("{key}[{i}]: the host address must not be an IPv4-mapped IPv6 address; write the IPv4 address (e.g. \"127.0.0.1:8080\")"));
+            }
+        }
         out.push(PublishedPort { protocol, host: SocketAddr::new(ip, host_port), guest_port });
     }
     Ok(out)
@@ -130,6 +140,9 @@ mod tests {
             (spec(None, 80, -1), "ports[0]: guest_port must be between 1 and 65535"),
             (spec(Some("secret-host"), 80, 80), "ports[0]: the host address must be an IPv4 or IPv6 address"),
             (spec(Some("224.0.0.1"), 80, 80), "ports[0]: the host address must not be a multicast address"),
+            (spec(Some("[ff02::1]"), 80, 80), "ports[0]: the host address must not be a multicast address"),
+            (spec(Some("[::ffff:127.0.0.1]"), 80, 80), "ports[0]: the host address must not be an IPv4-mapped IPv6 address"),
+            (spec(Some("[::1%eth0]"), 80, 80), "ports[0]: the host address must be an IPv4 or IPv6 address"),
         ] {
             let e = parse(PortProtocol::Tcp, &[s]).unwrap_err();
             assert!(e.starts_with(want), "{e}");
@@ -145,7 +158,13 @@ mod tests {
         let udp = parse(PortProtocol::Udp, &[spec(None, 8080, 80)]).unwrap();
         let other_addr = parse(PortProtocol::Tcp, &[spec(Some("127.0.0.2"), 8080, 81)]).unwrap();
         let wildcard = parse(PortProtocol::Tcp, &[spec(Some("0.0.0.0"), 8080, 81)]).unwrap();
+        let v6 = parse(PortProtocol::Tcp, &[spec(Some("[::1]"), 8080, 82), spec(Some("[::]"), 8080, 83)]).unwrap();
         assert!(check_set(&[tcp[0], udp[0], other_addr[0]]).is_ok());
+        // IPv6 listeners are IPv6-only: they never overlap an IPv4 one.
+        assert!(check_set(&[tcp[0], wildcard[0], v6[0]]).is_err(), "0.0.0.0 covers 127.0.0.1");
+        assert!(check_set(&[wildcard[0], v6[0]]).is_ok());
+        assert!(check_set(&[wildcard[0], v6[1]]).is_ok());
+        assert_eq!(check_set(&[v6[0], v6[1]]).unwrap_err(), "ports: host port 8080 is published twice", ":: covers ::1");
         assert_eq!(check_set(&[tcp[0], tcp[0]]).unwrap_err(), "ports: host port 8080 is published twice");
         assert!(check_set(&[tcp[0], wildcard[0]]).is_err());
         let many: Vec<_> = (1..=65).map(|p| PublishedPort { protocol: PortProtocol::Tcp, host: SocketAddr::new(DEFAULT_BIND, p), guest_port: 80 }).collect();

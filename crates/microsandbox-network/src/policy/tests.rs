@@ -191,6 +191,37 @@ fn directions() {
     );
 }
 
+/// Ingress from IPv6 peers of published ports (`"[::1]:8080"`): v6 CIDRs and groups
+/// match them, and an IPv4-mapped peer is judged as its IPv4 address.
+#[test]
+fn ingress_from_ipv6_peers() {
+    let p = wire(json!({"default_ingress": "deny", "rules": [
+        {"action": "deny", "direction": "ingress", "destination": "::1/128", "ports": ["8001"]},
+        {"action": "allow", "direction": "ingress", "destination": "loopback", "protocols": ["tcp"]},
+        {"action": "allow", "direction": "ingress", "destination": "2001:db8:6d73::/64", "protocols": ["udp"]},
+        {"action": "deny", "direction": "ingress", "destination": "127.0.0.3"},
+        {"action": "allow", "direction": "ingress", "destination": "private"},
+    ]}));
+    check(
+        &p,
+        &[
+            (flow(Direction::Ingress, Protocol::Tcp, "::1", 8000), Allow),
+            (flow(Direction::Ingress, Protocol::Tcp, "::1", 8001), Deny),
+            (flow(Direction::Ingress, Protocol::Udp, "::1", 8000), Deny),
+            (flow(Direction::Ingress, Protocol::Udp, "2001:db8:6d73::10", 53), Allow),
+            (flow(Direction::Ingress, Protocol::Tcp, "2001:db8:6d73::10", 80), Deny),
+            (flow(Direction::Ingress, Protocol::Tcp, "::ffff:127.0.0.3", 8000), Allow), // loopback (rule 1) first
+            (flow(Direction::Ingress, Protocol::Udp, "::ffff:127.0.0.3", 8000), Deny),
+            (flow(Direction::Ingress, Protocol::Udp, "fd00::5", 8000), Allow),
+            (flow(Direction::Ingress, Protocol::Udp, "::ffff:10.1.1.1", 8000), Allow),
+            (flow(Direction::Ingress, Protocol::Udp, "2001:4860::1", 8000), Deny),
+        ],
+    );
+    let h = host();
+    let v = p.decide(&flow(Direction::Ingress, Protocol::Tcp, "::1", 8001), &h, &PinSet::new(), Instant::now());
+    assert!(v.reason.starts_with("rule 0"), "{}", v.reason);
+}
+
 /// Domain rules match only addresses this sandbox resolved for the name, while the pin
 /// lives (NETWORK.md 9.8: a hard-coded address never resolved is a pin miss).
 #[test]

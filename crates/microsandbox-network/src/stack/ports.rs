@@ -71,7 +71,9 @@ impl std::fmt::Display for BindError {
         let hint = match self.error.kind() {
             io::ErrorKind::AddrInUse => "another program (or sandbox) already uses it; choose another host port or stop that program",
             io::ErrorKind::PermissionDenied => "ports below 1024 need root or CAP_NET_BIND_SERVICE; choose a port of 1024 or above",
-            io::ErrorKind::AddrNotAvailable => "that address is not one of this host's; use 127.0.0.1, 0.0.0.0 or an address of a host interface",
+            io::ErrorKind::AddrNotAvailable => {
+                "that address is not one of this host's; use 127.0.0.1, [::1], 0.0.0.0, [::] or an address of a host interface"
+            }
             _ => "check the address and port",
         };
         write!(f, "{opt}: cannot publish host {host} (guest port {guest}): {}; {hint}", self.error)
@@ -82,21 +84,40 @@ impl std::error::Error for BindError {}
 
 /// Binds every published port (nonblocking, close-on-exec so QEMU does not inherit
 /// them). On the first failure everything bound so far is closed again.
+///
+/// IPv6 listeners are IPv6-only (`IPV6_V6ONLY`), whatever `net.ipv6.bindv6only` says:
+/// `[::]` means every IPv6 address and nothing else, so it never collides with an IPv4
+/// port of the same number, and an IPv4 peer never reaches the guest as `::ffff:a.b.c.d`
+/// through it (the policy would classify that form correctly, but one port, one family
+/// is simpler to reason about). Connections are forwarded to the guest over its IPv4
+/// address whatever the peer's family: every guest server that listens on `0.0.0.0`
+/// (or dual-stack `::`) gets them, and the guest sees the gateway as the peer either way.
 pub fn bind(ports: &[PublishedPort]) -> Result<Listeners, BindError> {
+    use socket2::{Domain, Protocol as SockProtocol, Socket, Type};
     let mut out = Listeners::default();
     for p in ports {
         let err = |error| BindError { port: *p, error };
+        let (ty, proto) = match p.protocol {
+            PortProtocol::Tcp => (Type::STREAM, SockProtocol::TCP),
+            PortProtocol::Udp => (Type::DGRAM, SockProtocol::UDP),
+        };
+        let socket = Socket::new(Domain::for_address(p.host), ty.cloexec(), Some(proto)).map_err(err)?;
+        if p.host.is_ipv6() {
+            socket.set_only_v6(true).map_err(err)?;
+        }
+        if p.protocol == PortProtocol::Tcp {
+            // As std's TcpListener::bind: a port in TIME_WAIT from a sandbox that just
+            // ended is not "in use" (a listening socket still is).
+            socket.set_reuse_address(true).map_err(err)?;
+        }
+        socket.bind(&p.host.into()).map_err(err)?;
+        if p.protocol == PortProtocol::Tcp {
+            socket.listen(128).map_err(err)?;
+        }
+        socket.set_nonblocking(true).map_err(err)?;
         match p.protocol {
-            PortProtocol::Tcp => {
-                let l = TcpListener::bind(p.host).map_err(err)?;
-                l.set_nonblocking(true).map_err(err)?;
-                out.tcp.push((l, *p));
-            }
-            PortProtocol::Udp => {
-                let s = UdpSocket::bind(p.host).map_err(err)?;
-                s.set_nonblocking(true).map_err(err)?;
-                out.udp.push((s, *p));
-            }
+            PortProtocol::Tcp => out.tcp.push((socket.into(), *p)),
+            PortProtocol::Udp => out.udp.push((socket.into(), *p)),
         }
     }
     Ok(out)
@@ -373,5 +394,38 @@ impl Stack {
     /// True while UDP peers wait to be expired (the loop then wakes now and then).
     pub(super) fn inbound_has_peers(&self) -> bool {
         !self.inbound.peers.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn port(protocol: PortProtocol, host: &str) -> PublishedPort {
+        PublishedPort { protocol, host: host.parse().unwrap(), guest_port: 80 }
+    }
+
+    /// IPv6 listeners bind IPv6 only; a port taken over IPv6 is `port-in-use` as over IPv4,
+    /// and an address that is not the host's says so.
+    #[test]
+    fn ipv6_listeners_are_ipv6_only_and_fail_with_the_right_kind() {
+        let l = bind(&[port(PortProtocol::Tcp, "[::1]:0"), port(PortProtocol::Udp, "[::1]:0")]).unwrap();
+        assert!(socket2::SockRef::from(&l.tcp[0].0).only_v6().unwrap());
+        assert!(socket2::SockRef::from(&l.udp[0].0).only_v6().unwrap());
+        let [tcp, udp] = l.local_addrs()[..] else { panic!("two listeners") };
+        assert!(tcp.is_ipv6() && udp.is_ipv6());
+        for p in [port(PortProtocol::Tcp, &tcp.to_string()), port(PortProtocol::Udp, &udp.to_string())] {
+            let e = bind(&[p]).err().expect("taken");
+            assert!(e.in_use(), "{e}");
+            assert!(e.to_string().contains(&format!("cannot publish host {}", p.host)), "{e}");
+        }
+        // 2001:db8:dead::/48 is documentation space no interface of this host has.
+        let e = bind(&[port(PortProtocol::Tcp, "[2001:db8:dead::1]:8080")]).err().expect("not the host's");
+        assert!(!e.in_use());
+        assert_eq!(e.error.kind(), io::ErrorKind::AddrNotAvailable);
+        assert!(e.to_string().contains("not one of this host's; use 127.0.0.1, [::1]"), "{e}");
+        // A failure closes what was bound before it.
+        let first = port(PortProtocol::Tcp, "[::1]:0");
+        assert!(bind(&[first, port(PortProtocol::Udp, "[2001:db8:dead::1]:8080")]).is_err());
     }
 }
