@@ -79,4 +79,14 @@ RSpec.describe "Guest networking over IPv6" do
   ensure
     server&.close
   end
+
+  it "reassembles the guest's fragments: pings larger than a lowered link MTU, over IPv6 and IPv4" do
+    # The guest's kernel fragments a 3,000-byte echo request at MTU 1,280; the stack puts
+    # it together, the gateway answers it whole (the stack's side of the link keeps MTU
+    # 65,520), and the MTU goes back afterwards for the other examples.
+    out = @sb.shell("old=$(cat /sys/class/net/eth0/mtu); ip link set dev eth0 mtu 1280 && " \
+                    "ping6 -c 2 -s 3000 -W 5 #{GATEWAY6}; rc6=$?; ping -c 2 -s 3000 -W 5 172.16.0.1; rc4=$?; " \
+                    "ip link set dev eth0 mtu $old; echo rc6=$rc6 rc4=$rc4 mtu=$(cat /sys/class/net/eth0/mtu)", timeout: 120)
+    expect(out.stdout).to include("2 packets received").and(include("rc6=0 rc4=0 mtu=65520")), out.inspect
+  end
 end

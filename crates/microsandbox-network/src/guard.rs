@@ -10,8 +10,9 @@
 //! neighbour discovery passes only for what the guest owns (advertisements of its own
 //! addresses) or what the gateway answers (solicitations for the gateway's two
 //! addresses); router advertisements, redirects, DHCPv6 and any other neighbour traffic
-//! are dropped. IPv6 packets with extension headers (fragments included) are dropped:
-//! the guard must see the whole TCP/UDP header to judge a packet. Everything not
+//! are dropped. IPv6 packets with extension headers are dropped: the guard must see the
+//! whole TCP/UDP header to judge a packet (fragments are reassembled before the guard
+//! looks, by `frag`, for both families; a fragment that reaches it anyway is dropped). Everything not
 //! understood (VLAN tags, other ethertypes) is dropped, never forwarded.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -117,8 +118,9 @@ pub fn eui64_link_local(mac: [u8; 6]) -> Ipv6Addr {
     Ipv6Addr::from(o)
 }
 
-/// True when the frame's sender is the guest itself: its MAC, and for IPv4 its address.
-/// (What the reassembler asks before it keeps a fragment.)
+/// True when the frame's sender is the guest itself: its MAC, and its IPv4 address or
+/// its assigned IPv6 address (not the link-local one: that is for neighbour discovery,
+/// which is never fragmented). What the reassembler asks before it keeps a fragment.
 pub fn from_guest(frame: &[u8], me: &Identity) -> bool {
     let Ok(eth) = EthernetFrame::new_checked(frame) else { return false };
     if eth.src_addr().0 != me.guest_mac {
@@ -126,6 +128,7 @@ pub fn from_guest(frame: &[u8], me: &Identity) -> bool {
     }
     match eth.ethertype() {
         EthernetProtocol::Ipv4 => Ipv4Packet::new_checked(eth.payload()).is_ok_and(|ip| ip.src_addr() == me.guest_ip),
+        EthernetProtocol::Ipv6 => Ipv6Packet::new_checked(eth.payload()).is_ok_and(|ip| ip.src_addr() == me.guest_ip6),
         _ => false,
     }
 }
@@ -221,7 +224,8 @@ fn inspect6(packet: &[u8], me: &Identity) -> Ingress {
             }
             Ingress::Stack
         }
-        // Extension headers (hop-by-hop, routing, fragments, …) and other protocols.
+        // Extension headers (hop-by-hop, routing, a fragment that was not reassembled, …)
+        // and other protocols.
         _ => Ingress::Drop(DropReason::UnsupportedProtocol),
     }
 }

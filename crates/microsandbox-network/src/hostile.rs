@@ -834,6 +834,34 @@ pub fn seed_programs() -> Vec<Vec<u8>> {
     p.extend(frame_op(2, &frag));
     p.extend([4, 4]);
     out.push(p);
+    // IPv6 fragments: a datagram and a SYN in pieces (out of order), an atomic fragment,
+    // an overlap, a duplicate, a fragment of a fragment, and a spoofed source.
+    let mut p = Vec::new();
+    let dgram = g.udp(5355, gw6, 9, &[0x5a; 200]);
+    let mut pieces = fragments6(&dgram, 64, 1);
+    pieces.reverse();
+    for f in &pieces {
+        p.extend(frame_op(2, f));
+    }
+    p.extend(frame_op(2, &pieces[1]));
+    for f in fragments6(&g.syn(40013, gw6, 22), 8, 2) {
+        p.extend(frame_op(2, &f));
+    }
+    p.extend(frame_op(2, &fragments6(&g.udp(5356, gw6, 9, b"atomic"), 1000, 3)[0]));
+    p.extend([4]);
+    let overlap = fragments6(&dgram, 64, 4);
+    let mut shifted = overlap[1].clone();
+    shifted[14 + 42..14 + 44].copy_from_slice(&((56u16 / 8) << 3 | 1).to_be_bytes());
+    p.extend(frame_op(2, &overlap[0]));
+    p.extend(frame_op(2, &shifted));
+    let mut nested = overlap[0].clone();
+    nested[14 + 40] = 44;
+    p.extend(frame_op(2, &nested));
+    let mut spoofed = overlap[2].clone();
+    spoofed[14 + 8 + 15] ^= 0x40; // another source address, sent as is (op 3)
+    p.extend(frame_op(3, &spoofed));
+    p.extend([4, 4]);
+    out.push(p);
     out
 }
 
@@ -855,6 +883,31 @@ pub fn fragments(frame: &[u8], size: usize) -> Vec<Vec<u8>> {
         p.set_more_frags(end < payload.len());
         p.set_ident(0x4242);
         p.fill_checksum();
+        out.push(f);
+        off = end;
+    }
+    out
+}
+
+/// Splits the IPv6 packet in `frame` (no extension headers) into fragments of at most
+/// `size` payload bytes (a multiple of 8), each with a Fragment header right after the
+/// fixed header, as a guest kernel does for a datagram larger than its MTU.
+pub fn fragments6(frame: &[u8], size: usize, id: u32) -> Vec<Vec<u8>> {
+    let ip = smoltcp::wire::Ipv6Packet::new_checked(&frame[14..]).expect("an IPv6 frame");
+    let next = u8::from(ip.next_header());
+    let payload = ip.payload();
+    let mut out = Vec::new();
+    let mut off = 0;
+    while off < payload.len() {
+        let end = (off + size).min(payload.len());
+        let mut f = frame[..14 + 40].to_vec();
+        f[14 + 6] = 44;
+        f[14 + 4..14 + 6].copy_from_slice(&((8 + end - off) as u16).to_be_bytes());
+        f.push(next);
+        f.push(0);
+        f.extend_from_slice(&(((off / 8) as u16) << 3 | u16::from(end < payload.len())).to_be_bytes());
+        f.extend_from_slice(&id.to_be_bytes());
+        f.extend_from_slice(&payload[off..end]);
         out.push(f);
         off = end;
     }

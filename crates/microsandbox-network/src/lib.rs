@@ -20,7 +20,7 @@
 //! - [`published`] (pure): `ports:`/`ports_udp:` entries — parsing, validation, the
 //!   default loopback bind address.
 //! - [`frame`] (pure): QEMU's `-netdev stream` framing, a bounded incremental decoder.
-//! - [`frag`] (pure): IPv4 fragment reassembly in front of the guard, bounded (16
+//! - [`frag`] (pure): IPv4 and IPv6 fragment reassembly in front of the guard, bounded (16
 //!   datagrams, 64 KiB, 128 pieces, 10 s; any overlap drops the datagram).
 //! - [`guard`] (pure): the first look at each guest frame — spoofed senders and unknown
 //!   protocols are dropped, TCP SYNs are singled out for the host-side connect.

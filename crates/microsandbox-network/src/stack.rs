@@ -192,7 +192,7 @@ pub struct Stack {
     dns_tcp: HashMap<Syn, dns_tcp::Conn>,
     /// Guest pings beyond the gateway (host ping sockets).
     pinger: icmp::Pinger,
-    /// IPv4 fragments from the guest being put back together.
+    /// IPv4 and IPv6 fragments from the guest being put back together.
     frags: frag::Reassembler,
     udp: HashMap<Udp, UdpSession>,
     udp_limits: UdpLimits,

@@ -311,18 +311,111 @@ fn allowed_icmpv6_echo_goes_through_a_host_ping_socket_or_says_why_not() {
 }
 
 #[test]
-fn ipv6_fragments_and_extension_headers_are_dropped() {
+fn ipv6_extension_headers_other_than_fragments_are_dropped() {
     let mut g = guest(|c| gateway_only(c));
     let gw6 = g.cfg.gateway_ip6;
     let dropped = g.counters.dropped_frames.load(Ordering::Relaxed);
-    for next_header in [0u8, 43, 44, 60, 59] {
+    for next_header in [0u8, 43, 60, 59] {
         let mut f = g.udp(6000, gw6, 9, b"xxxxxxxx");
-        f[14 + 6] = next_header; // hop-by-hop, routing, fragment, destination options, none
+        f[14 + 6] = next_header; // hop-by-hop, routing, destination options, none
         g.send(&f).unwrap();
     }
     g.run_for(Duration::from_millis(20)).unwrap();
-    assert_eq!(g.counters.dropped_frames.load(Ordering::Relaxed) - dropped, 5);
+    assert_eq!(g.counters.dropped_frames.load(Ordering::Relaxed) - dropped, 4);
     assert_eq!(g.stack.occupancy().udp_sessions, 0);
+}
+
+/// IPv6 fragments (a Fragment header right after the fixed header) are reassembled
+/// before the guard, as IPv4 ones are: a datagram larger than the link MTU, a SYN, a DNS
+/// query in pieces all take the ordinary path once whole.
+#[test]
+fn ipv6_fragments_are_reassembled_before_anything_looks_at_them() {
+    let sink = UdpSocket::bind("[::1]:0").unwrap();
+    sink.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let port = sink.local_addr().unwrap().port();
+    let mut g = guest(|c| gateway_only(c));
+    let gw6 = g.cfg.gateway_ip6;
+    // 4,000 bytes through a 1,500-byte link: three pieces, sent out of order.
+    let data: Vec<u8> = (0..4000u32).map(|i| (i * 7 % 253) as u8).collect();
+    let whole = g.udp(5555, gw6, port, &data);
+    let mut pieces = hostile::fragments6(&whole, 1448, 0x1234_5678);
+    assert_eq!(pieces.len(), 3);
+    pieces.swap(0, 2);
+    for f in &pieces {
+        g.send(f).unwrap();
+    }
+    g.run_for(Duration::from_millis(20)).unwrap();
+    let mut buf = vec![0u8; 65536];
+    let (n, _) = sink.recv_from(&mut buf).expect("the reassembled datagram arrived");
+    assert_eq!(&buf[..n], &data[..]);
+    // An atomic fragment (a Fragment header on a whole packet) is that packet.
+    let small = g.udp(5556, gw6, port, b"atomic");
+    g.send(&hostile::fragments6(&small, 1448, 7)[0]).unwrap();
+    g.run_for(Duration::from_millis(20)).unwrap();
+    let (n, _) = sink.recv_from(&mut buf).expect("the atomic fragment's datagram arrived");
+    assert_eq!(&buf[..n], b"atomic");
+    // A fragmented SYN is a SYN: the stack connects and answers SYN-ACK.
+    let listener = TcpListener::bind("[::1]:0").unwrap();
+    let syn = g.syn(6000, gw6, listener.local_addr().unwrap().port());
+    let pieces = hostile::fragments6(&syn, 8, 99);
+    assert!(pieces.len() >= 2);
+    for f in &pieces {
+        g.send(f).unwrap();
+    }
+    assert!(g.run_until(Duration::from_secs(5), |inbox| {
+        inbox.iter().filter_map(|f| hostile::segment(f)).any(|s| s.dst_port == 6000 && s.syn && s.ack)
+    }));
+    // A fragmented DNS query goes through the filter like a whole one (no DNS rule here:
+    // NXDOMAIN from the gateway).
+    let q: &[u8] = &[0xab, 0xce, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 1, b'a', 4, b't', b'e', b's', b't', 0, 0, 28, 0, 1];
+    for f in hostile::fragments6(&g.udp(5353, gw6, 53, q), 16, 100) {
+        g.send(&f).unwrap();
+    }
+    assert!(g.run_until(Duration::from_secs(3), |inbox| {
+        inbox.iter().filter_map(|f| hostile::datagram(f)).any(|(_, to, a)| to == 5353 && a.len() >= 4 && a[..2] == [0xab, 0xce] && a[3] & 0x0f == 3)
+    }));
+}
+
+#[test]
+fn ipv6_fragment_games_are_dropped_and_bounded() {
+    let sink = UdpSocket::bind("[::1]:0").unwrap();
+    sink.set_nonblocking(true).unwrap();
+    let port = sink.local_addr().unwrap().port();
+    let mut g = guest(|c| gateway_only(c));
+    let gw6 = g.cfg.gateway_ip6;
+    let whole = g.udp(5557, gw6, port, &[9u8; 3000]);
+    let pieces = hostile::fragments6(&whole, 1448, 1);
+    // Overlap: the second piece moved back by 8 bytes, then the real pieces.
+    let mut shifted = pieces[1].clone();
+    shifted[14 + 42..14 + 44].copy_from_slice(&((1440u16 / 8) << 3 | 1).to_be_bytes());
+    for f in [&pieces[0], &shifted, &pieces[1], &pieces[2]] {
+        g.send(f).unwrap();
+    }
+    // Fragments from other sources (the link-local address, a neighbour, the gateway):
+    // never kept.
+    for src in [eui64_link_local(g.cfg.guest_mac), "fd42:6d73:62::3".parse().unwrap(), gw6] {
+        for f in hostile::fragments6(&whole, 1448, 2) {
+            let mut f = f;
+            f[22..38].copy_from_slice(&Ipv6Addr::octets(&src));
+            g.send(&f).unwrap();
+        }
+    }
+    g.run_for(Duration::from_millis(20)).unwrap();
+    // Only the guest's own pieces after the overlap are held (they lack their start).
+    assert_eq!(g.stack.occupancy().reassemblies, 1);
+    // Never-completed packets by the thousand: bounded.
+    for id in 0..2000u32 {
+        let f = &hostile::fragments6(&whole, 1448, id + 10)[0];
+        g.send(f).unwrap();
+        if id % 64 == 0 {
+            g.step().unwrap();
+        }
+    }
+    g.run_for(Duration::from_millis(20)).unwrap();
+    let mut buf = [0u8; 4096];
+    assert!(sink.recv_from(&mut buf).is_err(), "nothing reached the host");
+    let o = g.stack.occupancy();
+    assert!(o.reassemblies <= frag::MAX_DATAGRAMS && o.fragments_held <= frag::MAX_DATAGRAMS * frag::MAX_DATAGRAM6);
 }
 
 /// The UDP session bounds with a fake clock ([`Stack::age_udp_sessions`]): the cap, the
