@@ -24,7 +24,8 @@ RSpec.describe "Guest networking over IPv6" do
         ms::Rule.allow(destination: "inet6.test", protocol: :tcp, port: 80),                          # 1
         ms::Rule.deny(destination: n::WEB6_OTHER),                                                     # 2
         ms::Rule.allow(destination: n::NET6, protocol: :tcp, port: 80),                                # 3
-        ms::Rule.allow(destination: n::UNREACHABLE6)                                                   # 4
+        ms::Rule.allow(destination: n::UNREACHABLE6),                                                  # 4
+        ms::Rule.allow(destination: n::WEB6, protocol: :icmpv6)                                        # 5
       ]
     )
     @sb = ms::Sandbox.create(unique_name("net6"), image: rootfs, network: policy, ipv6_pool: POOL6,
@@ -88,5 +89,18 @@ RSpec.describe "Guest networking over IPv6" do
                     "ping6 -c 2 -s 3000 -W 5 #{GATEWAY6}; rc6=$?; ping -c 2 -s 3000 -W 5 172.16.0.1; rc4=$?; " \
                     "ip link set dev eth0 mtu $old; echo rc6=$rc6 rc4=$rc4 mtu=$(cat /sys/class/net/eth0/mtu)", timeout: 120)
     expect(out.stdout).to include("2 packets received").and(include("rc6=0 rc4=0 mtu=65520")), out.inspect
+  end
+
+  it "pings the test internet's IPv6 host through a host ping socket where a rule allows it, refuses where one denies it" do
+    net.with_ping_group_range("0 0") do # root's group may open ping sockets (IPv6 ones too)
+      out = @sb.shell("ping6 -c 3 -W 5 #{net::WEB6}", timeout: 60)
+      expect(out.stdout).to match(/3 packets transmitted, [1-3] packets received/), out.inspect
+      expect(out.exit_code).to eq(0)
+      # Rule 2 denies WEB6_OTHER: an immediate ICMPv6 "administratively prohibited", logged.
+      out = @sb.shell("ping6 -c 1 -W 5 #{net::WEB6_OTHER}; echo rc=$?", timeout: 60)
+      expect(out.stdout).to include("rc=1")
+    end
+    logged = wait_until(timeout: 30) { system_log.include?("refused ICMP echo to #{net::WEB6_OTHER} (rule 2") }
+    expect(logged).to be(true), system_log
   end
 end

@@ -241,16 +241,8 @@ RSpec.describe "Guest networking" do
     end
 
     # net.ipv4.ping_group_range decides whether the supervisor (root here, gid 0) may open
-    # unprivileged ping sockets. It is per network namespace and this is the host's, so
-    # the spec sets it only for as long as it needs and puts the old value back.
-    def with_ping_group_range(value)
-      path = "/proc/sys/net/ipv4/ping_group_range"
-      old = File.read(path).split.join(" ")
-      File.write(path, value)
-      yield
-    ensure
-      File.write(path, old) if old
-    end
+    # unprivileged ping sockets (set for the block only, see NetNS.with_ping_group_range).
+    def with_ping_group_range(value, &block) = MicrosandboxSpec::NetNS.with_ping_group_range(value, &block)
 
     it "pings through host ping sockets where the host allows them, says why not where it does not" do
       with_ping_group_range("1 0") do # nobody may

@@ -57,6 +57,19 @@ module MicrosandboxSpec
     class << self
       attr_reader :big_sha256
 
+      # Runs the block with net.ipv4.ping_group_range set to `value` ("0 0": root's group
+      # may open unprivileged ping sockets, IPv4 and IPv6 alike; "1 0": nobody may), then
+      # puts the old value back. The sysctl is per network namespace and this is the
+      # host's, so a spec holds it only as long as it needs.
+      def with_ping_group_range(value)
+        path = "/proc/sys/net/ipv4/ping_group_range"
+        old = File.read(path).split.join(" ")
+        File.write(path, value)
+        yield
+      ensure
+        File.write(path, old) if old
+      end
+
       # Starts the namespace and its services (once per process). Raises when not root or
       # when something fails to come up (everything created so far is removed).
       def start!
