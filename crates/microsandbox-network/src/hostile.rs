@@ -427,6 +427,13 @@ impl TcpClient {
         }
     }
 
+    /// Resets the connection (as a guest process killed mid-transfer).
+    pub fn reset(&mut self, g: &mut Guest) {
+        let f = g.tcp(self.port, self.dst, self.dst_port, TcpControl::Rst, self.seq, None, &[]);
+        let _ = g.send(&f);
+        self.reset = true;
+    }
+
     /// Takes in-order segments for this connection from the inbox and acknowledges them.
     pub fn pump(&mut self, g: &mut Guest) {
         let mut acked = false;
@@ -550,6 +557,8 @@ pub fn check_bounds(stack: &Stack) {
     assert!(o.reassemblies <= crate::frag::MAX_DATAGRAMS, "{} reassemblies", o.reassemblies);
     assert!(o.fragments_held <= crate::frag::MAX_DATAGRAMS * crate::frag::MAX_DATAGRAM, "{} fragment bytes", o.fragments_held);
     assert!(o.smoltcp_sockets <= o.max_connections + crate::dns_tcp::MAX_CONNS, "{} smoltcp sockets", o.smoltcp_sockets);
+    let send_bound = o.relayed * o.tcp_buffer + crate::stack::send_buffer::EXTRA_BUDGET;
+    assert!(o.send_buffers <= send_bound, "send buffers {} bytes over {send_bound}", o.send_buffers);
 }
 
 /// The loopback sockets the fuzzed stack may reach (bound once per process): a TCP

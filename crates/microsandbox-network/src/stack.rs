@@ -44,6 +44,7 @@ use crate::policy::HostContext;
 use crate::wire;
 
 pub mod ports;
+pub mod send_buffer;
 
 /// How long a host-side connect may take before the guest gets a RST.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -173,6 +174,9 @@ pub(crate) struct Conn {
     reap: bool,
     /// Intercepted connections: the TLS relay between the two sockets.
     tls: Option<Box<Intercepted>>,
+    /// Send-buffer bytes beyond `tcp_buffer` taken from the stack's [`send_buffer::SendBudget`]
+    /// (given back when the connection is freed).
+    tx_extra: usize,
 }
 
 /// The user-space network stack of one sandbox.
@@ -209,6 +213,8 @@ pub struct Stack {
     on_terminate: Option<TerminateFn>,
     /// Published ports (`ports`): listeners and inbound connections.
     inbound: ports::Inbound,
+    /// Room for large send buffers (host → guest), shared by the relayed connections.
+    send_budget: send_buffer::SendBudget,
 }
 
 /// The host's own interface addresses (the `host` group besides the gateway).
@@ -336,6 +342,7 @@ impl Stack {
             intercept: None,
             on_terminate: None,
             inbound: ports::Inbound::default(),
+            send_budget: send_buffer::SendBudget::default(),
         })
     }
 
@@ -881,14 +888,24 @@ impl Stack {
         }
     }
 
-    /// Creates the guest-side socket for a connected host socket and lets it take the SYN.
-    fn accept(&mut self, p: Pending) {
+    /// A smoltcp socket for a relayed connection (outbound or a published port's): the
+    /// receive buffer is `tcp_buffer`, the send buffer as large as the stack's
+    /// [`send_buffer::SendBudget`] allows; the second value is what it took from the budget.
+    fn relay_socket(&mut self) -> (tcp::Socket<'static>, usize) {
         let n = self.cfg.tcp_buffer;
-        let mut socket = tcp::Socket::new(tcp::SocketBuffer::new(vec![0; n]), tcp::SocketBuffer::new(vec![0; n]));
+        let (tx, extra) = self.send_budget.grant(n);
+        let mut socket = tcp::Socket::new(tcp::SocketBuffer::new(vec![0; n]), tcp::SocketBuffer::new(vec![0; tx]));
         socket.set_timeout(Some(TCP_TIMEOUT));
         socket.set_nagle_enabled(false);
+        (socket, extra)
+    }
+
+    /// Creates the guest-side socket for a connected host socket and lets it take the SYN.
+    fn accept(&mut self, p: Pending) {
+        let (mut socket, tx_extra) = self.relay_socket();
         let endpoint = IpListenEndpoint { addr: Some(IpAddress::from(p.syn.dst)), port: p.syn.dst_port };
         if socket.listen(endpoint).is_err() {
+            self.send_budget.release(tx_extra);
             self.device.rx.push_back(p.frame);
             return;
         }
@@ -900,6 +917,7 @@ impl Stack {
         self.iface.poll_ingress_single(now, &mut self.device, &mut self.sockets);
         if self.sockets.get::<tcp::Socket>(handle).state() == tcp::State::Listen {
             self.sockets.remove(handle);
+            self.send_budget.release(tx_extra);
             return;
         }
         let host: TcpStream = p.socket.into();
@@ -909,7 +927,7 @@ impl Stack {
             }
             _ => None,
         };
-        self.conns.insert(p.syn, Conn { handle, host, host_eof: false, host_write_shut: false, reap: false, tls });
+        self.conns.insert(p.syn, Conn { handle, host, host_eof: false, host_write_shut: false, reap: false, tls, tx_extra });
     }
 
     /// Moves bytes both ways for every connection, as far as both sides take them.
@@ -992,6 +1010,7 @@ impl Stack {
         for key in gone {
             if let Some(conn) = self.conns.remove(&key) {
                 self.sockets.remove(conn.handle);
+                self.send_budget.release(conn.tx_extra);
             }
         }
         let mut gone = Vec::new();
@@ -1361,6 +1380,16 @@ pub struct Occupancy {
     pub udp_sessions: usize,
     pub dns_queries: usize,
     pub smoltcp_sockets: usize,
+    /// Relayed TCP connections with a smoltcp socket (outbound and published ports).
+    pub relayed: usize,
+    /// Their send buffers' capacity, in all, and the base size of one (`tcp_buffer`).
+    pub send_buffers: usize,
+    pub tcp_buffer: usize,
+    /// Bytes queued in those send buffers now (read from the host, not yet acknowledged
+    /// by the guest).
+    pub send_queued: usize,
+    /// The send-buffer budget not granted now.
+    pub send_budget_left: usize,
 }
 
 #[doc(hidden)]
@@ -1385,7 +1414,19 @@ impl Stack {
     }
 
     pub fn occupancy(&self) -> Occupancy {
+        let relayed: Vec<&tcp::Socket> = self
+            .conns
+            .values()
+            .map(|c| c.handle)
+            .chain(self.inbound.handles())
+            .map(|h| self.sockets.get::<tcp::Socket>(h))
+            .collect();
         Occupancy {
+            relayed: relayed.len(),
+            send_buffers: relayed.iter().map(|s| s.send_capacity()).sum(),
+            tcp_buffer: self.cfg.tcp_buffer,
+            send_queued: relayed.iter().map(|s| s.send_queue()).sum(),
+            send_budget_left: self.send_budget.left(),
             rx_frames: self.device.rx.len(),
             tx_frames: self.device.tx.len(),
             link_out_bytes: self.link_out.len(),

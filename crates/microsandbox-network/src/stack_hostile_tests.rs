@@ -592,3 +592,72 @@ mod fragments {
         assert!(g.stack.occupancy().reassemblies <= frag::MAX_DATAGRAMS);
     }
 }
+
+mod send_buffers {
+    use super::*;
+    use crate::hostile::TcpClient;
+    use crate::stack::send_buffer::{EXTRA_BUDGET, MAX_SEND_BUFFER};
+    use std::io::Write;
+
+    /// A host source on loopback that writes up to `bytes` to each of up to `conns`
+    /// clients (each write gives up after 20 s: everything ends by itself).
+    fn source(conns: usize, bytes: usize) -> u16 {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for _ in 0..conns {
+                let Ok((mut c, _)) = listener.accept() else { return };
+                std::thread::spawn(move || {
+                    let _ = c.set_write_timeout(Some(Duration::from_secs(20)));
+                    let chunk = vec![0x5au8; 64 * 1024];
+                    let mut sent = 0;
+                    while sent < bytes && c.write_all(&chunk).is_ok() {
+                        sent += chunk.len();
+                    }
+                });
+            }
+        });
+        port
+    }
+
+    fn step_until(g: &mut Guest, limit: Duration, mut done: impl FnMut(&Occupancy) -> bool) -> bool {
+        let end = std::time::Instant::now() + limit;
+        while std::time::Instant::now() < end {
+            if done(&g.stack.occupancy()) {
+                return true;
+            }
+            g.step().unwrap();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        done(&g.stack.occupancy())
+    }
+
+    #[test]
+    fn a_guest_that_never_acknowledges_holds_at_most_the_base_buffers_plus_the_budget() {
+        let clients = 12;
+        let port = source(clients + 1, 8 << 20);
+        let mut cfg = config(gateway_only());
+        cfg.max_connections = 16;
+        let base = cfg.tcp_buffer;
+        let mut g = Guest::new(cfg);
+        let mut conns: Vec<TcpClient> = (0..clients as u16)
+            .map(|i| TcpClient::connect(&mut g, 42000 + i, GW, port, Duration::from_secs(5)).expect("connected"))
+            .collect();
+        // The guest acknowledges nothing: every send buffer fills from its host socket.
+        let bound = clients * base + EXTRA_BUDGET;
+        let full = step_until(&mut g, Duration::from_secs(20), |o| o.relayed == clients && o.send_queued == o.send_buffers);
+        let o = g.stack.occupancy();
+        assert!(full, "the send buffers filled ({} of {} bytes)", o.send_queued, o.send_buffers);
+        assert_eq!(o.send_buffers, bound, "the first connections got large buffers until the budget ran out");
+        assert_eq!(o.send_budget_left, 0);
+        // Closed connections give their share back: the next one gets the largest buffer.
+        for c in &mut conns {
+            c.reset(&mut g);
+        }
+        assert!(step_until(&mut g, Duration::from_secs(10), |o| o.relayed == 0), "the reset connections were freed");
+        assert_eq!(g.stack.occupancy().send_budget_left, EXTRA_BUDGET);
+        let _late = TcpClient::connect(&mut g, 43000, GW, port, Duration::from_secs(5)).expect("connected");
+        assert!(step_until(&mut g, Duration::from_secs(5), |o| o.relayed == 1));
+        assert_eq!(g.stack.occupancy().send_buffers, MAX_SEND_BUFFER);
+    }
+}

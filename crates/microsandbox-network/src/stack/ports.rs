@@ -28,7 +28,7 @@ use std::time::{Duration, Instant as StdInstant};
 use smoltcp::socket::tcp;
 use smoltcp::wire::{IpAddress, IpEndpoint};
 
-use super::{relay_one, Conn, Stack, TCP_TIMEOUT};
+use super::{relay_one, Conn, Stack};
 use crate::flow::{Action, Direction, Flow, Protocol};
 use crate::guard::Udp;
 use crate::published::{PortProtocol, PublishedPort};
@@ -159,6 +159,11 @@ pub(super) struct Inbound {
 }
 
 impl Inbound {
+    /// The smoltcp sockets of the inbound connections.
+    pub(super) fn handles(&self) -> impl Iterator<Item = smoltcp::iface::SocketHandle> + '_ {
+        self.conns.iter().map(|c| c.conn.handle)
+    }
+
     /// Inbound TCP connections (they count toward `max_connections`).
     pub(super) fn tcp_count(&self) -> usize {
         self.conns.len()
@@ -230,19 +235,17 @@ impl Stack {
         if stream.set_nonblocking(true).and_then(|_| stream.set_nodelay(true)).is_err() {
             return reset(&stream);
         }
-        let n = self.cfg.tcp_buffer;
-        let mut socket = tcp::Socket::new(tcp::SocketBuffer::new(vec![0; n]), tcp::SocketBuffer::new(vec![0; n]));
-        socket.set_timeout(Some(TCP_TIMEOUT));
-        socket.set_nagle_enabled(false);
+        let (mut socket, tx_extra) = self.relay_socket();
         let remote = IpEndpoint::new(IpAddress::Ipv4(self.cfg.guest_ip), port.guest_port);
         let local = IpEndpoint::new(IpAddress::Ipv4(self.cfg.gateway_ip), local_port);
         if socket.connect(self.iface.context(), remote, local).is_err() {
+            self.send_budget.release(tx_extra);
             return reset(&stream);
         }
         let handle = self.sockets.add(socket);
         // Inbound connections are never intercepted: TLS interception is for the guest's
         // own outbound requests (secrets), not for clients of its servers.
-        let conn = Conn { handle, host: stream, host_eof: false, host_write_shut: false, reap: false, tls: None };
+        let conn = Conn { handle, host: stream, host_eof: false, host_write_shut: false, reap: false, tls: None, tx_extra };
         self.inbound.conns.push(InConn { conn, established: false, local_port });
     }
 
@@ -269,6 +272,7 @@ impl Stack {
     /// Frees inbound connections one iteration after their guest socket closed.
     pub(super) fn reap_inbound(&mut self) {
         let sockets = &mut self.sockets;
+        let budget = &mut self.send_budget;
         self.inbound.conns.retain_mut(|c| {
             let state = sockets.get::<tcp::Socket>(c.conn.handle).state();
             if !matches!(state, tcp::State::Closed | tcp::State::TimeWait) {
@@ -282,6 +286,7 @@ impl Stack {
                 reset(&c.conn.host);
             }
             sockets.remove(c.conn.handle);
+            budget.release(c.conn.tx_extra);
             false
         });
     }
