@@ -159,6 +159,10 @@ pub(super) fn vm_spec(
     nic: Option<&microsandbox_network::NetworkConfig>,
 ) -> Result<VmSpec> {
     let mut cmdline = vmm::qemu::cmdline(cmd_hostname, config::kernel_loglevel(cfg.log_level.as_deref())?);
+    // TCG guests get the host's TSC rate instead of calibrating it under load (see vmm::tsc).
+    if let (Accel::Tcg, Some(khz)) = (accel, vmm::tsc::host_khz()) {
+        cmdline.push_str(&format!(" {}={khz}", vmm::tsc::PARAM));
+    }
     if let Some(n) = nic {
         cmdline.push(' ');
         cmdline.push_str(&n.kernel_param());
@@ -194,6 +198,9 @@ fn key(rt: &Runtime, cfg: &SandboxConfig, accel: Accel, qemu: &Path, image_root:
     let p = PathBuf::from(ANY);
     let mut vm = vm_spec(rt, cfg, accel, template::TEMPLATE_HOSTNAME, p.clone(), "qcow2", p.clone(), p.clone(), p.clone(), nic.as_ref())?;
     vm.ram_file = Some(vmm::RamFile { path: p, shared: false });
+    // The measured TSC rate varies a little from process to process; a restored guest
+    // keeps its template's (refined) calibration anyway.
+    vm.cmdline = vmm::tsc::for_key(&vm.cmdline);
     Ok(Key {
         qemu_args: vmm::qemu::args(&vm),
         runtime: template::runtime_fingerprint(rt, qemu),

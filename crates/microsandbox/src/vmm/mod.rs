@@ -3,6 +3,7 @@
 
 pub mod accel;
 pub mod qemu;
+pub mod tsc;
 
 use std::path::PathBuf;
 
