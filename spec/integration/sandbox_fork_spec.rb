@@ -45,17 +45,38 @@ RSpec.describe "Sandbox#fork" do
     [parent_name, child_name].each { |n| Microsandbox::Sandbox.remove(n) if Microsandbox::Sandbox.list.any? { |s| s.name == n } }
   end
 
-  it "forks a sandbox restored from a template (a NIC and a disk chain on the template's layer)" do
+  # A restored sandbox's RAM is a file mapped privately: the fork copies the memory into a
+  # file of its own (device state only through the FIFO), and so does a fork of the fork.
+  it "forks a sandbox restored from a template (a NIC, a disk chain on the template's layer, memory copied to a file)" do
     ref = MicrosandboxSpec::Registry.instance.push_dir("team/fork", "1.0", MicrosandboxSpec::Rootfs.busybox_dir,
                                                        env: ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"])
-    names = [unique_name("fork-tp"), unique_name("fork-tc")]
+    names = [unique_name("fork-tp"), unique_name("fork-tc"), unique_name("fork-tg")]
+    tmpfs_sum = "mkdir -p /mnt/m && mount -t tmpfs tmpfs /mnt/m && " \
+                "dd if=/dev/urandom of=/mnt/m/r bs=1M count=16 2>/dev/null && md5sum /mnt/m/r"
     Microsandbox::Sandbox.create(names[0], image: ref, registry_insecure: true, memory: 256) do |parent|
       expect(parent.info[:start]).to eq("restored")
       parent.shell("echo x > /root/x")
+      sum = parent.shell(tmpfs_sum).stdout
+      parent.shell("echo before > /mnt/m/w")
       parent.fork(names[1]) do |child|
+        expect(child.info[:start]).to eq("forked")
         expect(child.shell("cat /root/x; hostname").stdout).to eq("x\n#{names[1]}\n")
         expect(child.shell("grep 127.0.1.1 /etc/hosts").stdout).to include(names[1]) # its hostname line follows
+        expect(child.shell("md5sum /mnt/m/r").stdout).to eq(sum) # 16 MiB of guest RAM, byte for byte
+        # The copy's name is gone once loaded (QEMU holds it); nothing else is left.
+        expect(Dir.children(sandbox_dir(names[1]))).not_to include("fork.ram", "fork.fifo", "root.qcow2.part")
+        # Memory diverges both ways: neither sees the other's later writes.
+        parent.shell("echo parent > /mnt/m/w")
+        child.shell("echo child > /mnt/m/w")
+        expect(parent.shell("cat /mnt/m/w").stdout).to eq("parent\n")
+        expect(child.shell("cat /mnt/m/w").stdout).to eq("child\n")
+        child.fork(names[2]) do |grandchild|
+          expect(grandchild.shell("cat /mnt/m/w; hostname").stdout).to eq("child\n#{names[2]}\n")
+          expect(grandchild.shell("md5sum /mnt/m/r").stdout).to eq(sum)
+        end
+        expect(child.shell("cat /mnt/m/w").stdout).to eq("child\n")
       end
+      expect(parent.shell("cat /mnt/m/w").stdout).to eq("parent\n")
     end
   ensure
     names.each { |n| Microsandbox::Sandbox.remove(n) if Microsandbox::Sandbox.list.any? { |s| s.name == n } }

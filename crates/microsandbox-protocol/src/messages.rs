@@ -236,6 +236,12 @@ pub struct ForkRequest {
     pub disk: String,
     /// Where the copy goes (the new sandbox's directory).
     pub disk_to: std::path::PathBuf,
+    /// The new sandbox's RAM file (created by the engine, the VM's size, sparse): when
+    /// set, the supervisor copies the stopped VM's guest memory into it and writes only
+    /// the device state into `fifo` (the new VM maps the file privately); when `None`,
+    /// the whole migration stream, memory included, goes into `fifo`.
+    #[serde(default)]
+    pub ram_to: Option<std::path::PathBuf>,
 }
 
 /// Bytes of entropy in a [`RestoreIdentity`] (a full ChaCha20 key twice over).

@@ -144,6 +144,28 @@ async fn migrate_into(q: &mut Qmp, out: &impl std::os::fd::AsRawFd, deadline: In
     }
 }
 
+/// Writes the stopped VM's device state — everything but its RAM — into the fork FIFO
+/// at `fifo` with `xen-save-devices-state` (QEMU's device-only save; despite the name
+/// not tied to Xen). The command takes a path and QEMU opens it for writing, which for a
+/// FIFO blocks until there is a reader: this supervisor holds a read end of its own
+/// meanwhile (never read), so the open cannot freeze QEMU if the child's reader went
+/// away. Should the child stop reading while the FIFO's buffer is full, the caller's
+/// bound drops this future and with it that read end: QEMU's write then fails
+/// (`EPIPE`) instead of blocking for ever. The VM stays stopped.
+async fn save_devices_into(q: &mut Qmp, fifo: &std::path::Path) -> Result<(), String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = fifo.to_str().ok_or("the fork FIFO's path is not UTF-8")?;
+    let _reader = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(fifo)
+        .map_err(|e| format!("cannot open {}: {e}", fifo.display()))?;
+    q.execute("xen-save-devices-state", json!({"filename": path}))
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("QEMU could not save the device state: {e}"))
+}
+
 /// Every migration, out and in, runs with `x-ignore-shared`: RAM in a shared file (a
 /// template's, see `microsandbox::vmm::RamFile`) stays out of the stream, private RAM is
 /// migrated in full. QEMU refuses a stream whose capability differs from its own, so both
@@ -178,16 +200,172 @@ pub async fn save(qmp: &std::path::Path, path: &std::path::Path, within: Duratio
     out.sync_all().map_err(|e| format!("cannot sync {}: {e}", path.display()))
 }
 
-/// The running VM's QMP socket and sandbox directory, for [`fork`]; set once it booted.
-static FORK_SOURCE: std::sync::OnceLock<(std::path::PathBuf, std::path::PathBuf)> = std::sync::OnceLock::new();
+/// What [`fork`] needs of the running VM; set once it booted.
+struct ForkSource {
+    qmp: std::path::PathBuf,
+    dir: std::path::PathBuf,
+    /// QEMU's pid (the supervisor's child) and where its guest RAM comes from, when that
+    /// is a file mapped privately: a fork then copies the memory out of QEMU itself.
+    ram: Option<(u32, RamIdentity)>,
+}
 
-pub fn set_fork_source(qmp: std::path::PathBuf, dir: std::path::PathBuf) {
-    let _ = FORK_SOURCE.set((qmp, dir));
+/// A privately mapped guest RAM file, identified as `/proc/<pid>/maps` shows it (the
+/// file may be deleted since: a fork's own RAM file is, once loaded).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct RamIdentity {
+    dev_major: u32,
+    dev_minor: u32,
+    ino: u64,
+    bytes: u64,
+}
+
+static FORK_SOURCE: std::sync::OnceLock<ForkSource> = std::sync::OnceLock::new();
+
+/// Records the running VM for [`fork`]: its QMP socket, directory, QEMU's pid and, from
+/// its command line, the file its RAM is privately mapped from (stat'ed now, while the
+/// path still names it).
+pub fn set_fork_source(qmp: std::path::PathBuf, dir: std::path::PathBuf, qemu_pid: Option<u32>, qemu_args: &[String]) {
+    use std::os::unix::fs::MetadataExt;
+    let ram = qemu_pid.zip(microsandbox::vmm::qemu::private_ram_file(qemu_args)).and_then(|(pid, (path, bytes))| {
+        let m = std::fs::metadata(&path).ok()?;
+        let (dev_major, dev_minor) = (libc::major(m.dev()), libc::minor(m.dev()));
+        Some((pid, RamIdentity { dev_major, dev_minor, ino: m.ino(), bytes }))
+    });
+    let _ = FORK_SOURCE.set(ForkSource { qmp, dir, ram });
+}
+
+/// Longest `/proc/<pid>/maps` read (QEMU's own, a few hundred lines).
+const MAX_MAPS: u64 = 4 << 20;
+
+/// Where `ram` is mapped in QEMU's address space, from its `/proc/<pid>/maps` line
+/// (`start-end perms offset major:minor inode path`): the mapping of that file at offset
+/// 0 and at least the RAM's size.
+fn find_ram_mapping(maps: &str, ram: &RamIdentity) -> Option<usize> {
+    maps.lines().find_map(|l| {
+        let mut f = l.split_ascii_whitespace();
+        let (range, _perms, offset, dev, ino) = (f.next()?, f.next()?, f.next()?, f.next()?, f.next()?);
+        let (start, end) = range.split_once('-')?;
+        let (start, end) = (usize::from_str_radix(start, 16).ok()?, usize::from_str_radix(end, 16).ok()?);
+        let (maj, min) = dev.split_once(':')?;
+        let matches = u64::from_str_radix(offset, 16).ok()? == 0
+            && u32::from_str_radix(maj, 16).ok()? == ram.dev_major
+            && u32::from_str_radix(min, 16).ok()? == ram.dev_minor
+            && ino.parse::<u64>().ok()? == ram.ino
+            && (end.checked_sub(start)? as u64) >= ram.bytes;
+        matches.then_some(start)
+    })
+}
+
+/// Bytes read from QEMU per `process_vm_readv`.
+const RAM_CHUNK: usize = 4 << 20;
+const PAGE: usize = 4096;
+/// Threads copying guest RAM: reading QEMU's memory and scanning for zero pages run in
+/// parallel (the writes into one file take its inode lock in turn).
+const RAM_COPY_THREADS: u64 = 2;
+
+/// What copying guest RAM took (for the supervisor log).
+#[derive(Debug, Default, Clone, Copy)]
+struct RamCopied {
+    written: u64,
+    read: Duration,
+    write: Duration,
+}
+
+/// Copies the stopped VM's guest RAM (`bytes` at `addr` in QEMU `pid`) into `to`, a file
+/// of exactly that size the engine created sparse: pages that are all zeros stay holes,
+/// the others are written. Reading another process's memory needs the right to trace it:
+/// QEMU is this supervisor's child, of the same user.
+fn copy_guest_ram(pid: u32, addr: usize, bytes: u64, to: &std::path::Path) -> Result<RamCopied, String> {
+    let out = std::fs::OpenOptions::new().write(true).open(to).map_err(|e| format!("cannot open {}: {e}", to.display()))?;
+    let meta = out.metadata().map_err(|e| format!("{}: {e}", to.display()))?;
+    if !meta.is_file() || meta.len() != bytes {
+        return Err(format!("{} is not a file of the VM's memory size", to.display()));
+    }
+    // Whole chunks per thread.
+    let chunks = bytes.div_ceil(RAM_CHUNK as u64);
+    let per = chunks.div_ceil(RAM_COPY_THREADS) * RAM_CHUNK as u64;
+    let parts: Vec<(u64, u64)> = (0..RAM_COPY_THREADS).map(|i| (i * per, ((i + 1) * per).min(bytes))).filter(|(a, b)| a < b).collect();
+    let results: Vec<Result<RamCopied, String>> = std::thread::scope(|sc| {
+        let handles: Vec<_> = parts.iter().map(|&(from, until)| sc.spawn({
+            let out = &out;
+            move || copy_ram_range(pid, addr, from, until, out, to)
+        })).collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("the RAM copy thread panicked".into()))).collect()
+    });
+    let mut total = RamCopied::default();
+    for r in results {
+        let r = r?;
+        total.written += r.written;
+        total.read = total.read.max(r.read);
+        total.write = total.write.max(r.write);
+    }
+    Ok(total)
+}
+
+/// One thread's part of [`copy_guest_ram`]: bytes `from..until` of the RAM.
+fn copy_ram_range(pid: u32, addr: usize, from: u64, until: u64, out: &std::fs::File, to: &std::path::Path) -> Result<RamCopied, String> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; RAM_CHUNK];
+    let mut done = RamCopied::default();
+    let mut off = from;
+    while off < until {
+        let len = (until - off).min(RAM_CHUNK as u64) as usize;
+        let t = Instant::now();
+        let mut got = 0;
+        while got < len {
+            let local = libc::iovec { iov_base: buf[got..].as_mut_ptr().cast(), iov_len: len - got };
+            let remote = libc::iovec { iov_base: (addr + off as usize + got) as *mut libc::c_void, iov_len: len - got };
+            // SAFETY: `local` is within `buf`; the kernel checks the remote range.
+            let n = unsafe { libc::process_vm_readv(pid as libc::pid_t, &local, 1, &remote, 1, 0) };
+            if n <= 0 {
+                return Err(format!("cannot read the VM's memory: {}", std::io::Error::last_os_error()));
+            }
+            got += n as usize;
+        }
+        let t = {
+            done.read += t.elapsed();
+            Instant::now()
+        };
+        // Runs of non-zero pages, written at once.
+        let mut page = 0;
+        while page < len {
+            if is_zero(&buf[page..page + PAGE]) {
+                page += PAGE;
+                continue;
+            }
+            let run = page;
+            while page < len && !is_zero(&buf[page..page + PAGE]) {
+                page += PAGE;
+            }
+            out.write_all_at(&buf[run..page], off + run as u64).map_err(|e| format!("cannot write {}: {e}", to.display()))?;
+            done.written += (page - run) as u64;
+        }
+        done.write += t.elapsed();
+        off += len as u64;
+    }
+    Ok(done)
+}
+
+fn is_zero(b: &[u8]) -> bool {
+    b.chunks_exact(16).all(|c| u128::from_ne_bytes(c.try_into().unwrap()) == 0)
+}
+
+/// Reads at most `max` bytes of `path` as text.
+fn read_bounded(path: &std::path::Path, max: u64) -> Result<String, String> {
+    use std::io::Read;
+    let mut s = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(max).read_to_string(&mut s))
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    Ok(s)
 }
 
 /// Bound on streaming the VM to a fork (its whole memory at most), and on waiting for
 /// the child's QEMU to open the stream.
 const FORK_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Bound on writing a fork's device state (a few hundred KB) into the FIFO.
+const DEVICE_SAVE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How often the parent looks for the child's reader on the fork FIFO.
 const FIFO_POLL: Duration = Duration::from_millis(5);
@@ -235,43 +413,84 @@ async fn open_fifo_writer(path: &std::path::Path, deadline: Instant) -> Result<s
 }
 
 /// `Sandbox#fork`, the parent's side: the VM is stopped (QEMU flushes its disks), its
-/// root disk copied to `req.disk_to`, then its migration stream written into the FIFO
-/// `req.fifo`, whose reader is the new sandbox's QEMU (`migrate-incoming fd:`), which loads it
-/// as it arrives: save and restore overlap, and nothing of the memory touches a file.
-/// The VM runs on afterwards, whatever happened (`cont`).
+/// root disk copied to `req.disk_to` (under a temporary name, then renamed). With
+/// `req.ram_to` (the VM's RAM is a file mapped privately, see [`set_fork_source`]) its
+/// guest memory is then copied into that file ([`copy_guest_ram`]) and only its device
+/// state goes into the FIFO `req.fifo` ([`save_devices_into`]); otherwise its whole
+/// migration stream does. The FIFO's reader is the new sandbox's QEMU
+/// (`migrate-incoming fd:`), which loads it as it arrives; nothing of the memory touches
+/// a disk. The VM runs on afterwards, whatever happened (`cont`).
 ///
 /// Stopping first (rather than a live migration of the running VM) is what makes the disk
-/// copy consistent with the memory: the child's QEMU opens its disk when it starts, so the
-/// copy must be complete before the first byte of the stream — and a stopped VM streams in
-/// one pass. The stream then says "paused", so the child's supervisor `cont`s the child
-/// once it is loaded ([`cont_after_load`]).
+/// and memory copies consistent with each other and with the device state: the child's
+/// QEMU opens its disk when it starts, so the copy must be complete by then — and a
+/// stopped VM is copied in one pass. A full stream then says "paused", so the child's
+/// supervisor `cont`s the child once it is loaded ([`incoming`]); a device-only one
+/// says "running" and the child starts by itself.
 pub async fn fork(req: microsandbox_protocol::ForkRequest) -> Result<(), String> {
-    let (qmp, dir) = FORK_SOURCE.get().ok_or("this sandbox cannot be forked (its QEMU has no QMP socket)")?;
+    let src = FORK_SOURCE.get().ok_or("this sandbox cannot be forked (its QEMU has no QMP socket)")?;
     if !plain_file_name(&req.disk) {
         return Err("invalid fork file names".into());
     }
+    // Over a RAM file: QEMU's mapping of it, found before the VM stops.
+    let ram = match &req.ram_to {
+        None => None,
+        Some(to) => {
+            let (pid, id) = src.ram.ok_or("this sandbox's memory is not in a file; fork it through the stream")?;
+            let maps = read_bounded(&std::path::PathBuf::from(format!("/proc/{pid}/maps")), MAX_MAPS)?;
+            let addr = find_ram_mapping(&maps, &id).ok_or("the VM's memory mapping was not found")?;
+            Some((pid, addr, id.bytes, to.clone()))
+        }
+    };
     let started = Instant::now();
     let deadline = started + FORK_TIMEOUT;
-    let mut q = Qmp::connect(qmp, FORK_TIMEOUT).await?;
+    let mut q = Qmp::connect(&src.qmp, FORK_TIMEOUT).await?;
     q.execute("stop", json!({})).await?;
     let streamed = async {
-        let (from, to) = (dir.join(&req.disk), req.disk_to.clone());
-        tokio::task::spawn_blocking(move || std::fs::copy(&from, &to).map(|_| ()).map_err(|e| format!("cannot copy the disk: {e}")))
-            .await
-            .map_err(|e| e.to_string())??;
+        // Copied under another name and renamed: a child whose QEMU starts before the
+        // state comes (over a RAM file) waits for the disk's name.
+        let (from, to) = (src.dir.join(&req.disk), req.disk_to.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut part = to.clone().into_os_string();
+            part.push(".part");
+            std::fs::copy(&from, &part).and_then(|_| std::fs::rename(&part, &to)).map_err(|e| {
+                let _ = std::fs::remove_file(&part);
+                format!("cannot copy the disk: {e}")
+            })
+        })
+        .await
+        .map_err(|e| e.to_string())??;
         let copied = started.elapsed();
+        let mut ram_written = None;
+        if let Some((pid, addr, bytes, to)) = ram.clone() {
+            // The VM is stopped (no vCPU runs, devices are drained): the copy is its memory
+            // at this instant. Only then does the child see a first byte on the FIFO.
+            ram_written = Some(tokio::task::spawn_blocking(move || copy_guest_ram(pid, addr, bytes, &to)).await.map_err(|e| e.to_string())??);
+        }
+        let ram_copied = started.elapsed();
         let fifo = open_fifo_writer(&req.fifo, deadline).await?;
         let reader = started.elapsed();
-        migrate_into(&mut q, &fifo, deadline).await?;
+        match &req.ram_to {
+            // Device state only (no RAM section, no configuration section: the child runs
+            // with `migration.send-configuration=off`).
+            Some(_) => tokio::time::timeout(DEVICE_SAVE_TIMEOUT, save_devices_into(&mut q, &req.fifo))
+                .await
+                .map_err(|_| "saving the device state timed out".to_string())??,
+            None => migrate_into(&mut q, &fifo, deadline).await?,
+        }
         // For the supervisor log: where a fork's time goes.
+        let ram_log = ram_written
+            .map(|r: RamCopied| format!(" ({} MB written; slowest thread reading {} ms, scanning + writing {} ms)", r.written / 1_000_000, r.read.as_millis(), r.write.as_millis()))
+            .unwrap_or_default();
         eprintln!(
-            "msb: fork: stopped + disk copied {} ms, child reading {} ms, stream done {} ms",
+            "msb: fork: stopped + disk copied {} ms, RAM copied {} ms{ram_log}, child reading {} ms, state done {} ms",
             copied.as_millis(),
+            ram_copied.as_millis(),
             reader.as_millis(),
             started.elapsed().as_millis()
         );
         Ok::<(), String>(())
-        // `fifo` (our copy of the write end) closes here; QEMU closed its own at completion.
+        // `fifo` (our copy of the write end) closes here; QEMU closed its own when done.
     }
     .await;
     let resumed = q.execute("cont", json!({})).await;
@@ -284,7 +503,15 @@ pub async fn fork(req: microsandbox_protocol::ForkRequest) -> Result<(), String>
 /// first bytes — a QEMU reading a FIFO that never had a writer would see end-of-file. The
 /// returned file is blocking, for QEMU (`migrate-incoming fd:`).
 pub async fn open_fork_stream(path: &std::path::Path, within: Duration) -> Result<std::fs::File, String> {
-    use std::os::fd::AsRawFd;
+    let f = open_fork_fifo(path)?;
+    wait_first_bytes(&f, within).await?;
+    Ok(f)
+}
+
+/// The child's end of the fork FIFO, opened without waiting for a writer; blocking for
+/// QEMU once open. Nothing may read it before the first bytes are there
+/// ([`wait_first_bytes`]).
+pub fn open_fork_fifo(path: &std::path::Path) -> Result<std::fs::File, String> {
     use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
     let f = std::fs::OpenOptions::new()
         .read(true)
@@ -294,8 +521,16 @@ pub async fn open_fork_stream(path: &std::path::Path, within: Duration) -> Resul
     if !f.metadata().map(|m| m.file_type().is_fifo()).unwrap_or(false) {
         return Err(format!("{} is not a FIFO", path.display()));
     }
+    set_blocking(&f)?;
+    Ok(f)
+}
+
+/// Waits (up to `within`) until the fork FIFO `f` has bytes to read.
+async fn wait_first_bytes(f: &std::fs::File, within: Duration) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    let f = f.try_clone().map_err(|e| format!("fork stream: {e}"))?;
     let ms = within.as_millis().min(i32::MAX as u128) as i32;
-    let (f, revents) = tokio::task::spawn_blocking(move || {
+    let revents = tokio::task::spawn_blocking(move || {
         let mut p = libc::pollfd { fd: f.as_raw_fd(), events: libc::POLLIN, revents: 0 };
         // SAFETY: one valid pollfd. Before a writer ever opened the FIFO, Linux reports
         // neither POLLIN nor POLLHUP for it.
@@ -305,15 +540,27 @@ pub async fn open_fork_stream(path: &std::path::Path, within: Duration) -> Resul
                 break n;
             }
         };
-        (f, if n > 0 { p.revents } else { 0 })
+        if n > 0 { p.revents } else { 0 }
     })
     .await
     .map_err(|e| e.to_string())?;
     if revents & libc::POLLIN == 0 {
         return Err(if revents == 0 { "the parent sandbox did not send its state in time".into() } else { "the parent sandbox gave up sending its state".into() });
     }
-    set_blocking(&f)?;
-    Ok(f)
+    Ok(())
+}
+
+/// Waits (up to `within`) until `path` exists: a fork's disk, renamed into place by the
+/// parent's supervisor once copied.
+pub async fn wait_for_file(path: &std::path::Path, within: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + within;
+    while !path.exists() {
+        if Instant::now() >= deadline {
+            return Err("the parent sandbox did not copy its disk in time".into());
+        }
+        tokio::time::sleep(FIFO_POLL).await;
+    }
+    Ok(())
 }
 
 /// Logs (supervisor log) how long a fork's load took, however it ended.
@@ -330,11 +577,19 @@ impl Drop for Logged {
 /// template restore or a resume starts the guest by itself once loaded. A fork (`forked`)
 /// comes up paused — the parent was stopped when it streamed — so this waits until the
 /// load is done (`inmigrate` → `paused`) and lets it run (`cont`).
-pub async fn incoming(qmp: &std::path::Path, fd: i32, forked: bool, within: Duration) -> Result<(), String> {
+///
+/// `first_bytes`: the fork FIFO of a QEMU started before the parent's state was there;
+/// the load begins once its first bytes arrived.
+pub async fn incoming(qmp: &std::path::Path, fd: i32, forked: bool, within: Duration, first_bytes: Option<&std::fs::File>) -> Result<(), String> {
     let started = Instant::now();
     let deadline = started + within;
     let mut q = Qmp::connect(qmp, within).await?;
     set_capabilities(&mut q).await?;
+    if let Some(f) = first_bytes {
+        wait_first_bytes(f, within).await?;
+        eprintln!("msb: fork: the parent's state began {} ms after QMP was up", started.elapsed().as_millis());
+    }
+    let started = Instant::now();
     q.execute("migrate-incoming", json!({"uri": format!("fd:{fd}")})).await?;
     if !forked {
         return Ok(());
@@ -412,5 +667,38 @@ pub async fn handshake(stream: &mut UnixStream, hostname: &str, new_sandbox: boo
             Err(format!("the agent could not take this sandbox's identity: {}", e.message))
         }
         other => Err(format!("the agent sent {other:?} instead of Ready after the restore")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_ram_mapping_by_device_and_inode() {
+        let ram = RamIdentity { dev_major: 0xfe, dev_minor: 1, ino: 1234, bytes: 512 << 20 };
+        let maps = "\
+55d0c0000000-55d0c0100000 r-xp 00000000 fe:01 999 /usr/bin/qemu-system-x86_64
+7f0000000000-7f0010000000 rw-p 00000000 fe:01 1234 /h/templates/k/ram
+7f1000000000-7f1020000000 rw-p 00000000 fe:01 1234 /h/templates/k/ram
+7f2000000000-7f2020000000 rw-p 00001000 fe:01 1234 /h/sandboxes/c/fork.ram (deleted)
+7f3000000000-7f3020000000 rw-p 00000000 fe:01 1234 /h/sandboxes/c/fork.ram (deleted)
+";
+        // The first line of the right file is too short (256 MiB), the second fits.
+        assert_eq!(find_ram_mapping(maps, &ram), Some(0x7f1000000000));
+        assert_eq!(find_ram_mapping(maps, &RamIdentity { ino: 4321, ..ram }), None);
+        assert_eq!(find_ram_mapping(maps, &RamIdentity { dev_minor: 2, ..ram }), None);
+        // A deleted file still matches (a fork's own RAM file), at offset 0 only.
+        let deleted = "7f2000000000-7f2020000000 rw-p 00001000 fe:01 1234 /x (deleted)\n7f3000000000-7f3020000000 rw-p 00000000 fe:01 1234 /x (deleted)\n";
+        assert_eq!(find_ram_mapping(deleted, &ram), Some(0x7f3000000000));
+        assert_eq!(find_ram_mapping("garbage\n\n1-2 x\n", &ram), None);
+    }
+
+    #[test]
+    fn zero_pages_are_found() {
+        let mut page = vec![0u8; PAGE];
+        assert!(is_zero(&page));
+        page[PAGE - 1] = 1;
+        assert!(!is_zero(&page));
     }
 }

@@ -224,7 +224,30 @@ pub async fn supervise(spec: SupervisorSpec, report: fn(&StartupReport)) -> u8 {
     };
     // A restore: QEMU reads the template's saved state from this file (`migrate-incoming fd:`);
     // a fork: from the FIFO the parent's QEMU streams into.
+    // A fork over a RAM file: QEMU starts once the disk copy is in place, while the
+    // parent still copies its memory; the FIFO is polled for the state's first bytes
+    // before the load (see `template::incoming`).
+    let mut fork_fifo = None;
     let state = match &spec.template {
+        Some(TemplateRun::Restore { state, forked: true, disk_ready: Some(disk), .. }) => {
+            let within = ready_within(&spec, Duration::from_millis(spec.boot_timeout_ms));
+            let opened = match crate::template::open_fork_fifo(state) {
+                Ok(f) => crate::template::wait_for_file(disk, within).await.map(|_| f),
+                Err(e) => Err(e),
+            };
+            match opened.and_then(|f| f.try_clone().map(|c| (f, c)).map_err(|e| e.to_string())) {
+                Ok((f, poll)) => {
+                    eprintln!("msb: fork: the parent's disk was there {} ms after start", started.elapsed().as_millis());
+                    fork_fifo = Some(poll);
+                    Some(f)
+                }
+                Err(e) => {
+                    cleanup(&spec);
+                    report(&StartupReport::Failed { code: "restore-failed".into(), message: format!("sandbox {:?}: {e}", spec.name) });
+                    return 1;
+                }
+            }
+        }
         Some(TemplateRun::Restore { state, forked: true, .. }) => {
             match crate::template::open_fork_stream(state, ready_within(&spec, Duration::from_millis(spec.boot_timeout_ms))).await {
                 Ok(f) => {
@@ -274,7 +297,7 @@ pub async fn supervise(spec: SupervisorSpec, report: fn(&StartupReport)) -> u8 {
             if let Some(TemplateRun::Restore { forked, .. }) = &spec.template {
                 // QEMU waits (`-incoming defer`) for the capabilities and the go.
                 let qmp = spec.qmp_socket.as_ref().ok_or("a restore needs the QMP socket")?;
-                crate::template::incoming(qmp, microsandbox::template::STATE_FD, *forked, ready_within(&spec, boot_timeout)).await?;
+                crate::template::incoming(qmp, microsandbox::template::STATE_FD, *forked, ready_within(&spec, boot_timeout), fork_fifo.as_ref()).await?;
             }
             let ready = match &spec.template {
                 // The restored agent already said Ready (to the template's supervisor).
@@ -287,6 +310,7 @@ pub async fn supervise(spec: SupervisorSpec, report: fn(&StartupReport)) -> u8 {
         _ = tokio::time::sleep(ready_within(&spec, boot_timeout)) => Err(format!("the guest agent did not become ready within {}s", ready_within(&spec, boot_timeout).as_secs())),
         _ = liveness::owner_gone(owner.clone()) => Err("the owner process exited during boot".into()),
     };
+    drop(fork_fifo);
     let (stream, ready) = match booted {
         Ok(v) => v,
         Err(why) => {
@@ -362,8 +386,9 @@ pub async fn supervise(spec: SupervisorSpec, report: fn(&StartupReport)) -> u8 {
     };
 
     if let Some(qmp) = &spec.qmp_socket {
-        crate::template::set_fork_source(qmp.clone(), spec.sandbox_dir.clone());
+        crate::template::set_fork_source(qmp.clone(), spec.sandbox_dir.clone(), qemu.id(), &spec.qemu_args);
     }
+
     let router = Arc::new(Router::default());
     if matches!(spec.template, Some(TemplateRun::Restore { resumed: true, .. } | TemplateRun::Restore { forked: true, .. })) {
         router.start_ids_after(crate::template::random_u32() | 1 << 30);

@@ -487,7 +487,7 @@ impl Sandbox {
                 qemu_args.extend(extra);
                 Some(run)
             }
-            warm::Start::Resume { state, qemu_args: saved, forked } => {
+            warm::Start::Resume { state, qemu_args: saved, forked, disk_ready } => {
                 qemu_args = saved.clone();
                 qemu_args.extend(["-incoming".to_string(), "defer".to_string()]);
                 Some(crate::template::TemplateRun::Restore {
@@ -496,6 +496,7 @@ impl Sandbox {
                     hostname,
                     resumed: !forked,
                     forked: *forked,
+                    disk_ready: disk_ready.clone(),
                 })
             }
         };
@@ -987,7 +988,10 @@ impl Sandbox {
         // The parent's QEMU streams its state into this FIFO, the child's QEMU loads it
         // as it comes (see `warm::make_fork_fifo`).
         let fifo = warm::make_fork_fifo(&dir)?;
-        let req = microsandbox_protocol::ForkRequest { fifo: fifo.clone(), disk: disk.into(), disk_to: dir.join(disk) };
+        // Held open until the child booted (its QEMU then has the file mapped).
+        let ram_file = warm::fork_ram_file(&parent_spec)?;
+        let ram = ram_file.as_ref().map(|(_, path)| path.clone());
+        let req = microsandbox_protocol::ForkRequest { fifo: fifo.clone(), disk: disk.into(), disk_to: dir.join(disk), ram_to: ram.clone() };
         let mut conn = self.connect().await?;
         microsandbox_protocol::write_frame_async(&mut conn, &Frame::json(0, Kind::Fork, &req)).await.map_err(|_| self.not_running())?;
         let name = self.name.clone();
@@ -1002,8 +1006,11 @@ impl Sandbox {
             }
         };
         let agent = home.socket_path(child, "agent")?;
-        let qemu_args = warm::fork_args(&parent_spec, &dir, &agent);
-        let start = warm::Start::Resume { state: fifo.clone(), qemu_args, forked: true };
+        let qemu_args = warm::fork_args(&parent_spec, &dir, &agent, ram.as_deref());
+        // Over a RAM file, the child's QEMU starts once the disk copy is there, while the
+        // parent copies its memory.
+        let disk_ready = ram.is_some().then(|| dir.join(disk));
+        let start = warm::Start::Resume { state: fifo.clone(), qemu_args, forked: true, disk_ready };
         let boot = Sandbox::boot(&home, &rt, cfg, rec.labels, false, &[], &start);
         tokio::pin!(answer);
         tokio::pin!(boot);
@@ -1024,6 +1031,7 @@ impl Sandbox {
             },
         };
         let _ = std::fs::remove_file(&fifo);
+        drop(ram_file);
         let sb = match (booted, answered) {
             (Ok(sb), Ok(())) => sb,
             (Ok(sb), Err(e)) => {

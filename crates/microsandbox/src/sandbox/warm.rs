@@ -23,7 +23,8 @@ pub enum Start {
     /// it was saved from (without its `-qmp`/`-incoming`) — or, `forked`, another running
     /// sandbox streamed through the FIFO `state`, with that sandbox's command line moved to
     /// this one's paths.
-    Resume { state: PathBuf, qemu_args: Vec<String>, forked: bool },
+    /// `disk_ready`: see `TemplateRun::Restore`.
+    Resume { state: PathBuf, qemu_args: Vec<String>, forked: bool, disk_ready: Option<PathBuf> },
 }
 
 /// What `pause` records beside `paused.state` (0600, in the sandbox directory).
@@ -42,15 +43,19 @@ pub const PAUSED_META: &str = "paused.json";
 /// template's RAM file replaced by anonymous memory (see `vmm::qemu::anonymous_ram`):
 /// what a run that loads this VM's whole saved stream (resume, fork) starts with.
 pub(super) fn strip_run_args(args: &[String]) -> Vec<String> {
-    let args = vmm::qemu::anonymous_ram(args);
+    without_run_args(&vmm::qemu::anonymous_ram(args))
+}
+
+/// `args` without `-qmp X` and `-incoming X`.
+fn without_run_args(args: &[String]) -> Vec<String> {
     let mut out = Vec::with_capacity(args.len());
-    let mut it = args.into_iter();
+    let mut it = args.iter();
     while let Some(a) = it.next() {
         if a == "-qmp" || a == "-incoming" {
             it.next();
             continue;
         }
-        out.push(a);
+        out.push(a.clone());
     }
     out
 }
@@ -72,15 +77,50 @@ pub(super) fn record_pause(dir: &Path, rt: &Runtime) -> Result<()> {
 /// The parent's QEMU command line (from its supervisor spec) for a fork living in
 /// `child_dir`: every path in the parent's directory and the parent's agent socket now
 /// name the child's; the device list, machine and kernel stay exactly the parent's.
-pub(super) fn fork_args(parent: &spec::SupervisorSpec, child_dir: &Path, child_agent: &Path) -> Vec<String> {
+/// With `ram` (a fork over a RAM file, see [`fork_ram_file`]) the child maps that file
+/// privately and loads a stream without a configuration section; without it, its RAM is
+/// anonymous and the whole stream, memory included, comes through the FIFO.
+pub(super) fn fork_args(parent: &spec::SupervisorSpec, child_dir: &Path, child_agent: &Path, ram: Option<&Path>) -> Vec<String> {
     let from_dir = format!("{}/", parent.sandbox_dir.display());
     let to_dir = format!("{}/", child_dir.display());
     let from_agent = parent.agent_socket.display().to_string();
     let to_agent = child_agent.display().to_string();
-    strip_run_args(&parent.qemu_args)
-        .into_iter()
-        .map(|a| a.replace(&from_agent, &to_agent).replace(&from_dir, &to_dir))
-        .collect()
+    let base = match ram {
+        Some(_) => without_run_args(&parent.qemu_args),
+        None => strip_run_args(&parent.qemu_args),
+    };
+    let mut args: Vec<String> = base.into_iter().map(|a| a.replace(&from_agent, &to_agent).replace(&from_dir, &to_dir)).collect();
+    if let Some(ram) = ram {
+        args = vmm::qemu::with_private_ram_file(&args, ram);
+        let [flag, value] = vmm::qemu::NO_CONFIGURATION_SECTION;
+        if !args.windows(2).any(|w| w[0] == flag && w[1] == value) {
+            args.extend([flag.to_string(), value.to_string()]);
+        }
+    }
+    args
+}
+
+/// A fork of a VM whose guest RAM is a file mapped privately (a sandbox restored from a
+/// template, or itself a fork) copies that memory into a file of its own: a memfd
+/// (tmpfs: no disk writes, and nothing outlives the processes holding it), sized to the
+/// VM's memory and empty (sparse), which the parent's supervisor fills and the child's
+/// QEMU maps privately. Both open it by `path` (`/proc/<this pid>/fd/<n>`, reopened
+/// read-write), so the returned file must stay open until the child has booted. `None`
+/// for a parent with anonymous RAM (booted cold, resumed): its memory can only go
+/// through the migration stream.
+pub(super) fn fork_ram_file(parent: &spec::SupervisorSpec) -> Result<Option<(std::fs::File, PathBuf)>> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let Some((_, bytes)) = vmm::qemu::private_ram_file(&parent.qemu_args) else { return Ok(None) };
+    // SAFETY: a NUL-terminated name; the returned descriptor is new and owned here.
+    let fd = unsafe { libc::memfd_create(c"msb-fork-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(Error::Runtime(format!("cannot create the fork's memory file: {}", std::io::Error::last_os_error())));
+    }
+    // SAFETY: `fd` was just returned by memfd_create and nothing else owns it.
+    let f = unsafe { std::fs::File::from_raw_fd(fd) };
+    f.set_len(bytes).map_err(|e| Error::Runtime(format!("cannot size the fork's memory file: {e}")))?;
+    let path = PathBuf::from(format!("/proc/{}/fd/{}", std::process::id(), f.as_raw_fd()));
+    Ok(Some((f, path)))
 }
 
 /// Name of the fork FIFO in the new sandbox's directory.
@@ -132,7 +172,7 @@ pub(super) fn resume_from(dir: &Path, rt: &Runtime) -> (Start, Option<String>) {
         Ok(meta.qemu_args)
     })();
     match why {
-        Ok(qemu_args) => (Start::Resume { state, qemu_args, forked: false }, None),
+        Ok(qemu_args) => (Start::Resume { state, qemu_args, forked: false, disk_ready: None }, None),
         Err(why) => {
             forget_pause(dir);
             (Start::Cold, Some(format!("the paused state cannot be resumed ({why}); booted cold, its processes are lost")))
@@ -359,7 +399,7 @@ pub(super) fn system_log(dir: &Path, text: &str) {
 /// The `Restore` part of a supervisor spec and the extra QEMU arguments of a restore.
 pub(super) fn restore_run(t: &Template, hostname: String) -> (TemplateRun, [String; 2]) {
     (
-        TemplateRun::Restore { state: t.state_path(), template: t.id.clone(), hostname, resumed: false, forked: false },
+        TemplateRun::Restore { state: t.state_path(), template: t.id.clone(), hostname, resumed: false, forked: false, disk_ready: None },
         // The supervisor starts the load through QMP (see its `template::incoming`).
         ["-incoming".into(), "defer".into()],
     )
@@ -369,4 +409,47 @@ pub(super) fn restore_run(t: &Template, hostname: String) -> (TemplateRun, [Stri
 /// pointless: a configuration the user must fix.
 pub(super) fn worth_cold_boot(e: &Error) -> bool {
     !matches!(e, Error::InvalidConfig(_))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parent_spec(ram: &str) -> spec::SupervisorSpec {
+        let json = serde_json::json!({
+            "name": "p", "sandbox_dir": "/h/sandboxes/p", "qemu": "/usr/bin/qemu-system-x86_64",
+            "qemu_args": ["-m", "512M", "-drive", "file=/h/sandboxes/p/root.qcow2,if=none,id=root",
+                          "-chardev", "socket,id=agent,path=/h/run/pa.sock",
+                          "-object", ram, "-machine", "memory-backend=msbram",
+                          "-qmp", "unix:/h/run/pa.qmp,server=on,wait=off", "-incoming", "defer"],
+            "accel": "tcg", "agent_socket": "/h/run/pa.sock", "control_socket": "/h/run/pc.sock",
+            "console_log": "/h/sandboxes/p/console.log", "boot_timeout_ms": 1000, "kernel_release": "6.1",
+            "remove_dir_on_exit": false
+        });
+        serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn fork_args_over_a_ram_file() {
+        let p = parent_spec("memory-backend-file,id=msbram,size=512M,mem-path=/h/templates/k/ram,share=off");
+        let child = Path::new("/h/sandboxes/c");
+        let ram = child.join("fork.ram");
+        let a = fork_args(&p, child, Path::new("/h/run/ca.sock"), Some(&ram));
+        let j = a.join(" ");
+        assert!(j.contains("memory-backend-file,id=msbram,size=512M,mem-path=/h/sandboxes/c/fork.ram,share=off"), "{j}");
+        assert!(j.contains("file=/h/sandboxes/c/root.qcow2") && j.contains("path=/h/run/ca.sock"), "{j}");
+        assert!(j.ends_with("-global migration.send-configuration=off"), "{j}");
+        assert!(!j.contains("-qmp") && !j.contains("-incoming") && !j.contains("/h/templates"), "{j}");
+        // A fork of that fork keeps one such flag and moves the RAM to its own file.
+        let mut c = p.clone();
+        c.qemu_args = a;
+        c.sandbox_dir = child.into();
+        c.agent_socket = "/h/run/ca.sock".into();
+        let g = fork_args(&c, Path::new("/h/sandboxes/g"), Path::new("/h/run/ga.sock"), Some(Path::new("/h/sandboxes/g/fork.ram")));
+        assert_eq!(g.iter().filter(|x| *x == "migration.send-configuration=off").count(), 1);
+        assert!(g.join(" ").contains("mem-path=/h/sandboxes/g/fork.ram,share=off"));
+        // Through the stream: anonymous RAM, no flag.
+        let s = fork_args(&p, child, Path::new("/h/run/ca.sock"), None).join(" ");
+        assert!(s.contains("memory-backend-ram,id=msbram,size=512M") && !s.contains("send-configuration"), "{s}");
+    }
 }

@@ -42,6 +42,7 @@ pub const DISK_FILE: &str = "disk.qcow2";
 /// The template VM's RAM (a `memory-backend-file`), mapped privately by every restore.
 pub const RAM_FILE: &str = "ram";
 pub const META_FILE: &str = "template.json";
+
 /// `MICROSANDBOX_TEMPLATES=0|off|false|no` turns templates off for every create.
 pub const ENV: &str = "MICROSANDBOX_TEMPLATES";
 /// Version of the template format; part of every key.
@@ -67,6 +68,12 @@ pub enum TemplateRun {
         /// The state is a snapshot of another running sandbox (`Sandbox#fork`).
         #[serde(default)]
         forked: bool,
+        /// A fork over a RAM file (`sandbox::warm::fork_ram_file`): QEMU starts as soon as this file
+        /// (the copy of the parent's root disk, renamed into place once complete)
+        /// exists, while the parent still copies its memory; it is told to load the
+        /// state once its first bytes are in the FIFO.
+        #[serde(default)]
+        disk_ready: Option<PathBuf>,
     },
 }
 

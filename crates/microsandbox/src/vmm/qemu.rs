@@ -121,6 +121,60 @@ pub fn anonymous_ram(args: &[String]) -> Vec<String> {
         .collect()
 }
 
+/// The options of a QEMU `-object`/`-drive` value, split at single commas (`,,` is a
+/// literal comma), each as written (`key=value`).
+fn split_opts(v: &str) -> Vec<String> {
+    let mut out = vec![String::new()];
+    let mut chars = v.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                out.last_mut().unwrap().push(',');
+            } else {
+                out.push(String::new());
+            }
+        } else {
+            out.last_mut().unwrap().push(c);
+        }
+    }
+    out
+}
+
+/// The guest RAM of a VM started with `args` when it is a file mapped privately
+/// ([`ram_args`] with `shared: false`: a template restore or a fork): the file and the
+/// RAM's size in bytes. `None` for anonymous memory or a shared file.
+pub fn private_ram_file(args: &[String]) -> Option<(PathBuf, u64)> {
+    let v = args.iter().find(|a| a.starts_with("memory-backend-file,id=msbram,"))?;
+    let opts = split_opts(v);
+    let get = |k: &str| opts.iter().find_map(|o| o.strip_prefix(k).and_then(|r| r.strip_prefix('=')));
+    if get("share") != Some("off") {
+        return None;
+    }
+    let mib: u64 = get("size")?.strip_suffix('M')?.parse().ok()?;
+    Some((PathBuf::from(get("mem-path")?), mib << 20))
+}
+
+/// `args` with the guest RAM mapped privately from `path` instead of its current file
+/// (see [`private_ram_file`]; other arguments unchanged): a fork's RAM, copied from the
+/// parent into a file of its own.
+pub fn with_private_ram_file(args: &[String], path: &std::path::Path) -> Vec<String> {
+    args.iter()
+        .map(|a| match a.strip_prefix("memory-backend-file,id=msbram,") {
+            Some(rest) => {
+                let size = split_opts(rest).into_iter().find(|p| p.starts_with("size=")).unwrap_or_default();
+                format!("memory-backend-file,id=msbram,{size},mem-path={},share=off", path.to_string_lossy().replace(',', ",,"))
+            }
+            None => a.clone(),
+        })
+        .collect()
+}
+
+/// Arguments for a VM that loads a device-state-only stream (a fork over a RAM file,
+/// see `xen-save-devices-state` in the supervisor): such a stream has no configuration
+/// section, which QEMU otherwise requires first. Only the loading side needs it.
+pub const NO_CONFIGURATION_SECTION: [&str; 2] = ["-global", "migration.send-configuration=off"];
+
 fn volume_args(spec: &VmSpec) -> Vec<String> {
     let mut a = Vec::new();
     if !spec.shares.is_empty() {
@@ -246,6 +300,15 @@ mod tests {
         };
         let a = args(&spec).join(" ");
         assert!(!a.contains("msbram"));
+        let priv_args = args(&VmSpec { ram_file: Some(super::super::RamFile { path: "/t,1/ram".into(), shared: false }), ..spec.clone() });
+        assert_eq!(private_ram_file(&priv_args), Some((PathBuf::from("/t,1/ram"), 256 << 20)));
+        let moved = with_private_ram_file(&priv_args, std::path::Path::new("/c,2/fork.ram"));
+        assert_eq!(private_ram_file(&moved), Some((PathBuf::from("/c,2/fork.ram"), 256 << 20)));
+        assert_eq!(moved.len(), priv_args.len());
+        let shared_args = args(&VmSpec { ram_file: Some(super::super::RamFile { path: "/t/ram".into(), shared: true }), ..spec.clone() });
+        assert_eq!(private_ram_file(&shared_args), None);
+        assert_eq!(private_ram_file(&args(&spec)), None);
+        assert_eq!(private_ram_file(&anonymous_ram(&priv_args)), None);
         let ram = |shared| args(&VmSpec { ram_file: Some(super::super::RamFile { path: "/t,1/ram".into(), shared }), ..spec.clone() }).join(" ");
         assert!(ram(true).contains("-object memory-backend-file,id=msbram,size=256M,mem-path=/t,,1/ram,share=on -machine memory-backend=msbram"));
         assert!(ram(false).contains("mem-path=/t,,1/ram,share=off"));
