@@ -201,6 +201,36 @@ RSpec.describe "Published ports" do
       taken&.close
     end
 
+    # Starting a stopped or paused sandbox whose host port another program took meanwhile:
+    # the start fails with the same typed error and changes nothing — a paused sandbox
+    # keeps its saved state (its processes), a stopped one stays :stopped, not :crashed —
+    # and the start succeeds once the port is free again.
+    it "raises PortInUseError at Sandbox.start without losing a paused sandbox's processes or calling it crashed" do
+      port = free_port
+      name = unique_name("inuse-start")
+      sb = Microsandbox::Sandbox.create(name, image: rootfs, ports: { port => 8000 })
+      sb.shell("sleep 3600 >/dev/null 2>&1 & echo $! > /tmp/sleeper", timeout: 60)
+      sleeper = sb.fs.read_text("/tmp/sleeper").strip
+      sb.pause
+      taken = TCPServer.new("127.0.0.1", port)
+      expect { Microsandbox::Sandbox.start(name) }
+        .to raise_error(Microsandbox::PortInUseError, /cannot publish host 127\.0\.0\.1:#{port} \(guest port 8000\)/)
+      expect(Microsandbox::Sandbox.get(name).status).to eq(:paused)
+      expect(processes_mentioning(sandbox_dir(name))).to be_empty
+      taken.close
+      Microsandbox::Sandbox.start(name) do |again|
+        expect(again.info[:start]).to eq("resumed")
+        expect(again.shell("kill -0 #{sleeper} && echo alive", timeout: 60).stdout).to eq("alive\n")
+      end
+      expect(Microsandbox::Sandbox.get(name).status).to eq(:stopped)
+      taken = TCPServer.new("127.0.0.1", port)
+      expect { Microsandbox::Sandbox.start(name) }.to raise_error(Microsandbox::PortInUseError)
+      expect(Microsandbox::Sandbox.get(name).status).to eq(:stopped)
+    ensure
+      taken&.close
+      Microsandbox::Sandbox.get(name).kill if name && Microsandbox::Sandbox.list.any? { |s| s.name == name && s.running? }
+    end
+
     it "raises PortInUseError for a taken IPv6 port, and InvalidConfigError for an IPv6 address not the host's" do
       taken = TCPServer.new("::1", 0)
       name = unique_name("inuse6")

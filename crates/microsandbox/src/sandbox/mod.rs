@@ -406,6 +406,10 @@ impl Sandbox {
             warm::system_log(&dir, why);
         }
         let resuming = matches!(start, warm::Start::Resume { .. });
+        // How the last run ended: `boot` clears it, but a start that fails before a VM
+        // runs (e.g. a published port taken meanwhile) is no run, and the sandbox must stay
+        // as it was — stopped or paused, not "crashed".
+        let previous = stop_record::read(&dir);
         let sb = match Sandbox::boot(&home, &rt, cfg.clone(), rec.labels.clone(), detached || rec.detached, &[], &start).await {
             Ok(sb) => sb,
             Err(e) if resuming && warm::worth_cold_boot(&e) => {
@@ -413,7 +417,14 @@ impl Sandbox {
                 warm::system_log(&dir, &format!("resuming the paused sandbox failed, booted cold (its processes are lost): {e}"));
                 Sandbox::boot(&home, &rt, cfg, rec.labels, detached || rec.detached, &[], &warm::Start::Cold).await?
             }
-            Err(e) => return Err(e),
+            Err(e) => {
+                // Not overwriting: a record the supervisor wrote for this attempt (its VM
+                // ran and ended) describes it better.
+                if let Some(rec) = previous {
+                    let _ = stop_record::write(&dir, &rec, false);
+                }
+                return Err(e);
+            }
         };
         if resuming {
             warm::forget_pause(&dir);

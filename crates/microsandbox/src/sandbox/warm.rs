@@ -406,9 +406,22 @@ pub(super) fn restore_run(t: &Template, hostname: String) -> (TemplateRun, [Stri
 }
 
 /// Errors of the restore path that the cold boot would raise too, so falling back is
-/// pointless: a configuration the user must fix.
+/// pointless (and would throw the paused processes away for nothing): a configuration the
+/// user must fix, or a published host port another program holds right now.
 pub(super) fn worth_cold_boot(e: &Error) -> bool {
-    !matches!(e, Error::InvalidConfig(_))
+    !matches!(e, Error::InvalidConfig(_) | Error::PortInUse(_))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_taken_port_or_a_bad_config_is_no_reason_to_throw_a_pause_away() {
+        assert!(!worth_cold_boot(&Error::InvalidConfig("x".into())));
+        assert!(!worth_cold_boot(&Error::PortInUse("x".into())));
+        assert!(worth_cold_boot(&Error::Runtime("the saved state does not load".into())));
+    }
 }
 
 #[cfg(test)]
