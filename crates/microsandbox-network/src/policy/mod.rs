@@ -280,14 +280,18 @@ pub struct NetworkPolicy {
     /// Ordered; first match wins. Deny-list entries come first.
     #[serde(default)]
     rules: Vec<Rule>,
+    /// How many of `rules` come from `deny_domains`/`deny_domain_suffixes` (the first
+    /// ones): logs number the others from 0, as the user wrote them in `rules:`.
+    #[serde(default)]
+    deny_listed: usize,
     #[serde(skip)]
     index: OnceLock<Arc<index::Index>>,
 }
 
 impl PartialEq for NetworkPolicy {
     fn eq(&self, other: &Self) -> bool {
-        (self.preset, self.default_egress, self.default_ingress, &self.rules)
-            == (other.preset, other.default_egress, other.default_ingress, &other.rules)
+        (self.preset, self.default_egress, self.default_ingress, &self.rules, self.deny_listed)
+            == (other.preset, other.default_egress, other.default_ingress, &other.rules, other.deny_listed)
     }
 }
 
@@ -313,7 +317,7 @@ impl Default for NetworkPolicy {
 impl NetworkPolicy {
     /// A custom policy (no preset).
     pub fn custom(default_egress: Action, default_ingress: Action, rules: Vec<Rule>) -> NetworkPolicy {
-        NetworkPolicy { preset: None, default_egress, default_ingress, rules, index: OnceLock::new() }
+        NetworkPolicy { preset: None, default_egress, default_ingress, rules, deny_listed: 0, index: OnceLock::new() }
     }
 
     fn with_preset(preset: Preset, default_egress: Action, default_ingress: Action, rules: Vec<Rule>) -> NetworkPolicy {
@@ -340,8 +344,25 @@ impl NetworkPolicy {
 
     /// The same policy with `rules` placed before its own (deny lists on a preset).
     pub(crate) fn prepend(self, mut rules: Vec<Rule>) -> NetworkPolicy {
+        let deny_listed = self.deny_listed + rules.len();
         rules.extend(self.rules);
-        NetworkPolicy { rules, index: OnceLock::new(), ..self }
+        NetworkPolicy { rules, deny_listed, index: OnceLock::new(), ..self }
+    }
+
+    /// How a verdict (and so the `system` log) names rule `i`: a deny-list entry by its
+    /// list, any other rule by its position in the `rules:` the user wrote — not by `i`,
+    /// which counts the deny-list entries placed before them.
+    fn rule_label(&self, i: usize) -> String {
+        let rule = &self.rules[i];
+        if i < self.deny_listed {
+            let list = match rule.destination {
+                Destination::DomainSuffix(_) => "deny_domain_suffixes",
+                _ => "deny_domains",
+            };
+            format!("{list} ({rule})")
+        } else {
+            format!("rule {} ({rule})", i - self.deny_listed)
+        }
     }
 
     /// No network at all: the sandbox gets no NIC (see [`NetworkPolicy::is_none`]).
@@ -413,7 +434,7 @@ impl NetworkPolicy {
         for i in candidates {
             let (i, rule) = (i as usize, &self.rules[i as usize]);
             if rule.direction.covers(flow.direction) && rule.admits(flow.protocol, flow.port) {
-                return Verdict { action: rule.action, rule: Some(i), reason: format!("rule {i} ({rule})") };
+                return Verdict { action: rule.action, rule: Some(i), reason: self.rule_label(i) };
             }
         }
         let (action, dir) = match flow.direction {
@@ -457,7 +478,7 @@ impl NetworkPolicy {
                 }
             };
             if hit {
-                return Verdict { action: rule.action, rule: Some(i), reason: format!("rule {i} ({rule})") };
+                return Verdict { action: rule.action, rule: Some(i), reason: self.rule_label(i) };
             }
         }
         Verdict { action: self.default_egress, rule: None, reason: format!("default egress {}", self.default_egress) }

@@ -267,6 +267,25 @@ fn deny_lists_come_before_every_rule() {
     assert_eq!(p.decide(&tcp("203.0.113.20", 80), &h, &pins, t0).action, Deny);
     assert_eq!(p.decide(&tcp("203.0.113.21", 80), &h, &pins, t0).action, Allow);
 
+    // The log names a rule as the user wrote it: its place in `rules:` (the deny-list
+    // entries before it are not counted), or the deny list it came from.
+    let custom = wire(json!({
+        "default_egress": "allow",
+        "rules": [{"action": "allow", "destination_kind": "domain", "destination": "inet.test"},
+                  {"action": "deny", "destination_kind": "ip", "destination": "203.0.113.66"}],
+        "deny_domains": ["blocked.test"], "deny_domain_suffixes": [".ads.test"]
+    }));
+    let v = custom.decide(&tcp("203.0.113.66", 80), &h, &pins, t0);
+    assert_eq!((v.action, v.reason.as_str()), (Deny, "rule 1 (deny egress ip 203.0.113.66)"));
+    let v = custom.decide_query(&d("blocked.test"), Protocol::Udp);
+    assert_eq!((v.action, v.reason.as_str()), (Deny, "deny_domains (deny egress domain blocked.test)"));
+    let v = custom.decide_query(&d("x.ads.test"), Protocol::Udp);
+    assert!(v.action == Deny && v.reason.starts_with("deny_domain_suffixes ("), "{}", v.reason);
+    let v = custom.decide(&tcp("203.0.113.20", 80), &h, &pins, t0);
+    assert_eq!((v.action, v.reason.as_str()), (Deny, "deny_domains (deny egress domain blocked.test)"));
+    let back: NetworkPolicy = serde_json::from_str(&serde_json::to_string(&custom).unwrap()).unwrap();
+    assert_eq!(back.decide(&tcp("203.0.113.66", 80), &h, &pins, t0).reason, "rule 1 (deny egress ip 203.0.113.66)");
+
     // deny lists alone: everything else allowed
     let only = wire(json!({"deny_domains": ["blocked.test"]}));
     assert_eq!((only.default_egress(), only.default_ingress(), only.rules().len()), (Allow, Allow, 1));
