@@ -19,10 +19,13 @@ TARGET_RATIO = 1.15 # cold create→first exec, relative to the floor
 TARGET_EXEC_P50_MS = 5.0
 MARKER = "MSB-BENCH-FLOOR-READY"
 
-opts = { runs: Integer(ENV.fetch("BENCH_RUNS", 5)), execs: Integer(ENV.fetch("BENCH_EXECS", 200)) }
+opts = { runs: Integer(ENV.fetch("BENCH_RUNS", 5)), execs: Integer(ENV.fetch("BENCH_EXECS", 200)), idle_params: false }
 OptionParser.new do |o|
   o.on("--runs N", Integer, "boots per measurement (default 5, env BENCH_RUNS)") { |v| opts[:runs] = v }
   o.on("--execs N", Integer, "exec round-trips (default 200, env BENCH_EXECS)") { |v| opts[:execs] = v }
+  o.on("--idle-params", "also boot the floor without the idle-CPU kernel parameters (informational)") do
+    opts[:idle_params] = true
+  end
 end.parse!
 
 def now = Process.clock_gettime(Process::CLOCK_MONOTONIC)
@@ -62,6 +65,15 @@ def engine_qemu_argv(sandbox) = File.binread("/proc/#{sandbox.info[:vmm_pid]}/cm
 NO_VALUE = %w[-nodefaults -no-user-config -no-reboot -enable-kvm -no-hpet -no-acpi].freeze
 KEPT = (NO_VALUE + %w[-M -machine -accel -cpu -m -smp -kernel -append -display -bios -L]).freeze
 
+# The engine's idle-CPU kernel parameters (DESIGN.md, "Idle CPU"). `--idle-params` boots a
+# second floor without them, to see whether they cost boot time; the floor itself keeps them.
+IDLE_PARAMS = %w[tsc=reliable nowatchdog sysctl.vm.compaction_proactiveness=0 sysctl.vm.stat_interval=10].freeze
+
+def without_idle_params(argv)
+  i = argv.index("-append")
+  argv.dup.tap { |a| a[i + 1] = a[i + 1].split.reject { |w| IDLE_PARAMS.include?(w) }.join(" ") }
+end
+
 # Same binary, machine, accelerator, CPU, memory, kernel and kernel parameters as the
 # engine; none of its devices; the tiny initramfs instead of the agent's.
 def floor_argv(engine, initrd)
@@ -78,7 +90,14 @@ def floor_argv(engine, initrd)
   argv + ["-initrd", initrd, "-serial", "stdio"]
 end
 
-# Seconds from spawning QEMU until the trivial init prints its marker on the console.
+# CPU seconds (user + system) a process has used so far, from /proc/<pid>/stat.
+def cpu_s(pid)
+  fields = File.read("/proc/#{pid}/stat").split(") ").last.split
+  (fields[11].to_i + fields[12].to_i) / Etc.sysconf(Etc::SC_CLK_TCK).to_f
+end
+
+# Seconds from spawning QEMU until the trivial init prints its marker on the console, and
+# QEMU's CPU seconds at that point.
 def floor_boot(argv)
   rd, wr = IO.pipe
   t0 = now
@@ -93,7 +112,7 @@ def floor_boot(argv)
 
     seen << chunk if chunk.is_a?(String)
   end
-  now - t0
+  [now - t0, cpu_s(pid)]
 ensure
   rd&.close
   if pid # init powers off; don't wait long for it
@@ -103,12 +122,18 @@ ensure
 end
 
 # Seconds from Sandbox.create until the first exec("true") has returned; also the
-# supervisor's boot_ms (QEMU spawn → agent Ready).
+# supervisor's boot_ms (supervisor start → agent Ready), the phase marks of the boot
+# (`info[:boot_phases]`, ms) plus `create.returned` and `exec.returned` (ms since create),
+# and QEMU's CPU seconds at that point.
 def cold_create(name, image)
   t0 = now
   sb = Microsandbox::Sandbox.create(name, image: image)
+  created = now
   sb.exec("true")
-  [now - t0, sb.info[:boot_ms]]
+  done = now
+  marks = sb.info[:boot_phases].to_h { |k, us| [k, us / 1000.0] }
+               .merge("create.returned" => (created - t0) * 1000, "exec.returned" => (done - t0) * 1000)
+  [done - t0, sb.info[:boot_ms], marks, cpu_s(sb.info[:vmm_pid])]
 ensure
   if sb
     sb.kill
@@ -141,20 +166,61 @@ puts "  guest kernel: #{info[:kernel]}"
 
 # Floor and cold-create runs alternate, so a change in host load hits both alike.
 floors = []
+floor_cpus = []
+bare_floors = []
 creates = []
+create_cpus = []
 boot_ms = []
+marks = []
 Dir.mktmpdir("msb-bench") do |dir|
   argv = floor_argv(engine_argv, floor_initramfs(dir))
   puts "  floor argv: #{Shellwords.join(argv.drop(1))}"
   opts[:runs].times do |i|
-    floors << floor_boot(argv)
-    create_s, ms = cold_create("#{tag}-#{i}", image)
+    floor_s, floor_cpu = floor_boot(argv)
+    floors << floor_s
+    floor_cpus << floor_cpu
+    bare_floors << floor_boot(without_idle_params(argv)).first if opts[:idle_params]
+    create_s, ms, m, cpu = cold_create("#{tag}-#{i}", image)
     creates << create_s
+    create_cpus << cpu
     boot_ms << ms
+    marks << m
   end
 end
 floor = median(floors)
 create = median(creates)
+
+# Where a cold create's time goes: each step is the difference of two marks of the same
+# run (engine and create/exec marks: ms since `create` began; supervisor marks: since the
+# supervisor started; guest marks: guest uptime). Medians over the runs, in ms.
+STEPS = [
+  ["engine: create → root disk built", "engine.disk_built", nil],
+  ["engine: → supervisor spawned", "engine.supervisor_spawn", "engine.disk_built"],
+  ["supervisor: start → QEMU spawned", "supervisor.qemu_spawned", nil],
+  ["QEMU spawned → kernel starts /init, plus Ready's trip to the host (the floor's part)", :qemu_to_init, nil],
+  ["guest: /init → pseudo filesystems", "guest.pseudo_fs", "guest.init"],
+  ["guest: kernel modules", "guest.modules", "guest.pseudo_fs"],
+  ["guest: wait for /dev/vda and the agent port", "guest.devices", "guest.modules"],
+  ["guest: mount root, switch root", "guest.root", "guest.devices"],
+  ["guest: grow root filesystem", "guest.grow", "guest.root"],
+  ["guest: volumes", "guest.volumes", "guest.grow"],
+  ["guest: hostname, lo", "guest.lo", "guest.volumes"],
+  ["guest: network", "guest.net", "guest.lo"],
+  ["guest: machine id, init handoff", "guest.machine_id", "guest.net"],
+  ["guest: reaper, Ready", "guest.ready", "guest.machine_id"],
+  ["supervisor start + report to the engine", :supervisor_overhead, nil],
+  ["engine: report → create returns", "create.returned", "engine.reported"],
+  ["first exec(\"true\") round trip", "exec.returned", "create.returned"]
+].freeze
+
+def step_ms(m, step)
+  _, a, b = step
+  case a
+  when :qemu_to_init then m["supervisor.ready"] - m["supervisor.qemu_spawned"] - (m["guest.ready"] - m["guest.init"])
+  when :supervisor_overhead then m["engine.reported"] - m["engine.supervisor_spawn"] - m["supervisor.ready"]
+  else m[a] && (b.nil? ? m[a] : m[b] && m[a] - m[b])
+  end
+end
 
 rtts = Microsandbox::Sandbox.create("#{tag}-exec", image: image) do |sb|
   10.times { sb.exec("true") }
@@ -170,10 +236,29 @@ p50 = median(rtts)
 p95 = percentile(rtts, 95)
 
 ratio = create / floor
+unless marks.any? { |m| m["guest.ready"].nil? }
+  puts
+  puts "where a cold create's time goes (median ms over #{marks.size} runs):"
+  STEPS.each do |step|
+    vals = marks.map { |m| step_ms(m, step) }.compact
+    next if vals.empty?
+
+    puts format("  %-92s %8.1f", step[0], median(vals))
+  end
+  puts format("  %-92s %8.1f", "total (create → first exec result)", median(marks.map { |m| m["exec.returned"] }))
+end
 puts
 puts "floor (bare QEMU → trivial init): median #{fmt_s(floor)}  [#{floors.map { |f| format('%.2f', f) }.join(' ')}]"
 puts "cold create → first exec:         median #{fmt_s(create)}  [#{creates.map { |c| format('%.2f', c) }.join(' ')}]"
-puts "  of which QEMU start → agent Ready (boot_ms): median #{fmt_s(median(boot_ms) / 1000.0)}"
+puts "  of which supervisor start → agent Ready (boot_ms): median #{fmt_s(median(boot_ms) / 1000.0)}"
+unless bare_floors.empty?
+  puts "floor without the idle-CPU kernel parameters: median #{fmt_s(median(bare_floors))}  " \
+       "[#{bare_floors.map { |f| format('%.2f', f) }.join(' ')}] (#{format('%.2f', median(bare_floors) / floor)}x the floor)"
+end
 puts "  ratio to floor: #{format('%.2f', ratio)}x (target ≤ #{TARGET_RATIO}x)  #{verdict(ratio <= TARGET_RATIO)}"
+# Steadier than wall time on a loaded host (not the target): the CPU QEMU used, floor to
+# its marker vs the sandbox's QEMU to the first exec's result (host-side work not included).
+puts "  QEMU CPU: floor median #{fmt_s(median(floor_cpus))}, sandbox median #{fmt_s(median(create_cpus))} " \
+     "(#{format('%.2f', median(create_cpus) / median(floor_cpus))}x)"
 puts "exec round-trip (true, #{opts[:execs]} calls): p50 #{format('%.2f', p50)} ms, p95 #{format('%.2f', p95)} ms " \
      "(target p50 ≤ #{TARGET_EXEC_P50_MS} ms)  #{verdict(p50 <= TARGET_EXEC_P50_MS)}"

@@ -464,7 +464,11 @@ module Microsandbox
     # What runs this sandbox: `:vmm` ("qemu"), `:accel` ("kvm", "hvf" or "tcg"),
     # `:vmm_pid`, `:supervisor_pid`, `:kernel` (guest kernel release), `:boot_ms` (start
     # of the supervisor to a ready agent), `:start` ("booted", or "restored" from a
-    # template, see {Templates}) and `:template` (the template's id, or nil).
+    # template, see {Templates}) and `:template` (the template's id, or nil). A booted
+    # sandbox also has `:boot_phases`: where its boot went, as `[step, microseconds]`
+    # pairs in order (`"engine.*"`: since `create` began; `"supervisor.*"`: since the
+    # supervisor started; `"guest.*"`: the guest agent's steps in guest uptime), for
+    # diagnosing slow boots (bench/boot_exec.rb prints them); absent after a restore.
     # @return [Hash{Symbol => Object}]
     attr_reader :info
 

@@ -10,6 +10,15 @@ RSpec.describe "sandbox lifecycle" do
     value = Microsandbox::Sandbox.create(name, image: rootfs) do |sb|
       pids = [sb.info[:vmm_pid], sb.info[:supervisor_pid]]
       expect(pids).to all(satisfy { |p| pid_alive?(p) })
+      # Where the boot went (µs): each clock's marks in order, the guest's ending at Ready.
+      phases = sb.info[:boot_phases].to_h
+      %w[engine supervisor guest].each do |clock|
+        marks = phases.select { |k, _| k.start_with?("#{clock}.") }.values
+        expect(marks).not_to be_empty
+        expect(marks).to eq(marks.sort)
+      end
+      expect(phases.keys).to include("engine.disk_built", "supervisor.qemu_spawned", "guest.init", "guest.modules", "guest.ready")
+      expect(phases["guest.ready"]).to be > phases["guest.init"]
       :the_value
     end
     expect(value).to eq(:the_value)

@@ -41,6 +41,7 @@ RSpec.describe "templates (restoring booted VMs)" do
         a_name = a.name
         b_name = b.name
         [a, b].each { |sb| expect(sb.info[:start]).to eq("restored") }
+        [a, b].each { |sb| expect(sb.info).not_to have_key(:boot_phases) }
         expect(a.info[:template]).to match(/\A\h{64}\z/)
         expect(b.info[:template]).to eq(a.info[:template])
 

@@ -39,10 +39,43 @@ const ROOT_READ_AHEAD_KB: &str = "4096";
 
 type Step<T = ()> = Result<T, String>;
 
+/// Guest uptime (`CLOCK_BOOTTIME`, the clock of `/proc/uptime`) in microseconds.
+pub fn uptime_us() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec into the valid local.
+    if unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) } != 0 {
+        return 0;
+    }
+    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000
+}
+
+/// The end of each boot step in guest uptime, for the `Ready` frame (`phases_us`): how a
+/// cold create's time divides inside the guest (bench/boot_exec.rb prints it).
+#[derive(Default)]
+pub struct Phases(Vec<(String, u64)>);
+
+impl Phases {
+    /// Starts the record with `init`: now, i.e. when the kernel started the agent.
+    pub fn start() -> Phases {
+        let mut p = Phases::default();
+        p.mark("init");
+        p
+    }
+
+    pub fn mark(&mut self, step: &str) {
+        self.0.push((step.to_string(), uptime_us()));
+    }
+
+    pub fn into_vec(self) -> Vec<(String, u64)> {
+        self.0
+    }
+}
+
 /// Runs boot steps 1–4 and returns the open agent port (see [`port::open`]).
-pub fn boot() -> Step<File> {
+pub fn boot(phases: &mut Phases) -> Step<File> {
     mount_pseudo_fs()?;
     ensure_std_fds();
+    phases.mark("pseudo_fs");
     load_modules(MODULE_LIST)?;
     if has_nic()? {
         load_modules(NET_MODULE_LIST)?;
@@ -52,19 +85,26 @@ pub fn boot() -> Step<File> {
     if crate::volumes::needs_virtiofs(&mounts) {
         load_modules(FS_MODULE_LIST)?;
     }
+    phases.mark("modules");
     let dev = wait_for_devices()?;
     let port = port::open(&dev).map_err(|e| format!("cannot open /dev/{dev}: {e}"))?;
+    phases.mark("devices");
     // Best effort: only a tuning knob.
     let _ = fs::write("/sys/block/vda/queue/read_ahead_kb", ROOT_READ_AHEAD_KB);
     mount_root()?;
     switch_root()?;
+    phases.mark("root");
     // The overlay of a registry image is larger than its filesystem by oci_upper_size.
     crate::growfs::grow_to_device(ROOT_DEV, ROOT_SECTORS, "/")?;
+    phases.mark("grow");
     // volumes: before anything runs, so no process sees the root where a volume belongs.
     crate::volumes::mount_all(&mounts)?;
+    phases.mark("volumes");
     let hostname = set_hostname()?;
     crate::net::loopback_up()?;
+    phases.mark("lo");
     network(&hostname)?;
+    phases.mark("net");
     Ok(port)
 }
 

@@ -58,12 +58,14 @@ fn main() {
 }
 
 fn run() -> Result<Infallible, String> {
-    let port = boot::boot()?;
+    let mut phases = boot::Phases::start();
+    let port = boot::boot(&mut phases)?;
     // `init:`: PID 1 becomes the init, this process goes on in a child (before any thread).
     let cmdline = std::fs::read_to_string("/proc/cmdline").map_err(|e| format!("cannot read /proc/cmdline: {e}"))?;
     // Before any command of the sandbox (and before an `init:`, which then owns the file).
     machine_id::ensure_at_boot(&cmdline);
     init::handoff(&cmdline)?;
+    phases.mark("machine_id");
     let writer = port
         .try_clone()
         .map_err(|e| format!("cannot dup the agent port: {e}"))?;
@@ -79,17 +81,20 @@ fn run() -> Result<Infallible, String> {
     .map_err(|e| format!("cannot start the reaper thread: {e}"))?;
 
     // Blocks until a host is connected (virtio-serial holds writes until then).
-    sink.send(&Frame::json(0, Kind::Ready, &ready()));
+    phases.mark("ready");
+    sink.send(&Frame::json(0, Kind::Ready, &ready(phases.into_vec())));
     let sessions = Sessions::new(sink.clone(), reaper);
     server::serve(port, sink, sessions)
 }
 
-pub(crate) fn ready() -> Ready {
+/// The `Ready` frame; `phases_us` only from a boot (see [`boot::Phases`]).
+pub(crate) fn ready(phases_us: Vec<(String, u64)>) -> Ready {
     let read = |p| std::fs::read_to_string(p).unwrap_or_default();
     Ready {
         protocol: PROTOCOL_VERSION,
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         kernel: read("/proc/sys/kernel/osrelease").trim().to_string(),
         uptime_ms: procfs::uptime_ms(&read("/proc/uptime")).unwrap_or(0),
+        phases_us,
     }
 }

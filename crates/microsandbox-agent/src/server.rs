@@ -81,7 +81,7 @@ fn dispatch(f: Frame, sink: &Sink, sessions: &Arc<Sessions>, fs: &Arc<FsSessions
         Kind::Shutdown => shutdown::shutdown(sessions),
         // Only ever the first frame after a restore from a template (see restore.rs).
         Kind::Restore => match f.parse::<microsandbox_protocol::RestoreIdentity>().map_err(|e| e.to_string()).and_then(|id| crate::restore::apply(&id)) {
-            Ok(()) => sink.send(&Frame::json(0, Kind::Ready, &crate::ready())),
+            Ok(()) => sink.send(&Frame::json(0, Kind::Ready, &crate::ready(Vec::new()))),
             Err(why) => sink.error(0, "restore-failed", why, None),
         },
         // The host giving up on a session has no guest-side meaning; answering an

@@ -11,6 +11,11 @@ pub struct Ready {
     pub kernel: String,
     /// Guest uptime in milliseconds when the agent became ready.
     pub uptime_ms: u64,
+    /// Where the agent's boot went: `(step, guest uptime in microseconds at its end)`, in
+    /// order, the first being `init` (the kernel started the agent). Sent by a booting
+    /// agent only (empty after a restore); informational, the host bounds what it keeps.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub phases_us: Vec<(String, u64)>,
 }
 
 /// `Exec`: run `program` with `args`. The session id is the frame id.
@@ -191,6 +196,12 @@ pub struct Info {
     /// The template a restored VM came from (its key, hex), else `None`.
     #[serde(default)]
     pub template: Option<String>,
+    /// Where a cold boot's time went, in microseconds, in order: `engine.*` measured by the
+    /// engine from the start of `create` (or `start`), `supervisor.*` by the supervisor from
+    /// its start, `guest.*` the agent's steps in guest uptime (time since the guest kernel
+    /// started). Empty for a restored, resumed or forked VM and in older records.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub boot_phases: Vec<(String, u64)>,
     /// The NIC's traffic so far, filled in live by the supervisor's `Info` answer (absent
     /// without a NIC, and in the `Info` recorded at boot).
     #[serde(default, skip_serializing_if = "Option::is_none")]

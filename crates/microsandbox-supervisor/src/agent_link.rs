@@ -440,7 +440,7 @@ mod tests {
     #[tokio::test]
     async fn ready_must_come_first_and_match_the_protocol() {
         let (mut host, mut guest) = UnixStream::pair().unwrap();
-        let bad = Ready { protocol: 999, agent_version: "x".into(), kernel: "k".into(), uptime_ms: 1 };
+        let bad = Ready { protocol: 999, agent_version: "x".into(), kernel: "k".into(), uptime_ms: 1, phases_us: vec![] };
         guest.write_all(&Frame::json(0, Kind::Ready, &bad).encode()).await.unwrap();
         assert!(wait_ready(&mut host).await.unwrap_err().contains("protocol 999"));
         guest.write_all(&Frame::data(0, Kind::Stdout, b"x".to_vec()).encode()).await.unwrap();

@@ -272,6 +272,7 @@ mod tests {
             start: "booted".into(),
             template: None,
             net: None,
+            boot_phases: Vec::new(),
         };
         let ctx = Ctx {
             router: Arc::new(Router::default()),

@@ -175,6 +175,31 @@ fn cleanup(spec: &SupervisorSpec) {
     }
 }
 
+/// Most guest boot steps kept from a `Ready` (the agent sends about a dozen).
+const MAX_GUEST_PHASES: usize = 32;
+
+/// `Info::boot_phases` of a cold boot: the supervisor's own marks (since its start) and
+/// the agent's steps (guest uptime), in microseconds. The agent's
+/// list comes from the guest: at most [`MAX_GUEST_PHASES`] entries are kept, and only
+/// those with short lowercase names (anything else is dropped, not echoed).
+pub fn boot_phases(qemu_spawned: Duration, agent_connected: Duration, ready: Duration, guest_us: &[(String, u64)]) -> Vec<(String, u64)> {
+    let us = |d: Duration| d.as_micros() as u64;
+    let mut out = vec![
+        ("supervisor.qemu_spawned".to_string(), us(qemu_spawned)),
+        ("supervisor.agent_connected".to_string(), us(agent_connected)),
+        ("supervisor.ready".to_string(), us(ready)),
+    ];
+    let name_ok = |n: &str| !n.is_empty() && n.len() <= 24 && n.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    out.extend(
+        guest_us
+            .iter()
+            .take(MAX_GUEST_PHASES)
+            .filter(|(n, _)| name_ok(n))
+            .map(|(n, t)| (format!("guest.{n}"), *t)),
+    );
+    out
+}
+
 /// Boots the VM and serves it. Returns the process exit code.
 pub async fn supervise(spec: SupervisorSpec, report: fn(&StartupReport)) -> u8 {
     let fail = |message: String| {
@@ -272,6 +297,7 @@ pub async fn supervise(spec: SupervisorSpec, report: fn(&StartupReport)) -> u8 {
         _ => None,
     };
     let spawned = spawn_qemu(&spec, nic.as_ref().map(|(_, qemu_end)| qemu_end), state.as_ref());
+    let qemu_spawned = started.elapsed();
     drop(state);
     let mut net_counters = None;
     if let (Some((stack_end, qemu_end)), Some(cfg)) = (nic, spec.network.clone()) {
@@ -291,9 +317,11 @@ pub async fn supervise(spec: SupervisorSpec, report: fn(&StartupReport)) -> u8 {
     let boot_timeout = Duration::from_millis(spec.boot_timeout_ms);
 
     // Boot: the agent must connect (through QEMU) and say Ready before the deadline.
+    let mut agent_connected = Duration::ZERO;
     let booted = tokio::select! {
         r = async {
             let (mut stream, _) = agent_listener.accept().await.map_err(|e| e.to_string())?;
+            agent_connected = started.elapsed();
             if let Some(TemplateRun::Restore { forked, .. }) = &spec.template {
                 // QEMU waits (`-incoming defer`) for the capabilities and the go.
                 let qmp = spec.qmp_socket.as_ref().ok_or("a restore needs the QMP socket")?;
@@ -349,7 +377,15 @@ pub async fn supervise(spec: SupervisorSpec, report: fn(&StartupReport)) -> u8 {
             _ => None,
         },
         net: None,
+        boot_phases: match &spec.template {
+            Some(TemplateRun::Restore { .. }) => Vec::new(),
+            _ => boot_phases(qemu_spawned, agent_connected, started.elapsed(), &ready.phases_us),
+        },
     };
+    if !info.boot_phases.is_empty() {
+        let line: Vec<String> = info.boot_phases.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        eprintln!("msb: boot phases (µs): {}", line.join(" "));
+    }
     if let Some(TemplateRun::Save { state, qmp }) = &spec.template {
         // A template build: save the VM as it is now (agent ready, nothing of any sandbox
         // inside), wait for QEMU to finish writing and quit, and report.
@@ -528,4 +564,32 @@ pub async fn supervise(spec: SupervisorSpec, report: fn(&StartupReport)) -> u8 {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn boot_phases_keep_supervisor_marks_and_sane_guest_steps() {
+        let guest = vec![
+            ("init".to_string(), 2_345_678),
+            ("modules".to_string(), 2_400_049),
+            ("Bad Name".to_string(), 1),
+            ("x".repeat(25), 1),
+        ];
+        let p = boot_phases(Duration::from_micros(12_345), Duration::from_millis(2_000), Duration::from_millis(2_600), &guest);
+        assert_eq!(
+            p,
+            vec![
+                ("supervisor.qemu_spawned".to_string(), 12_345),
+                ("supervisor.agent_connected".to_string(), 2_000_000),
+                ("supervisor.ready".to_string(), 2_600_000),
+                ("guest.init".to_string(), 2_345_678),
+                ("guest.modules".to_string(), 2_400_049),
+            ]
+        );
+        let many: Vec<(String, u64)> = (0..100).map(|i| (format!("s{i}"), i)).collect();
+        assert_eq!(boot_phases(Duration::ZERO, Duration::ZERO, Duration::ZERO, &many).len(), 3 + MAX_GUEST_PHASES);
+    }
 }

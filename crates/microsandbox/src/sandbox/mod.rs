@@ -29,7 +29,7 @@ mod warm;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use microsandbox_protocol::{Frame, Info, Kind, StopRequest, Stopped};
 use tokio::net::UnixStream;
@@ -214,9 +214,30 @@ pub struct Placement {
     pub replace_timeout_ms: Option<u64>,
 }
 
+/// A create's clock, for `Info::boot_phases` (`engine.*`, µs since `create` began).
+struct BootClock {
+    started: Instant,
+    /// When the root disk was built (or overlaid), since `started`.
+    disk_built: Duration,
+}
+
+impl BootClock {
+    /// The engine's marks, given when the supervisor was spawned; the last one is now
+    /// (its startup report, i.e. the agent's `Ready`, has arrived).
+    fn phases(&self, spawning: Duration) -> Vec<(String, u64)> {
+        let us = |d: Duration| d.as_micros() as u64;
+        vec![
+            ("engine.disk_built".to_string(), us(self.disk_built)),
+            ("engine.supervisor_spawn".to_string(), us(spawning)),
+            ("engine.reported".to_string(), us(self.started.elapsed())),
+        ]
+    }
+}
+
 impl Sandbox {
     /// Boots a new sandbox and returns once its agent answers.
     pub async fn create(cfg: SandboxConfig, place: Placement) -> Result<Sandbox> {
+        let created = Instant::now();
         cfg.validate()?;
         // Certificates and keys are read now, so a bad one fails before anything starts.
         if cfg.secrets_view().intercepts() {
@@ -335,10 +356,11 @@ impl Sandbox {
                     .map_err(|e| Error::Runtime(format!("root disk task failed: {e}")))??;
             }
         }
+        let clock = BootClock { started: created, disk_built: created.elapsed() };
         if let Some(why) = &cold_because {
             warm::system_log(&dir, why);
         }
-        let sb = match Sandbox::boot(&home, &rt, cfg.clone(), place.labels.clone(), place.detached, &patches, &start).await {
+        let sb = match Sandbox::boot_timed(&home, &rt, cfg.clone(), place.labels.clone(), place.detached, &patches, &start, Some(clock)).await {
             Ok(sb) => sb,
             // A state file that does not load, or a restored guest that does not answer:
             // boot the same sandbox cold, on a fresh overlay over the image's root.
@@ -443,6 +465,22 @@ impl Sandbox {
         detached: bool,
         patches: &[patch::PatchStep],
         start: &warm::Start,
+    ) -> Result<Sandbox> {
+        Sandbox::boot_timed(home, rt, cfg, labels, detached, patches, start, None).await
+    }
+
+    /// [`Sandbox::boot`]; with `clock` (a create's), a cold boot's `Info::boot_phases` get
+    /// the engine's own marks in front of the supervisor's and the agent's.
+    #[allow(clippy::too_many_arguments)]
+    async fn boot_timed(
+        home: &Home,
+        rt: &runtime::Runtime,
+        cfg: SandboxConfig,
+        labels: BTreeMap<String, String>,
+        detached: bool,
+        patches: &[patch::PatchStep],
+        start: &warm::Start,
+        clock: Option<BootClock>,
     ) -> Result<Sandbox> {
         let restricted = security::restricted(cfg.security.as_deref())?;
         let accel = Accel::resolve(cfg.accel.as_deref())?;
@@ -549,6 +587,7 @@ impl Sandbox {
         drain_marker::clear(&dir).context(|| format!("removing {}", drain_marker::path(&dir).display()))?;
 
         let handover = cfg.secrets_view().handover()?;
+        let spawning = clock.as_ref().map(|c| c.started.elapsed());
         let (mut child, liveness, channel) =
             owner::spawn_supervisor(&supervisor_bin, &spec_path, &dir, !detached, handover.is_some())?;
         if let (Some(bytes), Some(mut channel)) = (handover, channel) {
@@ -570,7 +609,7 @@ impl Sandbox {
             }
         }
         let report = owner::read_startup(&mut child, cfg.boot_timeout() + Duration::from_secs(10)).await;
-        let info = match report {
+        let mut info = match report {
             Ok(StartupReport::Ready(info)) => info,
             Ok(StartupReport::Failed { code, message }) => {
                 let _ = child.kill().await;
@@ -581,6 +620,11 @@ impl Sandbox {
                 return Err(e);
             }
         };
+        if let (Some(c), Some(spawning)) = (&clock, spawning) {
+            if !info.boot_phases.is_empty() {
+                info.boot_phases.splice(0..0, c.phases(spawning));
+            }
+        }
         StateDb::open(home)?.set_running(&cfg.name, info.supervisor_pid, &serde_json::to_string(&info).unwrap(), detached)?;
         let child = if detached {
             owner::reap_in_background(child);
@@ -670,6 +714,7 @@ impl Sandbox {
                 start: String::new(),
                 template: None,
                 net: None,
+                boot_phases: Vec::new(),
             });
         Ok(Sandbox {
             control: home.socket_path(&rec.name, "ctl")?,
