@@ -117,19 +117,19 @@ pub fn install(home: &Home, bundle: &Bundle, force: bool, progress: &mut dyn FnM
     let required = modules::load_order(modules::REQUIRED, &index)?;
     for path in &required {
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
-        mods.push((name, std::fs::read(path).context(|| format!("reading {}", path.display()))?));
+        mods.push((name, read_module(path)?));
     }
     // The NIC's modules, minus those every sandbox loads anyway (virtio_ring, virtio).
     let mut net_mods = Vec::new();
     for path in modules::load_order(modules::NETWORK, &index)?.into_iter().filter(|p| !required.contains(p)) {
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
-        net_mods.push((name, std::fs::read(&path).context(|| format!("reading {}", path.display()))?));
+        net_mods.push((name, read_module(&path)?));
     }
     // virtio-fs (volumes:), minus those already listed.
     let mut fs_mods = Vec::new();
     for path in modules::load_order(modules::VIRTIOFS, &index)?.into_iter().filter(|p| !required.contains(p)) {
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
-        fs_mods.push((name, std::fs::read(&path).context(|| format!("reading {}", path.display()))?));
+        fs_mods.push((name, read_module(&path)?));
     }
     let agent = std::fs::read(&bundle.agent).context(|| format!("reading {}", bundle.agent.display()))?;
     initramfs::build(&agent, &mods, &net_mods, &fs_mods, &runtime_dir.join("initramfs.cpio"))?;
@@ -148,6 +148,12 @@ pub fn install(home: &Home, bundle: &Bundle, force: bool, progress: &mut dyn FnM
     let _ = std::fs::remove_dir_all(&kernel.unpacked);
     progress(&format!("runtime ready in {}", home.root().display()));
     load(home).ok_or_else(|| Error::Runtime("runtime incomplete right after install".into()))
+}
+
+/// A kernel module for the initramfs, without its signature (see [`modules::strip_signature`]).
+fn read_module(path: &Path) -> Result<Vec<u8>> {
+    let ko = std::fs::read(path).context(|| format!("reading {}", path.display()))?;
+    Ok(modules::strip_signature(&ko).to_vec())
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
