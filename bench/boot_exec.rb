@@ -13,8 +13,6 @@ require_relative "../spec/support/rootfs"
 require "microsandbox"
 require_relative "scratch_home"
 
-BenchScratchHome.setup!
-
 TARGET_RATIO = 1.15 # cold create→first exec, relative to the floor
 TARGET_EXEC_P50_MS = 5.0
 MARKER = "MSB-BENCH-FLOOR-READY"
@@ -27,6 +25,9 @@ OptionParser.new do |o|
     opts[:idle_params] = true
   end
 end.parse!
+
+# After the options: `--help` prints and exits without installing a scratch runtime.
+BenchScratchHome.setup!
 
 def now = Process.clock_gettime(Process::CLOCK_MONOTONIC)
 def median(xs) = percentile(xs, 50)
