@@ -422,11 +422,6 @@ mod tests {
         assert!(!worth_cold_boot(&Error::PortInUse("x".into())));
         assert!(worth_cold_boot(&Error::Runtime("the saved state does not load".into())));
     }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
 
     fn parent_spec(ram: &str) -> spec::SupervisorSpec {
         let json = serde_json::json!({
