@@ -15,4 +15,13 @@ RSpec.describe "sandbox-wide create options" do
       expect(sb.logs(sources: ["stdout"]).map(&:text).join).not_to include("quiet-marker")
     end
   end
+
+  it "gives the guest the CPUs cpus: asks for" do
+    # The single-CPU boot shortcut (acpi=noirq) leaves the kernel without a local APIC,
+    # i.e. with one CPU whatever QEMU's -smp says: it must not be used for more.
+    Microsandbox::Sandbox.create(unique_name("cpus"), image: rootfs, cpus: 2) do |sb|
+      expect(sb.shell("grep -c ^processor /proc/cpuinfo; cat /sys/devices/system/cpu/online").stdout).to eq("2\n0-1\n")
+      expect(sb.fs.read_text("/proc/cmdline")).not_to include("acpi=noirq")
+    end
+  end
 end

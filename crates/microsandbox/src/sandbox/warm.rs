@@ -198,7 +198,7 @@ pub(super) fn vm_spec(
     transfer_disk: PathBuf,
     nic: Option<&microsandbox_network::NetworkConfig>,
 ) -> Result<VmSpec> {
-    let mut cmdline = vmm::qemu::cmdline(cmd_hostname, config::kernel_loglevel(cfg.log_level.as_deref())?, accel);
+    let mut cmdline = vmm::qemu::cmdline(cmd_hostname, config::kernel_loglevel(cfg.log_level.as_deref())?, accel, cfg.cpus as u32);
     // TCG guests get the host's TSC rate instead of calibrating it under load (see vmm::tsc).
     if let (Accel::Tcg, Some(khz)) = (accel, vmm::tsc::host_khz()) {
         cmdline.push_str(&format!(" {}={khz}", vmm::tsc::PARAM));

@@ -219,8 +219,9 @@ fn transfer_disk_args(spec: &VmSpec) -> Vec<String> {
     ]
 }
 
-/// Kernel command line for a sandbox named `hostname` booted with `accel`.
-pub fn cmdline(hostname: &str, loglevel: u8, accel: Accel) -> String {
+/// Kernel command line for a sandbox named `hostname` booted with `accel` and `cpus`
+/// virtual CPUs.
+pub fn cmdline(hostname: &str, loglevel: u8, accel: Accel, cpus: u32) -> String {
     // quiet: serial output is slow under TCG. panic=-1 + reboot=t: a dead guest ends the
     // VM (QEMU runs with -no-reboot) instead of hanging.
     //
@@ -229,6 +230,10 @@ pub fn cmdline(hostname: &str, loglevel: u8, accel: Accel) -> String {
     //   evaluating the ACPI _PRT/link methods, which the AML interpreter does slowly:
     //   probing each virtio-pci device drops from ~250 ms to ~10 ms. ACPI itself (power
     //   button, tables) stays on. Needs the `pc` machine's SeaBIOS (qboot has no $PIR).
+    //   But the kernel then finds no local APIC ("No local APIC present") and brings up
+    //   ONE CPU whatever `-smp` says, so it is only for single-CPU guests: with `cpus` > 1
+    //   the guest routes interrupts through ACPI and its APICs (slower device probes, but
+    //   the CPUs asked for; MSI works there, so `pci=nomsi` is left out too).
     // - cryptomgr.notests: skips the boot-time self-tests of every registered crypto
     //   algorithm (~300 ms); they check implementations for bugs, not inputs, and the
     //   algorithms themselves are unchanged.
@@ -250,12 +255,14 @@ pub fn cmdline(hostname: &str, loglevel: u8, accel: Accel) -> String {
     //   wakes every 500 ms for it);
     // - sysctl.vm.stat_interval=10: per-CPU memory statistics folded every 10 s, not every
     //   second (the folded counters drift by at most a per-CPU threshold meanwhile).
+    let single_cpu = cpus <= 1;
+    let irq_params = if single_cpu { "acpi=noirq " } else { "" };
     let accel_params = match accel {
-        Accel::Tcg => "pci=nomsi ",
-        Accel::Kvm | Accel::Hvf => "",
+        Accel::Tcg if single_cpu => "pci=nomsi ",
+        _ => "",
     };
     format!(
-        "console=ttyS0 quiet loglevel={loglevel} panic=-1 reboot=t acpi=noirq cryptomgr.notests \
+        "console=ttyS0 quiet loglevel={loglevel} panic=-1 reboot=t {irq_params}cryptomgr.notests \
          {accel_params}tsc=reliable nowatchdog sysctl.vm.compaction_proactiveness=0 sysctl.vm.stat_interval=10 \
          rdinit=/init msb.hostname={hostname}"
     )
@@ -291,9 +298,15 @@ mod tests {
 
     #[test]
     fn msi_is_off_only_where_the_guest_has_no_apic() {
-        assert!(cmdline("h", 3, Accel::Tcg).contains(" pci=nomsi "));
-        assert!(!cmdline("h", 3, Accel::Kvm).contains("nomsi"));
-        assert!(!cmdline("h", 3, Accel::Hvf).contains("nomsi"));
+        assert!(cmdline("h", 3, Accel::Tcg, 1).contains(" pci=nomsi "));
+        assert!(!cmdline("h", 3, Accel::Kvm, 1).contains("nomsi"));
+        assert!(!cmdline("h", 3, Accel::Hvf, 1).contains("nomsi"));
+        // acpi=noirq leaves the guest without a local APIC, i.e. one CPU: only for one.
+        for accel in [Accel::Tcg, Accel::Kvm, Accel::Hvf] {
+            assert!(cmdline("h", 3, accel, 1).contains(" acpi=noirq "));
+            let smp = cmdline("h", 3, accel, 2);
+            assert!(!smp.contains("acpi=noirq") && !smp.contains("nomsi"), "{smp}");
+        }
     }
 
     #[test]
@@ -304,7 +317,7 @@ mod tests {
             memory_mib: 256,
             kernel: "/k".into(),
             initramfs: "/i".into(),
-            cmdline: cmdline("h", 3, Accel::Tcg),
+            cmdline: cmdline("h", 3, Accel::Tcg, 1),
             root_disk: "/r".into(),
             root_format: "raw",
             agent_socket: "/a.sock".into(),
