@@ -215,6 +215,27 @@ impl Guest {
         })
     }
 
+    /// A router advertisement from the guest's own link-local address to all nodes (a
+    /// guest posing as a router; the guard must drop it).
+    pub fn router_advert(&self) -> Vec<u8> {
+        let src = crate::guard::eui64_link_local(self.cfg.guest_mac);
+        let all_nodes = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
+        self.icmp6(
+            src,
+            all_nodes,
+            &Icmpv6Repr::Ndisc(NdiscRepr::RouterAdvert {
+                hop_limit: 64,
+                flags: smoltcp::wire::NdiscRouterFlags::empty(),
+                router_lifetime: smoltcp::time::Duration::from_secs(1800),
+                reachable_time: smoltcp::time::Duration::from_millis(0),
+                retrans_time: smoltcp::time::Duration::from_millis(0),
+                lladdr: Some(RawHardwareAddress::from_bytes(&self.cfg.guest_mac)),
+                mtu: None,
+                prefix_info: None,
+            }),
+        )
+    }
+
     /// A neighbour solicitation from `src` for `target` (to its solicited-node group),
     /// claiming `lladdr` as the sender's MAC.
     pub fn neighbor_solicit(&self, src: Ipv6Addr, target: Ipv6Addr, lladdr: Option<[u8; 6]>) -> Vec<u8> {
@@ -820,23 +841,7 @@ pub fn seed_programs() -> Vec<Vec<u8>> {
         2,
         &g.icmp6(me6, all_nodes, &Icmpv6Repr::Ndisc(NdiscRepr::NeighborAdvert { flags: smoltcp::wire::NdiscNeighborFlags::OVERRIDE, target_addr: gw6, lladdr })),
     ));
-    p.extend(frame_op(
-        2,
-        &g.icmp6(
-            ll,
-            all_nodes,
-            &Icmpv6Repr::Ndisc(NdiscRepr::RouterAdvert {
-                hop_limit: 64,
-                flags: smoltcp::wire::NdiscRouterFlags::empty(),
-                router_lifetime: smoltcp::time::Duration::from_secs(1800),
-                reachable_time: smoltcp::time::Duration::from_millis(0),
-                retrans_time: smoltcp::time::Duration::from_millis(0),
-                lladdr,
-                mtu: None,
-                prefix_info: None,
-            }),
-        ),
-    ));
+    p.extend(frame_op(2, &g.router_advert()));
     p.extend(frame_op(2, &g.udp(546, Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 1, 2), 547, b"solicit")));
     let mut frag = g.udp(6000, gw6, 9, b"xxxxxxxx");
     frag[14 + 6] = 44;

@@ -119,20 +119,7 @@ fn router_advertisements_redirects_spoofed_adverts_and_dhcpv6_from_the_guest_are
     let lladdr = Some(RawHardwareAddress::from_bytes(&mac));
     let hostile = vec![
         // "I am a router" (a guest that wants to steer the host side).
-        g.icmp6(
-            ll,
-            all_nodes,
-            &Icmpv6Repr::Ndisc(NdiscRepr::RouterAdvert {
-                hop_limit: 64,
-                flags: smoltcp::wire::NdiscRouterFlags::empty(),
-                router_lifetime: smoltcp::time::Duration::from_secs(1800),
-                reachable_time: smoltcp::time::Duration::from_millis(0),
-                retrans_time: smoltcp::time::Duration::from_millis(0),
-                lladdr,
-                mtu: None,
-                prefix_info: None,
-            }),
-        ),
+        g.router_advert(),
         // "The gateway's address is at my MAC."
         g.icmp6(me6, all_nodes, &Icmpv6Repr::Ndisc(NdiscRepr::NeighborAdvert { flags: NdiscNeighborFlags::OVERRIDE, target_addr: gw6, lladdr })),
         g.icmp6(me6, all_nodes, &Icmpv6Repr::Ndisc(NdiscRepr::NeighborAdvert { flags: NdiscNeighborFlags::OVERRIDE, target_addr: GATEWAY_LINK_LOCAL, lladdr })),
