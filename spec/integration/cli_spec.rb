@@ -70,8 +70,13 @@ RSpec.describe "microsandbox CLI" do
         Process.kill(signal, pid)
         _, st = Timeout.timeout(60) { Process.wait2(pid) }
         status ? expect(st.exitstatus).to(eq(status)) : expect(st.termsig).to(eq(Signal.list["TERM"]))
-        expect(Microsandbox::Sandbox.list.map(&:name)).not_to include(name)
-        expect(processes_mentioning(sandbox_dir(name))).to be_empty
+        # The signal can land after the VM booted but before `create` returned, when the
+        # command has no handle to clean up with: then the VM dies with the command and,
+        # --rm sandboxes being ephemeral, its record goes once the supervisor has exited.
+        gone = wait_until(timeout: 20) do
+          !Microsandbox::Sandbox.list.map(&:name).include?(name) && processes_mentioning(sandbox_dir(name)).empty?
+        end
+        expect(gone).to be(true), "#{name} left: #{Microsandbox::Sandbox.list.map(&:name)} #{processes_mentioning(sandbox_dir(name))}"
       end
       expect(sandbox_entries).to eq(before)
     end

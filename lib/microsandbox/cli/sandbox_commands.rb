@@ -53,8 +53,12 @@ module Microsandbox
 
       # Creates the sandbox, runs the command, then stops it (kills and removes it with
       # --rm) whatever happened, also on Ctrl-C or SIGTERM: a sandbox this command made
-      # must not outlive it.
+      # must not outlive it. With --rm the sandbox is also `ephemeral:`, so it leaves no
+      # record even when a signal lands after the VM booted but before `create` returned
+      # (no handle to clean up with here): it dies with this process, and the engine
+      # purges a stopped ephemeral sandbox.
       def run_attached(name, argv, options, o)
+        options = options.merge(ephemeral: true) if o[:rm]
         sb = Sandbox.create(name, **options)
         run_command(sb, argv, o)
       ensure
@@ -64,8 +68,15 @@ module Microsandbox
           rescue Microsandbox::Error
             sb.kill
           end
-          Sandbox.remove(sb.name) if o[:rm]
+          remove_quietly(sb.name) if o[:rm]
         end
+      end
+
+      # An ephemeral sandbox may be purged already once it has stopped.
+      def remove_quietly(name)
+        Sandbox.remove(name)
+      rescue SandboxNotFoundError
+        nil
       end
 
       def cmd_exec(argv)

@@ -78,6 +78,10 @@ struct StdinState {
     mode: StdinMode,
     /// Bytes handed to the session for the command's stdin (the `stdin:` String included).
     accepted: u64,
+    /// The session's last event is decided. Set before that event is queued, so a caller
+    /// that has read it sees signals and resizes refused even while the session task is
+    /// still winding down (its control queue may accept a message for a little longer).
+    ended: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -97,6 +101,7 @@ impl StdinState {
     /// The command ended: an open stdin is now finished. The other modes keep their
     /// reason (closed by the caller, never a pipe, broken), which says more.
     fn finish(&mut self) {
+        self.ended = true;
         if matches!(self.mode, StdinMode::Open) {
             self.mode = StdinMode::Finished;
         }
@@ -130,6 +135,7 @@ impl ExecStream {
         let state = Arc::new(Mutex::new(StdinState {
             mode: if writable { StdinMode::Open } else { StdinMode::NotAPipe },
             accepted: stdin.as_ref().map_or(0, |d| d.len() as u64),
+            ended: false,
         }));
         let task_state = state.clone();
         let (mut rd, mut wr) = conn.into_split();
@@ -280,6 +286,13 @@ impl ExecControl {
         Error::ExecFailed("the command has already finished; its stdin and signals are closed".into())
     }
 
+    fn check_running(&self) -> Result<()> {
+        if self.stdin.lock().unwrap().ended {
+            return Err(Self::closed());
+        }
+        Ok(())
+    }
+
     /// Writes to the command's stdin (waiting while the session's queue is full).
     /// Returning means the bytes are on their way; if the command then does not take
     /// them, the stream reports it with an [`ExecEvent::StdinError`].
@@ -324,6 +337,7 @@ impl ExecControl {
         if !(1..=64).contains(&signal) {
             return Err(Error::InvalidConfig(format!("signal {signal} is not a valid signal number (1-64)")));
         }
+        self.check_running()?;
         self.control.send(Control::Signal(signal)).await.map_err(|_| Self::closed())
     }
 
@@ -337,6 +351,7 @@ impl ExecControl {
         }
         let size = WinSize { rows, cols };
         super::exec::validate_winsize(size)?;
+        self.check_running()?;
         self.control.send(Control::Resize(size)).await.map_err(|_| Self::closed())
     }
 }
@@ -424,6 +439,21 @@ mod tests {
         send(&mut peer, Kind::Exited, &Exited { code: Some(0), ..Default::default() }).await;
         next(&mut s).await;
         assert!(ctl.write_stdin(b"x".to_vec()).await.unwrap_err().to_string().contains("stdin: :pipe"));
+    }
+
+    #[tokio::test]
+    async fn signals_after_the_last_event_raise_even_while_the_task_winds_down() {
+        let (mut s, mut peer) = start(true, None).await;
+        let ctl = s.control();
+        send(&mut peer, Kind::Exited, &Exited { code: Some(0), ..Default::default() }).await;
+        assert_eq!(next(&mut s).await, ExecEvent::Exited { code: Some(0), signal: None });
+        // The control queue may still be open here; the decided end refuses anyway.
+        assert!(ctl.signal(15).await.unwrap_err().to_string().contains("already finished"));
+        // Before the end, a signal is queued for the guest.
+        let (s, mut peer) = start(true, None).await;
+        s.control().signal(15).await.unwrap();
+        let f = read_frame_async(&mut peer).await.unwrap().unwrap();
+        assert_eq!(f.kind, Kind::Signal);
     }
 
     #[tokio::test]
