@@ -46,7 +46,9 @@ module Microsandbox
     # @param size [Integer] sandboxes to keep ready (1-64)
     # @param name_prefix [String] sandbox names are `<prefix>-<random hex>`
     # @param options [Hash] options of {Sandbox.create} (`image:` required; not `detached:`,
-    #   `replace:` or `labels:` — pool sandboxes are owned and labelled `pool`)
+    #   `replace:` or `labels:` — pool sandboxes are owned and labelled `pool`). `warm_up:`
+    #   defaults to true here: a pooled sandbox has run `true` once before it is handed
+    #   out, so the caller's first command is as fast as a later one
     # @raise [ArgumentError] bad size or a forbidden option
     def initialize(size:, name_prefix: "pool", **options)
       raise ArgumentError, "missing keyword: :image" unless options.key?(:image)
@@ -58,7 +60,7 @@ module Microsandbox
       raise ArgumentError, "size must be 1..64 (got #{@size})" unless (1..64).cover?(@size)
 
       @prefix = Validate.string!("name_prefix", name_prefix)
-      @options = options.merge(labels: { "pool" => @prefix })
+      @options = { warm_up: true }.merge(options, labels: { "pool" => @prefix })
       @lock = Mutex.new
       @changed = ConditionVariable.new
       @closed = false

@@ -100,6 +100,14 @@ module Microsandbox
       #   per configuration instead of booting (see {Templates}). `false` always boots cold;
       #   `true` uses templates even when `MICROSANDBOX_TEMPLATES=off`; nil (default): on
       #   unless that variable says off. `#info[:start]` tells "restored" or "booted"
+      # @param warm_up [Boolean] run `true` once inside (as a command would: the sandbox's
+      #   `PATH`, user, profile and rlimits; in `/`) before create returns (and before a
+      #   later {start} boots it again; never into a resumed or forked VM), so the first
+      #   command of yours does not pay for the emulator translating the exec path anew
+      #   (a restored sandbox's first exec takes 5-20x a later one). It leaves no process,
+      #   log entry or session id behind; an image without `true` only warms part of the
+      #   path. Costs that much longer a create: {Pool} sets it, whose sandboxes wait for a
+      #   caller anyway. Default false
       # @param user [String, nil] default guest user of commands (default: the image's
       #   `User`, else root)
       # @param labels [Hash{String=>String}] free-form labels, see {Sandbox.list_with}
@@ -179,7 +187,7 @@ module Microsandbox
                  ports: nil, ports_udp: nil, ipv4_pool: nil, ipv6_pool: nil, max_connections: nil,
                  rlimits: nil, log_level: nil, quiet_logs: false, security: nil, ephemeral: false, init: nil,
                  fstype: nil, secrets: nil, on_secret_violation: nil, tls: nil, trust_host_cas: false,
-                 template: nil, volumes: nil, from_snapshot: nil, &block)
+                 template: nil, volumes: nil, from_snapshot: nil, warm_up: false, &block)
         snapshot = snapshot_source!(image, from_snapshot)
         fstype_option!(image, fstype)
         config = build_config(name, image || "", cpus, memory, Validate.coerce_values!("env", env), workdir, accel, boot_timeout)
@@ -193,6 +201,7 @@ module Microsandbox
         config["trust_host_cas"] = Secrets.bool!("trust_host_cas", trust_host_cas)
         config["hostname"] = Validate.utf8_string!("hostname", hostname) if hostname
         config["template"] = Templates.option!(template) unless template.nil?
+        config["warm_up"] = true if warm_up
         config["user"] = Validate.utf8_string!("user", user) if user
         config["entrypoint"] = Validate.string_array!("entrypoint", entrypoint).map { |a| Validate.utf8!("entrypoint", a) } if entrypoint
         config["oci_upper_size_mib"] = Validate.positive_integer!("oci_upper_size", oci_upper_size) if oci_upper_size

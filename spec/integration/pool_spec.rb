@@ -26,7 +26,15 @@ RSpec.describe Microsandbox::Pool do
       out = pool.checkout do |sb|
         names << sb.name
         expect(sb).to be_running
-        sb.shell("echo hi").stdout
+        # Warmed up (warm_up: true), with nothing of it the user could see: no output in
+        # the log, the first command is session 1, no process left.
+        supervisor_log = File.read(File.join(Microsandbox.home, "sandboxes", sb.name, "supervisor.log"))
+        expect(supervisor_log).to match(/warm-up done in \d+ ms \(exit Some\(0\)\)/)
+        expect(sb.logs(sources: %w[stdout stderr])).to be_empty
+        hi = sb.shell("echo hi").stdout
+        expect(sb.logs(sources: %w[stdout]).map { |e| [e.session_id, e.text] }).to eq([[1, "hi\n"]])
+        expect(sb.exec("ps", ["-o", "comm"]).stdout.lines.map(&:strip)).not_to include("true")
+        hi
       end
       expect(Process.clock_gettime(Process::CLOCK_MONOTONIC) - started).to be < 2.0
       expect(out).to eq("hi\n")

@@ -20,6 +20,7 @@ mod template;
 mod transfer;
 mod vm;
 mod volumes;
+mod warm_up;
 
 use std::io::Write;
 use std::path::PathBuf;

@@ -119,6 +119,11 @@ impl Router {
         self.inner.lock().unwrap().next = base;
     }
 
+    /// The id last given out (the base of the next, see [`Router::start_ids_after`]).
+    pub fn last_id(&self) -> u32 {
+        self.inner.lock().unwrap().next
+    }
+
     /// Registers a session and returns its global id (never 0, which is the control id);
     /// `None` while draining.
     pub fn open(&self, route: Route) -> Option<u32> {

@@ -429,9 +429,7 @@ pub async fn supervise(spec: SupervisorSpec, report: fn(&StartupReport)) -> u8 {
     if matches!(spec.template, Some(TemplateRun::Restore { resumed: true, .. } | TemplateRun::Restore { forked: true, .. })) {
         router.start_ids_after(crate::template::random_u32() | 1 << 30);
     }
-    if !spec.quiet_logs {
-        router.set_log(log_sink);
-    }
+    // The log sink is set after the warm-up (below): nothing of it reaches the log.
     let (rd, wr) = stream.into_split();
     let to_agent = agent_link::spawn_writer(wr);
     let (stop_tx, mut stop_rx) = mpsc::channel::<StopTicket>(4);
@@ -489,6 +487,18 @@ pub async fn supervise(spec: SupervisorSpec, report: fn(&StartupReport)) -> u8 {
             report(&StartupReport::Failed { code: "boot-failed".into(), message });
             return 1;
         }
+    }
+    if let Some(req) = &spec.warm_up {
+        let t = Instant::now();
+        // The engine waits boot_timeout + 10 s for the report: stay well inside that.
+        let within = crate::warm_up::WITHIN.min(boot_timeout.saturating_sub(started.elapsed()) + Duration::from_secs(5));
+        match crate::warm_up::run(&router, &to_agent, req, within).await {
+            Ok(code) => eprintln!("msb: warm-up done in {} ms (exit {code:?})", t.elapsed().as_millis()),
+            Err(why) => eprintln!("msb: warm-up failed after {} ms: {why}", t.elapsed().as_millis()),
+        }
+    }
+    if !spec.quiet_logs {
+        router.set_log(log_sink);
     }
     tokio::spawn(control::serve(control_listener, ctx));
     if let Some(req) = spec.main.clone() {

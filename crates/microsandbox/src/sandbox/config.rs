@@ -151,6 +151,10 @@ pub struct SandboxConfig {
     /// Do not record the output of commands and the main process in the logs.
     #[serde(default)]
     pub quiet_logs: bool,
+    /// Run one trivial command in the guest before the sandbox is reported ready
+    /// (`warm_up:`; `Pool` sets it): see `warm_up_request` in `sandbox/mod.rs`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub warm_up: bool,
     /// `from_snapshot:` as given (a snapshot name, digest or artifact path); `image` is
     /// then empty on input and set from the snapshot.
     #[serde(default, skip_serializing_if = "Option::is_none")]

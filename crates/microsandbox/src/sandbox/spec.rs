@@ -43,6 +43,11 @@ pub struct SupervisorSpec {
     /// the guest is ready; its output goes to the sandbox log.
     #[serde(default)]
     pub main: Option<microsandbox_protocol::ExecRequest>,
+    /// `warm_up:`: a command run once before the ready report, after the patches and
+    /// before the main process, whose session the user never sees (its output is not
+    /// logged, its session id is given out again).
+    #[serde(default)]
+    pub warm_up: Option<microsandbox_protocol::ExecRequest>,
     /// JSON list of [`PatchStep`](super::patch::PatchStep)s to apply before the main
     /// process and before reporting ready (create only). The supervisor deletes it.
     #[serde(default)]

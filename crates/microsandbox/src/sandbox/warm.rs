@@ -337,6 +337,7 @@ async fn build(
         remove_dir_on_exit: false,
         ephemeral: false,
         quiet_logs: true,
+        warm_up: None,
         max_duration_ms: None,
         idle_timeout_ms: None,
         main: None,
