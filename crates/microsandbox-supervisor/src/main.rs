@@ -69,10 +69,20 @@ fn main() -> ExitCode {
 /// 13 MiB over 10,000 sequential guest connections and never came back (bench/net.rb).
 /// A fresh mapping also needs no zeroing, so a buffer costs RSS only for the pages its
 /// connection really uses.
+///
+/// Turning the dynamic threshold off also froze glibc's trim threshold at 128 KiB, so
+/// every burst of smaller blocks — the network thread's Ethernet frames, up to 64 KiB
+/// each and a few MiB in flight during a bulk transfer — was handed back to the kernel
+/// as soon as it was freed and faulted in again by the next burst: 2,300–16,500 page
+/// faults per 64 MiB download, every download, now ~1,000–2,100 and a third less of the
+/// thread's CPU (DESIGN.md, "Downloads at MTU 65520"). Up to 8 MiB free at the top of an
+/// arena now stay mapped (more than a bulk transfer's frames in flight); the
+/// per-connection buffers above are mappings of their own and unaffected.
 fn fixed_mmap_threshold() {
     // SAFETY: mallopt only changes allocator parameters; called before any other thread
-    // exists. Setting M_MMAP_THRESHOLD also turns the dynamic threshold off.
+    // exists. Setting M_MMAP_THRESHOLD also turns the dynamic thresholds off.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 8 * 1024 * 1024);
     }
 }
