@@ -22,12 +22,17 @@ struct Qmp {
 
 impl Qmp {
     async fn connect(path: &std::path::Path, within: Duration) -> Result<Qmp, String> {
+        Qmp::connect_polling(path, within, POLL).await
+    }
+
+    /// [`Qmp::connect`], trying again every `poll` until QEMU has created the socket.
+    async fn connect_polling(path: &std::path::Path, within: Duration, poll: Duration) -> Result<Qmp, String> {
         let deadline = Instant::now() + within;
         let stream = loop {
             match UnixStream::connect(path).await {
                 Ok(s) => break s,
                 Err(e) if Instant::now() >= deadline => return Err(format!("cannot connect to QMP at {}: {e}", path.display())),
-                Err(_) => tokio::time::sleep(POLL).await,
+                Err(_) => tokio::time::sleep(poll).await,
             }
         };
         let (rd, wr) = stream.into_split();
@@ -603,6 +608,27 @@ pub async fn incoming(qmp: &std::path::Path, fd: i32, forked: bool, within: Dura
             Some("running") => return Ok(()),
             other => return Err(format!("the forked VM did not load its state (QEMU status {})", other.unwrap_or("unknown"))),
         }
+    }
+}
+
+/// How often [`StartGate::open`] looks for the QMP socket of a QEMU that is still starting: the boot
+/// waits on it, so finer than [`POLL`] (a failed `connect` costs microseconds).
+const START_POLL: Duration = Duration::from_millis(2);
+
+/// The QMP connection of a VM started with `-S`, ready to let it run: the handshake
+/// (connect, greeting, capabilities) happens while the root disk is formatted, so only
+/// `cont` is left on the boot's path.
+pub struct StartGate(Qmp);
+
+impl StartGate {
+    /// Connects to a starting QEMU's QMP socket (polled until QEMU created it).
+    pub async fn open(qmp: &std::path::Path, within: Duration) -> Result<StartGate, String> {
+        Qmp::connect_polling(qmp, within, START_POLL).await.map(StartGate)
+    }
+
+    /// Lets the VM run.
+    pub async fn cont(mut self) -> Result<(), String> {
+        self.0.execute("cont", json!({})).await.map(|_| ())
     }
 }
 

@@ -214,11 +214,14 @@ pub struct Placement {
     pub replace_timeout_ms: Option<u64>,
 }
 
-/// A create's clock, for `Info::boot_phases` (`engine.*`, µs since `create` began).
+/// A create's clock, for `Info::boot_phases` (`engine.*`, µs since `create` began), and
+/// the root disk the supervisor still has to format.
 struct BootClock {
     started: Instant,
-    /// When the root disk was built (or overlaid), since `started`.
+    /// When the root disk was overlaid (or, for a directory image, allocated), since `started`.
     disk_built: Duration,
+    /// A directory image's disk, formatted by the supervisor while QEMU starts.
+    root_build: Option<spec::RootBuild>,
 }
 
 impl BootClock {
@@ -321,6 +324,7 @@ impl Sandbox {
         std::fs::write(&name_file, &cfg.name).context(|| format!("writing {}", name_file.display()))?;
         let mut start = warm::Start::Cold;
         let mut cold_because = None;
+        let mut root_build = None;
         match &prepared {
             // Copy-on-write overlay on the image's shared, read-only root — or on the disk
             // layer of a template of this configuration, whose saved VM is then restored.
@@ -348,15 +352,24 @@ impl Sandbox {
                 let (image, format) = disk.as_ref().expect("checked");
                 disk_image::create_overlay(image, format, &dir.join(OVERLAY_DISK))?
             }
+            // A directory: a private disk of the right size now; the supervisor formats it
+            // while QEMU starts (`RootBuild`), which hides the `mke2fs` behind QEMU's start.
             None => {
                 let image = PathBuf::from(&cfg.image);
                 let disk = dir.join(PRIVATE_DISK);
-                tokio::task::spawn_blocking(move || crate::rootfs::build_disk_from_dir(&image, &disk))
-                    .await
-                    .map_err(|e| Error::Runtime(format!("root disk task failed: {e}")))??;
+                let size_mib = tokio::task::spawn_blocking({
+                    let (image, disk) = (image.clone(), disk.clone());
+                    move || {
+                        let size_mib = crate::rootfs::disk_size_mib(&image);
+                        crate::rootfs::allocate_disk(&disk, size_mib).map(|()| size_mib)
+                    }
+                })
+                .await
+                .map_err(|e| Error::Runtime(format!("root disk task failed: {e}")))??;
+                root_build = Some(spec::RootBuild { image_dir: image, disk, size_mib });
             }
         }
-        let clock = BootClock { started: created, disk_built: created.elapsed() };
+        let clock = BootClock { started: created, disk_built: created.elapsed(), root_build };
         if let Some(why) = &cold_because {
             warm::system_log(&dir, why);
         }
@@ -580,6 +593,7 @@ impl Sandbox {
             template,
             volumes: volume_runtime(&mounts)?,
             trust_host_cas: cfg.trust_host_cas,
+            root_build: clock.as_ref().and_then(|c| c.root_build.clone()),
         };
         let spec_path = dir.join(spec::SPEC_FILE);
         std::fs::write(&spec_path, serde_json::to_vec_pretty(&spec).unwrap())

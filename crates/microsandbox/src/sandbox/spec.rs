@@ -75,6 +75,22 @@ pub struct SupervisorSpec {
     /// Copy the host's CA roots into the guest's trust store at boot (`trust_host_cas:`).
     #[serde(default)]
     pub trust_host_cas: bool,
+    /// A create from a directory image: the root disk to format while QEMU starts paused
+    /// (`None`: the disk is ready).
+    #[serde(default)]
+    pub root_build: Option<RootBuild>,
+}
+
+/// The private root disk of a directory image, formatted by the supervisor (see
+/// [`crate::rootfs::format_disk`]): the engine allocated `disk` at `size_mib` MiB, the
+/// supervisor starts QEMU with `-S`, runs `mke2fs -d image_dir` into the file meanwhile
+/// and lets the VM run (QMP `cont`) only once it succeeded, so the guest never reads a
+/// disk that is still being written.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RootBuild {
+    pub image_dir: PathBuf,
+    pub disk: PathBuf,
+    pub size_mib: u64,
 }
 
 /// First line the supervisor prints on stdout: it booted, or why it did not.

@@ -350,6 +350,7 @@ async fn build(
         qmp_socket: None,
         template: Some(TemplateRun::Save { state: template::STATE_FILE.into(), qmp }),
         volumes: None,
+        root_build: None,
     };
     let spec_path = dir.join(spec::SPEC_FILE);
     std::fs::write(&spec_path, serde_json::to_vec_pretty(&spec).unwrap()).context(|| format!("writing {}", spec_path.display()))?;
