@@ -29,6 +29,15 @@ use microsandbox_network::NetworkConfig;
 const NET_FD: i32 = 100;
 
 fn main() -> ExitCode {
+    // The supervisor's allocator settings (its `fixed_mmap_threshold`), so the stack runs
+    // here as it does in a sandbox: with glibc's defaults a fresh process faulted its
+    // frames in during the first burst and not after, the supervisor the other way round
+    // until it set the trim threshold too (DESIGN.md, "Downloads at MTU 65520").
+    // SAFETY: mallopt only changes allocator parameters; no other thread exists yet.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 8 * 1024 * 1024);
+    }
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (Some(port), Some(qemu)) = (args.first().and_then(|p| p.parse::<u16>().ok()), args.get(1)) else {
         eprintln!("usage: stack_vm <dns port> <qemu binary> <qemu args...>");
