@@ -48,7 +48,9 @@ module Microsandbox
     # @param options [Hash] options of {Sandbox.create} (`image:` required; not `detached:`,
     #   `replace:` or `labels:` — pool sandboxes are owned and labelled `pool`). `warm_up:`
     #   defaults to true here: a pooled sandbox has run `true` once before it is handed
-    #   out, so the caller's first command is as fast as a later one
+    #   out, so the caller's first command is as fast as a later one. `ephemeral:` defaults
+    #   to true too: a pooled sandbox leaves no record or disk once it has stopped, also
+    #   when its owner dies with sandboxes ready or one half-created
     # @raise [ArgumentError] bad size or a forbidden option
     def initialize(size:, name_prefix: "pool", **options)
       raise ArgumentError, "missing keyword: :image" unless options.key?(:image)
@@ -60,7 +62,7 @@ module Microsandbox
       raise ArgumentError, "size must be 1..64 (got #{@size})" unless (1..64).cover?(@size)
 
       @prefix = Validate.string!("name_prefix", name_prefix)
-      @options = { warm_up: true }.merge(options, labels: { "pool" => @prefix })
+      @options = { warm_up: true, ephemeral: true }.merge(options, labels: { "pool" => @prefix })
       @lock = Mutex.new
       @changed = ConditionVariable.new
       @closed = false

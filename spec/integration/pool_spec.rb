@@ -89,7 +89,7 @@ RSpec.describe Microsandbox::Pool do
     end
   end
 
-  it "leaves no VM behind when its owner is killed with SIGKILL" do
+  it "leaves no VM, record or disk behind when its owner is killed with SIGKILL" do
     prefix = unique_name("pool-kill")
     script = <<~RUBY
       $LOAD_PATH.unshift(#{File.expand_path('../../lib', __dir__).inspect})
@@ -106,7 +106,9 @@ RSpec.describe Microsandbox::Pool do
     Process.kill(:KILL, io.pid)
     Process.wait(io.pid)
     expect(wait_until(timeout: 30) { processes_mentioning("sandboxes/#{prefix}").empty? }).to be(true)
-    Microsandbox::Sandbox.list.each { |s| Microsandbox::Sandbox.remove(s.name) if s.name.start_with?(prefix) && !s.running? }
+    # Pool sandboxes are ephemeral: no record and no directory is left either.
+    expect(wait_until(timeout: 30) { Microsandbox::Sandbox.list.none? { |s| s.name.start_with?(prefix) } }).to be(true)
+    expect(Dir.glob(File.join(Microsandbox.home, "sandboxes", "#{prefix}-*"))).to eq([])
   ensure
     io&.close
   end
