@@ -38,7 +38,11 @@ module MicrosandboxSpec
       dir = cache_dir
       index = File.join(dir, "layers.json")
       build(dir) unless File.exist?(index)
-      JSON.parse(File.read(index)).map { |h| Layer.new(**h.transform_keys(&:to_sym)) }
+      # Paths are kept relative to the cache (older caches hold absolute ones): a moved
+      # checkout keeps its built image.
+      JSON.parse(File.read(index)).map do |h|
+        Layer.new(**h.transform_keys(&:to_sym), path: File.join(dir, File.basename(h["path"])))
+      end
     end
 
     # Pushes the image to `registry` (a Registry); returns its reference.
@@ -62,7 +66,8 @@ module MicrosandboxSpec
         pack(root, File.join(dir, "layer1.tar.gz"), ["--anchored", *layer2.map { |p| "--exclude=#{p}" }, "."]),
         pack(root, File.join(dir, "layer2.tar.gz"), layer2)
       ]
-      File.write(File.join(dir, "layers.json"), JSON.pretty_generate(layers.map(&:to_h)))
+      File.write(File.join(dir, "layers.json"),
+                 JSON.pretty_generate(layers.map { |l| l.to_h.merge(path: File.basename(l.path)) }))
       warn format("debian/python3 test image built in %.1f s (layers: %s)",
                   Process.clock_gettime(Process::CLOCK_MONOTONIC) - t0,
                   layers.map { |l| "#{l.size >> 20} MiB" }.join(", "))
