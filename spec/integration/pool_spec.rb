@@ -32,7 +32,10 @@ RSpec.describe Microsandbox::Pool do
         expect(supervisor_log).to match(/warm-up done in \d+ ms \(exit Some\(0\)\)/)
         expect(sb.logs(sources: %w[stdout stderr])).to be_empty
         hi = sb.shell("echo hi").stdout
-        expect(sb.logs(sources: %w[stdout]).map { |e| [e.session_id, e.text] }).to eq([[1, "hi\n"]])
+        # The supervisor's log thread writes the entry after the output was forwarded: wait.
+        stdout_log = -> { sb.logs(sources: %w[stdout]).map { |e| [e.session_id, e.text] } }
+        wait_until(timeout: 10) { stdout_log.call.any? }
+        expect(stdout_log.call).to eq([[1, "hi\n"]])
         expect(sb.exec("ps", ["-o", "comm"]).stdout.lines.map(&:strip)).not_to include("true")
         hi
       end
