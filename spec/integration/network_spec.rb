@@ -12,6 +12,9 @@ require_relative "../support/debian_image"
 # "internet" (spec/support/netns.rb: a network namespace with documentation addresses).
 RSpec.describe "Guest networking" do
   # A TCP server on host loopback that runs `handler` for each client on its own thread.
+  # The supervisor's log thread writes entries shortly after the event: poll with wait_until.
+  def system_log = @sb.logs(sources: ["system"]).map(&:text).join("\n")
+
   def host_server(&handler)
     server = TCPServer.new("127.0.0.1", 0)
     thread = Thread.new do
@@ -169,7 +172,7 @@ RSpec.describe "Guest networking" do
       @sb.fs.write("/tmp/udp.py", udp_client)
       out = @sb.exec("python3", ["/tmp/udp.py", "10.0.0.1", "7", "16"], timeout: 60)
       expect(out.stdout).to eq("timeout 16\n")
-      expect(@sb.logs(sources: ["system"]).map(&:text).join("\n")).to include("refused UDP to 10.0.0.1:7")
+      expect(wait_until(timeout: 10) { system_log.include?("refused UDP to 10.0.0.1:7") }).to be(true), system_log
     end
   end
 
@@ -249,8 +252,8 @@ RSpec.describe "Guest networking" do
         out = @sb.shell("ping -c 2 -W 2 #{net::WEB}; echo rc=$?", timeout: 60)
         expect(out.stdout).to include("rc=1")
       end
-      system_log = @sb.logs(sources: ["system"]).map(&:text).join("\n")
-      expect(system_log).to include("ICMP echo (ping) is unavailable", "net.ipv4.ping_group_range")
+      expect(wait_until(timeout: 10) { system_log.include?("ICMP echo (ping) is unavailable") }).to be(true), system_log
+      expect(system_log).to include("net.ipv4.ping_group_range")
       with_ping_group_range("0 0") do # root's group may
         out = @sb.shell("ping -c 3 -W 5 #{net::WEB}", timeout: 60)
         expect(out.stdout).to match(/3 packets transmitted, [1-3] packets received/), out.inspect
@@ -259,7 +262,7 @@ RSpec.describe "Guest networking" do
         out = @sb.shell("ping -c 1 -W 2 10.0.0.1; echo rc=$?", timeout: 60)
         expect(out.stdout).to include("rc=1")
       end
-      expect(@sb.logs(sources: ["system"]).map(&:text).join("\n")).to include("refused ICMP echo to 10.0.0.1")
+      expect(wait_until(timeout: 10) { system_log.include?("refused ICMP echo to 10.0.0.1") }).to be(true), system_log
       # The gateway answers its own pings, whatever the host allows.
       out = @sb.shell("ping -c 2 -W 2 172.16.0.1", timeout: 60)
       expect(out.stdout).to include("2 packets received")
@@ -284,7 +287,7 @@ RSpec.describe "Guest networking" do
       expect(out.stdout.scan("rc=1").size).to eq(4), out.stdout
       expect(out.stdout.scan(/refused/i).size).to eq(4), out.stdout
       expect(elapsed).to be < 20
-      system_log = @sb.logs(sources: ["system"]).map(&:text).join("\n")
+      wait_until(timeout: 10) { system_log.include?("refused TCP connection to 10.0.0.1:80") }
       expect(system_log).to include("refused TCP connection to 172.16.0.1:#{port}", "refused TCP connection to 169.254.169.254:80",
                                     "refused TCP connection to 10.0.0.1:80")
     ensure
