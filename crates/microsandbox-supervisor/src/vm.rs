@@ -145,6 +145,19 @@ fn console_tail(spec: &SupervisorSpec) -> String {
     text
 }
 
+/// Ends a start that failed once QEMU was spawned: QEMU killed and reaped, the run's
+/// files removed, the failure reported to the engine; returns the supervisor's exit code.
+/// With `console`, the guest console's last lines are appended to `message` (read after
+/// QEMU is gone, so they are complete, and before `cleanup` may remove them).
+async fn abort_start(qemu: &mut Child, spec: &SupervisorSpec, report: fn(&StartupReport), code: &str, message: String, console: bool) -> u8 {
+    let _ = qemu.start_kill();
+    let _ = qemu.wait().await;
+    let tail = if console { console_tail(spec) } else { String::new() };
+    cleanup(spec);
+    report(&StartupReport::Failed { code: code.into(), message: format!("{message}{tail}") });
+    1
+}
+
 /// Formats a directory image's root disk ([`RootBuild`]) into the file QEMU already opened,
 /// then lets the paused VM run. The QMP handshake runs meanwhile, so `cont` follows the
 /// format at once. Errors carry the code the engine maps to its error type
@@ -357,12 +370,8 @@ pub async fn supervise(spec: SupervisorSpec, report: fn(&StartupReport)) -> u8 {
             _ = liveness::owner_gone(owner.clone()) => Err(("boot-failed", "the owner process exited during boot".into())),
         };
         if let Err((code, why)) = built {
-            let _ = qemu.start_kill();
-            let _ = qemu.wait().await;
-            let tail = if code == "boot-failed" { console_tail(&spec) } else { String::new() };
-            cleanup(&spec);
-            report(&StartupReport::Failed { code: code.into(), message: format!("sandbox {:?}: {why}{tail}", spec.name) });
-            return 1;
+            let message = format!("sandbox {:?}: {why}", spec.name);
+            return abort_start(&mut qemu, &spec, report, code, message, code == "boot-failed").await;
         }
         disk_built = Some(started.elapsed());
     }
@@ -396,16 +405,10 @@ pub async fn supervise(spec: SupervisorSpec, report: fn(&StartupReport)) -> u8 {
     let (stream, ready) = match booted {
         Ok(v) => v,
         Err(why) => {
-            let _ = qemu.start_kill();
-            let _ = qemu.wait().await;
-            let msg = format!("sandbox {:?} failed to boot: {why}{}", spec.name, console_tail(&spec));
-            cleanup(&spec);
-            if let Some(TemplateRun::Restore { .. }) = &spec.template {
-                // The engine boots this sandbox cold instead.
-                report(&StartupReport::Failed { code: "restore-failed".into(), message: msg });
-                return 1;
-            }
-            return fail(msg);
+            // A failed restore: the engine boots this sandbox cold instead.
+            let code = if let Some(TemplateRun::Restore { .. }) = &spec.template { "restore-failed" } else { "boot-failed" };
+            let message = format!("sandbox {:?} failed to boot: {why}", spec.name);
+            return abort_start(&mut qemu, &spec, report, code, message, true).await;
         }
     };
     drop(agent_listener);
@@ -468,10 +471,8 @@ pub async fn supervise(spec: SupervisorSpec, report: fn(&StartupReport)) -> u8 {
     let control_listener = match bind(&spec.control_socket) {
         Ok(l) => l,
         Err(e) => {
-            let _ = qemu.start_kill();
-            let _ = qemu.wait().await;
-            cleanup(&spec);
-            return fail(format!("cannot listen on {}: {e}", spec.control_socket.display()));
+            let message = format!("cannot listen on {}: {e}", spec.control_socket.display());
+            return abort_start(&mut qemu, &spec, report, "boot-failed", message, false).await;
         }
     };
 
@@ -512,11 +513,7 @@ pub async fn supervise(spec: SupervisorSpec, report: fn(&StartupReport)) -> u8 {
             _ = liveness::owner_gone(owner.clone()) => Err(("boot-failed", "the owner process exited during boot".into())),
         };
         if let Err((code, why)) = applied {
-            let _ = qemu.start_kill();
-            let _ = qemu.wait().await;
-            cleanup(&spec);
-            report(&StartupReport::Failed { code: code.into(), message: format!("sandbox {:?}: {why}", spec.name) });
-            return 1;
+            return abort_start(&mut qemu, &spec, report, code, format!("sandbox {:?}: {why}", spec.name), false).await;
         }
     }
     // The interception CA (and host roots, with trust_host_cas) into the guest's trust
@@ -531,15 +528,11 @@ pub async fn supervise(spec: SupervisorSpec, report: fn(&StartupReport)) -> u8 {
     if !trusted.is_empty() {
         let guest = crate::patches::Guest { router: router.clone(), to_agent: to_agent.clone() };
         if let Err(why) = crate::guest_ca::install(&guest, &trusted).await {
-            let _ = qemu.start_kill();
-            let _ = qemu.wait().await;
-            cleanup(&spec);
             let message = format!(
                 "sandbox {:?}: cannot install the CA certificates in the guest ({why}); secrets: and trust_host_cas: need a writable root filesystem",
                 spec.name
             );
-            report(&StartupReport::Failed { code: "boot-failed".into(), message });
-            return 1;
+            return abort_start(&mut qemu, &spec, report, "boot-failed", message, false).await;
         }
     }
     if let Some(req) = &spec.warm_up {
