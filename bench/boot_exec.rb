@@ -85,7 +85,8 @@ def floor_argv(engine, initrd)
   until rest.empty?
     opt = rest.shift
     value = NO_VALUE.include?(opt) ? nil : rest.shift
-    next unless KEPT.include?(opt)
+    # The machine's own settings (`-global PIIX4_PM.…`) shape the floor's ACPI tables too.
+    next unless KEPT.include?(opt) || (opt == "-global" && value.start_with?("PIIX4_PM."))
 
     value = value.split.reject { |w| w.start_with?("msb.") }.join(" ") if opt == "-append"
     argv.push(opt, *value)

@@ -308,7 +308,8 @@ def baseline_argv(engine, initrd, netdev = nil, mtu = nil)
   until rest.empty?
     opt = rest.shift
     value = NO_VALUE.include?(opt) ? nil : rest.shift
-    next unless KEPT.include?(opt)
+    # The machine's own settings (`-global PIIX4_PM.…`) apply to the baselines too.
+    next unless KEPT.include?(opt) || (opt == "-global" && value.start_with?("PIIX4_PM."))
 
     value = value.split.reject { |w| w.start_with?("msb.", "quiet", "loglevel") }.join(" ") + " loglevel=1" if opt == "-append"
     argv.push(opt, *value)

@@ -26,6 +26,14 @@ RSpec.describe "security profiles" do
     end
   end
 
+  it "the guest has no hot-plug slots, so it cannot eject its own disks, NIC or agent port" do
+    Microsandbox::Sandbox.create(unique_name("slots"), image: rootfs) do |sb|
+      # With ACPI PCI hotplug on the root bus the guest would list 30 ejectable slots here.
+      expect(sb.shell("ls /sys/bus/pci/slots | wc -l").stdout.strip).to eq("0")
+      expect(sb.shell("ls /sys/bus/pci/devices | wc -l").stdout.to_i).to be >= 6 # sysfs is there
+    end
+  end
+
   it "default: root keeps its capabilities" do
     Microsandbox::Sandbox.create(unique_name("default"), image: rootfs, security: "default") do |sb|
       expect(status_of.call(sb)).to match(/NoNewPrivs:\s+0\n/).and match(/CapEff:\s+0*[1-9a-f][0-9a-f]*\n/)

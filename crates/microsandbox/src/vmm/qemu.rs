@@ -38,6 +38,11 @@ pub fn args(spec: &VmSpec) -> Vec<String> {
     };
     let mut a: Vec<String> = vec![
         "-M".into(), "pc".into(),
+        // No ACPI PCI hotplug on the root bus: nothing is ever hot-plugged, and with it the
+        // guest could eject its own devices through the PIIX4 eject register; without it
+        // QEMU describes only the present slots to ACPI, which the guest kernel walks at
+        // boot: ~13 ms less per cold boot under TCG (DESIGN.md, Performance).
+        "-global".into(), "PIIX4_PM.acpi-root-pci-hotplug=off".into(),
         "-nodefaults".into(), "-no-user-config".into(), "-display".into(), "none".into(),
         "-no-reboot".into(),
         "-accel".into(), accel.into(),
@@ -350,6 +355,7 @@ mod tests {
         assert!(anon.contains("-object memory-backend-ram,id=msbram,size=256M -machine memory-backend=msbram"), "{anon}");
         assert!(!anon.contains("mem-path"));
         assert!(a.contains("-accel tcg,thread=multi"));
+        assert!(a.contains("-global PIIX4_PM.acpi-root-pci-hotplug=off"), "no slot the guest could eject");
         assert!(a.contains("-smp 2") && a.contains("-m 256M"));
         assert!(a.contains("socket,id=agent,path=/a.sock"));
         assert!(a.contains("name=msb.agent"));
