@@ -515,9 +515,10 @@ Dir.mktmpdir("msb-net-bench") do |dir|
     extra[:rss_after_seq] = rss_kib(pid)
   end
 
-  # Create → first exec, with the default network vs `network: "none"`, alternating.
-  (opts[:parts].include?("boot") ? opts[:boots] : 0).times do
-    %w[public_only none].each do |net|
+  # Create → first exec, with the default network vs `network: "none"`, alternating; which
+  # of the pair goes first alternates too, so neither always follows the other's teardown.
+  (opts[:parts].include?("boot") ? opts[:boots] : 0).times do |i|
+    (i.even? ? %w[public_only none] : %w[none public_only]).each do |net|
       t = now
       sandbox(network: net) do |sb|
         sb.exec("true")
