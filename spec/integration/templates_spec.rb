@@ -156,5 +156,6 @@ RSpec.describe "templates (restoring booted VMs)" do
     Microsandbox::Sandbox.remove(name)
     Microsandbox::Image.remove(ref)
     expect(File.exist?(dir)).to be(false)
+    expect(File.exist?("#{dir}.lock")).to be(false) # its build lock goes with it
   end
 end

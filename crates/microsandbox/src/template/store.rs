@@ -101,15 +101,54 @@ fn private_dir(p: &Path) -> Result<()> {
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o700)).context(|| format!("securing {}", p.display()))
 }
 
+/// Takes the build lock of a key: an exclusive `flock` on `<id>.lock`. [`prune`] unlinks
+/// lock files it holds; a process that opened the file before that unlink would then hold
+/// a lock on a file no longer at the path, next to a new one, so the lock counts only once
+/// the path still names the locked file (else open the new one and lock again).
 fn lock(path: PathBuf) -> Result<Flock<std::fs::File>> {
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .context(|| format!("opening lock {}", path.display()))?;
-    Flock::lock(f, FlockArg::LockExclusive)
-        .map_err(|(_, errno)| Error::Io { context: format!("locking {}", path.display()), source: errno.into() })
+    use std::os::unix::fs::MetadataExt;
+    loop {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .context(|| format!("opening lock {}", path.display()))?;
+        let held = Flock::lock(f, FlockArg::LockExclusive)
+            .map_err(|(_, errno)| Error::Io { context: format!("locking {}", path.display()), source: errno.into() })?;
+        let locked = held.metadata().context(|| format!("lock {}", path.display()))?;
+        match std::fs::metadata(&path) {
+            Ok(now) if now.dev() == locked.dev() && now.ino() == locked.ino() => return Ok(held),
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(Error::Io { context: format!("lock {}", path.display()), source: e }),
+        }
+    }
+}
+
+/// Removes `<id>.lock` and `<id>.failed` files that outlived their use: a lock file whose
+/// template and build directory are gone and that nobody holds (unlinked while this
+/// holds it; see [`lock`]), a failure marker older than [`RETRY_FAILED_AFTER`]. Without
+/// this every configuration ever tried left a file behind.
+fn prune_markers(root: &Path) {
+    for e in std::fs::read_dir(root).into_iter().flatten().flatten() {
+        let p = e.path();
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(id) = name.strip_suffix(".lock") {
+            if root.join(id).exists() || root.join(format!("{id}.build")).exists() {
+                continue;
+            }
+            let Ok(f) = std::fs::OpenOptions::new().write(true).open(&p) else { continue };
+            if let Ok(_held) = Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+                let _ = std::fs::remove_file(&p);
+            }
+        } else if name.ends_with(".failed") {
+            let age = e.metadata().ok().and_then(|m| m.modified().ok()).and_then(|t| t.elapsed().ok());
+            if age.is_some_and(|a| a >= RETRY_FAILED_AFTER) {
+                let _ = std::fs::remove_file(&p);
+            }
+        }
+    }
 }
 
 /// The template for `key`: found, or built now by `build` (given an empty private
@@ -311,6 +350,7 @@ pub fn prune(home: &Home, current_runtime: Option<&str>) -> u64 {
             freed += delete(&p);
         }
     }
+    prune_markers(&super::root(home));
     freed
 }
 
@@ -332,5 +372,54 @@ pub fn remove_for_root(home: &Home, root: &Path) -> Vec<String> {
             }
         }
     }
+    prune_markers(&super::root(home));
     in_use
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prune_removes_lock_files_of_gone_templates_but_not_held_or_used_ones() {
+        let tmp = tempfile::tempdir().unwrap();
+        let home = Home::at(tmp.path());
+        let root = crate::template::root(&home);
+        std::fs::create_dir_all(root.join("kept")).unwrap();
+        std::fs::write(root.join("kept.lock"), "").unwrap();
+        std::fs::write(root.join("gone.lock"), "").unwrap();
+        let held = lock(root.join("busy.lock")).unwrap();
+        std::fs::write(root.join("old.failed"), "e").unwrap();
+        let old = std::time::SystemTime::now() - RETRY_FAILED_AFTER - Duration::from_secs(1);
+        std::fs::File::options().write(true).open(root.join("old.failed")).unwrap().set_modified(old).unwrap();
+        std::fs::write(root.join("new.failed"), "e").unwrap();
+        prune_markers(&root);
+        assert!(!root.join("gone.lock").exists());
+        assert!(root.join("kept.lock").exists(), "its template is there");
+        assert!(root.join("busy.lock").exists(), "a build holds it");
+        assert!(!root.join("old.failed").exists());
+        assert!(root.join("new.failed").exists(), "still remembered");
+        drop(held);
+        prune_markers(&root);
+        assert!(!root.join("busy.lock").exists());
+    }
+
+    #[test]
+    fn a_lock_taken_on_a_file_unlinked_meanwhile_is_taken_again_on_the_new_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("k.lock");
+        let first = lock(path.clone()).unwrap();
+        let p2 = path.clone();
+        let waiter = std::thread::spawn(move || lock(p2).unwrap());
+        std::thread::sleep(Duration::from_millis(100)); // the waiter has opened the old file
+        std::fs::remove_file(&path).unwrap(); // as prune does, while holding it
+        drop(first);
+        let second = waiter.join().unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(second.metadata().unwrap().ino(), std::fs::metadata(&path).unwrap().ino());
+        // A third process now blocks on the same file, so the two are mutually exclusive.
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        assert!(Flock::lock(f, FlockArg::LockExclusiveNonblock).is_err());
+        drop(second);
+    }
 }
