@@ -14,6 +14,7 @@
 
 pub mod error;
 pub mod image;
+pub mod lockfile;
 pub mod paths;
 pub mod rootfs;
 pub mod runtime;

@@ -78,14 +78,7 @@ pub fn install(home: &Home, bundle: &Bundle, force: bool, progress: &mut dyn FnM
     }
     std::fs::create_dir_all(home.root()).context(|| format!("creating {}", home.root().display()))?;
     let lock_path = home.root().join("install.lock");
-    let lock_file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .context(|| format!("opening {}", lock_path.display()))?;
-    let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
-        .map_err(|(_, e)| Error::Runtime(format!("cannot lock {}: {e}", lock_path.display())))?;
+    let _lock = crate::lockfile::lock_exclusive(&lock_path)?;
 
     if !force && is_installed(home, bundle) {
         return load(home).ok_or_else(|| Error::Runtime("runtime vanished during install".into()));

@@ -54,15 +54,7 @@ fn lock(home: &Home) -> Result<Locked> {
     let dir = snapshots_dir(home);
     std::fs::create_dir_all(&dir).context(|| format!("creating {}", dir.display()))?;
     let path = dir.join(LOCK_FILE);
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .context(|| format!("opening {}", path.display()))?;
-    let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
-        .map_err(|(_, e)| Error::Io { context: format!("locking {}", path.display()), source: e.into() })?;
-    Ok(Locked { _lock: lock })
+    Ok(Locked { _lock: crate::lockfile::lock_exclusive(&path)? })
 }
 
 /// The entries, or None when the home has no index yet.

@@ -108,14 +108,7 @@ fn private_dir(p: &Path) -> Result<()> {
 fn lock(path: PathBuf) -> Result<Flock<std::fs::File>> {
     use std::os::unix::fs::MetadataExt;
     loop {
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .context(|| format!("opening lock {}", path.display()))?;
-        let held = Flock::lock(f, FlockArg::LockExclusive)
-            .map_err(|(_, errno)| Error::Io { context: format!("locking {}", path.display()), source: errno.into() })?;
+        let held = crate::lockfile::lock_exclusive(&path)?;
         let locked = held.metadata().context(|| format!("lock {}", path.display()))?;
         match std::fs::metadata(&path) {
             Ok(now) if now.dev() == locked.dev() && now.ino() == locked.ino() => return Ok(held),
